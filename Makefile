@@ -1,0 +1,16 @@
+# The two commands of the README: `make demo` (the main job end to end) and `make test`.
+# Both create .venv first when it is missing or when requirements.txt / pyproject.toml changed.
+VENV_STAMP := .venv/.installed
+PY := .venv/bin/python
+
+.PHONY: demo test setup
+setup: $(VENV_STAMP)
+
+$(VENV_STAMP): requirements.txt pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh
+
+demo: $(VENV_STAMP)
+	$(PY) example/demo.py
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest tests

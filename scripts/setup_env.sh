@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates (or brings up to date) the project's virtual environment at .venv with Python 3.10.
+# openmind 1.0.0 refuses Python 3.11+, so a Python 3.10 interpreter is required.
+# Re-running on an existing .venv only installs what requirements.txt adds or changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python310() {
+  local candidates=("${PYTHON310:-}")
+  if command -v pyenv >/dev/null 2>&1; then
+    candidates+=("$(pyenv root)/versions/3.10.13/bin/python3.10")
+    for p in "$(pyenv root)"/versions/3.10.*/bin/python3.10; do candidates+=("$p"); done
+  fi
+  candidates+=(python3.10 /usr/bin/python3.10 /usr/local/bin/python3.10)
+  for c in "${candidates[@]}"; do
+    [ -n "$c" ] || continue
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  if ! PY=$(find_python310); then
+    echo "error: Python 3.10 not found (openmind 1.0.0 needs Python 3.10)." >&2
+    echo "  install it (e.g. 'pyenv install 3.10.13' or 'apt-get install python3.10 python3.10-venv')," >&2
+    echo "  or point PYTHON310=/path/to/python3.10 at one, then run this again." >&2
+    exit 1
+  fi
+  echo "[setup] creating .venv with $PY"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade "pip<27"
+fi
+
+echo "[setup] installing pinned requirements into .venv (first time: a few minutes, ~3 GB)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+touch .venv/.installed
+echo "[setup] .venv ready"
