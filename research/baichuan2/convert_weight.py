@@ -1,0 +1,248 @@
+"""Converts a Hugging Face Baichuan-family checkpoint into our MindSpore model directory, and back.
+
+    python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <model dir>
+    python research/baichuan2/convert_weight.py --reverse --input_path <model dir> --output_path <HF dir>
+
+Forward: reads config.json (Baichuan2-7B/13B, Baichuan-7B, XVERSE-7B or oppo-experiemental-7B), then the weights
+shard by shard (safetensors, sharded with model.safetensors.index.json or single; `pytorch_model*.bin` only when
+torch is installed, read with `weights_only=True`, never a general unpickle). `W_pack` ([3H, H], q/k/v stacked on
+the output dim) is split into q_proj/k_proj/v_proj; every other name is kept. Each input shard becomes one output
+shard, so a 7B conversion holds one shard in memory, never two copies of the model. Names and shapes are checked
+against the config: every missing, unexpected or mis-shaped tensor is reported by name. The output is written to
+a temporary directory and renamed at the end, so a failed run leaves nothing at --output_path.
+
+The output directory is servable: config.json, weights, tokenizer files and model code (see model_dir.py).
+--reverse packs q/k/v back into W_pack and writes the Hugging Face config.json; HF -> ours -> HF is bit-exact.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `baichuan2` importable from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "baichuan2"  # pylint: disable=redefined-builtin
+
+from .configuration_baichuan import BaichuanConfig, to_hf_config  # noqa: E402
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+                       "I64": np.int64, "I32": np.int32}
+_WPACK = re.compile(r"^(model\.layers\.\d+\.self_attn\.)W_pack\.weight$")
+_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_proj\.weight$")
+# Buffers some Baichuan-7B .bin checkpoints carry; recomputed by the model, so skipped.
+_DERIVED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_safetensors(path):
+    """Yields (name, array) from a safetensors file one tensor at a time. bfloat16 (which numpy lacks) is widened
+    to float32 exactly."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            array = np.frombuffer(f.read(end - start), dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            if info["dtype"] == "BF16":
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            yield name, array.reshape(info["shape"])
+
+
+def read_torch_bin(path):
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as exc:
+        raise ConversionError(
+            f"{path} is a PyTorch .bin checkpoint and torch is not installed. Either install a CPU torch "
+            "(pip install torch) or convert the checkpoint to safetensors first") from exc
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no arbitrary unpickling
+    for name, tensor in state.items():
+        yield name, tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def checkpoint_shards(model_dir):
+    """The weight files of a Hugging Face (or our) model directory, in order, with their reader."""
+    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
+                               ("pytorch_model.bin.index.json", read_torch_bin)):
+        index = os.path.join(model_dir, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            return [(os.path.join(model_dir, name), reader) for name in files]
+    for name, reader in (("model.safetensors", read_safetensors), ("pytorch_model.bin", read_torch_bin)):
+        if os.path.isfile(os.path.join(model_dir, name)):
+            return [(os.path.join(model_dir, name), reader)]
+    raise ConversionError(f"no weights found in {model_dir}: expected model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def expected_shapes(config, hf_layout):
+    """Name -> shape of every tensor: our layout (separate q/k/v) or the Hugging Face one (W_pack when fused)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        if hf_layout and config.fused_qkv:
+            shapes[p + "self_attn.W_pack.weight"] = (3 * h, h)
+        else:
+            shapes.update({p + f"self_attn.{x}_proj.weight": (h, h) for x in "qkv"})
+        shapes[p + "self_attn.o_proj.weight"] = (h, h)
+        shapes.update({p + f"mlp.{x}_proj.weight": (i, h) for x in ("gate", "up")})
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+class _Checker:
+    """Collects every naming/shape problem so the user sees them all at once."""
+
+    def __init__(self, expected, source):
+        self.expected, self.source = expected, source
+        self.seen, self.problems = set(), []
+
+    def check(self, name, array):
+        if name not in self.expected:
+            self.problems.append(f"unexpected tensor {name} {tuple(array.shape)}")
+        elif tuple(array.shape) != self.expected[name]:
+            self.problems.append(f"mis-shaped tensor {name}: expected {self.expected[name]}, found {tuple(array.shape)}")
+        self.seen.add(name)
+
+    def finish(self):
+        missing = [f"missing tensor {n} {self.expected[n]}" for n in self.expected if n not in self.seen]
+        problems = self.problems + missing
+        if problems:
+            raise ConversionError(f"{self.source} does not match its config.json:\n  " + "\n  ".join(problems))
+
+
+def hf_to_ours(name, array, config):
+    """One Hugging Face tensor -> list of (our name, array)."""
+    match = _WPACK.match(name)
+    if match:
+        h = config.hidden_size
+        if array.shape != (3 * h, h):
+            return [(name, array)]  # reported as mis-shaped by the checker
+        return [(match.group(1) + f"{x}_proj.weight", array[j * h:(j + 1) * h]) for j, x in enumerate("qkv")]
+    return [(name, array)]
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def _cast(array, dtype):
+    if dtype == "keep":
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array.astype(dtype))
+
+
+def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=False, show_progress=True):
+    """Converts a checkpoint directory; returns the config. See the module docstring."""
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isfile(os.path.join(input_path, "config.json")):
+        raise ConversionError(f"{input_path} has no config.json: pass the checkpoint directory as --input_path")
+    if os.path.exists(output_path) and not overwrite:
+        raise ConversionError(f"{output_path} already exists; pass --overwrite to replace it")
+    config = BaichuanConfig.from_hf_config(input_path)
+    shards = checkpoint_shards(input_path)
+    checker = _Checker(expected_shapes(config, hf_layout=not reverse), input_path)
+    parent = os.path.dirname(os.path.abspath(output_path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        weight_map, pending_qkv = {}, {}
+        for number, (shard_path, reader) in enumerate(
+                tqdm(shards, desc="converting shards", unit="shard", disable=not show_progress), start=1):
+            out_tensors = {}
+            for name, array in reader(shard_path):
+                if _DERIVED.search(name):
+                    continue
+                checker.check(name, array)  # input names against the input layout
+                items = _ours_to_hf(name, array, config, pending_qkv) if reverse else hf_to_ours(name, array, config)
+                for out_name, out_array in items:
+                    out_tensors[out_name] = _cast(out_array, dtype)
+            if not out_tensors:
+                continue
+            file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            save_file(out_tensors, os.path.join(tmp_dir, file_name), metadata={"format": "pt" if reverse else "np"})
+            weight_map.update({name: file_name for name in out_tensors})
+        if pending_qkv:
+            checker.problems += [f"incomplete q/k/v for {p}: only {sorted(v)}" for p, v in pending_qkv.items()]
+        checker.finish()
+        if len(shards) > 1:
+            total = sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in set(weight_map.values()))
+            with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
+        if reverse:
+            with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(to_hf_config(config), f, indent=2)
+            _copy_tokenizer(input_path, tmp_dir)
+        else:
+            from .model_dir import finish_model_dir  # pylint: disable=import-outside-toplevel
+            finish_model_dir(tmp_dir, config, tokenizer_dir=input_path)
+        if os.path.exists(output_path):
+            shutil.rmtree(output_path)
+        os.replace(tmp_dir, output_path)
+    finally:
+        if os.path.isdir(tmp_dir):
+            shutil.rmtree(tmp_dir)
+    return config
+
+
+def _ours_to_hf(name, array, config, pending):
+    """One of our tensors -> list of (HF name, array); q/k/v are held back until all three are there."""
+    match = _QKV.match(name)
+    if not (match and config.fused_qkv):
+        return [(name, array)]
+    parts = pending.setdefault(match.group(1), {})
+    parts[match.group(2)] = array
+    if len(parts) < 3:
+        return []
+    del pending[match.group(1)]
+    return [(match.group(1) + "W_pack.weight", np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0))]
+
+
+def _copy_tokenizer(src, dst):
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_path", required=True, help="checkpoint directory to read")
+    parser.add_argument("--output_path", required=True, help="directory to create")
+    parser.add_argument("--reverse", action="store_true", help="our model directory -> Hugging Face layout")
+    parser.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16"],
+                        help="weight dtype to write (bfloat16 sources are read as float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
+    args = parser.parse_args(argv)
+    try:
+        config = convert(args.input_path, args.output_path, reverse=args.reverse, dtype=args.dtype,
+                         overwrite=args.overwrite)
+    except (ConversionError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
+        print(f"convert_weight.py: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output_path} ({config.family}, {config.num_parameters():,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Baichuan-family causal LM in plain MindSpore cells (Baichuan2-7B/13B, Baichuan-7B, XVERSE-7B).
+
+Read top to bottom: kernels (one backend switch) -> RMSNorm -> attention (RoPE or ALiBi) -> SwiGLU MLP ->
+decoder layer -> BaichuanModel -> NormHead -> BaichuanForCausalLM (loss, weight loading).
+
+Parameter names are the interface (see docs/DESIGN.md): Hugging Face Llama names with separate q/k/v projections,
+so `convert_weight.py` maps a Baichuan checkpoint onto them by splitting `W_pack`.
+
+This file imports nothing from the project but `configuration_baichuan`, so it can be copied into a model
+directory and loaded with `trust_remote_code=True`.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from .configuration_baichuan import BaichuanConfig
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_MASKED = -1e9  # added to masked attention scores (computed in float32); finite so fully padded rows stay finite
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+# The one backend switch. Ascend has fused RmsNorm, rotary and FlashAttentionScore kernels; CPU (and GPU) have
+# none of them (see shared facts), so everywhere else the composed ops below run. The fused branches are kept thin
+# and are NOT exercised on the CPU machines this project is tested on.
+def use_fused_kernels():
+    return ms.get_context("device_target") == "Ascend"
+
+
+def rms_norm(x, weight, eps, fused):
+    if fused:
+        return ops.rms_norm(x, weight, eps)[0]
+    x32 = x.astype(ms.float32)
+    x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def apply_rotary(x, cos, sin, fused):
+    """Half-rotation RoPE (as Hugging Face Llama/Baichuan): x*cos + rotate_half(x)*sin. x: [B, N, S, D]."""
+    if fused:
+        return ops.rotary_position_embedding(x, cos, sin, 0)
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return x * cos + rotated * sin
+
+
+def attention(q, k, v, bias, scale, fused):
+    """softmax(q k^T * scale + bias) v. q,k,v: [B, N, S, D]; bias: float32 [B, 1 or N, S, Sk] holding _MASKED where a
+    key is hidden plus the ALiBi term where the model uses it."""
+    if fused:
+        # FlashAttentionScore wants the hidden keys as a 0/1 "discard" mask and the ALiBi part as real_shift.
+        discard = bias < _MASKED / 2
+        shift = ops.where(discard, ops.zeros_like(bias), bias).astype(q.dtype)
+        return ops.flash_attention_score(q, k, v, q.shape[1], real_shift=shift, attn_mask=discard.astype(ms.uint8),
+                                         scalar_value=scale, input_layout="BNSD")
+    scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * scale + bias
+    probs = ops.softmax(scores, -1).astype(v.dtype)
+    return ops.matmul(probs, v)
+
+
+def alibi_slopes(num_heads):
+    """ALiBi head slopes (Press et al.): 2^(-8i/n) for n a power of two; otherwise the slopes of the closest lower
+    power of two, followed by every other slope of twice that power (the interleaved extension Baichuan2-13B uses)."""
+    def power_of_two_slopes(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two_slopes(closest)
+    if closest != num_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][:num_heads - closest]
+    return np.array(slopes, dtype=np.float32)
+
+
+def rope_tables(head_dim, max_positions, base):
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- cells
+def linear(x, weight, dtype):
+    """x W^T with W [out, in] as in torch. Flattened to 2D: CPU has no broadcasting 3D x 2D BatchMatMul."""
+    y = ops.matmul(x.reshape(-1, x.shape[-1]).astype(dtype), weight.astype(dtype).swapaxes(0, 1))
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def normal_weight(shape, config):
+    return Parameter(initializer(Normal(config.initializer_range), shape, _DTYPES[config.param_dtype]), name="weight")
+
+
+class Linear(nn.Cell):
+    """Bias-free projection; weight [out, in] so checkpoints map one to one."""
+
+    def __init__(self, in_features, out_features, config):
+        super().__init__()
+        self.compute_dtype = _DTYPES[config.compute_dtype]
+        self.weight = normal_weight([out_features, in_features], config)
+
+    def construct(self, x):
+        return linear(x, self.weight, self.compute_dtype)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+
+    def construct(self, input_ids):
+        return ops.gather(self.weight, input_ids, 0)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, hidden_size, eps, config):
+        super().__init__()
+        self.eps = eps
+        self.fused = use_fused_kernels()
+        self.weight = Parameter(initializer("ones", [hidden_size], _DTYPES[config.param_dtype]), name="weight")
+
+    def construct(self, x):
+        return rms_norm(x, self.weight, self.eps, self.fused)
+
+
+class Attention(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.use_rope = config.position_encoding == "rope"
+        self.fused = use_fused_kernels()
+        self.q_proj = Linear(h, h, config)
+        self.k_proj = Linear(h, h, config)
+        self.v_proj = Linear(h, h, config)
+        self.o_proj = Linear(h, h, config)
+
+    def _heads(self, x):
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)
+
+    def construct(self, x, cos, sin, bias):
+        b, s, h = x.shape
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if self.use_rope:
+            q = apply_rotary(q, cos, sin, self.fused)
+            k = apply_rotary(k, cos, sin, self.fused)
+        out = attention(q, k, v, bias, self.scale, self.fused)
+        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, h))
+
+
+class MLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, config)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, config)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config)
+
+    def construct(self, x):
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.mlp = MLP(config)
+
+    def construct(self, x, cos, sin, bias):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BaichuanModel(nn.Cell):
+    """Embedding + decoder stack + final norm. Builds the position inputs (RoPE tables or ALiBi bias) once."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.use_rope = config.position_encoding == "rope"
+        self.compute_dtype = _DTYPES[config.compute_dtype]
+        self.embed_tokens = Embedding(config)
+        self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        if self.use_rope:
+            cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+            self.cos_table, self.sin_table = Tensor(cos), Tensor(sin)
+        else:
+            self.slopes = Tensor(alibi_slopes(config.num_attention_heads).reshape(1, -1, 1, 1))
+
+    def position_inputs(self, attention_mask, seq_len):
+        """Position ids = cumsum(mask) - 1 (so left padding does not shift real tokens), the causal + padding bias,
+        and the RoPE cos/sin for those positions (or the ALiBi bias added to the causal bias)."""
+        batch = attention_mask.shape[0]
+        positions = ops.maximum(ops.cumsum(attention_mask, 1) - 1, 0)  # [B, S]
+        causal = ops.tril(ops.ones((seq_len, seq_len), ms.float32))  # [S, S]
+        allowed = causal.reshape(1, 1, seq_len, seq_len) * attention_mask.astype(ms.float32).reshape(batch, 1, 1, seq_len)
+        bias = (1.0 - allowed) * _MASKED
+        if self.use_rope:
+            cos = ops.gather(self.cos_table, positions, 0).reshape(batch, 1, seq_len, -1).astype(self.compute_dtype)
+            sin = ops.gather(self.sin_table, positions, 0).reshape(batch, 1, seq_len, -1).astype(self.compute_dtype)
+            return cos, sin, bias
+        # ALiBi: slope * key position; softmax makes this equal to slope * (key - query) for each query row.
+        bias = bias + self.slopes * positions.astype(ms.float32).reshape(batch, 1, 1, seq_len)
+        return None, None, bias
+
+    def construct(self, input_ids, attention_mask):
+        seq_len = input_ids.shape[1]
+        cos, sin, bias = self.position_inputs(attention_mask, seq_len)
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, bias)
+        return self.norm(x)
+
+
+class NormHead(nn.Cell):
+    """Baichuan2's output layer: each vocabulary row is L2-normalised before the matmul.
+
+    In training the rows are normalised every step (gradients flow through the normalisation); for inference
+    `normalize_once()` stores the normalised rows in place so decoding does not recompute them per token.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = config.norm_head
+        self.normalized = False
+        self.compute_dtype = _DTYPES[config.compute_dtype]
+        self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+
+    @staticmethod
+    def l2_normalize(w):
+        w32 = w.astype(ms.float32)
+        return (w32 / ops.maximum(ops.sqrt((w32 * w32).sum(-1, keepdims=True)), 1e-12)).astype(w.dtype)
+
+    def normalize_once(self):
+        if self.norm and not self.normalized:
+            self.weight.set_data(self.l2_normalize(self.weight.value()))
+            self.normalized = True
+
+    def construct(self, x):
+        w = self.weight
+        if self.norm and (self.training or not self.normalized):
+            w = self.l2_normalize(w)
+        return linear(x, w, self.compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- causal LM
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class BaichuanForCausalLM(PreTrainedModel):
+    """Causal LM for every Baichuan family (see BaichuanConfig).
+
+    `model(input_ids)` -> float32 logits [B, S, V]. `model(input_ids, labels)` -> scalar loss, where rows are
+    `seq_length + 1` tokens: inputs are `input_ids[:, :-1]`, targets `labels[:, 1:]`, -100 is ignored.
+    `attention_mask` ([B, S], 1 = token, 0 = padding) supports left-padded batches.
+    """
+
+    config_class = BaichuanConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = BaichuanModel(config)
+        self.lm_head = NormHead(config)
+        self.vocab_size = config.vocab_size
+
+    def construct(self, input_ids, labels=None, attention_mask=None):
+        if labels is not None:
+            input_ids = input_ids[:, :-1]
+            labels = labels[:, 1:]
+        if attention_mask is None:
+            attention_mask = ops.ones(input_ids.shape, ms.int32)
+        hidden = self.model(input_ids, attention_mask.astype(ms.int32))
+        logits = self.lm_head(hidden).astype(ms.float32)
+        if labels is None:
+            return logits
+        return causal_lm_loss(logits, labels)
+
+    # ------------------------------------------------------------------ inference preparation and weights
+    def prepare_for_inference(self):
+        """Eval mode with NormHead rows normalised once."""
+        self.set_train(False)
+        self.lm_head.normalize_once()
+        return self
+
+    def load_weights(self, model_dir_or_file, strict=True):
+        load_safetensors_into(self, model_dir_or_file, strict=strict)
+        self.lm_head.normalized = False
+        return self
+
+    def save_pretrained(self, save_directory, **kwargs):  # pylint: disable=arguments-differ
+        """config.json + model.safetensors (our parameter names)."""
+        from safetensors.numpy import save_file
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.to_json_file(os.path.join(save_directory, "config.json"))
+        tensors = {p.name: p.asnumpy() for p in self.get_parameters()}
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "np"})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_dir, **kwargs):  # pylint: disable=arguments-differ
+        """Builds the model from a directory with config.json + model.safetensors, ready for inference.
+
+        Keyword arguments that are config fields (e.g. compute_dtype) override the saved config.
+        """
+        model_dir = pretrained_model_name_or_dir
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model directory {model_dir!r} does not exist (expected config.json and "
+                                    f"{WEIGHTS_NAME} in it; make one with convert_weight.py)")
+        config = kwargs.pop("config", None) or BaichuanConfig.from_hf_config(model_dir)
+        for key in list(kwargs):
+            if hasattr(config, key) and key != "name_or_path":
+                setattr(config, key, kwargs.pop(key))
+        config.name_or_path = model_dir
+        model = cls(config)
+        model.load_weights(model_dir)
+        return model.prepare_for_inference()
+
+
+def causal_lm_loss(logits, labels):
+    """Mean token cross entropy over labels != -100. logits [B, S, V] float32, labels [B, S]."""
+    valid = labels != -100
+    safe_labels = ops.where(valid, labels, ops.zeros_like(labels)).astype(ms.int32)
+    log_probs = ops.log_softmax(logits, -1)
+    picked = ops.gather_elements(log_probs, -1, safe_labels.expand_dims(-1)).squeeze(-1)
+    valid = valid.astype(ms.float32)
+    return -(picked * valid).sum() / ops.maximum(valid.sum(), 1.0)
+
+
+def weight_files(path):
+    """The safetensors files of a model directory (single file or sharded with an index), or the file itself."""
+    if os.path.isfile(path):
+        return [path]
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no weights in {path!r}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
+                            "(convert a Hugging Face checkpoint with convert_weight.py first)")
+
+
+def load_safetensors_into(model, path, strict=True):
+    """Copies safetensors tensors into the model's parameters one by one, checking names and shapes.
+
+    Raises ValueError listing every missing, unexpected or mis-shaped tensor (with expected and found shapes).
+    """
+    from safetensors import safe_open
+    params = {p.name: p for p in model.get_parameters()}
+    seen, unexpected, wrong_shape = set(), [], []
+    for file in weight_files(path):
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                if name not in params:
+                    unexpected.append(name)
+                    continue
+                array = f.get_tensor(name)
+                param = params[name]
+                if tuple(array.shape) != tuple(param.shape):
+                    wrong_shape.append(f"{name}: expected {tuple(param.shape)}, found {tuple(array.shape)}")
+                    continue
+                param.set_data(Tensor(array).astype(param.dtype))
+                seen.add(name)
+    missing = sorted(set(params) - seen - {w.split(":")[0] for w in wrong_shape})
+    problems = []
+    if wrong_shape:
+        problems.append("mis-shaped tensors:\n  " + "\n  ".join(wrong_shape))
+    if missing and strict:
+        problems.append("missing tensors: " + ", ".join(missing))
+    if unexpected and strict:
+        problems.append("unexpected tensors: " + ", ".join(sorted(unexpected)))
+    if problems:
+        raise ValueError(f"weights in {path!r} do not match the model "
+                         f"({model.config.family}, hidden {model.config.hidden_size}):\n" + "\n".join(problems))
