@@ -159,6 +159,8 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
     if os.path.exists(output_path) and not overwrite:
         raise ConversionError(f"{output_path} already exists; pass --overwrite to replace it")
     config = BaichuanConfig.from_hf_config(input_path)
+    if not reverse:
+        _read_role_tokens(config, input_path)
     shards = checkpoint_shards(input_path)
     checker = _Checker(expected_shapes(config, hf_layout=not reverse), input_path)
     parent = os.path.dirname(os.path.abspath(output_path)) or "."
@@ -192,6 +194,11 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         if reverse:
             with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(to_hf_config(config), f, indent=2)
+            if config.user_token_id is not None:
+                with open(os.path.join(tmp_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+                    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                               "pad_token_id": config.pad_token_id, "user_token_id": config.user_token_id,
+                               "assistant_token_id": config.assistant_token_id}, f, indent=2)
             _copy_tokenizer(input_path, tmp_dir)
         else:
             from .model_dir import finish_model_dir  # pylint: disable=import-outside-toplevel
@@ -203,6 +210,26 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         if os.path.isdir(tmp_dir):
             shutil.rmtree(tmp_dir)
     return config
+
+
+def _read_role_tokens(config, model_dir):
+    """Chat role ids are not in a Hugging Face config.json: Baichuan2-Chat keeps them in generation_config.json;
+    otherwise look `<reserved_106>`/`<reserved_107>` up in the checkpoint's tokenizer."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            generation = json.load(f)
+        if "user_token_id" in generation:
+            config.user_token_id = generation["user_token_id"]
+            config.assistant_token_id = generation["assistant_token_id"]
+            return
+    sp_file = os.path.join(model_dir, "tokenizer.model")
+    if config.chat_format == "baichuan2" and os.path.isfile(sp_file):
+        import sentencepiece  # pylint: disable=import-outside-toplevel
+        sp = sentencepiece.SentencePieceProcessor(model_file=sp_file)
+        ids = [sp.piece_to_id(p) for p in ("<reserved_106>", "<reserved_107>")]
+        if sp.unk_id() not in ids:
+            config.user_token_id, config.assistant_token_id = ids
 
 
 def _ours_to_hf(name, array, config, pending):
