@@ -257,8 +257,9 @@ def checkpoint_dirs(output_dir):
 
 
 def train_cell_state(train_cell, model):
-    """Everything the train cell holds besides the model weights: AdamW moments, global_step, loss scale."""
-    weight_names = {p.name for p in model.get_parameters()}
+    """Everything the train cell holds besides the model weights: AdamW moments, global_step, loss scale.
+    The learning-rate table is left out: it is rebuilt from the recipe (a resumed run may extend max_steps)."""
+    weight_names = {p.name for p in model.get_parameters()} | {"learning_rate"}
     return {p.name: p for p in train_cell.get_parameters() if p.name not in weight_names}
 
 
