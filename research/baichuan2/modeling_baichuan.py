@@ -149,14 +149,38 @@ class Attention(nn.Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)
 
-    def construct(self, x, cos, sin, bias):
-        b, s, h = x.shape
+    def _qkv(self, x, cos, sin):
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.use_rope:
             q = apply_rotary(q, cos, sin, self.fused)
             k = apply_rotary(k, cos, sin, self.fused)
+        return q, k, v
+
+    def _out(self, q, k, v, bias):
+        b, _, s, _ = q.shape
         out = attention(q, k, v, bias, self.scale, self.fused)
-        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, h))
+        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+    def construct(self, x, cos, sin, bias):
+        q, k, v = self._qkv(x, cos, sin)
+        return self._out(q, k, v, bias)
+
+    def prefill(self, x, cos, sin, bias, k_cache, v_cache):
+        """Full attention over the S prompt tokens; their keys/values fill cache slots [0, S) (static slice: the
+        rest of the cache keeps its shape, so one graph serves every step)."""
+        q, k, v = self._qkv(x, cos, sin)
+        s = x.shape[1]
+        k_cache = ops.concat((k.astype(k_cache.dtype), k_cache[:, :, s:]), 2)
+        v_cache = ops.concat((v.astype(v_cache.dtype), v_cache[:, :, s:]), 2)
+        return self._out(q, k, v, bias), k_cache, v_cache
+
+    def decode(self, x, cos, sin, bias, k_cache, v_cache, write_slot):
+        """One new token per row: written into cache slot `write_slot` (bool [1, 1, L, 1]), then attends over the
+        whole cache; `bias` hides empty and padded slots."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache = ops.where(write_slot, k.astype(k_cache.dtype), k_cache)
+        v_cache = ops.where(write_slot, v.astype(v_cache.dtype), v_cache)
+        return self._out(q, k_cache, v_cache, bias), k_cache, v_cache
 
 
 class MLP(nn.Cell):
@@ -183,6 +207,17 @@ class DecoderLayer(nn.Cell):
     def construct(self, x, cos, sin, bias):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill(self, x, cos, sin, bias, k_cache, v_cache):
+        h, k_cache, v_cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin, bias, k_cache, v_cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+
+    def decode(self, x, cos, sin, bias, k_cache, v_cache, write_slot):
+        h, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, k_cache, v_cache,
+                                                    write_slot)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
 
 
 class BaichuanModel(nn.Cell):
@@ -226,6 +261,41 @@ class BaichuanModel(nn.Cell):
         for layer in self.layers:
             x = layer(x, cos, sin, bias)
         return self.norm(x)
+
+    def decode_position_inputs(self, positions, slot_mask):
+        """Inputs of a one-token decode step. positions [B, 1]: the new token's position id; slot_mask [B, L]:
+        1 for cache slots holding a real token (the new one included). Key position ids are recounted from the
+        slot mask, exactly as the no-cache forward counts them from the attention mask."""
+        batch, slots = slot_mask.shape
+        bias = ((1.0 - slot_mask.astype(ms.float32)) * _MASKED).reshape(batch, 1, 1, slots)
+        if self.use_rope:
+            cos = ops.gather(self.cos_table, positions, 0).reshape(batch, 1, 1, -1).astype(self.compute_dtype)
+            sin = ops.gather(self.sin_table, positions, 0).reshape(batch, 1, 1, -1).astype(self.compute_dtype)
+            return cos, sin, bias
+        key_positions = ops.maximum(ops.cumsum(slot_mask, 1) - 1, 0).astype(ms.float32)
+        return None, None, bias + self.slopes * key_positions.reshape(batch, 1, 1, slots)
+
+    def prefill(self, input_ids, attention_mask, k_caches, v_caches):
+        """Prompt pass that also fills the caches. Returns (hidden [B, S, H], new k caches, new v caches)."""
+        cos, sin, bias = self.position_inputs(attention_mask, input_ids.shape[1])
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        new_k, new_v = (), ()
+        for i in range(len(self.layers)):
+            x, k, v = self.layers[i].prefill(x, cos, sin, bias, k_caches[i], v_caches[i])
+            new_k += (k,)
+            new_v += (v,)
+        return self.norm(x), new_k, new_v
+
+    def decode(self, input_ids, positions, slot_mask, write_slot, k_caches, v_caches):
+        """One token per row ([B, 1]) against the caches. Returns (hidden [B, 1, H], new k caches, new v caches)."""
+        cos, sin, bias = self.decode_position_inputs(positions, slot_mask)
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        new_k, new_v = (), ()
+        for i in range(len(self.layers)):
+            x, k, v = self.layers[i].decode(x, cos, sin, bias, k_caches[i], v_caches[i], write_slot)
+            new_k += (k,)
+            new_v += (v,)
+        return self.norm(x), new_k, new_v
 
 
 class NormHead(nn.Cell):
@@ -290,6 +360,24 @@ class BaichuanForCausalLM(PreTrainedModel):
             return logits
         return causal_lm_loss(logits, labels)
 
+    # ------------------------------------------------------------------ generation
+    def empty_caches(self, batch, slots):
+        """Zeroed per-layer key and value caches [B, heads, slots, head_dim], wrapped in `ms.mutable` so GRAPH
+        mode treats them as variable inputs (a constant tuple would be folded and recompiled every step)."""
+        config = self.config
+        shape = (batch, config.num_attention_heads, slots, config.head_dim)
+        dtype = _DTYPES[config.compute_dtype]
+        make = lambda: tuple(ops.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
+        return ms.mutable(make()), ms.mutable(make())
+
+    def generate(self, input_ids, **kwargs):  # pylint: disable=arguments-differ
+        """Text generation with this project's generator (static KV cache, host-side sampling) instead of
+        mindformers' (which needs `mint.argmax`, absent on CPU). Accepts the mindformers/Hugging Face keywords
+        (max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
+        pad_token_id, return_dict_in_generate); see generation.generate_for_pipeline."""
+        from .generation import generate_for_pipeline  # pylint: disable=import-outside-toplevel
+        return generate_for_pipeline(self, input_ids, **kwargs)
+
     # ------------------------------------------------------------------ inference preparation and weights
     def prepare_for_inference(self):
         """Eval mode with NormHead rows normalised once."""
@@ -328,6 +416,39 @@ class BaichuanForCausalLM(PreTrainedModel):
         model = cls(config)
         model.load_weights(model_dir)
         return model.prepare_for_inference()
+
+
+class CachedPrefill(nn.Cell):
+    """Graph-mode prompt step of cached generation: logits of the last position [B, V] + filled caches.
+
+    The caches are inputs and outputs (pass them wrapped in `ms.mutable`), so a graph is compiled once per
+    (batch, prompt bucket, cache length) and never per token."""
+
+    def __init__(self, lm):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.lm = lm
+
+    def construct(self, input_ids, attention_mask, k_caches, v_caches):
+        hidden, k_caches, v_caches = self.lm.model.prefill(input_ids, attention_mask, k_caches, v_caches)
+        logits = self.lm.lm_head(hidden[:, -1:]).astype(ms.float32)  # left padding: the last column is real
+        return logits.squeeze(1), k_caches, v_caches
+
+
+class CachedDecode(nn.Cell):
+    """Graph-mode one-token step of cached generation (see BaichuanModel.decode). `slot` is an int32 scalar
+    tensor (a tensor, not a Python int, so the step number does not trigger a recompilation)."""
+
+    def __init__(self, lm):
+        super().__init__(auto_prefix=False)
+        self.lm = lm
+
+    def construct(self, input_ids, positions, slot_mask, slot, k_caches, v_caches):
+        slots = slot_mask.shape[1]
+        write_slot = (ops.arange(0, slots, dtype=ms.int32) == slot).reshape(1, 1, slots, 1)
+        hidden, k_caches, v_caches = self.lm.model.decode(input_ids, positions, slot_mask, write_slot,
+                                                          k_caches, v_caches)
+        logits = self.lm.lm_head(hidden).astype(ms.float32)
+        return logits.squeeze(1), k_caches, v_caches
 
 
 def causal_lm_loss(logits, labels):
