@@ -1,8 +1,11 @@
-"""BELLE-format chat data -> MindRecord training rows for Baichuan2 finetuning.
+"""BELLE-format chat data -> MindRecord training rows for Baichuan2 (or XVERSE) finetuning.
 
     python example/dataset/belle_preprocess.py --input_glob 'data/*.json' --model_file dataset/tokenizer.model \
         --output_file out.mindrecord --seq_length 512 [--num_workers 2] [--strict] [--overwrite] \
-        [--user_token '<reserved_106>'] [--assistant_token '<reserved_107>']
+        [--user_token '<reserved_106>'] [--assistant_token '<reserved_107>'] [--template baichuan2|xverse]
+
+--model_file is a SentencePiece tokenizer.model (Baichuan families) or a Hugging Face tokenizer.json (XVERSE);
+--template defaults from it: .json -> xverse, anything else -> baichuan2.
 
 Input: every file matching --input_glob (sorted by name), each a JSON array or JSON Lines (one record per line),
 read as a stream (never loaded whole). A record is
@@ -26,6 +29,16 @@ Worked example (user token U=3, assistant token A=4, eos=2, pad=0; "Hi" -> [7, 8
     labels  = [2,    -100, -100, -100, 9, 2, -100, -100, -100]
     fed     = inputs[:-1] = [3, 7, 8, 4, 9, 2, 0, 0]
     targets = labels[1:]  = [-100, -100, -100, 9, 2, -100, -100, -100]   (predict 9 after A, eos after 9)
+
+XVERSE template (`build_xverse_row`): the chat format is text, "Human: {q}\n\nAssistant: {a}<|endoftext|>Human: ...",
+so role strings take the place of role ids:
+    user turn       inputs += encode("Human: " + q + "\n\nAssistant: ")   labels += [-100] * len
+    assistant turn  inputs += encode(a) + [eos]                            labels += encode(a) + [eos]
+The prompt is encoded as one string, as the chat input builder encodes it at inference (byte-level BPE would
+tokenise "Human: " alone differently from "Human: q"). The eos after each answer is a real input token here, as in
+XVERSE's chat format, so its label trains exactly what the eos label on Baichuan2's user token trains: stop after
+the answer. The targets are the same as above: every answer token and one eos per answer; user text and role
+strings never are. Nothing is appended after the last turn (an assistant turn already ends with eos).
 
 Output: one MindRecord shard (+ .db index) with int32 columns input_ids and labels of shape [seq_length + 1],
 written into a temporary folder next to the output and renamed into place at the end (MindRecord files embed
@@ -70,7 +83,7 @@ class DataError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# labelling: pure functions (issue 7 adds an XVERSE template beside this one)
+# labelling: pure functions, one per chat template
 
 def build_row(turns, encode, ids, seq_length):
     """One training row from validated turns [("user"|"assistant", text), ...] (Baichuan2 template).
@@ -90,6 +103,32 @@ def build_row(turns, encode, ids, seq_length):
             labels += [IGNORE] + tokens
     inputs.append(ids["eos"])
     labels.append(ids["eos"])
+    return _cut_and_pad(inputs, labels, ids, seq_length)
+
+
+XVERSE_USER_PREFIX, XVERSE_ASSISTANT_PREFIX = "Human: ", "\n\nAssistant: "
+
+
+def build_xverse_row(turns, encode, ids, seq_length):
+    """One training row in the XVERSE chat format (see the module docstring); same arguments and result as
+    build_row ("user"/"assistant" ids are not used: the roles are text)."""
+    inputs, labels = [], []
+    for role, text in turns:
+        if role == "user":
+            tokens = encode(XVERSE_USER_PREFIX + text + XVERSE_ASSISTANT_PREFIX)
+            inputs += tokens
+            labels += [IGNORE] * len(tokens)
+        else:
+            tokens = encode(text) + [ids["eos"]]
+            inputs += tokens
+            labels += tokens
+    return _cut_and_pad(inputs, labels, ids, seq_length)
+
+
+TEMPLATES = {"baichuan2": build_row, "xverse": build_xverse_row}
+
+
+def _cut_and_pad(inputs, labels, ids, seq_length):
     total = seq_length + 1
     truncated = len(inputs) > total
     inputs, labels = inputs[:total], labels[:total]
@@ -272,14 +311,23 @@ def read_records(paths):
 _WORKER = {}
 
 
-def _init_worker(model_file, ids, seq_length):
+def load_encoder(model_file):
+    """text -> ids of a SentencePiece model or (for a .json file) a Hugging Face tokenizer.json, no bos/eos added."""
+    if model_file.endswith(".json"):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(model_file)
+        return lambda text: tok.encode(text, add_special_tokens=False).ids
     import sentencepiece as spm
-    _WORKER.update(sp=spm.SentencePieceProcessor(model_file=model_file), ids=ids, seq_length=seq_length)
+    return spm.SentencePieceProcessor(model_file=model_file).encode
+
+
+def _init_worker(model_file, ids, seq_length, template="baichuan2"):
+    _WORKER.update(encode=load_encoder(model_file), ids=ids, seq_length=seq_length, build=TEMPLATES[template])
 
 
 def _tokenise(turns):
-    sp = _WORKER["sp"]
-    inputs, labels, length, truncated = build_row(turns, sp.encode, _WORKER["ids"], _WORKER["seq_length"])
+    inputs, labels, length, truncated = _WORKER["build"](turns, _WORKER["encode"], _WORKER["ids"],
+                                                         _WORKER["seq_length"])
     return np.asarray(inputs, np.int32), np.asarray(labels, np.int32), length, truncated
 
 
@@ -297,20 +345,41 @@ def resolve_token(sp, value, flag):
     return token_id
 
 
+def xverse_ids(model_file):
+    """eos/pad ids of an XVERSE tokenizer.json (`<|endoftext|>`, `<pad>`); both must exist."""
+    if not model_file.endswith(".json"):
+        raise DataError("config", f"--template xverse needs a Hugging Face tokenizer.json, got {model_file}")
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(model_file)
+    except Exception as e:  # the tokenizers library raises bare Exceptions for unreadable files
+        raise DataError("config", f"--model_file {model_file}: not a readable tokenizer.json ({e})") from None
+    ids = {"eos": tok.token_to_id("<|endoftext|>"), "pad": tok.token_to_id("<pad>")}
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise DataError("config", f"--model_file {model_file}: no {' / '.join(missing)} token "
+                                  f"(XVERSE uses <|endoftext|> as eos and <pad> as pad)")
+    return ids
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # driver
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="BELLE-format chat data -> MindRecord rows for Baichuan2 finetuning")
     p.add_argument("--input_glob", required=True, help="glob of .json (array) / .jsonl files, read in sorted order")
-    p.add_argument("--model_file", required=True, help="SentencePiece tokenizer.model")
+    p.add_argument("--model_file", required=True,
+                   help="SentencePiece tokenizer.model, or tokenizer.json (Hugging Face tokenizers, XVERSE)")
+    p.add_argument("--template", choices=sorted(TEMPLATES),
+                   help="chat layout and labelling (default: xverse for a .json tokenizer, else baichuan2)")
     p.add_argument("--output_file", required=True, help="output .mindrecord (its .db index is written beside it)")
     p.add_argument("--seq_length", type=int, default=512, help="rows are seq_length + 1 tokens")
     p.add_argument("--num_workers", type=int, default=1, help="tokenisation processes (output does not change)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit code 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--user_token", default="<reserved_106>", help="piece or id starting user turns")
-    p.add_argument("--assistant_token", default="<reserved_107>", help="piece or id starting assistant turns")
+    p.add_argument("--user_token", default="<reserved_106>", help="piece or id starting user turns (baichuan2)")
+    p.add_argument("--assistant_token", default="<reserved_107>",
+                   help="piece or id starting assistant turns (baichuan2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -336,10 +405,17 @@ def preprocess(args):
     if not os.path.isdir(os.path.dirname(out)):
         raise DataError("config", f"output folder {os.path.dirname(out)} does not exist")
 
-    sp = spm.SentencePieceProcessor(model_file=args.model_file)
-    ids = {"user": resolve_token(sp, args.user_token, "--user_token"),
-           "assistant": resolve_token(sp, args.assistant_token, "--assistant_token"),
-           "eos": sp.eos_id(), "pad": sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()}
+    template = args.template or ("xverse" if args.model_file.endswith(".json") else "baichuan2")
+    if template == "xverse":
+        ids = xverse_ids(args.model_file)
+    else:
+        if args.model_file.endswith(".json"):
+            raise DataError("config", f"--template baichuan2 needs a SentencePiece tokenizer.model, got "
+                                      f"{args.model_file}")
+        sp = spm.SentencePieceProcessor(model_file=args.model_file)
+        ids = {"user": resolve_token(sp, args.user_token, "--user_token"),
+               "assistant": resolve_token(sp, args.assistant_token, "--assistant_token"),
+               "eos": sp.eos_id(), "pad": sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()}
 
     stats = Counter()
     skipped = Counter()
@@ -348,9 +424,9 @@ def preprocess(args):
     if args.num_workers > 1:
         import multiprocessing
         pool = multiprocessing.get_context("fork").Pool(args.num_workers, _init_worker,
-                                                        (args.model_file, ids, args.seq_length))
+                                                        (args.model_file, ids, args.seq_length, template))
     else:
-        _init_worker(args.model_file, ids, args.seq_length)
+        _init_worker(args.model_file, ids, args.seq_length, template)
     from mindspore.mindrecord import FileWriter
 
     tmp_dir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
@@ -362,7 +438,7 @@ def preprocess(args):
         writer.set_page_size(max(1 << 22, 16 * (args.seq_length + 1) * 8))
         shape = [args.seq_length + 1]
         writer.add_schema({"input_ids": {"type": "int32", "shape": shape},
-                           "labels": {"type": "int32", "shape": shape}}, "baichuan2 chat rows")
+                           "labels": {"type": "int32", "shape": shape}}, f"{template} chat rows")
 
         def flush(block):
             rows = pool.imap(_tokenise, block, chunksize=64) if pool else map(_tokenise, block)
