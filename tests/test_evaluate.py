@@ -187,10 +187,37 @@ def test_malformed_files_are_named(tmp_path):
         load_task("cmmlu", str(root), shots=2)
 
     root = _copy("agieval", tmp_path)
+    (root / "cloze.jsonl").write_text('{"passage": null, "question": "1+1=?", "options": null, "answer": "2"}\n',
+                                      encoding="utf-8")  # cloze items are skipped, not errors
+    assert load_task("agieval", str(root), subjects=["cloze"], shots=0)[0].skipped == 1
     (root / "sat-math.jsonl").write_text('{"passage": null, "question": "q", "options": ["(A)1", "(B)2"], '
                                          '"label": "C"}\n', encoding="utf-8")
     with pytest.raises(DataLayoutError, match=r"sat-math\.jsonl: line 1: label 'C' is not one of A, B"):
         load_task("agieval", str(root), shots=0)
+
+
+def test_gaokao_answers(tmp_path):
+    root = tmp_path / "gaokao" / "Objective_Questions"
+    root.mkdir(parents=True)
+    examples = [{"question": "q1\nA．1\nB．2\nC．3\nD．4", "answer": ["B"]},
+                {"question": "q2", "answer": ["BD"]},      # several correct options: skipped
+                {"question": "q3", "answer": ["F"]}]
+    (root / "2010-2022_Physics_MCQs.json").write_text(json.dumps({"keywords": "x", "example": examples}),
+                                                      encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"2010-2022_Physics_MCQs\.json: example 2: answer \['F'\]"):
+        load_task("gaokao", str(tmp_path / "gaokao"), shots=0)
+    examples.pop()
+    (root / "2010-2022_Physics_MCQs.json").write_text(json.dumps({"keywords": "x", "example": examples}),
+                                                      encoding="utf-8")
+    subject = load_task("gaokao", str(tmp_path / "gaokao"), shots=0)[0]
+    assert (len(subject.items), subject.skipped, subject.prompt_name) == (1, 1, "高考物理")
+
+
+def test_cli_reports_layout_error(tmp_path):
+    done = subprocess.run(run_module("example/evaluate.py", "--model_dir", tmp_path, "--task", "mmlu",
+                                     "--data_dir", tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "error: mmlu: no folder" in done.stderr and "without header" in done.stderr
 
 
 def test_wrong_layout_says_what_was_expected(tmp_path):

@@ -12,7 +12,8 @@ Layouts (DATA_DIR is what the user passes as --data_dir):
                                                                     "label": "A"}
 
 Gaokao-Bench and AGIEval have no dev split: the first k items of each file are the k shots and are not scored.
-Their multi-answer items (answer lists of several letters) are skipped: only single-choice questions are scored.
+Their multi-answer items (several letters) and cloze items (no options) are skipped: only single-choice questions
+are scored; the report counts them per subject.
 """
 import csv
 import glob
@@ -56,7 +57,7 @@ class Subject:
     groups: List[str] = field(default_factory=list)
     source: str = ""            # file the scored items come from
     shots_from_items: bool = False  # shots are the first items of the same file (no dev split)
-    skipped: int = 0            # multi-answer items left out
+    skipped: int = 0            # multi-answer and cloze items left out
 
 
 def _check_answer(letter, path, row_no, num_choices=4, allow_missing=False):
@@ -191,18 +192,16 @@ def load_csv_task(task, data_dir, split, subjects=None, shots=5):
 
 
 # ------------------------------------------------------------------------------------------- JSON benchmarks
-def _single_letter(answer):
-    """"A" / ["A"] -> "A"; multi-answer or empty -> None."""
+def _letters_of(answer):
+    """["A"] / "A" -> "A"; ["A", "D"] / ["AD"] -> "AD" (multi-answer); anything else unchanged as text."""
     if isinstance(answer, list):
-        answer = answer[0] if len(answer) == 1 else None
-    if not isinstance(answer, str) or len(answer.strip()) != 1:
-        return None
-    return answer.strip()
+        answer = "".join(a.strip() if isinstance(a, str) else repr(a) for a in answer)
+    return answer.strip() if isinstance(answer, str) else repr(answer)
 
 
 def _is_multi(answer):
-    return isinstance(answer, list) and len(answer) > 1 or isinstance(answer, str) and len(answer.strip()) > 1 \
-        and all(c in LETTERS for c in answer.strip())
+    letters = _letters_of(answer)
+    return len(letters) > 1 and all(c in LETTERS for c in letters)
 
 
 def _gaokao_items(path):
@@ -221,8 +220,8 @@ def _gaokao_items(path):
         if _is_multi(ex["answer"]):
             skipped += 1
             continue
-        letter = _single_letter(ex["answer"])
-        if letter not in LETTERS[:4]:
+        letter = _letters_of(ex["answer"])
+        if letter not in LETTERS[:4] or not letter:
             raise DataLayoutError(f"{path}: example {i}: answer {ex['answer']!r} is not one of A, B, C, D")
         items.append(Item(id=str(ex.get("index", i)), question=ex["question"].strip(), choices=[], answer=letter))
     return items, skipped
@@ -238,19 +237,23 @@ def _agieval_items(path):
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataLayoutError(f"{path}: line {line_no} is not valid JSON ({e})") from e
-            for key in ("question", "options", "label"):
-                if key not in ex:
-                    raise DataLayoutError(f"{path}: line {line_no} has no {key!r} field (expected passage, "
-                                          "question, options, label)")
-            if not ex["options"] or _is_multi(ex["label"]):  # cloze or multi-answer: not single choice
+            if "question" not in ex:
+                raise DataLayoutError(f"{path}: line {line_no} has no 'question' field (expected passage, "
+                                      "question, options, label)")
+            if not ex.get("options"):  # cloze questions (gaokao-mathcloze, math): not multiple choice
+                skipped += 1
+                continue
+            if "label" not in ex:
+                raise DataLayoutError(f"{path}: line {line_no} has options but no 'label' field")
+            if _is_multi(ex["label"]):
                 skipped += 1
                 continue
             options = [_OPTION_PREFIX.sub("", o, count=1).strip() for o in ex["options"]]
             n = len(options)
             if n > len(LETTERS):
                 raise DataLayoutError(f"{path}: line {line_no} has {n} options (at most {len(LETTERS)} supported)")
-            letter = _single_letter(ex["label"])
-            if letter not in LETTERS[:n]:
+            letter = _letters_of(ex["label"])
+            if letter not in LETTERS[:n] or not letter:
                 raise DataLayoutError(f"{path}: line {line_no}: label {ex['label']!r} is not one of "
                                       f"{', '.join(LETTERS[:n])}")
             items.append(Item(id=str(line_no - 1), question=ex["question"].strip(), choices=options, answer=letter,
