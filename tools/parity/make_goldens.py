@@ -6,8 +6,8 @@ Run in the torch venv (see tools/parity/README.md):
 
 Writes tests/fixtures/parity/<family>/ for each family below: config.json, safetensors weights in the family's
 own Hugging Face layout (W_pack or separate q/k/v; one file or two shards with an index), tokenizer.model when
-dataset/tokenizer.model exists (Baichuan families only), and reference.safetensors with input ids, masks,
-reference logits and greedy continuations. Then it checks itself (see self_check). Deterministic: the same
+dataset/tokenizer.model exists (Baichuan families; XVERSE gets dataset/xverse/tokenizer.json and its "Human: ..."
+chat goldens), and reference.safetensors with input ids, masks, reference logits and greedy continuations. Then it checks itself (see self_check). Deterministic: the same
 command writes the same bytes, so re-running only changes files when something real changed (e.g. the tokenizer
 appeared).
 
@@ -38,6 +38,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OUT_ROOT = os.path.join(REPO, "tests", "fixtures", "parity")
 TOKENIZER = os.path.join(REPO, "dataset", "tokenizer.model")
 CHAT_TEXT = "<reserved_106>你是谁?<reserved_107>"
+# XVERSE: a Hugging Face tokenizer.json and a text chat format instead of role tokens
+XVERSE_TOKENIZER = os.path.join(REPO, "dataset", "xverse", "tokenizer.json")
+XVERSE_CHAT_TEXT = "Human: 你是谁?\n\nAssistant: "
 
 SEED = 20240607
 BATCH, SEQ, PAD_LEFT = 2, 16, 5        # reference batch: row 1 is left-padded with PAD_LEFT pad tokens
@@ -92,7 +95,7 @@ FAMILIES = {
             "tie_word_embeddings": False, "use_cache": True, "torch_dtype": "float32",
         }),
     "xverse_7b": dict(
-        position="rope", packed=False, norm_head=False, shards=1, tokenizer=False,
+        position="rope", packed=False, norm_head=False, shards=1, tokenizer="json",
         config={
             "architectures": ["XverseForCausalLM"],
             "auto_map": {"AutoConfig": "configuration_xverse.XverseConfig",
@@ -290,7 +293,20 @@ def chat_prompt_ids():
     return torch.tensor(sp.encode(CHAT_TEXT), dtype=torch.long)
 
 
+def xverse_chat_prompt_ids():
+    if not os.path.exists(XVERSE_TOKENIZER):
+        return None
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(XVERSE_TOKENIZER).encode(XVERSE_CHAT_TEXT, add_special_tokens=False).ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def build_family(index, family, spec, chat_ids):
+    tokenizer_file = TOKENIZER
+    if spec["tokenizer"] == "json":
+        chat_ids, tokenizer_file = xverse_chat_prompt_ids(), XVERSE_TOKENIZER
+        if chat_ids is not None:
+            print(f"{family} chat prompt {XVERSE_CHAT_TEXT!r} -> {chat_ids.tolist()}")
     cfg = spec["config"]
     gen = torch.Generator().manual_seed(SEED + index)
     directory = os.path.join(OUT_ROOT, family)
@@ -301,7 +317,7 @@ def build_family(index, family, spec, chat_ids):
     write_json(os.path.join(directory, "config.json"), cfg)
     save_checkpoint(to_hf_layout(weights, spec), spec, directory)
     if spec["tokenizer"] and chat_ids is not None:
-        shutil.copyfile(TOKENIZER, os.path.join(directory, "tokenizer.model"))
+        shutil.copyfile(tokenizer_file, os.path.join(directory, os.path.basename(tokenizer_file)))
 
     model = build_reference(cfg, spec, weights)
     vocab, pad = cfg["vocab_size"], cfg["pad_token_id"]
