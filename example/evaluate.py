@@ -42,7 +42,8 @@ def main(argv=None):
     split = args.split or DEFAULT_SPLIT[args.task]
     output = args.output or f"{args.task}_{split}_results.json"
     try:
-        load_task(args.task, args.data_dir, args.split, args.subjects, args.shots)  # layout errors before the model loads
+        # layout errors show before the (slow) model load
+        load_task(args.task, args.data_dir, args.split, args.subjects, args.shots)
         scorer = ModelScorer.from_model_dir(args.model_dir, max_length=args.max_length)
         report = evaluate(args.task, args.data_dir, scorer, split=args.split, shots=args.shots,
                           subjects=args.subjects, limit=args.limit, output=output, batch_size=args.batch_size,

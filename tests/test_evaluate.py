@@ -126,8 +126,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     scorer = FakeScorer(CEVAL_TABLE)
     report = evaluate("ceval", data("ceval"), scorer, split="val", shots=2, output=out, batch_size=16,
                       progress=False)
-    assert scorer.calls == 1 and all(q in ("“有的学生是党员”与“所有学生都不是党员”的关系是____。", "概念“书”和“教科书”的关系是____。")
-                                     for q in scorer.seen)
+    logic_questions = [q for q in CEVAL_TABLE if "党员" in q or "教科书" in q]
+    assert scorer.calls == 1 and sorted(scorer.seen) == sorted(logic_questions)
     assert report["resumed_subjects"] == ["computer_network", "high_school_physics"]
     assert report["overall"]["micro"] == pytest.approx(4 / 6)
     # other settings: the cache is not reused

@@ -96,12 +96,12 @@ def _read_header_csv(path, wanted, allow_missing_answer=False):
             continue
         if len(row) < len(header):
             raise DataLayoutError(f"{path}: row {row_no} has {len(row)} cells, the header has {len(header)}")
-        cell = lambda name: row[pos[name]] if name in pos else ""  # noqa: E731
+        cells = {name: row[i] for name, i in pos.items()}
         # CMMLU's first column has no name: it is the index
-        item_id = cell(id_col) if id_col else (row[0] if header[0] == "" else str(row_no - 2))
-        answer = _check_answer(cell(answer_col), path, row_no, allow_missing=allow_missing_answer)
-        items.append(Item(id=str(item_id).strip(), question=cell(q_col),
-                          choices=[cell(c) for c in option_cols], answer=answer))
+        item_id = cells[id_col] if id_col else (row[0] if header[0] == "" else str(row_no - 2))
+        answer = _check_answer(cells.get(answer_col, ""), path, row_no, allow_missing=allow_missing_answer)
+        items.append(Item(id=str(item_id).strip(), question=cells[q_col],
+                          choices=[cells[c] for c in option_cols], answer=answer))
     return items
 
 

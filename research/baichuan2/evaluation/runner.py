@@ -143,7 +143,8 @@ def _notes(task, loaded, shots):
     if any(s.shots_from_items for s in loaded) and shots:
         notes.append(f"{task} has no dev split: the first {shots} items of each file are the shots and are not scored")
     if any(s.skipped for s in loaded):
-        notes.append("multi-answer and cloze items are not single-choice questions and were skipped (skipped_multi_answer)")
+        notes.append("multi-answer and cloze items are not single-choice questions and were skipped "
+                     "(skipped_multi_answer)")
     notes.append("prediction = argmax of the next-token log-probability over the option letters' tokens "
                  "(see letter_tokens); shots are dropped from the end while a prompt exceeds the context")
     return notes
