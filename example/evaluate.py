@@ -12,10 +12,10 @@ Prints a per-subject / per-category table and writes the report as JSON (--outpu
 Finished subjects are cached in <output>.cache/: rerun the same command to continue an interrupted run.
 """
 import argparse
-import os
 import sys
 
-from baichuan2.evaluation import TASKS, DataLayoutError, ModelScorer, evaluate, format_table, load_task
+from baichuan2.evaluation import (TASKS, DataLayoutError, ModelScorer, evaluate, format_table, load_task,
+                                  model_fingerprint)
 from baichuan2.evaluation.datasets import DEFAULT_SPLIT
 
 
@@ -47,7 +47,7 @@ def main(argv=None):
         scorer = ModelScorer.from_model_dir(args.model_dir, max_length=args.max_length)
         report = evaluate(args.task, args.data_dir, scorer, split=args.split, shots=args.shots,
                           subjects=args.subjects, limit=args.limit, output=output, batch_size=args.batch_size,
-                          model_id=os.path.abspath(args.model_dir))
+                          model_id=model_fingerprint(args.model_dir))
     except (DataLayoutError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

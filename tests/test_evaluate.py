@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from baichuan2.evaluation import DataLayoutError, evaluate, fit_prompt, format_table, load_task
+from baichuan2.evaluation import DataLayoutError, evaluate, fit_prompt, format_table, load_task, model_fingerprint
 from baichuan2.evaluation.prompts import build_prompt
 
 from conftest import FIXTURES, REPO, run_module
@@ -273,5 +273,5 @@ def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path):
     from baichuan2.evaluation import ModelScorer
     scorer = ModelScorer.from_model_dir(tiny_model_dir)
     again = evaluate("ceval", data("ceval"), scorer, shots=2, output=str(out), progress=False,
-                     model_id=os.path.abspath(tiny_model_dir))
+                     model_id=model_fingerprint(tiny_model_dir))
     assert scorer.calls == 0 and again["overall"] == report["overall"]

@@ -5,8 +5,8 @@
 """
 from .datasets import TASKS, DataLayoutError, load_task
 from .prompts import build_prompt, fit_prompt
-from .runner import evaluate, format_table
+from .runner import evaluate, format_table, model_fingerprint
 from .scoring import ModelScorer
 
 __all__ = ["TASKS", "DataLayoutError", "ModelScorer", "build_prompt", "evaluate", "fit_prompt", "format_table",
-           "load_task"]
+           "load_task", "model_fingerprint"]

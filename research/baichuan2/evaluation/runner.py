@@ -18,6 +18,15 @@ from .scoring import predict
 CACHE_VERSION = 1
 
 
+def model_fingerprint(model_dir):
+    """Identifies the model in cache settings: its path and the newest modification time of its weights/config,
+    so re-finetuned weights in the same directory are not mistaken for cached ones."""
+    files = [os.path.join(model_dir, f) for f in os.listdir(model_dir)
+             if f.endswith((".safetensors", ".json", ".model"))]
+    newest = max((os.path.getmtime(f) for f in files), default=0.0)
+    return f"{os.path.abspath(model_dir)}@{newest:.0f}"
+
+
 def _write_json(path, data):
     """Written to a temporary name and renamed: an interruption never leaves half a file behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -96,6 +105,9 @@ def summarize(task, per_subject):
 def evaluate(task, data_dir, scorer, *, split=None, shots=5, subjects=None, limit=None, output=None,
              batch_size=8, model_id=None, progress=True):
     """Runs one benchmark and returns the report dict (also written to `output` as JSON when given).
+
+    `model_id` names the model in the cache settings (see `model_fingerprint`): cached subjects of another model
+    are not reused.
 
     For C-Eval's test split (labels hidden) `output` receives the leaderboard submission {subject: {id: letter}}
     instead, and the report carries it under "submission".
