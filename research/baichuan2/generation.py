@@ -14,7 +14,9 @@ output is the same either way.
 Token choice runs on the host in numpy (CPU has no `mint.argmax` kernel, and the sampling knobs are simpler there).
 Finished sequences stop at an eos or stop id, which is not returned.
 
-This file imports nothing from the project but `modeling_baichuan`, so it can be copied into a model directory.
+This file imports nothing from the project (the model hands over its step cells): it is copied into model
+directories, and an import back into modeling_baichuan would make a cycle that mindformers' remote-code loader
+never finishes resolving (it loops forever on circular relative imports).
 """
 import json
 import os
@@ -26,8 +28,6 @@ from typing import Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
-
-from .modeling_baichuan import CachedDecode, CachedPrefill
 
 DEFAULT_BUCKET = 64
 
@@ -112,8 +112,7 @@ class Generator:
         self.model = model.prepare_for_inference()
         self.config = model.config
         self.bucket = int(bucket)
-        self.prefill = CachedPrefill(model)
-        self.decode = CachedDecode(model)
+        self.prefill, self.decode = model.cached_step_cells()
 
     def options(self, **kwargs):
         unknown = set(kwargs) - {f.name for f in fields(GenerationOptions)}

@@ -4,7 +4,12 @@
     model*.safetensors       weights under our parameter names
     tokenizer.model          + tokenizer_config.json (SentencePiece families)
     generation_config.json   defaults for the variant (chat or base)
-    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py   the model code itself
+    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py   the model code
+
+mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
+they import relatively (modeling_baichuan -> generation for `model.generate`), so all four must be there.
+Without tokenizer_config.json mindformers falls back to a fast tokenizer that splits `<reserved_106>`: it is written
+whenever tokenizer.model is present.
 """
 import json
 import os
@@ -12,7 +17,7 @@ import shutil
 
 from .configuration_baichuan import BaichuanConfig
 
-MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
+MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
@@ -20,6 +25,26 @@ AUTO_MAP = {
     "AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None],
 }
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+# Baichuan2-Chat's published generation defaults; base models decode greedily unless asked otherwise.
+CHAT_GENERATION = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
+                   "max_new_tokens": 2048}
+BASE_GENERATION = {"do_sample": False, "max_new_tokens": 512}
+
+
+def generation_config(config: BaichuanConfig):
+    """generation_config.json contents for the variant: chat defaults when the config has a chat format."""
+    data = dict(CHAT_GENERATION if config.chat_format else BASE_GENERATION)
+    data.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id)
+    if config.user_token_id is not None:
+        data.update(user_token_id=config.user_token_id, assistant_token_id=config.assistant_token_id)
+    return data
+
+
+def write_generation_config(model_dir, config: BaichuanConfig):
+    with open(os.path.join(model_dir, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation_config(config), f, indent=2)
 
 
 def write_config(model_dir, config: BaichuanConfig):
@@ -37,8 +62,13 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
     for name in MODEL_CODE_FILES:
         if os.path.isfile(os.path.join(here, name)):
             shutil.copy2(os.path.join(here, name), os.path.join(model_dir, name))
+    write_generation_config(model_dir, config)
     if tokenizer_dir:
         for name in _TOKENIZER_FILES:
             src = os.path.join(tokenizer_dir, name)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(model_dir, name))
+    sp_model = os.path.join(model_dir, "tokenizer.model")
+    if os.path.isfile(sp_model) and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
+        from .tokenization_baichuan import write_tokenizer_files  # pylint: disable=import-outside-toplevel
+        write_tokenizer_files(model_dir, sp_model, model_max_length=config.model_max_length)

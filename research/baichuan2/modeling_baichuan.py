@@ -370,6 +370,10 @@ class BaichuanForCausalLM(PreTrainedModel):
         make = lambda: tuple(ops.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
         return ms.mutable(make()), ms.mutable(make())
 
+    def cached_step_cells(self):
+        """New (prefill, decode) cells for cached generation; the Generator keeps them so graphs compile once."""
+        return CachedPrefill(self), CachedDecode(self)
+
     def generate(self, input_ids, **kwargs):  # pylint: disable=arguments-differ
         """Text generation with this project's generator (static KV cache, host-side sampling) instead of
         mindformers' (which needs `mint.argmax`, absent on CPU). Accepts the mindformers/Hugging Face keywords
@@ -416,6 +420,13 @@ class BaichuanForCausalLM(PreTrainedModel):
         model = cls(config)
         model.load_weights(model_dir)
         return model.prepare_for_inference()
+
+    @classmethod
+    def from_pretrained_experimental_mode(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
+        """What mindformers' AutoModel calls for `trust_remote_code` models (its own version looks for
+        mindspore_model.ckpt): our from_pretrained, with the config it already read. Hub keywords are ignored."""
+        del args, kwargs
+        return cls.from_pretrained(pretrained_model_name_or_path, config=config)
 
 
 class CachedPrefill(nn.Cell):
