@@ -137,3 +137,15 @@ def test_chat_prompts_encode_like_the_reference(converted):
     baichuan = BaichuanTokenizer(os.path.join(converted["baichuan2_7b"], "tokenizer.model"))
     for family in ("baichuan2_7b", "baichuan2_13b", "baichuan_7b"):
         assert baichuan.encode("<reserved_106>你是谁?<reserved_107>") == reference(family)["chat_prompt_ids"].tolist()
+
+
+def test_xverse_model_dir_serves_its_own_tokenizer(converted):
+    """convert_weight.py output for XVERSE names XverseTokenizer and carries its code, so mindformers'
+    AutoTokenizer (trust_remote_code, as the openmind pipeline loads it) gives the reference chat prompt ids."""
+    from mindformers import AutoTokenizer
+    model_dir = converted["xverse_7b"]
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["tokenizer_class"] == "XverseTokenizer"
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    assert type(tok).__name__ == "XverseTokenizer"
+    assert tok.encode("Human: 你是谁?\n\nAssistant: ") == reference("xverse_7b")["chat_prompt_ids"].tolist()

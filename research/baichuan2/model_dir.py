@@ -3,6 +3,7 @@
     config.json              our BaichuanConfig fields + auto_map + tokenizer_class
     model*.safetensors       weights under our parameter names
     tokenizer.model          + tokenizer_config.json (SentencePiece families)
+    tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer)
     generation_config.json   defaults for the variant (chat or base)
     configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py   the model code
 
@@ -17,7 +18,8 @@ import shutil
 
 from .configuration_baichuan import BaichuanConfig
 
-MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py")
+MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
+                    "tokenization_xverse.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
@@ -49,7 +51,11 @@ def write_generation_config(model_dir, config: BaichuanConfig):
 
 def write_config(model_dir, config: BaichuanConfig):
     data = config.to_dict()
-    data.update(auto_map=AUTO_MAP, tokenizer_class="BaichuanTokenizer", architectures=["BaichuanForCausalLM"],
+    auto_map, tokenizer_class = AUTO_MAP, "BaichuanTokenizer"
+    if config.chat_format == "xverse":  # XVERSE ships a tokenizer.json, not a SentencePiece model
+        auto_map = dict(AUTO_MAP, AutoTokenizer=["tokenization_xverse.XverseTokenizer", None])
+        tokenizer_class = "XverseTokenizer"
+    data.update(auto_map=auto_map, tokenizer_class=tokenizer_class, architectures=["BaichuanForCausalLM"],
                 model_type="baichuan")
     with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
@@ -72,3 +78,8 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
     if os.path.isfile(sp_model) and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
         from .tokenization_baichuan import write_tokenizer_files  # pylint: disable=import-outside-toplevel
         write_tokenizer_files(model_dir, sp_model, model_max_length=config.model_max_length)
+    hf_tokenizer = os.path.join(model_dir, "tokenizer.json")
+    if (config.chat_format == "xverse" and os.path.isfile(hf_tokenizer)
+            and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))):
+        from .tokenization_xverse import write_tokenizer_files as write_xverse_files  # pylint: disable=import-outside-toplevel
+        write_xverse_files(model_dir, hf_tokenizer, model_max_length=config.model_max_length)
