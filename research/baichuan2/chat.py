@@ -1,0 +1,150 @@
+"""Multi-turn chat: prompt building from a message history and Baichuan2-Chat generation defaults.
+
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"},
+                {"role": "user", "content": "你是谁?"}]
+    ids = build_chat_input(config, tokenizer.encode, messages, max_new_tokens=2048)
+    answer = chat(model, tokenizer, messages)                       # text
+    for piece in chat(model, tokenizer, messages, stream=True): ...  # text pieces as they are generated
+
+History rule (as Baichuan2-Chat): whole rounds are added newest-first while they fit in
+model_max_length - max_new_tokens (the newest round is always kept), then the prompt ends with the assistant turn
+marker and is cut from the left to that budget.
+
+The template is chosen by `config.chat_format`: a small function turning one message into token ids, plus the
+tokens that open the assistant's reply. "baichuan2" uses role tokens (<reserved_106>/<reserved_107>), "xverse"
+plain text ("Human: {q}\\n\\nAssistant: ").
+"""
+import warnings
+
+from .generation import generator_for
+
+# Baichuan2-Chat's generation_config.json
+CHAT_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
+                 "max_new_tokens": 2048}
+
+
+# ---------------------------------------------------------------------------------------------- templates
+def _baichuan2_message(message, encode, config):
+    role_token = config.user_token_id if message["role"] == "user" else config.assistant_token_id
+    return [role_token] + list(encode(message["content"]))
+
+
+def _baichuan2_reply_start(config, encode):
+    return [config.assistant_token_id]
+
+
+def _xverse_message(message, encode, config):
+    if message["role"] == "user":
+        return list(encode(f"Human: {message['content']}\n\nAssistant: "))
+    return list(encode(message["content"])) + [config.eos_token_id]
+
+
+def _xverse_reply_start(config, encode):
+    return []  # the user template already ends with "Assistant: "
+
+
+TEMPLATES = {"baichuan2": (_baichuan2_message, _baichuan2_reply_start),
+             "xverse": (_xverse_message, _xverse_reply_start)}
+
+
+def _template(config):
+    if config.chat_format not in TEMPLATES:
+        raise ValueError(f"model family {config.family!r} has no chat format (chat_format={config.chat_format!r}); "
+                         f"chat needs one of {sorted(TEMPLATES)}: use plain generation for base models")
+    if config.chat_format == "baichuan2" and (config.user_token_id is None or config.assistant_token_id is None):
+        raise ValueError("chat_format 'baichuan2' needs user_token_id and assistant_token_id in the config")
+    return TEMPLATES[config.chat_format]
+
+
+def _rounds(messages):
+    """Splits messages into (system text, rounds), a round starting at each user message."""
+    system, rounds = "", []
+    for number, message in enumerate(messages):
+        if message["role"] == "system":
+            if number:
+                raise ValueError("a system message may only come first")
+            system = message["content"]
+            continue
+        if message["role"] not in ("user", "assistant"):
+            raise ValueError(f"unknown role {message['role']!r} (expected system, user or assistant)")
+        if message["role"] == "user" or not rounds:
+            rounds.append([])
+        rounds[-1].append(message)
+    return system, rounds
+
+
+def fit_max_new_tokens(config, max_new_tokens):
+    """A reply budget that leaves room for history: at most half of model_max_length (only small demo models
+    hit this; Baichuan2's 2048 of 4096 passes unchanged)."""
+    limit = max(1, config.model_max_length // 2)
+    if max_new_tokens > limit:
+        warnings.warn(f"max_new_tokens={max_new_tokens} is more than half of the {config.model_max_length}-token "
+                      f"context; using {limit}", stacklevel=3)
+        return limit
+    return max_new_tokens
+
+
+def build_chat_input(config, encode, messages, max_new_tokens=CHAT_DEFAULTS["max_new_tokens"]):
+    """Prompt token ids for `messages` ({"role": "system"|"user"|"assistant", "content": str}, oldest first)."""
+    if not messages:
+        raise ValueError("messages is empty")
+    message_tokens, reply_start = _template(config)
+    max_input = config.model_max_length - max_new_tokens
+    if max_input < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for input in model_max_length "
+                         f"{config.model_max_length}")
+    system, rounds = _rounds(messages)
+    system_tokens = list(encode(system)) if system else []
+    history_budget = max_input - len(system_tokens)
+    history = []
+    for round_messages in reversed(rounds):  # newest first
+        round_tokens = [t for message in round_messages for t in message_tokens(message, encode, config)]
+        if history and len(history) + len(round_tokens) > history_budget:
+            break
+        history = round_tokens + history
+        if len(history) >= history_budget:
+            break
+    tokens = system_tokens + history
+    if messages[-1]["role"] != "assistant":
+        tokens += reply_start(config, encode)
+    return tokens[-max_input:]  # cut from the left
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def chat_options(config, **overrides):
+    """Generation options for a chat reply: Baichuan2-Chat defaults, stopping at eos and at a new user turn."""
+    options = dict(CHAT_DEFAULTS)
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    options["max_new_tokens"] = fit_max_new_tokens(config, options["max_new_tokens"])
+    stops = list(options.pop("stop_token_ids", ()))
+    if config.chat_format == "baichuan2" and config.user_token_id is not None:
+        stops.append(config.user_token_id)
+    options["stop_token_ids"] = stops
+    return options
+
+
+def stream_text(tokenizer, token_steps):
+    """Text pieces from a stream of token ids: decodes everything so far and yields what is new, holding back
+    an incomplete multi-byte character (shown as U+FFFD) until its remaining bytes arrive."""
+    ids, shown = [], ""
+    for token in token_steps:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def chat(model, tokenizer, messages, stream=False, **overrides):
+    """The assistant's reply to `messages` as text, or (stream=True) an iterator of text pieces."""
+    config = model.config
+    options = chat_options(config, **overrides)
+    prompt = build_chat_input(config, tokenizer.encode, messages, options["max_new_tokens"])
+    steps = (step[0] for step in generator_for(model).stream([prompt], **options))
+    pieces = stream_text(tokenizer, steps)
+    return pieces if stream else "".join(pieces)
