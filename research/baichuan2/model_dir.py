@@ -81,5 +81,6 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
     hf_tokenizer = os.path.join(model_dir, "tokenizer.json")
     if (config.chat_format == "xverse" and os.path.isfile(hf_tokenizer)
             and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))):
-        from .tokenization_xverse import write_tokenizer_files as write_xverse_files  # pylint: disable=import-outside-toplevel
-        write_xverse_files(model_dir, hf_tokenizer, model_max_length=config.model_max_length)
+        # pylint: disable-next=import-outside-toplevel
+        from .tokenization_xverse import write_tokenizer_files as write_xverse
+        write_xverse(model_dir, hf_tokenizer, model_max_length=config.model_max_length)
