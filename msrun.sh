@@ -88,7 +88,15 @@ mkdir -p "$LOG_DIR"
 echo "msrun.sh: $WORKER_NUM worker(s) in all, $LOCAL_WORKER on this node (node rank $NODE_RANK," \
      "master $MASTER_ADDR:$MASTER_PORT)"
 echo "msrun.sh: running $SCRIPT ${ORDER[*]:1}"
-msrun --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_addr="$MASTER_ADDR" \
+# msrun starts the scheduler on every node whose address list holds MASTER_ADDR. Only node 0 may host it (MindFormers'
+# convention), so a second node on the same machine (e.g. NODE_RANK 1 with MASTER_ADDR 127.0.0.1, a loopback
+# rehearsal of a multi-node job) must not start a duplicate one: for NODE_RANK > 0 msrun runs with that check off.
+MSRUN=(msrun)
+if [ "$MULTI_NODE" == "1" ] && [ "$NODE_RANK" != "0" ]; then
+    MSRUN=(python -c "import sys; import mindspore.parallel.cluster.process_entity._api as api; \
+api._is_local_ip = lambda ip: False; from mindspore.parallel.cluster.run import main; sys.argv[0] = 'msrun'; main()")
+fi
+"${MSRUN[@]}" --worker_num="$WORKER_NUM" --local_worker_num="$LOCAL_WORKER" --master_addr="$MASTER_ADDR" \
       --master_port="$MASTER_PORT" --node_rank="$NODE_RANK" --log_dir="$LOG_DIR" --join=True \
       --cluster_time_out="$CLUSTER_TIME_OUT" "$SCRIPT" "${ORDER[@]:1}"
 STATUS=$?

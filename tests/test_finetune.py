@@ -84,8 +84,8 @@ def losses(output_dir):
     return [by_step[s] for s in sorted(by_step)]
 
 
-def msrun(args, cwd, log_dir, env_debug=True):
-    env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1" if env_debug else "0")
+def msrun(args, cwd, log_dir, **extra_env):
+    env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1", **extra_env)
     return subprocess.Popen(["bash", MSRUN, *map(str, args[:1]), *map(str, args[1:])], cwd=cwd, env=env,
                             stdout=open(os.path.join(str(log_dir) + ".out"), "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -204,7 +204,7 @@ def test_single_process_run_and_export(workdir, tmp_path):
     env.pop("RANK_SIZE", None)
     env.pop("MS_WORKER_NUM", None)
     proc = subprocess.run([PYTHON, FINETUNE, "--config", workdir / "recipe.yaml", "--train_dataset",
-                           workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", 6, "--save_steps", 2],
+                           workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", "6", "--save_steps", "2"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4/6 loss" in proc.stdout and "tokens/s" in proc.stdout
@@ -235,7 +235,7 @@ def test_single_process_run_and_export(workdir, tmp_path):
 
     # a fresh run into a directory with checkpoints refuses (nothing overwritten)
     proc = subprocess.run([PYTHON, FINETUNE, "--config", workdir / "recipe.yaml", "--train_dataset",
-                           workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", 6],
+                           workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", "6"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
 
@@ -272,21 +272,26 @@ def test_two_nodes_on_loopback(workdir, dp_run):
 @pytest.mark.slow
 def test_kill_one_worker_then_resume(workdir, dp_run):
     out = workdir / "killed"
+    # MS_NODE_TIMEOUT: the scheduler notices the dead worker after 10 s of missed heartbeats instead of ~30 s
     proc = msrun([finetune_order(workdir, out), 2, free_port(), workdir / "kill_logs"], workdir,
-                 workdir / "kill_logs")
+                 workdir / "kill_logs", MS_NODE_TIMEOUT="10")
     deadline = time.time() + 180
     while not (out / "checkpoints" / "step_000004").is_dir():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
     os.kill(int((out / "debug" / "pid_rank1").read_text()), signal.SIGKILL)
+    killed_at = time.time()
     rc = wait(proc, 120)
+    print(f"msrun exited {time.time() - killed_at:.1f} s after the kill")
     assert rc != 0, "msrun must report the killed worker"
     done = sorted(os.listdir(out / "checkpoints"))
     assert f"step_{STEPS:06d}" not in done, "the run finished before the kill; the test proves nothing"
 
     resumed = msrun([finetune_order(workdir, out, "--resume"), 2, free_port(), workdir / "resume_logs"], workdir,
                     workdir / "resume_logs")
+    started = time.time()
     assert wait(resumed, 240) == 0, open(str(workdir / "resume_logs") + ".out").read()[-3000:]
+    print(f"resumed run took {time.time() - started:.1f} s")
     assert "resuming from" in open(workdir / "resume_logs" / "worker_0.log").read()
     assert_same_weights(out / "model" / "model.safetensors", dp_run / "model" / "model.safetensors")
     # optimizer moments and step carried over too
