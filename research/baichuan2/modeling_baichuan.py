@@ -89,9 +89,14 @@ def rope_tables(head_dim, max_positions, base):
 
 
 # ---------------------------------------------------------------------------------------------- cells
+_MATMUL_NT = ops.MatMul(transpose_b=True)
+
+
 def linear(x, weight, dtype):
-    """x W^T with W [out, in] as in torch. Flattened to 2D: CPU has no broadcasting 3D x 2D BatchMatMul."""
-    y = ops.matmul(x.reshape(-1, x.shape[-1]).astype(dtype), weight.astype(dtype).swapaxes(0, 1))
+    """x W^T with W [out, in] as in torch. Flattened to 2D: CPU has no broadcasting 3D x 2D BatchMatMul.
+    MatMul(transpose_b) reads W as stored: an explicit W.swapaxes copies the whole weight every call, which on CPU
+    cost ~50x the matrix-vector product itself at decode time (measured: 240 ms vs 5 ms for a 32000x512 head)."""
+    y = _MATMUL_NT(x.reshape(-1, x.shape[-1]).astype(dtype), weight.astype(dtype))
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
