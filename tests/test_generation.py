@@ -141,3 +141,17 @@ def test_sample_filter_top_k_and_top_p():
     assert kept(sample_filter(scores, 1.0, 0, 0.5)) == [True, False, False, False]
     assert kept(sample_filter(scores, 1.0, 0, 0.7)) == [True, True, False, False]
     assert kept(sample_filter(scores, 1.0, 0, 0.9)) == [True, True, True, False]
+
+
+def test_decode_does_not_recompile_per_token(family_models):
+    """After one warm-up run, 15 more tokens of the same shapes must cost milliseconds each (a compilation of the
+    decode graph takes seconds, so recompiling per token would blow the 3 s budget many times over)."""
+    import time  # pylint: disable=import-outside-toplevel
+    gen, ref = family_models["alibi"]
+    prompts = reference_prompts(ref)
+    gen.generate(prompts, max_new_tokens=16, eos_token_id=())
+    stream = gen.stream(prompts, max_new_tokens=16, eos_token_id=())
+    next(stream)  # prefill
+    start = time.perf_counter()
+    assert len(list(stream)) == 15
+    assert time.perf_counter() - start < 3.0
