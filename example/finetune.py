@@ -168,8 +168,21 @@ def rank_sample_plan(num_samples, global_batch, rank, local_batch, first_step, l
 def build_dataset(path, plan, local_batch):
     """MindDataset reading exactly the planned rows, in order, batched per optimizer step."""
     import mindspore.dataset as ds
-    flat = [i for step in plan for i in step]
-    data = ds.MindDataset(path, columns_list=list(COLUMNS), sampler=ds.SubsetSampler(flat), num_parallel_workers=1)
+    # A SubsetSampler may not list more indices than the file has rows, so a run of several epochs reads one
+    # MindDataset per stretch of steps without a repeated row (one epoch each) and concatenates them.
+    segments, current, seen = [], [], set()
+    for step in plan:
+        if seen.intersection(step):
+            segments.append(current)
+            current, seen = [], set()
+        current.extend(step)
+        seen.update(step)
+    segments.append(current)
+    parts = [ds.MindDataset(path, columns_list=list(COLUMNS), sampler=ds.SubsetSampler(rows), num_parallel_workers=1)
+             for rows in segments]
+    data = parts[0]
+    for part in parts[1:]:
+        data = data + part
     return data.batch(local_batch, drop_remainder=True)
 
 

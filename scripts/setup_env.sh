@@ -36,5 +36,7 @@ fi
 echo "[setup] installing pinned requirements into .venv (first time: a few minutes, ~3 GB)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+# openmind 1.0.0 needs adapting at import time (version pin, task name): see research/baichuan2/openmind_compat.py
+.venv/bin/python -m baichuan2.openmind_compat --install
 touch .venv/.installed
 echo "[setup] .venv ready"

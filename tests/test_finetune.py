@@ -144,6 +144,11 @@ def test_dataset_reads_planned_rows(workdir):
     batches = list(build_dataset(str(workdir / "rows.mindrecord"), plan, 4).create_dict_iterator(output_numpy=True))
     got = [[int(row[1]) - 10 for row in b["input_ids"]] for b in batches]
     assert got == plan
+    # one process over three epochs: the plan lists every row three times (more indices than the file has rows)
+    from finetune import rank_sample_plan
+    long_plan = rank_sample_plan(ROWS, 4, 0, 4, 0, 3 * (ROWS // 4), 11, True)
+    batches = build_dataset(str(workdir / "rows.mindrecord"), long_plan, 4).create_dict_iterator(output_numpy=True)
+    assert [[int(row[1]) - 10 for row in b["input_ids"]] for b in batches] == long_plan
 
 
 # ---------------------------------------------------------------------------------------------- bad input
