@@ -66,7 +66,7 @@ def test_role_tokens_come_from_generation_config(tmp_path):
 def test_w_pack_is_split_into_q_k_v_and_loads_into_the_model(tmp_path):
     config = BaichuanConfig.from_preset("tiny")
     original = make_hf_checkpoint(tmp_path / "hf", config)
-    convert(str(tmp_path / "hf"), str(tmp_path / "ms"), show_progress=False)
+    convert(str(tmp_path / "hf"), str(tmp_path / "ms"), show_progress=False, variant="chat")
     ours = load_file(str(tmp_path / "ms" / "model.safetensors"))
     h = config.hidden_size
     packed = original["model.layers.1.self_attn.W_pack.weight"]
@@ -131,3 +131,81 @@ def test_bfloat16_tensors_are_read_exactly(tmp_path):
     (tmp_path / "bf16.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + raw)
     [(name, array)] = list(read_safetensors(str(tmp_path / "bf16.safetensors")))
     assert name == "w" and array.dtype == np.float32 and np.array_equal(array, values)
+
+
+# ---------------------------------------------------------------------------------------------- Base vs Chat
+CHAT_SHIPPED = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 3, "assistant_token_id": 4,
+                "max_new_tokens": 2048, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
+                "do_sample": True}
+
+
+def _converted(tmp_path, name, generation=None, **kwargs):
+    """A tiny Baichuan2 checkpoint directory called `name` (optionally with a generation_config.json), converted;
+    returns (our config read back, our generation_config.json)."""
+    make_hf_checkpoint(tmp_path / name, BaichuanConfig.from_preset("tiny"))
+    if generation is not None:
+        (tmp_path / name / "generation_config.json").write_text(json.dumps(generation))
+    out = tmp_path / (name + "-ms")
+    convert(str(tmp_path / name), str(out), show_progress=False, **kwargs)
+    return BaichuanConfig.from_hf_config(str(out)), json.loads((out / "generation_config.json").read_text())
+
+
+def assert_chat(config, generation):
+    assert config.chat_format == "baichuan2" and (config.user_token_id, config.assistant_token_id) == (3, 4)
+    assert {k: generation[k] for k in CHAT_SHIPPED} == CHAT_SHIPPED
+
+
+def assert_base(config, generation):
+    from baichuan2.chat import build_chat_input  # pylint: disable=import-outside-toplevel
+    assert config.chat_format is None and config.user_token_id is None and config.assistant_token_id is None
+    assert generation == {"do_sample": False, "max_new_tokens": 512, "bos_token_id": 1, "eos_token_id": 2,
+                          "pad_token_id": 0}
+    with pytest.raises(ValueError, match="has no chat format"):  # chat.py refuses a base model
+        build_chat_input(config, lambda text: [5], [{"role": "user", "content": "hi"}])
+
+
+def test_auto_variant_chat_from_generation_config(tmp_path):
+    assert_chat(*_converted(tmp_path, "Baichuan2-7B", generation=CHAT_SHIPPED))
+
+
+def test_auto_variant_chat_from_directory_name(tmp_path):
+    # role ids from the preset here (no tokenizer, no generation_config.json): 195/196 as the real Chat
+    config, generation = _converted(tmp_path, "baichuan2-7b-CHAT")
+    assert config.chat_format == "baichuan2" and (generation["user_token_id"], generation["temperature"]) == (195, 0.3)
+
+
+def test_auto_variant_base_without_either(tmp_path):
+    assert_base(*_converted(tmp_path, "Baichuan2-7B-Base"))
+
+
+def test_explicit_variant_wins(tmp_path):
+    assert_base(*_converted(tmp_path, "Baichuan2-7B-Chat", generation=CHAT_SHIPPED, variant="base"))
+    config, generation = _converted(tmp_path, "plain", generation={"user_token_id": 3, "assistant_token_id": 4},
+                                    variant="chat")
+    assert_chat(config, generation)
+
+
+def test_variant_flag_and_reverse_keeps_the_variant(tmp_path, capsys):
+    make_hf_checkpoint(tmp_path / "hf", BaichuanConfig.from_preset("tiny"))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(CHAT_SHIPPED))
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "base"),
+                 "--variant", "base"]) == 0
+    assert "baichuan2_7b, base" in capsys.readouterr().out
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "chat")]) == 0
+    assert "baichuan2_7b, chat" in capsys.readouterr().out
+    # back to the Hugging Face layout: Chat gets its generation_config.json again, Base none (as Base ships)
+    convert(str(tmp_path / "chat"), str(tmp_path / "chat-hf"), reverse=True, show_progress=False)
+    shipped = json.loads((tmp_path / "chat-hf" / "generation_config.json").read_text())
+    assert {k: shipped[k] for k in CHAT_SHIPPED} == CHAT_SHIPPED
+    convert(str(tmp_path / "base"), str(tmp_path / "base-hf"), reverse=True, show_progress=False)
+    assert not (tmp_path / "base-hf" / "generation_config.json").exists()
+    with pytest.raises(SystemExit):
+        main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "x"), "--variant", "big"])
+
+
+def test_variant_does_not_touch_xverse(tmp_path):
+    config = BaichuanConfig.from_preset("tiny", fused_qkv=False, norm_head=False, chat_format="xverse",
+                                        bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    make_hf_checkpoint(tmp_path / "hf", config)
+    convert(str(tmp_path / "hf"), str(tmp_path / "ms"), show_progress=False, variant="base")
+    assert BaichuanConfig.from_hf_config(str(tmp_path / "ms")).chat_format == "xverse"

@@ -13,6 +13,14 @@ a temporary directory and renamed at the end, so a failed run leaves nothing at 
 
 The output directory is servable: config.json, weights, tokenizer files and model code (see model_dir.py).
 --reverse packs q/k/v back into W_pack and writes the Hugging Face config.json; HF -> ours -> HF is bit-exact.
+
+Base vs Chat (--variant, Baichuan2 / oppo checkpoints only; the two variants share config.json and weights layout):
+  chat   chat_format "baichuan2", role ids from the source's generation_config.json (else `<reserved_106>`/
+         `<reserved_107>` looked up in its tokenizer), Baichuan2-Chat's sampling defaults in generation_config.json.
+  base   chat_format null, no role ids, greedy plain-text defaults (chat.py refuses a base model).
+  auto   (default) chat when the source's generation_config.json has `user_token_id` (what Baichuan2-*-Chat ships,
+         Base ships none) or the directory name contains "chat" (case-insensitive); base otherwise.
+Baichuan-7B is always base (no role tokens) and XVERSE keeps its text chat format: --variant does not apply.
 """
 import argparse
 import json
@@ -149,7 +157,11 @@ def _cast(array, dtype):
     return np.ascontiguousarray(array.astype(dtype))
 
 
-def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=False, show_progress=True):
+VARIANTS = ("auto", "chat", "base")
+
+
+def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=False, show_progress=True,
+            variant="auto"):
     """Converts a checkpoint directory; returns the config. See the module docstring."""
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -158,9 +170,11 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         raise ConversionError(f"{input_path} has no config.json: pass the checkpoint directory as --input_path")
     if os.path.exists(output_path) and not overwrite:
         raise ConversionError(f"{output_path} already exists; pass --overwrite to replace it")
+    if variant not in VARIANTS:
+        raise ConversionError(f"variant must be one of {VARIANTS}, got {variant!r}")
     config = BaichuanConfig.from_hf_config(input_path)
     if not reverse:
-        _read_role_tokens(config, input_path)
+        _apply_variant(config, input_path, variant)
     shards = checkpoint_shards(input_path)
     checker = _Checker(expected_shapes(config, hf_layout=not reverse), input_path)
     parent = os.path.dirname(os.path.abspath(output_path)) or "."
@@ -194,11 +208,9 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         if reverse:
             with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(to_hf_config(config), f, indent=2)
-            if config.user_token_id is not None:
-                with open(os.path.join(tmp_dir, "generation_config.json"), "w", encoding="utf-8") as f:
-                    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                               "pad_token_id": config.pad_token_id, "user_token_id": config.user_token_id,
-                               "assistant_token_id": config.assistant_token_id}, f, indent=2)
+            if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
+                from .model_dir import write_generation_config  # pylint: disable=import-outside-toplevel
+                write_generation_config(tmp_dir, config)
             _copy_tokenizer(input_path, tmp_dir)
         else:
             from .model_dir import finish_model_dir  # pylint: disable=import-outside-toplevel
@@ -212,17 +224,39 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
     return config
 
 
+def _source_generation_config(model_dir):
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def chat_variant(model_dir):
+    """True when a Baichuan2 checkpoint directory is a Chat model (see the module docstring, "auto")."""
+    if "user_token_id" in _source_generation_config(model_dir):
+        return True
+    return "chat" in os.path.basename(os.path.normpath(os.path.abspath(model_dir))).lower()
+
+
+def _apply_variant(config, model_dir, variant):
+    """Sets chat_format and role ids for Baichuan2 Base / Chat; other families keep their preset's."""
+    if config.chat_format != "baichuan2":
+        return
+    if variant == "base" or (variant == "auto" and not chat_variant(model_dir)):
+        config.chat_format, config.user_token_id, config.assistant_token_id = None, None, None
+        return
+    _read_role_tokens(config, model_dir)
+
+
 def _read_role_tokens(config, model_dir):
     """Chat role ids are not in a Hugging Face config.json: Baichuan2-Chat keeps them in generation_config.json;
     otherwise look `<reserved_106>`/`<reserved_107>` up in the checkpoint's tokenizer."""
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            generation = json.load(f)
-        if "user_token_id" in generation:
-            config.user_token_id = generation["user_token_id"]
-            config.assistant_token_id = generation["assistant_token_id"]
-            return
+    generation = _source_generation_config(model_dir)
+    if "user_token_id" in generation:
+        config.user_token_id = generation["user_token_id"]
+        config.assistant_token_id = generation["assistant_token_id"]
+        return
     sp_file = os.path.join(model_dir, "tokenizer.model")
     if config.chat_format == "baichuan2" and os.path.isfile(sp_file):
         import sentencepiece  # pylint: disable=import-outside-toplevel
@@ -260,14 +294,18 @@ def main(argv=None):
     parser.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16"],
                         help="weight dtype to write (bfloat16 sources are read as float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
+    parser.add_argument("--variant", default="auto", choices=VARIANTS,
+                        help="Baichuan2 Chat or Base defaults (auto: chat when the source's generation_config.json "
+                             "has user_token_id or its directory name contains 'chat')")
     args = parser.parse_args(argv)
     try:
         config = convert(args.input_path, args.output_path, reverse=args.reverse, dtype=args.dtype,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, variant=args.variant)
     except (ConversionError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
         print(f"convert_weight.py: error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output_path} ({config.family}, {config.num_parameters():,} parameters)")
+    kind = "" if args.reverse else (", chat" if config.chat_format else ", base")
+    print(f"wrote {args.output_path} ({config.family}{kind}, {config.num_parameters():,} parameters)")
     return 0
 
 

@@ -48,6 +48,11 @@ LONG_SEQ = 48                          # ALiBi family only: longer than its mode
 NEW_TOKENS = 16
 GREEDY_PROMPT_LENGTHS = (5, 11)
 
+# Baichuan2-*-Chat ships this generation_config.json (role ids 195/196 there; <reserved_106>/<reserved_107> are 3/4
+# in the tiny tokenizer). The Baichuan2 fixtures carry it so that they convert as the Chat variant; Base ships none.
+CHAT_GENERATION_CONFIG = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "user_token_id": 3,
+                          "assistant_token_id": 4, "max_new_tokens": 2048, "temperature": 0.3, "top_k": 5,
+                          "top_p": 0.85, "repetition_penalty": 1.05, "do_sample": True}
 AUTO_MAP_BAICHUAN2 = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
                       "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
 
@@ -55,7 +60,7 @@ AUTO_MAP_BAICHUAN2 = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
 # position: "rope" | "alibi"; packed: q/k/v stored as W_pack; norm_head: Baichuan2's NormHead; shards: 1 or 2.
 FAMILIES = {
     "baichuan2_7b": dict(
-        position="rope", packed=True, norm_head=True, shards=2, tokenizer=True,
+        position="rope", packed=True, norm_head=True, shards=2, tokenizer=True, chat_generation=True,
         config={
             "architectures": ["BaichuanForCausalLM"],
             "auto_map": AUTO_MAP_BAICHUAN2,
@@ -82,7 +87,7 @@ FAMILIES = {
         }),
     "baichuan2_13b": dict(
         # 6 heads (not a power of two) so the interleaved ALiBi slope extension is exercised
-        position="alibi", packed=True, norm_head=True, shards=1, tokenizer=True,
+        position="alibi", packed=True, norm_head=True, shards=1, tokenizer=True, chat_generation=True,
         config={
             "architectures": ["BaichuanForCausalLM"],
             "auto_map": AUTO_MAP_BAICHUAN2,
@@ -318,6 +323,8 @@ def build_family(index, family, spec, chat_ids):
     save_checkpoint(to_hf_layout(weights, spec), spec, directory)
     if spec["tokenizer"] and chat_ids is not None:
         shutil.copyfile(tokenizer_file, os.path.join(directory, os.path.basename(tokenizer_file)))
+        if spec.get("chat_generation"):  # role ids exist only with the tokenizer
+            write_json(os.path.join(directory, "generation_config.json"), CHAT_GENERATION_CONFIG)
 
     model = build_reference(cfg, spec, weights)
     vocab, pad = cfg["vocab_size"], cfg["pad_token_id"]
