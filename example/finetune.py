@@ -13,6 +13,9 @@ Outputs under --output_dir:
     model/                     the final weights as a servable model directory (export_model.py does the same
                                for any checkpoint)
     tensorboard/, train_log.jsonl, loss_curve.png
+LoRA (recipe section `lora`, rank > 0, or --lora_rank): adapters on the target projections, base weights frozen;
+checkpoints hold adapter_model.safetensors instead of model.safetensors, and the run ends with <output_dir>/adapter/
+(merge it into the base with research/baichuan2/merge_lora.py).
 Set BAICHUAN_FINETUNE_DEBUG=1 to also write, per rank, the sample indices it trained on, its pid and its final
 weights under debug/ (used by the tests to check data sharding and rank agreement).
 """
@@ -42,6 +45,8 @@ DEFAULTS = {
     "train": {"seed": 1234, "epochs": 1, "max_steps": None, "batch_size": 2, "grad_accum_steps": 1, "lr": 1e-3,
               "min_lr": 0.0, "warmup_ratio": 0.0, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
               "grad_clip": 1.0, "loss_scale": None},
+    # rank 0 = full finetuning. targets: W_pack (= q/k/v) or any of q_proj k_proj v_proj o_proj gate/up/down_proj.
+    "lora": {"rank": 0, "alpha": 16, "dropout": 0.0, "targets": ["W_pack"]},
     "output": {"output_dir": "output/finetune", "save_steps": 100, "keep_checkpoints": 3, "log_steps": 1,
                "tokenizer_dir": "dataset"},
 }
@@ -96,6 +101,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int)
     p.add_argument("--save_steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--lora_rank", type=int, help="LoRA rank (> 0 turns LoRA on, 0 = full finetuning)")
+    p.add_argument("--lora_alpha", type=float, help="LoRA alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--lora_dropout", type=float, help="dropout on the adapter input")
+    p.add_argument("--lora_targets", help="comma-separated projections, e.g. W_pack or q_proj,v_proj,o_proj")
     return p.parse_args(argv)
 
 
@@ -108,6 +117,10 @@ def apply_overrides(recipe, args):
             if key in ("train_dataset", "load_checkpoint", "output_dir"):
                 value = os.path.abspath(value)  # command-line paths are relative to the current directory
             recipe[section][key] = value
+    for key in ("rank", "alpha", "dropout", "targets"):
+        value = getattr(args, f"lora_{key}")
+        if value is not None:
+            recipe["lora"][key] = value.split(",") if key == "targets" else value
     if args.epochs is not None and args.max_steps is None:
         recipe["train"]["max_steps"] = None  # --epochs on the command line beats a max_steps in the yaml
     return recipe
@@ -276,6 +289,17 @@ def train_cell_state(train_cell, model):
     return {p.name: p for p in train_cell.get_parameters() if p.name not in weight_names}
 
 
+def save_weights(model, directory):
+    """config.json + the trainable weights: model.safetensors, or only the adapters under LoRA."""
+    from baichuan2.lora import ADAPTER_FILE, has_lora, save_adapter
+    if not has_lora(model):
+        model.save_pretrained(directory)
+        return
+    os.makedirs(directory, exist_ok=True)
+    model.config.to_json_file(os.path.join(directory, "config.json"))
+    save_adapter(model, os.path.join(directory, ADAPTER_FILE))
+
+
 def save_checkpoint(output_dir, model, train_cell, state, keep):
     """Writes checkpoints/step_XXXXXX atomically (temp dir + rename) and keeps only the newest `keep`."""
     from safetensors.numpy import save_file
@@ -285,7 +309,7 @@ def save_checkpoint(output_dir, model, train_cell, state, keep):
         return final
     tmp = os.path.join(root, f".tmp_step_{state['step']:06d}_{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_weights(model, tmp)
     opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
     save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
     with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
@@ -299,8 +323,14 @@ def save_checkpoint(output_dir, model, train_cell, state, keep):
 def restore_checkpoint(path, model, train_cell):
     from safetensors.numpy import load_file
     from mindspore import Tensor
+    from baichuan2.lora import ADAPTER_FILE, has_lora, load_adapter
     from baichuan2.modeling_baichuan import load_safetensors_into
-    load_safetensors_into(model, os.path.join(path, WEIGHTS_FILE))
+    if has_lora(model):  # the frozen base came from load_checkpoint; the checkpoint holds the adapters
+        if not os.path.isfile(os.path.join(path, ADAPTER_FILE)):
+            raise ValueError(f"{path} holds no {ADAPTER_FILE}: it is not a LoRA checkpoint")
+        load_adapter(model, os.path.join(path, ADAPTER_FILE))
+    else:
+        load_safetensors_into(model, os.path.join(path, WEIGHTS_FILE))
     saved = load_file(os.path.join(path, OPTIMIZER_FILE))
     params = train_cell_state(train_cell, model)
     if set(saved) != set(params):
@@ -313,6 +343,18 @@ def restore_checkpoint(path, model, train_cell):
         params[name].set_data(Tensor(array).astype(params[name].dtype))
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
         return json.load(f)
+
+
+def write_adapter_dir(output_dir, model):
+    """<output_dir>/adapter: config.json + adapter_model.safetensors (replaced atomically)."""
+    final = os.path.join(output_dir, "adapter")
+    tmp = final + f".tmp_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(model, tmp)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
 
 
 def write_model_dir(output_dir, model, config, tokenizer_dir):
@@ -471,17 +513,33 @@ def run(recipe, resume):
         raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or choose "
                             "another --output_dir (nothing was overwritten)")
 
+    lora = recipe["lora"]
+    if int(lora["rank"] or 0) > 0:
+        from baichuan2.lora import resolve_targets
+        try:
+            resolve_targets(lora["targets"])
+        except ValueError as e:
+            raise FinetuneError(f"lora.targets: {e}") from e
+        if not 0.0 <= float(lora["dropout"]) < 1.0:
+            raise FinetuneError(f"lora.dropout must be in [0, 1), got {lora['dropout']}")
+        if not mcfg["load_checkpoint"] and rank == 0:
+            print("warning: LoRA without model.load_checkpoint trains adapters on a randomly initialised base")
+
     ms.set_seed(int(tcfg["seed"]))  # same seed on every rank -> identical initial weights
     model = BaichuanForCausalLM(config)
-    if mcfg["load_checkpoint"] and not resume_from:
+    # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
+    if mcfg["load_checkpoint"] and (not resume_from or int(lora["rank"] or 0) > 0):
         try:
             load_safetensors_into(model, mcfg["load_checkpoint"])
         except (ValueError, FileNotFoundError) as e:
             raise FinetuneError(f"--load_checkpoint {mcfg['load_checkpoint']}: {e}") from e
+    if int(lora["rank"] or 0) > 0:
+        from baichuan2.lora import apply_lora
+        apply_lora(model, int(lora["rank"]), float(lora["alpha"]), float(lora["dropout"]), lora["targets"])
     model.set_train(True)
 
     lrs = lr_schedule(total_steps, float(tcfg["lr"]), float(tcfg["min_lr"]), float(tcfg["warmup_ratio"]))
-    params = model.trainable_params()
+    params = model.trainable_params()  # under LoRA: the adapter matrices only (the base is frozen)
     decay = [p for p in params if p.ndim > 1]  # matrices; RMSNorm weights are not decayed
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": float(tcfg["weight_decay"])},
@@ -532,6 +590,9 @@ def run(recipe, resume):
         print(f"training {config.family}: {config.num_parameters() / 1e6:.2f}M parameters, {world_size} device(s) "
               f"({device}), {num_samples} rows, global batch {global_batch} x {seq_length} tokens, "
               f"steps {first_step}->{total_steps} ({steps_per_epoch} per epoch)", flush=True)
+        if int(lora["rank"] or 0) > 0:
+            print(f"LoRA rank {lora['rank']} alpha {lora['alpha']} on {model.lora_config['targets']}: "
+                  f"{sum(p.size for p in params)} trainable parameters", flush=True)
 
     plan = rank_sample_plan(num_samples, global_batch, rank, local_batch, first_step, total_steps,
                             int(tcfg["seed"]), bool(dcfg["shuffle"]))
@@ -561,9 +622,15 @@ def run(recipe, resume):
         if not checkpoint_dirs(output_dir) or not checkpoint_dirs(output_dir)[-1].endswith(f"{total_steps:06d}"):
             save_checkpoint(output_dir, model, train_cell, state_at(total_steps), int(ocfg["keep_checkpoints"]))
         writer.close()
-        model_dir = write_model_dir(output_dir, model, config, ocfg["tokenizer_dir"])
+        if int(lora["rank"] or 0) > 0:
+            model_dir = write_adapter_dir(output_dir, model)
+            print(f"adapter written: merge it with research/baichuan2/merge_lora.py --base <base dir> "
+                  f"--adapter {model_dir} --output_path <new dir>", flush=True)
+        else:
+            model_dir = write_model_dir(output_dir, model, config, ocfg["tokenizer_dir"])
         curve = write_loss_curve(output_dir)
-        print(f"done: model directory {model_dir}, loss curve {curve}", flush=True)
+        print(f"done: {'adapter' if int(lora['rank'] or 0) > 0 else 'model'} directory {model_dir}, loss curve "
+              f"{curve}", flush=True)
 
 
 def main(argv=None):

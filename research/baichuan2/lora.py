@@ -1,0 +1,158 @@
+"""LoRA adapters for Baichuan-family models, built on MindSpore's parameter-efficient tuning library (mindpet).
+
+mindpet's `LoRADense` is an `nn.Dense` with the adapter inside: weight [out, in] (the torch layout our `Linear`
+uses, so a base weight is copied over unchanged), y = x W^T + (dropout(x) A^T B^T) * alpha / r, A [r, in]
+(kaiming-uniform), B [out, r] (zeros). It fits our projections as they are, so `apply_lora` swaps each targeted
+`Linear` for a bias-free `LoRADense` holding the same base weight; nothing else in the model changes.
+
+Targets are projection names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, plus "W_pack", Baichuan's
+fused QKV (what Baichuan's own fine-tune script adapts), which in our model means q_proj, k_proj and v_proj.
+
+Adapter tensors are named after the model path, e.g. `model.layers.0.self_attn.q_proj.mindpet_delta_lora_a`
+(A, [r, in]) and `...mindpet_delta_lora_b` (B, [out, r]); adapter files are safetensors whose metadata holds
+rank, alpha and targets, so `merge_lora.py` needs nothing else.
+"""
+import json
+
+import numpy as np
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALIASES = {"W_pack": ("q_proj", "k_proj", "v_proj")}
+LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def resolve_targets(targets):
+    """Projection names for a target list (a list or a comma-separated string); W_pack expands to q/k/v."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = []
+    for target in targets or []:
+        for name in ALIASES.get(target, (target,)):
+            if name not in ATTENTION_TARGETS + MLP_TARGETS:
+                raise ValueError(f"unknown LoRA target {target!r}; choose from W_pack (= q_proj, k_proj, v_proj), "
+                                 f"{', '.join(ATTENTION_TARGETS + MLP_TARGETS)}")
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("LoRA needs at least one target projection (e.g. W_pack)")
+    return names
+
+
+def _target_cells(model, names):
+    """(parent cell, attribute, Linear) for every targeted projection of every layer."""
+    found = []
+    for layer in model.model.layers:
+        for name in names:
+            parent = layer.self_attn if name in ATTENTION_TARGETS else layer.mlp
+            found.append((parent, name, getattr(parent, name)))
+    return found
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets=("W_pack",)):
+    """Puts LoRA adapters on the targeted projections of `model` (in place) and freezes everything else.
+
+    Afterwards `model.trainable_params()` are exactly the adapter matrices. Returns the model.
+    """
+    from mindpet.delta.lora import LoRADense
+    if has_lora(model):
+        raise ValueError("this model already has LoRA adapters")
+    rank, alpha, dropout = int(rank), float(alpha), float(dropout)
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    names = resolve_targets(targets)
+    for parent, name, linear in _target_cells(model, names):
+        out_features, in_features = linear.weight.shape
+        dense = LoRADense(in_features, out_features, lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
+                          has_bias=False, param_init_type=linear.weight.dtype,
+                          compute_dtype=linear.compute_dtype, weight_init="zeros")
+        dense.weight.set_data(linear.weight.value())
+        setattr(parent, name, dense)
+    # Cells swapped in after construction only get their own prefix: give every parameter its full path again.
+    for path, param in model.parameters_and_names():
+        param.name = path
+    for param in model.get_parameters():
+        param.requires_grad = is_adapter_name(param.name)
+    model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": names}
+    return model
+
+
+def has_lora(model):
+    return getattr(model, "lora_config", None) is not None
+
+
+def is_adapter_name(name):
+    return name.endswith("." + LORA_A) or name.endswith("." + LORA_B)
+
+
+def adapter_params(model):
+    return [p for p in model.get_parameters() if is_adapter_name(p.name)]
+
+
+def lora_parameter_count(config, rank, targets):
+    """r * (in + out) per adapted matrix, for every layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    per_layer = sum(rank * sum(shapes[name]) for name in resolve_targets(targets))
+    return config.num_hidden_layers * per_layer
+
+
+def save_adapter(model, path):
+    """Writes only the adapter matrices to `path` (safetensors), with rank/alpha/targets in the metadata."""
+    from safetensors.numpy import save_file
+    cfg = model.lora_config
+    tensors = {p.name: p.asnumpy() for p in adapter_params(model)}
+    save_file(tensors, path, metadata={"format": "np", "lora_rank": str(cfg["rank"]), "lora_alpha": str(cfg["alpha"]),
+                                       "lora_targets": json.dumps(cfg["targets"])})
+
+
+def read_adapter(path):
+    """(tensors dict, {"rank", "alpha", "targets"}) of an adapter file written by save_adapter."""
+    from safetensors import safe_open
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if "lora_rank" not in meta or "lora_alpha" not in meta:
+        raise ValueError(f"{path} is not a LoRA adapter file (no lora_rank/lora_alpha metadata); finetune.py writes "
+                         f"them as {ADAPTER_FILE} in each LoRA checkpoint")
+    return tensors, {"rank": int(meta["lora_rank"]), "alpha": float(meta["lora_alpha"]),
+                     "targets": json.loads(meta.get("lora_targets", '["W_pack"]'))}
+
+
+def load_adapter(model, path):
+    """Loads an adapter file into a model that has adapters of the same shape (names and shapes checked)."""
+    from mindspore import Tensor
+    tensors, _ = read_adapter(path)
+    params = {p.name: p for p in adapter_params(model)}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    wrong = [f"{n}: expected {tuple(params[n].shape)}, found {tensors[n].shape}" for n in set(params) & set(tensors)
+             if tuple(params[n].shape) != tuple(tensors[n].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"adapter {path} does not match the model's adapters: missing {missing}, unexpected "
+                         f"{unexpected}, mis-shaped {wrong}")
+    for name, array in tensors.items():
+        params[name].set_data(Tensor(array).astype(params[name].dtype))
+
+
+def merge_into_weights(weights, adapter, lora):
+    """Base weights dict (name -> array) with W + B A * alpha/r added for every adapted projection (new dict)."""
+    scaling = lora["alpha"] / lora["rank"]
+    merged = dict(weights)
+    pairs = sorted({name[:-len(LORA_A) - 1] for name in adapter if name.endswith("." + LORA_A)})
+    if not pairs:
+        raise ValueError("the adapter holds no LoRA matrices")
+    for prefix in pairs:
+        a, b = adapter.get(f"{prefix}.{LORA_A}"), adapter.get(f"{prefix}.{LORA_B}")
+        weight_name = f"{prefix}.weight"
+        if b is None or weight_name not in weights:
+            raise ValueError(f"adapter entry {prefix}: missing its B matrix or the base weight {weight_name}")
+        base = weights[weight_name]
+        delta = b.astype(np.float64) @ a.astype(np.float64) * scaling
+        if delta.shape != base.shape:
+            raise ValueError(f"{prefix}: B A has shape {delta.shape}, the base weight {base.shape}")
+        merged[weight_name] = (base.astype(np.float64) + delta).astype(base.dtype)
+    return merged

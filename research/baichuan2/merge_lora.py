@@ -1,0 +1,71 @@
+"""Merges a LoRA adapter into its base weights and writes a servable model directory.
+
+    python research/baichuan2/merge_lora.py --base BASE_DIR --adapter output/lora/adapter --output_path MERGED_DIR
+
+--base: the model directory the adapter was trained on (config.json + model.safetensors, e.g. convert_weight.py
+output). --adapter: a LoRA checkpoint directory of finetune.py (checkpoints/step_XXXXXX or <output_dir>/adapter) or
+its adapter_model.safetensors. Every adapted projection becomes W + B A * alpha/r (q/k/v are separate projections in
+our model, so a W_pack adapter lands in each of them). The result is written with save_pretrained + finish_model_dir,
+with the tokenizer copied from the base directory, so openmind / mindformers pipelines can serve it.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+
+def adapter_file(path):
+    from baichuan2.lora import ADAPTER_FILE
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA adapter at {path} (pass a LoRA checkpoint directory of finetune.py or its "
+                                f"{ADAPTER_FILE})")
+    return path
+
+
+def merge(base_dir, adapter_path, output_path):
+    """Writes the merged model directory; returns its path."""
+    from baichuan2.configuration_baichuan import BaichuanConfig
+    from baichuan2.lora import merge_into_weights, read_adapter
+    from baichuan2.model_dir import finish_model_dir
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from mindspore import Tensor
+
+    if os.path.exists(output_path):
+        raise FileExistsError(f"--output_path {output_path} already exists; choose a new directory")
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        raise FileNotFoundError(f"--base {base_dir} is not a model directory (no config.json)")
+    adapter, lora = read_adapter(adapter_file(adapter_path))
+    config = BaichuanConfig.from_hf_config(base_dir)
+    model = BaichuanForCausalLM(config)
+    load_safetensors_into(model, base_dir)  # checks names and shapes against the config
+    params = {p.name: p for p in model.get_parameters()}
+    merged = merge_into_weights({name: p.asnumpy() for name, p in params.items()}, adapter, lora)
+    for name, array in merged.items():
+        params[name].set_data(Tensor(array).astype(params[name].dtype))
+
+    tmp = output_path + f".tmp_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    finish_model_dir(tmp, config, tokenizer_dir=base_dir)
+    os.rename(tmp, output_path)
+    return output_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="base model directory the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="LoRA checkpoint directory or adapter_model.safetensors")
+    p.add_argument("--output_path", required=True, help="new model directory to create")
+    args = p.parse_args(argv)
+    try:
+        out = merge(os.path.abspath(args.base), os.path.abspath(args.adapter), os.path.abspath(args.output_path))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"merge_lora.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"merged model directory written: {out}")
+
+
+if __name__ == "__main__":
+    main()
