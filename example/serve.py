@@ -1,0 +1,42 @@
+"""OpenAI-compatible HTTP server for a model directory, with a web chat page at /.
+
+    python example/serve.py --model_dir DIR                      # http://127.0.0.1:8000/
+    python example/serve.py --model_dir DIR --port 9000 --max_batch 16
+
+Binds to loopback unless --host says otherwise. See docs/SERVING.md for calling it with curl or the openai client.
+"""
+import argparse
+import sys
+
+import mindspore as ms
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_dir", required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model_name", default=None, help="id reported by /v1/models (default: directory name)")
+    parser.add_argument("--max_batch", type=int, default=8, help="most queued requests generated as one batch")
+    parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
+
+    try:
+        app = create_app(args.model_dir, model_name=args.model_name, max_batch=args.max_batch)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"serve.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
+        return 1
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
