@@ -38,5 +38,15 @@ echo "[setup] installing pinned requirements into .venv (first time: a few minut
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 # openmind 1.0.0 needs adapting at import time (version pin, task name): see research/baichuan2/openmind_compat.py
 .venv/bin/python -m baichuan2.openmind_compat --install
+# The server's browser test drives Debian's chromium (playwright never downloads a browser here).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (apt-get) for the browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ||
+      echo "[setup] warning: 'apt-get install chromium' failed; tests/test_server.py's browser test needs /usr/bin/chromium" >&2
+  else
+    echo "[setup] warning: /usr/bin/chromium is missing; install Debian's chromium as root (apt-get install chromium) for the browser test" >&2
+  fi
+fi
 touch .venv/.installed
 echo "[setup] .venv ready"
