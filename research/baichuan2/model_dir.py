@@ -35,7 +35,8 @@ BASE_GENERATION = {"do_sample": False, "max_new_tokens": 512}
 
 
 def generation_config(config: BaichuanConfig):
-    """generation_config.json contents for the variant: chat defaults when the config has a chat format."""
+    """generation_config.json contents for the variant: chat defaults when the config has a chat format
+    (convert_weight.py --variant sets it null for Baichuan2-Base)."""
     data = dict(CHAT_GENERATION if config.chat_format else BASE_GENERATION)
     data.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                 pad_token_id=config.pad_token_id)
