@@ -27,7 +27,7 @@ PARITY = os.path.join(FIXTURES, "parity")
 BAICHUAN_CHAT = "<reserved_106>你是谁?<reserved_107>"
 XVERSE_CHAT = "Human: 你是谁?\n\nAssistant: "
 NEW_TOKENS = 16
-# family -> (HF source in PARITY, reference family, prompt text)
+# family -> (parity fixture: HF source and reference, prompt text); oppo is its config on baichuan2_7b's weights
 CASES = {
     "baichuan2_7b": ("baichuan2_7b", BAICHUAN_CHAT),
     "baichuan2_13b": ("baichuan2_13b", BAICHUAN_CHAT),
