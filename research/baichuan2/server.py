@@ -157,6 +157,7 @@ class BatchWorker:
         self.cond = threading.Condition()
         self.closed = False
         self.batches = []  # sizes of the batches run, for tests and logs
+        self.busy = False  # generating a batch right now
         self.thread = threading.Thread(target=self._run, name="baichuan2-generation", daemon=True)
         self.thread.start()
 
@@ -198,11 +199,14 @@ class BatchWorker:
             if not batch:
                 return
             self.batches.append(len(batch))
+            self.busy = True
             try:
                 self._generate(batch)
             except Exception as exc:  # pylint: disable=broad-except  # one bad batch must not stop the server
                 for job in batch:
                     job.send("error", f"generation failed: {type(exc).__name__}: {exc}")
+            finally:
+                self.busy = False
 
     def _generate(self, batch):
         first = batch[0]

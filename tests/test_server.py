@@ -1,0 +1,236 @@
+"""The OpenAI-compatible server: the openai client (plain and streaming) against direct greedy generation,
+16 concurrent streams, malformed requests, a client leaving mid-stream, and the chat page in headless Chromium.
+
+One server for the whole module: uvicorn in a thread on a free loopback port, serving the tiny parity model in
+GRAPH mode. The test's own Generator is the server's too (generation runs only while the server is idle)."""
+import concurrent.futures
+import os
+import socket
+import threading
+import time
+
+import mindspore as ms
+import pytest
+import requests
+
+from baichuan2 import BaichuanForCausalLM
+from baichuan2.chat import build_chat_input
+from baichuan2.convert_weight import convert
+from baichuan2.generation import Generator
+from baichuan2.server import create_app
+from baichuan2.tokenization_baichuan import BaichuanTokenizer
+from conftest import FIXTURES
+
+openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL = "tiny-baichuan2"
+CHROMIUM = "/usr/bin/chromium"
+
+
+class Served:
+    def __init__(self, url, generator, tokenizer, app):
+        self.url, self.generator, self.tokenizer, self.app = url, generator, tokenizer, app
+        self.config = generator.config
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def direct_chat(self, messages, max_tokens):
+        """The reply greedy generation gives for `messages` through the chat template, without the server."""
+        prompt = build_chat_input(self.config, self.tokenizer.encode, messages, max_new_tokens=max_tokens)
+        ids = self.generator.generate([prompt], max_new_tokens=max_tokens, do_sample=False,
+                                      stop_token_ids=[self.config.user_token_id])[0]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    model_dir = str(tmp_path_factory.mktemp("serve") / "baichuan2_7b_tiny")
+    convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), model_dir, show_progress=False)
+    generator = Generator(BaichuanForCausalLM.from_pretrained(model_dir))
+    tokenizer = BaichuanTokenizer.from_pretrained(model_dir)
+    app = create_app(generator, tokenizer=tokenizer, model_name=MODEL, max_batch=8)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", generator, tokenizer, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_openai_client_plain_and_streaming_match_direct_greedy(served):
+    client = served.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert requests.get(served.url + "/health", timeout=10).json()["status"] == "ok"
+    messages = user("What is the capital of France?")
+    expected = served.direct_chat(messages, 12)
+    assert expected, "the fixture should give a non-empty greedy reply"
+
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 12
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and len(chunks) > 2  # token by token
+
+    # /v1/completions: the raw prompt, no template, stopping only at eos
+    prompt_ids = served.tokenizer.encode("Once upon a time")
+    ids = served.generator.generate([prompt_ids], max_new_tokens=10, do_sample=False)[0]
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert completion.choices[0].text == served.tokenizer.decode(ids, skip_special_tokens=True)
+    streamed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+def test_stop_strings_cut_the_reply(served):
+    messages = user("Tell me a story")
+    full = served.direct_chat(messages, 16)
+    stop = full[3:5]
+    assert stop.strip() and len(full) > 5
+    client = served.client()
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0, stop=[stop])
+    assert reply.choices[0].message.content == full[:full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[:full.index(stop)]
+
+
+def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
+    prompts = [f"question {i}: {'why ' * (i % 5)}tell me about number {i * 7}" for i in range(16)]
+    expected = [served.direct_chat(user(p), 10) for p in prompts]
+    assert len(set(expected)) > 8, "distinct prompts should give distinct replies"
+    batches_before = len(served.app.state.worker.batches)
+    start = threading.Barrier(16)
+
+    def ask(prompt):
+        client = served.client()
+        start.wait(timeout=60)  # all 16 requests arrive together, so they queue and get batched
+        stream = client.chat.completions.create(model=MODEL, messages=user(prompt), max_tokens=10, temperature=0,
+                                                stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts, timeout=120))
+    assert got == expected
+    sizes = served.app.state.worker.batches[batches_before:]
+    assert sum(sizes) == 16 and max(sizes) > 1, f"requests were not batched: {sizes}"
+
+
+BAD_REQUESTS = [
+    ("bad JSON", "/v1/chat/completions", b'{"messages": [', 400),
+    ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400),
+    ("messages not a list", "/v1/chat/completions", {"messages": "hello"}, 400),
+    ("empty messages", "/v1/chat/completions", {"messages": []}, 400),
+    ("bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("content not a string", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
+    ("max_tokens a string", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": "ten"}, 400),
+    ("negative max_tokens", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": -3}, 400),
+    ("temperature out of range", "/v1/chat/completions", {"messages": user("hi"), "temperature": 7.5}, 400),
+    ("top_p zero", "/v1/chat/completions", {"messages": user("hi"), "top_p": 0}, 400),
+    ("n=2", "/v1/chat/completions", {"messages": user("hi"), "n": 2}, 400),
+    ("stream not a bool", "/v1/chat/completions", {"messages": user("hi"), "stream": "yes"}, 400),
+    ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": user("hi")}, 404),
+    ("prompt over the context", "/v1/chat/completions", {"messages": user("word " * 200)}, 400),
+    ("max_tokens over the context", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": 500}, 400),
+    ("system message last", "/v1/chat/completions",
+     {"messages": user("hi") + [{"role": "system", "content": "late"}]}, 400),
+    ("completion without prompt", "/v1/completions", {"max_tokens": 4}, 400),
+    ("empty completion prompt", "/v1/completions", {"prompt": ""}, 400),
+    ("five stop strings", "/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("unknown path", "/v1/embeddings", {"input": "hi"}, 404),
+]
+
+
+def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(served):
+    for name, path, body, status in BAD_REQUESTS:
+        if isinstance(body, bytes):
+            response = requests.post(served.url + path, data=body, headers={"Content-Type": "application/json"},
+                                     timeout=30)
+        else:
+            response = requests.post(served.url + path, json=body, timeout=30)
+        assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], name
+    reply = served.client().chat.completions.create(model=MODEL, messages=user("still there?"), max_tokens=6,
+                                                    temperature=0)
+    assert reply.choices[0].message.content == served.direct_chat(user("still there?"), 6)
+
+
+def test_a_client_leaving_mid_stream_frees_the_server(served):
+    worker = served.app.state.worker
+    with requests.post(served.url + "/v1/chat/completions", stream=True, timeout=60,
+                       json={"messages": user("a long answer please"), "max_tokens": 40, "temperature": 0,
+                             "stream": True}) as response:
+        first = next(response.iter_lines(chunk_size=1, decode_unicode=True))
+        assert first.startswith("data: ")
+    # the abandoned request must not hold the model: the worker goes idle and the next request is answered
+    deadline = time.time() + 60
+    while worker.pending or worker.busy:
+        assert time.time() < deadline, "the worker kept generating for a client that left"
+        time.sleep(0.05)
+    reply = served.client().chat.completions.create(model=MODEL, messages=user("next"), max_tokens=4, temperature=0)
+    assert reply.choices[0].message.content == served.direct_chat(user("next"), 4)
+
+
+def test_chat_page_in_headless_chromium(served, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"the browser test needs Debian's chromium at {CHROMIUM}: run scripts/setup_env.sh as root "
+                    f"or `apt-get install chromium`")
+    from playwright.sync_api import sync_playwright  # pylint: disable=import-outside-toplevel
+
+    first, second = "hello there", "and what next?"
+    expected_first = served.direct_chat(user(first), 8)
+    expected_second = served.direct_chat(user(first) + [{"role": "assistant", "content": expected_first}]
+                                         + user(second), 8)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        # a persistent context is how Playwright takes an explicit (new, empty) --user-data-dir
+        context = p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True,
+                                                       args=args, viewport={"width": 900, "height": 600})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.goto(served.url + "/", timeout=30000)
+            page.wait_for_selector(f"#model:text('{MODEL}')", timeout=30000)
+            page.fill("#temperature", "0")
+            page.fill("#max_tokens", "8")
+            for turn, (text, expected) in enumerate([(first, expected_first), (second, expected_second)]):
+                page.fill("#input", text)
+                page.click("#send")
+                reply = page.locator(".msg.assistant[data-done='1']").nth(turn)  # data-done: stream ended
+                reply.wait_for(timeout=60000)
+                assert reply.text_content() == expected
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot))
+            if os.environ.get("SERVER_SCREENSHOT"):  # to look at it by hand
+                page.screenshot(path=os.environ["SERVER_SCREENSHOT"])
+            page.click("#clear")
+            assert page.locator(".msg").count() == 0
+        finally:
+            context.close()
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
