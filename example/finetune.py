@@ -544,6 +544,7 @@ def run(recipe, resume):
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": float(tcfg["weight_decay"])},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no norm weights to train: MindSpore rejects empty groups
     optimizer = nn.AdamWeightDecay(groups, learning_rate=lrs, beta1=float(tcfg["beta1"]),
                                    beta2=float(tcfg["beta2"]), eps=float(tcfg["eps"]))
     ls = tcfg["loss_scale"]

@@ -1,16 +1,19 @@
-"""LoRA adapters for Baichuan-family models, built on MindSpore's parameter-efficient tuning library (mindpet).
+"""LoRA adapters for Baichuan-family models: y = base(x) + (dropout(x) A^T B^T) * alpha / r.
 
-mindpet's `LoRADense` is an `nn.Dense` with the adapter inside: weight [out, in] (the torch layout our `Linear`
-uses, so a base weight is copied over unchanged), y = x W^T + (dropout(x) A^T B^T) * alpha / r, A [r, in]
-(kaiming-uniform), B [out, r] (zeros). It fits our projections as they are, so `apply_lora` swaps each targeted
-`Linear` for a bias-free `LoRADense` holding the same base weight; nothing else in the model changes.
+A [r, in] starts kaiming-uniform, B [out, r] at zero, so a fresh adapter leaves the model unchanged.
+
+Why not mindpet (MindSpore's parameter-efficient tuning library, installed with mindformers)? Its `LoRADense` has the
+same maths and our [out, in] weight layout, but it accepts only float16/float32 compute (TypeError for bfloat16,
+the compute dtype of our Baichuan2 Ascend recipes) and is an `nn.Dense` replacement that would need the base
+weight copied in. `LoraLinear` below subclasses our own `Linear` instead, so the frozen base Parameter (and its name)
+is reused as is and every compute dtype works.
 
 Targets are projection names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, plus "W_pack", Baichuan's
 fused QKV (what Baichuan's own fine-tune script adapts), which in our model means q_proj, k_proj and v_proj.
 
-Adapter tensors are named after the model path, e.g. `model.layers.0.self_attn.q_proj.mindpet_delta_lora_a`
-(A, [r, in]) and `...mindpet_delta_lora_b` (B, [out, r]); adapter files are safetensors whose metadata holds
-rank, alpha and targets, so `merge_lora.py` needs nothing else.
+Adapter tensors are named after the model path, e.g. `model.layers.0.self_attn.q_proj.lora_a` (A, [r, in]) and
+`...q_proj.lora_b` (B, [out, r]); adapter files are safetensors whose metadata holds rank, alpha and targets, so
+`merge_lora.py` needs nothing else.
 """
 import json
 
@@ -19,7 +22,7 @@ import numpy as np
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALIASES = {"W_pack": ("q_proj", "k_proj", "v_proj")}
-LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+LORA_A, LORA_B = "lora_a", "lora_b"
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -55,7 +58,6 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("W_pack",)):
 
     Afterwards `model.trainable_params()` are exactly the adapter matrices. Returns the model.
     """
-    from mindpet.delta.lora import LoRADense
     if has_lora(model):
         raise ValueError("this model already has LoRA adapters")
     rank, alpha, dropout = int(rank), float(alpha), float(dropout)
@@ -64,13 +66,9 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("W_pack",)):
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
     names = resolve_targets(targets)
+    lora_linear = _lora_linear_class()
     for parent, name, linear in _target_cells(model, names):
-        out_features, in_features = linear.weight.shape
-        dense = LoRADense(in_features, out_features, lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
-                          has_bias=False, param_init_type=linear.weight.dtype,
-                          compute_dtype=linear.compute_dtype, weight_init="zeros")
-        dense.weight.set_data(linear.weight.value())
-        setattr(parent, name, dense)
+        setattr(parent, name, lora_linear(linear, rank, alpha, dropout))
     # Cells swapped in after construction only get their own prefix: give every parameter its full path again.
     for path, param in model.parameters_and_names():
         param.name = path
@@ -78,6 +76,36 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("W_pack",)):
         param.requires_grad = is_adapter_name(param.name)
     model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": names}
     return model
+
+
+def _lora_linear_class():
+    """Built lazily so importing this module needs no MindSpore (merge maths, parameter counts)."""
+    import mindspore as ms
+    from mindspore import Parameter, nn
+    from mindspore.common.initializer import HeUniform, initializer
+    from .modeling_baichuan import Linear, linear
+
+    class LoraLinear(Linear):
+        """Our Linear with a low-rank update; `weight` is the wrapped Linear's own (frozen) Parameter."""
+
+        def __init__(self, base, rank, alpha, dropout):
+            nn.Cell.__init__(self)  # Linear.__init__ would allocate a fresh weight
+            self.compute_dtype = base.compute_dtype
+            self.weight = base.weight
+            out_features, in_features = base.weight.shape
+            # Adapters (and so their AdamW moments) stay float32 even over a half-precision base: they are tiny.
+            # HeUniform(sqrt(5)) is torch's nn.Linear default, what peft uses for A.
+            self.lora_a = Parameter(initializer(HeUniform(negative_slope=5 ** 0.5), [rank, in_features], ms.float32),
+                                    name=LORA_A)
+            self.lora_b = Parameter(initializer("zeros", [out_features, rank], ms.float32), name=LORA_B)
+            self.scaling = alpha / rank
+            self.dropout = nn.Dropout(p=dropout)
+
+        def construct(self, x):
+            update = linear(linear(self.dropout(x), self.lora_a, self.compute_dtype), self.lora_b, self.compute_dtype)
+            return linear(x, self.weight, self.compute_dtype) + update * self.scaling
+
+    return LoraLinear
 
 
 def has_lora(model):
