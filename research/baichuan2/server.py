@@ -157,6 +157,7 @@ class BatchWorker:
         self.cond = threading.Condition()
         self.closed = False
         self.batches = []  # sizes of the batches run, for tests and logs
+        self.steps = []  # generation steps each batch ran (ends early when every client left)
         self.busy = False  # generating a batch right now
         self.thread = threading.Thread(target=self._run, name="baichuan2-generation", daemon=True)
         self.thread.start()
@@ -229,8 +230,10 @@ class BatchWorker:
                 job.send("done", "stop" if reason == "stop_string" else reason, len(texts[row].ids))
 
         steps = self.generator.stream(prompts, **options)
+        self.steps.append(0)
         try:
             for step in steps:
+                self.steps[-1] += 1
                 for row, job in enumerate(batch):
                     if done[row]:
                         continue
