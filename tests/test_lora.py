@@ -230,3 +230,16 @@ print("RESULT " + json.dumps({{"result": result, "prompt_ids": prompt_ids, "ids"
     for _ in range(4):
         ids.append(int(logits(model, np.array([ids], np.int32))[0, -1].argmax()))
     assert check["ids"] == ids
+
+
+def test_memory_budget_table(capsys):
+    sys.path.insert(0, os.path.join(REPO, "example"))
+    import lora_memory_budget
+    from baichuan2.configuration_baichuan import BaichuanConfig
+    lora_memory_budget.main(["--lora_rank", "16"])
+    out = capsys.readouterr().out
+    config = BaichuanConfig.from_preset("baichuan2_7b")
+    rows = lora_memory_budget.budget(config, 3 * 16 * 2 * 4096 * 32, 4096, 1)
+    assert rows["optimizer states (AdamW m, v)"][0] == 8 * config.num_parameters()
+    assert rows["weights"][1] == 2 * config.num_parameters() + 4 * 3 * 16 * 2 * 4096 * 32
+    assert "12.58M trainable" in out and "| fits (<= 90%), no recomputation   |            no |      yes |" in out
