@@ -204,7 +204,7 @@ def test_a_client_leaving_mid_stream_frees_the_server(served, monkeypatch):
     assert reply.choices[0].message.content == served.direct_chat(user("next"), 4)
 
 
-def test_chat_page_in_headless_chromium(served, tmp_path):
+def test_chat_page_in_headless_chromium(served, tmp_path, monkeypatch):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"the browser test needs Debian's chromium at {CHROMIUM}: run scripts/setup_env.sh as root "
                     f"or `apt-get install chromium`")
@@ -240,6 +240,23 @@ def test_chat_page_in_headless_chromium(served, tmp_path):
                 page.screenshot(path=os.environ["SERVER_SCREENSHOT"])
             page.click("#clear")
             assert page.locator(".msg").count() == 0
+            # Stop: slow generation down, stop after the first piece; the page is ready for the next message
+            full = served.direct_chat(user("a long one"), 30)
+            assert len(full) > 10, "the fixture should give a long reply"
+            real_stream = served.generator.stream
+            monkeypatch.setattr(served.generator, "stream",
+                                lambda *a, **k: (time.sleep(0.1) or step for step in real_stream(*a, **k)))
+            page.fill("#max_tokens", "30")
+            page.fill("#input", "a long one")
+            page.click("#send")
+            page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 0",
+                                   timeout=60000)
+            page.click("#stop", timeout=5000)
+            page.locator(".msg.assistant[data-done='1']").wait_for(timeout=10000)
+            assert page.is_enabled("#send") and not page.is_enabled("#stop")
+            stopped = page.locator(".msg.assistant").text_content()
+            assert full.startswith(stopped) and 0 < len(stopped) < len(full), (stopped, full)
+            monkeypatch.undo()
         finally:
             context.close()
     data = shot.read_bytes()
