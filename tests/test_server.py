@@ -138,6 +138,22 @@ def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
     assert sum(sizes) == 16 and max(sizes) > 1, f"requests were not batched: {sizes}"
 
 
+def test_sampling_and_greedy_requests_side_by_side(served):
+    """Different sampling settings cannot share a batch: each group runs on its own and greedy stays exact; a
+    seeded request runs alone, so it repeats."""
+    def ask(kwargs):
+        return served.client().chat.completions.create(model=MODEL, messages=user("pick a colour"), max_tokens=8,
+                                                       **kwargs).choices[0].message.content
+
+    settings = [dict(temperature=0), dict(temperature=0.8, top_p=0.9), dict(temperature=0),
+                dict(temperature=1.2, seed=7), dict(temperature=1.2, seed=7), dict(temperature=0.8, top_p=0.9)]
+    with concurrent.futures.ThreadPoolExecutor(len(settings)) as pool:
+        got = list(pool.map(ask, settings, timeout=120))
+    greedy = served.direct_chat(user("pick a colour"), 8)
+    assert got[0] == got[2] == greedy
+    assert got[3] == got[4]
+
+
 BAD_REQUESTS = [
     ("bad JSON", "/v1/chat/completions", b'{"messages": [', 400),
     ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400),

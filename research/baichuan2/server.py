@@ -309,7 +309,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
     async def _http_error(_request, exc):
         return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail), code=exc.status_code))
 
-    def check_common(req, prompt):
+    def check_common(req, prompt, prompt_param):
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         if req.model is not None and req.model != model_name:
@@ -319,19 +319,19 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
         if len(stops) > 4:
             raise APIError(400, "stop takes at most 4 sequences", param="stop")
         if not prompt:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         room = context - len(prompt)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, room)
         if room < 1 or len(prompt) + max_tokens > context:
             raise APIError(400, f"this model's context is {context} tokens; the request has {len(prompt)} prompt "
-                                f"tokens and asks for {max_tokens} more", param="messages",
+                                f"tokens and asks for {max_tokens} more", param=prompt_param,
                            code="context_length_exceeded")
         return stops, max_tokens
 
     def make_job(req, prompt, stop_token_ids):
-        stops, max_tokens = check_common(req, prompt)
+        stops, max_tokens = check_common(req, prompt, "messages" if hasattr(req, "messages") else "prompt")
         return Job(prompt=prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                    seed=req.seed, stops=stops, stop_token_ids=stop_token_ids, loop=asyncio.get_running_loop())
 
