@@ -1,5 +1,7 @@
 """Shared pytest set-up: MindSpore on CPU, float32, and helpers for tiny models."""
 import os
+import random
+import socket
 import sys
 
 import pytest
@@ -38,3 +40,16 @@ def ms_mode(request):
 def run_module(path, *args):
     """argv for running one of the project's scripts with the test interpreter."""
     return [sys.executable, os.path.join(REPO, path), *map(str, args)]
+
+
+def free_port():
+    """A free TCP port on loopback (for msrun's scheduler), picked at random so parallel runs rarely collide."""
+    for _ in range(50):
+        port = random.randint(20000, 60000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port")

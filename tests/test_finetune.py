@@ -6,9 +6,7 @@ SIGKILL and then resumed must all end with the same weights.
 """
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 PYTHON = os.path.join(REPO, ".venv", "bin", "python") if os.path.isfile(
     os.path.join(REPO, ".venv", "bin", "python")) else sys.executable
@@ -52,18 +50,6 @@ def write_rows(path, rows, seq, columns=("input_ids", "labels")):
     writer.write_raw_data(data)
     writer.commit()
     return path
-
-
-def free_port():
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
 
 
 def load_weights(path):

@@ -243,3 +243,15 @@ def test_memory_budget_table(capsys):
     assert rows["optimizer states (AdamW m, v)"][0] == 8 * config.num_parameters()
     assert rows["weights"][1] == 2 * config.num_parameters() + 4 * 3 * 16 * 2 * 4096 * 32
     assert "12.58M trainable" in out and "| fits (<= 90%), no recomputation   |            no |      yes |" in out
+
+
+def test_documented_budget_is_the_scripts_output(capsys):
+    """The budget tables in the README and docs/LORA.md are what the script prints, not numbers typed by hand."""
+    sys.path.insert(0, os.path.join(REPO, "example"))
+    import lora_memory_budget
+    lora_memory_budget.main([])
+    out = capsys.readouterr().out
+    printed = out[out.index("baichuan2_7b:"):].strip()  # mindformers may log a line before the table
+    for doc in ("README.md", os.path.join("docs", "LORA.md")):
+        with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+            assert f"```\n{printed}\n```" in f.read(), f"{doc}: rerun example/lora_memory_budget.py and paste its table"
