@@ -28,11 +28,11 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     from baichuan2 import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
     from baichuan2.chat import chat  # pylint: disable=import-outside-toplevel
-    from baichuan2.tokenization_baichuan import BaichuanTokenizer  # pylint: disable=import-outside-toplevel
+    from baichuan2.model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
 
     try:
         model = BaichuanForCausalLM.from_pretrained(args.model_dir)
-        tokenizer = BaichuanTokenizer.from_pretrained(args.model_dir)
+        tokenizer = load_tokenizer(args.model_dir)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"chat.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import pytest
 from baichuan2 import BaichuanForCausalLM
 from baichuan2.chat import CHAT_DEFAULTS, build_chat_input, chat, chat_options
 from baichuan2.convert_weight import convert
-from baichuan2.tokenization_baichuan import BaichuanTokenizer
+from baichuan2.model_dir import load_tokenizer
 from conftest import FIXTURES, REPO
 
 U, A = 3, 4  # role tokens in these tests
@@ -77,10 +77,11 @@ def test_chat_defaults():
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("chat") / "baichuan2_7b_tiny")
-    convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), out, show_progress=False)
+@pytest.fixture(scope="module", params=["baichuan2_7b", "xverse_7b"])
+def model_dir(tmp_path_factory, request):
+    """A converted tiny checkpoint: Baichuan2 (role tokens, SentencePiece) or XVERSE (plain-text roles, BPE)."""
+    out = str(tmp_path_factory.mktemp("chat") / f"{request.param}_tiny")
+    convert(os.path.join(FIXTURES, "parity", request.param), out, show_progress=False)
     return out
 
 
@@ -114,7 +115,7 @@ def expected_replies(model_dir):
     """The greedy replies the CLI must stream, computed in-process with the same history."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model = BaichuanForCausalLM.from_pretrained(model_dir)
-    tokenizer = BaichuanTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     options = dict(do_sample=False, repetition_penalty=1.0, max_new_tokens=6)
     first = chat(model, tokenizer, [{"role": "user", "content": "你好"}], **options)
     second = chat(model, tokenizer, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": first},

@@ -34,6 +34,19 @@ CHAT_GENERATION = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0
 BASE_GENERATION = {"do_sample": False, "max_new_tokens": 512}
 
 
+def load_tokenizer(model_dir):
+    """The model directory's own tokenizer: SentencePiece tokenizer.model (Baichuan) or tokenizer.json (XVERSE)."""
+    # pylint: disable=import-outside-toplevel
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+        from .tokenization_baichuan import BaichuanTokenizer
+        return BaichuanTokenizer.from_pretrained(model_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        from .tokenization_xverse import XverseTokenizer
+        return XverseTokenizer.from_pretrained(model_dir)
+    raise FileNotFoundError(f"no tokenizer in model directory {model_dir!r}: expected tokenizer.model "
+                            "(Baichuan, SentencePiece) or tokenizer.json (XVERSE)")
+
+
 def generation_config(config: BaichuanConfig):
     """generation_config.json contents for the variant: chat defaults when the config has a chat format
     (convert_weight.py --variant sets it null for Baichuan2-Base)."""

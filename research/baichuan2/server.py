@@ -260,13 +260,13 @@ class BatchWorker:
 
 # ---------------------------------------------------------------------------------------------- the app
 def _load(model_dir):
+    from .model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
     from .modeling_baichuan import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
-    from .tokenization_baichuan import BaichuanTokenizer  # pylint: disable=import-outside-toplevel
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
     model = BaichuanForCausalLM.from_pretrained(model_dir)
-    return Generator(model), BaichuanTokenizer.from_pretrained(model_dir)
+    return Generator(model), load_tokenizer(model_dir)
 
 
 def create_app(source, tokenizer=None, model_name=None, max_batch=8):

@@ -11,8 +11,6 @@ piece of "A"; after "Answer:" it is the piece of " A" (SentencePiece "▁A"), as
 letters as they follow "Answer:". It is found by encoding prefix + letter and taking the one token added after the
 prefix; when the tokenizer merges differently the bare letter piece is used (see `letter_tokens` in the report).
 """
-import os
-
 import numpy as np
 
 from .prompts import ANSWER_PREFIX, ANSWER_SEPARATOR
@@ -28,18 +26,6 @@ def log_softmax(x):
     x = np.asarray(x, dtype=np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def load_tokenizer(model_dir):
-    """The model directory's own tokenizer: SentencePiece tokenizer.model (Baichuan) or tokenizer.json (XVERSE)."""
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
-        from ..tokenization_baichuan import BaichuanTokenizer
-        return BaichuanTokenizer.from_pretrained(model_dir)
-    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        from ..tokenization_xverse import XverseTokenizer
-        return XverseTokenizer.from_pretrained(model_dir)
-    raise FileNotFoundError(f"no tokenizer in model directory {model_dir!r}: expected tokenizer.model "
-                            "(Baichuan, SentencePiece) or tokenizer.json (XVERSE)")
 
 
 class ModelScorer:
@@ -67,6 +53,7 @@ class ModelScorer:
 
     @classmethod
     def from_model_dir(cls, model_dir, **kwargs):
+        from ..model_dir import load_tokenizer
         from ..modeling_baichuan import BaichuanForCausalLM
         model = BaichuanForCausalLM.from_pretrained(model_dir)
         return cls(model, load_tokenizer(model_dir), **kwargs)
