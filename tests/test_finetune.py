@@ -231,6 +231,25 @@ def test_single_process_run_and_export(workdir, tmp_path):
     assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
 
 
+def test_loss_that_turns_non_finite_stops_the_run(workdir, tmp_path):
+    """A learning rate of 1e30 blows the weights up within a few steps: the run must stop with a clear message,
+    keep the checkpoint written before (step 2) and write no later checkpoint or final model."""
+    out = tmp_path / "nan"
+    env = dict(os.environ)
+    env.pop("RANK_SIZE", None)
+    env.pop("MS_WORKER_NUM", None)
+    proc = subprocess.run([PYTHON, FINETUNE, "--config", workdir / "recipe.yaml", "--train_dataset",
+                           workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", "12", "--save_steps", "2",
+                           "--lr", "1e30"], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr, proc.stderr[-2000:]
+    assert "--resume" in proc.stderr and str(out / "checkpoints") in proc.stderr
+    stopped_at = int(proc.stderr.split(" at step ")[1].split(":")[0])
+    saved = sorted(os.listdir(out / "checkpoints"))
+    assert saved and all(int(name.split("_")[1]) < stopped_at for name in saved), (saved, stopped_at)
+    assert not (out / "model").exists()
+
+
 # ---------------------------------------------------------------------------------------------- msrun
 @pytest.mark.slow
 def test_two_workers(dp_run):
