@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO
-from test_finetune import write_rows
+from conftest import REPO, free_port
+from test_finetune import MSRUN, assert_same_weights, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 MERGE = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")
@@ -28,12 +28,16 @@ def tiny_config():
     return BaichuanConfig.from_preset("tiny", **OVERRIDES)
 
 
+def finetune_args(workdir, output_dir, *extra):
+    return [FINETUNE, "--config", str(workdir / "recipe.yaml"),
+            "--train_dataset", str(workdir / "rows.mindrecord"), "--load_checkpoint", str(workdir / "base"),
+            "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--save_steps", "4",
+            "--lora_rank", str(RANK), "--lora_alpha", "16", "--lora_dropout", "0", "--lora_targets", ",".join(TARGETS),
+            *extra]
+
+
 def run_finetune(workdir, output_dir, *extra):
-    cmd = [sys.executable, FINETUNE, "--config", str(workdir / "recipe.yaml"),
-           "--train_dataset", str(workdir / "rows.mindrecord"), "--load_checkpoint", str(workdir / "base"),
-           "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--save_steps", "4",
-           "--lora_rank", str(RANK), "--lora_alpha", "16", "--lora_dropout", "0", "--lora_targets", ",".join(TARGETS),
-           *extra]
+    cmd = [sys.executable, *finetune_args(workdir, output_dir, *extra)]
     env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1")
     proc = subprocess.run(cmd, cwd=str(workdir), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -149,6 +153,29 @@ def test_only_adapters_train_and_are_saved(workdir, lora_run):
     assert moments and all(n.endswith((".lora_a", ".lora_b")) for n in moments)
     assert not (out / "model").exists()
     assert (out / "loss_curve.png").is_file() and (out / "tensorboard").is_dir()
+
+
+@pytest.mark.slow
+def test_data_parallel_lora_under_msrun(workdir):
+    """The same LoRA run launched as full finetuning is: msrun.sh, 2 workers. Both ranks end with the same
+    adapters, the base stays bit-identical, and the ranks trained on disjoint rows."""
+    out = workdir / "dp"
+    order = " ".join(finetune_args(workdir, out))
+    env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1")
+    proc = subprocess.run(["bash", MSRUN, order, "2", str(free_port()), str(workdir / "dp_logs")], cwd=str(workdir),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_weights(out / "debug" / "weights_rank0.safetensors", out / "debug" / "weights_rank1.safetensors",
+                        atol=0)
+    final = load_file(str(out / "debug" / "weights_rank0.safetensors"))
+    for name, array in load_file(str(workdir / "base" / "model.safetensors")).items():
+        assert np.array_equal(final[name], array), name
+    seen = []
+    for rank in range(2):
+        with open(out / "debug" / f"samples_rank{rank}.jsonl") as f:
+            seen.append([i for r in map(json.loads, f) for i in r["indices"]])
+    assert sorted(seen[0][:ROWS // 2] + seen[1][:ROWS // 2]) == list(range(ROWS))  # first epoch: split, whole
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()
 
 
 def test_loss_falls(lora_run):
