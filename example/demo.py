@@ -121,7 +121,7 @@ def main(argv=None):
 
     run_stage(1, total, "tokenise the BELLE sample into MindRecord", lambda: run([
         sys.executable, "example/dataset/belle_preprocess.py", "--input_glob", SAMPLE, "--model_file", TOKENIZER,
-        "--output_file", mindrecord, "--seq_length", "128", "--overwrite"]))
+        "--output_file", mindrecord, "--seq_length", "128"]))
 
     finetune_args = f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir}"
     run_stage(2, total, f"finetune on {args.workers} workers with msrun", lambda: run([
