@@ -52,6 +52,14 @@ def write_rows(path, rows, seq, columns=("input_ids", "labels")):
     return path
 
 
+def plain_process_env():
+    """The environment of a single process started by hand: no msrun variables, so finetune.py calls no init()."""
+    env = dict(os.environ)
+    env.pop("RANK_SIZE", None)
+    env.pop("MS_WORKER_NUM", None)
+    return env
+
+
 def load_weights(path):
     from safetensors.numpy import load_file
     return load_file(path)
@@ -191,9 +199,7 @@ def test_bad_inputs(workdir, tmp_path, call_main):
 @pytest.mark.slow
 def test_single_process_run_and_export(workdir, tmp_path):
     out = tmp_path / "single"
-    env = dict(os.environ)
-    env.pop("RANK_SIZE", None)
-    env.pop("MS_WORKER_NUM", None)
+    env = plain_process_env()
     proc = subprocess.run([PYTHON, FINETUNE, "--config", workdir / "recipe.yaml", "--train_dataset",
                            workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", "6", "--save_steps", "2"],
                           env=env, capture_output=True, text=True, timeout=180)
@@ -235,9 +241,7 @@ def test_loss_that_turns_non_finite_stops_the_run(workdir, tmp_path):
     """A learning rate of 1e30 blows the weights up within a few steps: the run must stop with a clear message,
     keep the checkpoint written before (step 2) and write no later checkpoint or final model."""
     out = tmp_path / "nan"
-    env = dict(os.environ)
-    env.pop("RANK_SIZE", None)
-    env.pop("MS_WORKER_NUM", None)
+    env = plain_process_env()
     proc = subprocess.run([PYTHON, FINETUNE, "--config", workdir / "recipe.yaml", "--train_dataset",
                            workdir / "rows.mindrecord", "--output_dir", out, "--max_steps", "12", "--save_steps", "2",
                            "--lr", "1e30"], env=env, capture_output=True, text=True, timeout=180)
