@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import REPO, free_port
-from test_finetune import MSRUN, assert_same_weights, write_rows
+from test_finetune import assert_same_weights, msrun, wait, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 MERGE = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")
@@ -160,11 +160,9 @@ def test_data_parallel_lora_under_msrun(workdir):
     """The same LoRA run launched as full finetuning is: msrun.sh, 2 workers. Both ranks end with the same
     adapters, the base stays bit-identical, and the ranks trained on disjoint rows."""
     out = workdir / "dp"
-    order = " ".join(finetune_args(workdir, out))
-    env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1")
-    proc = subprocess.run(["bash", MSRUN, order, "2", str(free_port()), str(workdir / "dp_logs")], cwd=str(workdir),
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = workdir / "dp_logs"
+    proc = msrun([" ".join(finetune_args(workdir, out)), 2, free_port(), logs], workdir, logs)
+    assert wait(proc, 300) == 0, open(str(logs) + ".out").read()[-3000:]
     assert_same_weights(out / "debug" / "weights_rank0.safetensors", out / "debug" / "weights_rank1.safetensors",
                         atol=0)
     final = load_file(str(out / "debug" / "weights_rank0.safetensors"))
