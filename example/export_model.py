@@ -5,40 +5,15 @@
 
 The checkpoint's config.json and model.safetensors are checked by loading them into the model (names and
 shapes), then written out with save_pretrained + finish_model_dir, exactly like the <output_dir>/model/ directory
-finetune.py writes at the end. The tokenizer comes from --tokenizer_dir, else the recipe's output.tokenizer_dir.
+finetune.py writes at the end (baichuan2.training.checkpoint.export_checkpoint). The tokenizer comes from
+--tokenizer_dir, else the recipe's output.tokenizer_dir.
 """
 import argparse
 import os
-import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune import DEFAULT_CONFIG, REPO, WEIGHTS_FILE, FinetuneError, load_recipe, write_model_dir  # noqa: E402
-
-
-def export(checkpoint, output_path, tokenizer_dir):
-    from baichuan2.configuration_baichuan import BaichuanConfig
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
-    for name in ("config.json", WEIGHTS_FILE):
-        if not os.path.isfile(os.path.join(checkpoint, name)):
-            raise FinetuneError(f"{checkpoint} is not a finetune checkpoint: {name} is missing (expected a "
-                                "<output_dir>/checkpoints/step_XXXXXX directory)")
-    if os.path.exists(output_path):
-        raise FinetuneError(f"--output_path {output_path} already exists; choose a new directory")
-    config = BaichuanConfig.from_hf_config(checkpoint)
-    model = BaichuanForCausalLM(config)
-    try:
-        load_safetensors_into(model, os.path.join(checkpoint, WEIGHTS_FILE))
-    except ValueError as e:
-        raise FinetuneError(str(e)) from e
-    # write_model_dir builds <dir>/model atomically; build beside the target, then move it into place.
-    staging = output_path + ".export_tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    built = write_model_dir(staging, model, config, tokenizer_dir)
-    os.rename(built, output_path)
-    shutil.rmtree(staging, ignore_errors=True)
-    return output_path
+from baichuan2.training import DEFAULT_CONFIG, FinetuneError, load_recipe, resolve_config_path
+from baichuan2.training.checkpoint import export_checkpoint
 
 
 def main(argv=None):
@@ -49,11 +24,8 @@ def main(argv=None):
     p.add_argument("--tokenizer_dir", help="directory with tokenizer.model (overrides the recipe)")
     args = p.parse_args(argv)
     try:
-        config_path = args.config
-        if not os.path.isfile(config_path) and os.path.isfile(os.path.join(REPO, config_path)):
-            config_path = os.path.join(REPO, config_path)
-        tokenizer_dir = args.tokenizer_dir or load_recipe(config_path)["output"]["tokenizer_dir"]
-        out = export(os.path.abspath(args.checkpoint), os.path.abspath(args.output_path), tokenizer_dir)
+        tokenizer_dir = args.tokenizer_dir or load_recipe(resolve_config_path(args.config))["output"]["tokenizer_dir"]
+        out = export_checkpoint(os.path.abspath(args.checkpoint), os.path.abspath(args.output_path), tokenizer_dir)
     except FinetuneError as e:
         print(f"export_model.py: error: {e}", file=sys.stderr)
         sys.exit(2)

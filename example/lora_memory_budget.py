@@ -55,7 +55,6 @@ def budget(config, lora_params, seq, batch):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.join(REPO, "research"))
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.lora import lora_parameter_count, resolve_targets
 

@@ -6,6 +6,7 @@ SIGKILL and then resumed must all end with the same weights.
 """
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -119,8 +120,7 @@ def dp_run(workdir):
 
 # ---------------------------------------------------------------------------------------------- fast checks
 def test_sample_plan_disjoint_and_resumable():
-    sys.path.insert(0, os.path.join(REPO, "example"))
-    from finetune import rank_sample_plan
+    from baichuan2.training.plan import rank_sample_plan
     full = [rank_sample_plan(ROWS, 8, r, 4, 0, STEPS, 11, True) for r in range(2)]
     for step in range(STEPS):
         assert not set(full[0][step]) & set(full[1][step])
@@ -132,14 +132,12 @@ def test_sample_plan_disjoint_and_resumable():
 
 
 def test_dataset_reads_planned_rows(workdir):
-    sys.path.insert(0, os.path.join(REPO, "example"))
-    from finetune import build_dataset
+    from baichuan2.training.plan import build_dataset, rank_sample_plan
     plan = [[5, 17, 3, 90], [44, 0, 61, 2]]
     batches = list(build_dataset(str(workdir / "rows.mindrecord"), plan, 4).create_dict_iterator(output_numpy=True))
     got = [[int(row[1]) - 10 for row in b["input_ids"]] for b in batches]
     assert got == plan
     # one process over three epochs: the plan lists every row three times (more indices than the file has rows)
-    from finetune import rank_sample_plan
     long_plan = rank_sample_plan(ROWS, 4, 0, 4, 0, 3 * (ROWS // 4), 11, True)
     batches = build_dataset(str(workdir / "rows.mindrecord"), long_plan, 4).create_dict_iterator(output_numpy=True)
     assert [[int(row[1]) - 10 for row in b["input_ids"]] for b in batches] == long_plan
@@ -148,13 +146,12 @@ def test_dataset_reads_planned_rows(workdir):
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def call_main(capsys):
-    sys.path.insert(0, os.path.join(REPO, "example"))
     import mindspore as ms
-    import finetune
+    finetune_main = runpy.run_path(FINETUNE)["main"]  # the script's main(), without running it as __main__
 
     def call(*argv):
         with pytest.raises(SystemExit) as exc:
-            finetune.main([str(a) for a in argv])
+            finetune_main([str(a) for a in argv])
         assert exc.value.code != 0
         return capsys.readouterr().err
     yield call

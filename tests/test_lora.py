@@ -5,9 +5,11 @@ One single-process finetune run (12 steps, checkpoints every 4) is shared by mos
 checkpoint must reproduce its final adapter."""
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -257,9 +259,13 @@ print("RESULT " + json.dumps({{"result": result, "prompt_ids": prompt_ids, "ids"
     assert check["ids"] == ids
 
 
+def load_budget_script():
+    """example/lora_memory_budget.py's functions, loaded from the file (it is a script, not a package module)."""
+    return types.SimpleNamespace(**runpy.run_path(os.path.join(REPO, "example", "lora_memory_budget.py")))
+
+
 def test_memory_budget_table(capsys):
-    sys.path.insert(0, os.path.join(REPO, "example"))
-    import lora_memory_budget
+    lora_memory_budget = load_budget_script()
     from baichuan2.configuration_baichuan import BaichuanConfig
     lora_memory_budget.main(["--lora_rank", "16"])
     out = capsys.readouterr().out
@@ -272,8 +278,7 @@ def test_memory_budget_table(capsys):
 
 def test_documented_budget_is_the_scripts_output(capsys):
     """The budget tables in the README and docs/LORA.md are what the script prints, not numbers typed by hand."""
-    sys.path.insert(0, os.path.join(REPO, "example"))
-    import lora_memory_budget
+    lora_memory_budget = load_budget_script()
     lora_memory_budget.main([])
     out = capsys.readouterr().out
     printed = out[out.index("baichuan2_7b:"):].strip()  # mindformers may log a line before the table

@@ -29,15 +29,11 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make `baichuan2` importable from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    __package__ = "baichuan2"  # pylint: disable=redefined-builtin
-
-from .configuration_baichuan import BaichuanConfig, to_hf_config  # noqa: E402
+from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config
+from baichuan2.model_dir import atomic_dir, finish_model_dir, write_generation_config
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
                        "I64": np.int64, "I32": np.int32}
@@ -177,10 +173,7 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         _apply_variant(config, input_path, variant)
     shards = checkpoint_shards(input_path)
     checker = _Checker(expected_shapes(config, hf_layout=not reverse), input_path)
-    parent = os.path.dirname(os.path.abspath(output_path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_dir(output_path, replace=overwrite) as tmp_dir:
         weight_map, pending_qkv = {}, {}
         for number, (shard_path, reader) in enumerate(
                 tqdm(shards, desc="converting shards", unit="shard", disable=not show_progress), start=1):
@@ -209,18 +202,10 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
             with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(to_hf_config(config), f, indent=2)
             if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
-                from .model_dir import write_generation_config  # pylint: disable=import-outside-toplevel
                 write_generation_config(tmp_dir, config)
             _copy_tokenizer(input_path, tmp_dir)
         else:
-            from .model_dir import finish_model_dir  # pylint: disable=import-outside-toplevel
             finish_model_dir(tmp_dir, config, tokenizer_dir=input_path)
-        if os.path.exists(output_path):
-            shutil.rmtree(output_path)
-        os.replace(tmp_dir, output_path)
-    finally:
-        if os.path.isdir(tmp_dir):
-            shutil.rmtree(tmp_dir)
     return config
 
 

@@ -10,7 +10,6 @@ with the tokenizer copied from the base directory, so openmind / mindformers pip
 """
 import argparse
 import os
-import shutil
 import sys
 
 
@@ -28,7 +27,7 @@ def merge(base_dir, adapter_path, output_path):
     """Writes the merged model directory; returns its path."""
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.lora import merge_into_weights, read_adapter
-    from baichuan2.model_dir import finish_model_dir
+    from baichuan2.model_dir import atomic_dir, finish_model_dir
     from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
     from mindspore import Tensor
 
@@ -45,11 +44,9 @@ def merge(base_dir, adapter_path, output_path):
     for name, array in merged.items():
         params[name].set_data(Tensor(array).astype(params[name].dtype))
 
-    tmp = output_path + f".tmp_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    finish_model_dir(tmp, config, tokenizer_dir=base_dir)
-    os.rename(tmp, output_path)
+    with atomic_dir(output_path) as tmp:
+        model.save_pretrained(tmp)
+        finish_model_dir(tmp, config, tokenizer_dir=base_dir)
     return output_path
 
 

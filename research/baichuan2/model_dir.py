@@ -12,8 +12,10 @@ they import relatively (modeling_baichuan -> generation for `model.generate`), s
 Without tokenizer_config.json mindformers falls back to a fast tokenizer that splits `<reserved_106>`: it is written
 whenever tokenizer.model is present.
 """
+import contextlib
 import json
 import os
+import secrets
 import shutil
 
 from .configuration_baichuan import BaichuanConfig
@@ -98,3 +100,56 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
         # pylint: disable-next=import-outside-toplevel
         from .tokenization_xverse import write_tokenizer_files as write_xverse
         write_xverse(model_dir, hf_tokenizer, model_max_length=config.model_max_length)
+
+
+@contextlib.contextmanager
+def atomic_dir(target, replace=False):
+    """Yields an empty temp directory beside `target` to write into; on a clean exit its files and directories
+    are fsynced and it is renamed to `target`, so readers see either nothing (or the old directory) or the whole
+    new one. On an error the temp directory is removed and `target` is untouched.
+
+    replace=False: FileExistsError if `target` exists at the end (callers check earlier for a clearer message).
+    replace=True: an existing `target` is swapped out and removed after the new one is in place.
+    """
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp_{name}_{os.getpid()}_{secrets.token_hex(3)}")
+    os.mkdir(tmp)  # mkdir, not mkdtemp: the result gets the usual umask permissions, not 0700
+    old = None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if os.path.exists(target):
+            if not replace:
+                raise FileExistsError(f"{target} already exists")
+            old = tmp + ".old"
+            os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if old:  # put the previous directory back rather than lose it
+                os.rename(old, target)
+                old = None
+            raise
+        _fsync_path(parent)
+    finally:
+        for leftover in (tmp, old):
+            if leftover and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root):
+    """Flushes every file, then every directory, under `root` (data on disk before the rename publishes it)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(os.path.join(directory, name))
+        _fsync_path(directory)

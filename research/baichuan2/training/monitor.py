@@ -1,0 +1,89 @@
+"""What a run reports while it trains: the per-step callback and, at the end, the loss curve."""
+import json
+import math
+import os
+import time
+
+from mindspore.train import Callback
+
+
+class TrainMonitor(Callback):
+    """Per optimizer step: logs (rank 0), TensorBoard, NaN stop, periodic checkpoints, debug sample log.
+
+    `save(step)` writes the checkpoint of that step and returns its path; `writer` is rank 0's SummaryWriter.
+    After training, `failed` holds the message of a non-finite-loss stop, else None.
+    """
+
+    def __init__(self, *, rank, world_size, output_dir, plan, lrs, first_step, total_steps, tokens_per_step,
+                 log_steps, save_steps, save, writer=None, debug_dir=None):
+        super().__init__()
+        self.rank, self.world_size, self.output_dir = rank, world_size, output_dir
+        self.plan, self.lrs, self.first_step, self.total_steps = plan, lrs, first_step, total_steps
+        self.tokens_per_step, self.log_steps, self.save_steps = tokens_per_step, log_steps, save_steps
+        self.save, self.writer, self.debug_dir = save, writer, debug_dir
+        self.last_time = time.time()
+        self.failed = None
+        self.step = first_step
+
+    def on_train_step_end(self, run_context):
+        outputs = run_context.original_args().net_outputs
+        loss, norm, overflow, scale = (float(o.asnumpy()) for o in outputs)
+        self.step += 1
+        step = self.step
+        now = time.time()
+        elapsed, self.last_time = now - self.last_time, now
+        if self.debug_dir:
+            with open(os.path.join(self.debug_dir, f"samples_rank{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, "indices": self.plan[step - 1 - self.first_step]}) + "\n")
+        if not math.isfinite(loss):
+            # Every rank sees the same all-reduced loss, so all stop together; no checkpoint is written.
+            self.failed = (f"loss is {loss} at step {step}: stopping. The last good checkpoint is kept in "
+                           f"{os.path.join(self.output_dir, 'checkpoints')}; lower the learning rate or "
+                           f"check the data, then rerun with --resume")
+            run_context.request_stop()
+            return
+        if self.rank != 0:
+            return
+        lr = self.lrs[min(step - 1, len(self.lrs) - 1)]
+        tokens_per_s = self.tokens_per_step / max(elapsed, 1e-9)
+        self._record(step, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
+                            "skipped": bool(overflow), "loss_scale": scale})
+        if step % self.log_steps == 0 or step == self.total_steps:
+            print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
+                  f"tokens/s {tokens_per_s:.0f} ({tokens_per_s / self.world_size:.0f} per device)"
+                  + (" [skipped: non-finite gradients]" if overflow else ""), flush=True)
+        if step % self.save_steps == 0 or step == self.total_steps:
+            print(f"saved checkpoint {self.save(step)}", flush=True)
+
+    def _record(self, step, record):
+        with open(os.path.join(self.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{name}", record[name], step)
+
+
+def write_loss_curve(output_dir):
+    """loss_curve.png from train_log.jsonl (later lines win, so a resumed run overwrites replayed steps)."""
+    # pylint: disable=import-outside-toplevel
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(output_dir, "train_log.jsonl")
+    if not os.path.isfile(path):
+        return None
+    losses = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            losses[rec["step"]] = rec["loss"]
+    steps = sorted(losses)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [losses[s] for s in steps])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("finetune loss")
+    ax.grid(alpha=0.3)
+    out = os.path.join(output_dir, "loss_curve.png")
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,263 @@
+"""One training run, start to finish: validate inputs, build the model and optimizer, resume, train, write outputs.
+
+Every input is checked (and FinetuneError raised) before anything is written to the output directory.
+"""
+import dataclasses
+import os
+
+from .backend import setup_backend
+from .checkpoint import (checkpoint_dirs, remove_partial_checkpoints, restore_checkpoint, save_checkpoint,
+                         write_adapter_dir, write_model_dir)
+from .plan import build_dataset, inspect_dataset, rank_sample_plan
+from .recipe import FinetuneError
+from .schedule import lr_schedule
+
+
+@dataclasses.dataclass
+class RunShape:
+    """The sizes of a run, fixed once the inputs are validated."""
+    rank: int
+    world_size: int
+    device: str
+    config: object  # BaichuanConfig
+    seq_length: int
+    num_samples: int
+    batch: int  # rows per micro-batch per device
+    accum: int
+    total_steps: int
+    resume_from: str = None
+    lora_rank: int = 0
+
+    @property
+    def local_batch(self):
+        return self.batch * self.accum
+
+    @property
+    def global_batch(self):
+        return self.local_batch * self.world_size
+
+    @property
+    def steps_per_epoch(self):
+        return self.num_samples // self.global_batch
+
+    def state_at(self, step, seed):
+        """trainer_state.json of a checkpoint at `step`: where the data position is, and what must match on resume."""
+        return {"step": step, "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
+                "samples_seen": step * self.global_batch, "global_batch": self.global_batch,
+                "num_samples": self.num_samples, "world_size": self.world_size, "seed": seed,
+                "total_steps": self.total_steps}
+
+
+def run(recipe, resume):
+    """Trains as the recipe says; with `resume`, continues from the newest complete checkpoint."""
+    rank, world_size, device = setup_backend()
+    shape = validate(recipe, rank, world_size, device, resume)
+    model = build_model(recipe, shape)
+    lrs = lr_schedule(shape.total_steps, float(recipe["train"]["lr"]), float(recipe["train"]["min_lr"]),
+                      float(recipe["train"]["warmup_ratio"]))
+    train_cell = build_train_cell(model, recipe["train"], lrs, shape)
+    first_step = restore(shape, model, train_cell)
+    writer, debug_dir = prepare_outputs(recipe, shape, model, first_step)
+    train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir)
+    finish(recipe, shape, model, train_cell, writer, debug_dir)
+
+
+# ---------------------------------------------------------------------------------------------- validate
+def validate(recipe, rank, world_size, device, resume):
+    """Checks the model config, data, batch sizes, checkpoints and LoRA settings; returns the run's shape."""
+    from baichuan2.configuration_baichuan import BaichuanConfig  # pylint: disable=import-outside-toplevel
+    mcfg, dcfg, tcfg = recipe["model"], recipe["data"], recipe["train"]
+    seq_length = int(dcfg["seq_length"])
+    overrides = dict(mcfg["overrides"] or {})
+    if device == "CPU" and overrides.get("compute_dtype", "float32") != "float32":
+        print(f"note: compute_dtype {overrides['compute_dtype']} has no CPU kernels; training in float32")
+        overrides["compute_dtype"] = "float32"
+    try:
+        config = BaichuanConfig.from_preset(mcfg["preset"], **overrides)
+    except (ValueError, TypeError) as e:
+        raise FinetuneError(f"model config (preset {mcfg['preset']!r}, overrides {overrides}): {e}") from e
+    if seq_length > config.max_context:
+        raise FinetuneError(f"data.seq_length {seq_length} exceeds the model's context {config.max_context}; "
+                            "raise model.overrides.max_position_embeddings or shorten the rows")
+    num_samples = inspect_dataset(dcfg["train_dataset"], seq_length)
+    shape = RunShape(rank=rank, world_size=world_size, device=device, config=config, seq_length=seq_length,
+                     num_samples=num_samples, batch=int(tcfg["batch_size"]), accum=int(tcfg["grad_accum_steps"]),
+                     total_steps=0, lora_rank=int(recipe["lora"]["rank"] or 0))
+    if num_samples < shape.global_batch:
+        raise FinetuneError(f"train dataset {dcfg['train_dataset']} has {num_samples} rows, fewer than one global "
+                            f"batch ({shape.batch} x {shape.accum} accumulation x {world_size} devices = "
+                            f"{shape.global_batch})")
+    shape.total_steps = int(tcfg["max_steps"]) if tcfg["max_steps"] else int(tcfg["epochs"]) * shape.steps_per_epoch
+    if shape.total_steps <= 0:
+        raise FinetuneError("nothing to train: set train.max_steps or train.epochs to a positive number")
+    shape.resume_from = _checkpoint_to_resume(recipe["output"]["output_dir"], resume, rank)
+    if shape.lora_rank > 0:
+        _validate_lora(recipe["lora"], mcfg["load_checkpoint"], rank)
+    return shape
+
+
+def _checkpoint_to_resume(output_dir, resume, rank):
+    """The newest complete checkpoint with --resume; refuses to train over existing checkpoints without it."""
+    complete = checkpoint_dirs(output_dir)
+    if not resume:
+        if complete:
+            raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
+                                "choose another --output_dir (nothing was overwritten)")
+        return None
+    if not complete and rank == 0:
+        print(f"--resume: no complete checkpoint under {output_dir}/checkpoints; starting from the beginning")
+    return complete[-1] if complete else None
+
+
+def _validate_lora(lora, load_checkpoint, rank):
+    from baichuan2.lora import resolve_targets  # pylint: disable=import-outside-toplevel
+    try:
+        resolve_targets(lora["targets"])
+    except ValueError as e:
+        raise FinetuneError(f"lora.targets: {e}") from e
+    if not 0.0 <= float(lora["dropout"]) < 1.0:
+        raise FinetuneError(f"lora.dropout must be in [0, 1), got {lora['dropout']}")
+    if not load_checkpoint and rank == 0:
+        print("warning: LoRA without model.load_checkpoint trains adapters on a randomly initialised base")
+
+
+# ---------------------------------------------------------------------------------------------- build
+def build_model(recipe, shape):
+    """The model with its starting weights (and LoRA adapters), in training mode."""
+    # pylint: disable=import-outside-toplevel
+    import mindspore as ms
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
+    model = BaichuanForCausalLM(shape.config)
+    load_checkpoint, lora = recipe["model"]["load_checkpoint"], recipe["lora"]
+    # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
+    if load_checkpoint and (not shape.resume_from or shape.lora_rank > 0):
+        try:
+            load_safetensors_into(model, load_checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise FinetuneError(f"--load_checkpoint {load_checkpoint}: {e}") from e
+    if shape.lora_rank > 0:
+        from baichuan2.lora import apply_lora
+        apply_lora(model, shape.lora_rank, float(lora["alpha"]), float(lora["dropout"]), lora["targets"])
+    model.set_train(True)
+    return model
+
+
+def build_train_cell(model, tcfg, lrs, shape):
+    """AdamW over the trainable parameters (matrices decayed, norm weights not), wrapped in TrainStep."""
+    # pylint: disable=import-outside-toplevel
+    import mindspore as ms
+    from mindspore import nn
+    from .step import TrainStep
+    params = model.trainable_params()  # under LoRA: the adapter matrices only (the base is frozen)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": float(tcfg["weight_decay"])},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no norm weights to train: MindSpore rejects empty groups
+    optimizer = nn.AdamWeightDecay(groups, learning_rate=lrs, beta1=float(tcfg["beta1"]),
+                                   beta2=float(tcfg["beta2"]), eps=float(tcfg["eps"]))
+    ls = tcfg["loss_scale"]
+    if ls:
+        scale_sense = nn.DynamicLossScaleUpdateCell(loss_scale_value=float(ls.get("init", 65536)),
+                                                    scale_factor=float(ls.get("factor", 2)),
+                                                    scale_window=int(ls.get("window", 1000)))
+    else:
+        scale_sense = ms.Tensor(1.0, ms.float32)
+    return TrainStep(model, optimizer, scale_sense, shape.accum, shape.batch, float(tcfg["grad_clip"] or 0.0),
+                     shape.world_size)
+
+
+def restore(shape, model, train_cell):
+    """Loads the checkpoint to resume from, if any; returns the first optimizer step to run."""
+    if not shape.resume_from:
+        return 0
+    try:
+        state = restore_checkpoint(shape.resume_from, model, train_cell)
+    except ValueError as e:
+        raise FinetuneError(f"cannot resume from {shape.resume_from}: {e}") from e
+    if state["global_batch"] != shape.global_batch or state["num_samples"] != shape.num_samples:
+        raise FinetuneError(f"cannot resume from {shape.resume_from}: it was trained with global batch "
+                            f"{state['global_batch']} on {state['num_samples']} rows, this run has "
+                            f"{shape.global_batch} on {shape.num_samples}; the data position would not carry over")
+    if shape.rank == 0:
+        print(f"resuming from {shape.resume_from} (step {state['step']}, epoch {state['epoch']}, "
+              f"{state['samples_seen']} samples seen)")
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------- train
+def prepare_outputs(recipe, shape, model, first_step):
+    """Creates the output directory (rank 0: TensorBoard writer, stale temp dirs removed, run summary printed).
+    Returns (writer or None, debug_dir or None)."""
+    output_dir = recipe["output"]["output_dir"]
+    os.makedirs(output_dir, exist_ok=True)
+    debug_dir = None
+    if os.environ.get("BAICHUAN_FINETUNE_DEBUG") == "1":
+        debug_dir = os.path.join(output_dir, "debug")
+        os.makedirs(debug_dir, exist_ok=True)
+        with open(os.path.join(debug_dir, f"pid_rank{shape.rank}"), "w") as f:
+            f.write(str(os.getpid()))
+    if shape.rank != 0:
+        return None, debug_dir
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+    remove_partial_checkpoints(output_dir)  # left by a crash mid-save
+    config = shape.config
+    print(f"training {config.family}: {config.num_parameters() / 1e6:.2f}M parameters, {shape.world_size} device(s) "
+          f"({shape.device}), {shape.num_samples} rows, global batch {shape.global_batch} x {shape.seq_length} "
+          f"tokens, steps {first_step}->{shape.total_steps} ({shape.steps_per_epoch} per epoch)", flush=True)
+    if shape.lora_rank > 0:
+        lora = recipe["lora"]
+        print(f"LoRA rank {lora['rank']} alpha {lora['alpha']} on {model.lora_config['targets']}: "
+              f"{sum(p.size for p in model.trainable_params())} trainable parameters", flush=True)
+    return writer, debug_dir
+
+
+def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
+    """Runs the optimizer steps [first_step, total_steps) on this rank's planned rows."""
+    # pylint: disable=import-outside-toplevel
+    from mindspore.train import Model
+    from .monitor import TrainMonitor
+    ocfg, seed = recipe["output"], int(recipe["train"]["seed"])
+    plan = rank_sample_plan(shape.num_samples, shape.global_batch, shape.rank, shape.local_batch, first_step,
+                            shape.total_steps, seed, bool(recipe["data"]["shuffle"]))
+
+    def save(step):
+        return save_checkpoint(ocfg["output_dir"], model, train_cell, shape.state_at(step, seed),
+                               int(ocfg["keep_checkpoints"]))
+
+    monitor = TrainMonitor(rank=shape.rank, world_size=shape.world_size, output_dir=ocfg["output_dir"], plan=plan,
+                           lrs=lrs, first_step=first_step, total_steps=shape.total_steps,
+                           tokens_per_step=shape.global_batch * shape.seq_length, log_steps=int(ocfg["log_steps"]),
+                           save_steps=int(ocfg["save_steps"]), save=save, writer=writer, debug_dir=debug_dir)
+    if plan:
+        dataset = build_dataset(recipe["data"]["train_dataset"], plan, shape.local_batch)
+        Model(train_cell).train(1, dataset, callbacks=[monitor], dataset_sink_mode=False)
+    if monitor.failed:
+        raise FinetuneError(monitor.failed)
+
+
+def finish(recipe, shape, model, train_cell, writer, debug_dir):
+    """The last checkpoint, then (rank 0) the final model or adapter directory and the loss curve."""
+    from .monitor import write_loss_curve  # pylint: disable=import-outside-toplevel
+    ocfg = recipe["output"]
+    output_dir = ocfg["output_dir"]
+    if debug_dir:
+        from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+        save_file({p.name: p.asnumpy() for p in model.get_parameters()},
+                  os.path.join(debug_dir, f"weights_rank{shape.rank}.safetensors"))
+    if shape.rank != 0:
+        return
+    complete = checkpoint_dirs(output_dir)
+    if not complete or not complete[-1].endswith(f"{shape.total_steps:06d}"):
+        save_checkpoint(output_dir, model, train_cell, shape.state_at(shape.total_steps, int(recipe["train"]["seed"])),
+                        int(ocfg["keep_checkpoints"]))
+    writer.close()
+    if shape.lora_rank > 0:
+        model_dir = write_adapter_dir(output_dir, model)
+        print(f"adapter written: merge it with research/baichuan2/merge_lora.py --base <base dir> "
+              f"--adapter {model_dir} --output_path <new dir>", flush=True)
+    else:
+        model_dir = write_model_dir(output_dir, model, shape.config, ocfg["tokenizer_dir"])
+    curve = write_loss_curve(output_dir)
+    print(f"done: {'adapter' if shape.lora_rank > 0 else 'model'} directory {model_dir}, loss curve {curve}",
+          flush=True)

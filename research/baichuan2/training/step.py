@@ -1,0 +1,51 @@
+"""The train-step cell: gradient accumulation, loss scaling, clipping and a grad-norm output, on any backend."""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class TrainStep(nn.TrainOneStepWithLossScaleCell):
+    """One optimizer step over `accum` micro-batches: summed scaled gradients -> mean across ranks (the
+    parent's grad_reducer) -> unscale -> global-norm clip -> optimizer, skipped when the norm is not finite.
+
+    The overflow check is the gradient norm itself: it works on every backend (the parent's check needs
+    NPU float-status kernels on this MindSpore build) and all ranks agree because the grads are reduced.
+    Returns (mean loss across ranks, grad norm before clipping, overflow, loss scale).
+    """
+
+    def __init__(self, network, optimizer, scale_sense, accum, micro_batch, grad_clip, world_size):
+        super().__init__(network, optimizer, scale_sense)
+        self.accum = accum
+        self.micro_batch = micro_batch
+        self.grad_clip = grad_clip
+        self.world_size = world_size
+
+    def construct(self, input_ids, labels):
+        weights = self.weights
+        scale = self.scale_sense
+        loss, grads = None, None
+        for i in range(self.accum):  # unrolled at compile time
+            ids = input_ids[i * self.micro_batch:(i + 1) * self.micro_batch]
+            lab = labels[i * self.micro_batch:(i + 1) * self.micro_batch]
+            micro_loss = self.network(ids, lab)
+            sens = ops.cast(scale, ms.float32) / self.accum
+            micro_grads = self.grad(self.network, weights)(ids, lab, ops.cast(sens, micro_loss.dtype))
+            if grads is None:
+                loss, grads = micro_loss, micro_grads
+            else:
+                loss = loss + micro_loss
+                grads = self.hyper_map(ops.add, grads, micro_grads)
+        loss = loss / self.accum
+        grads = self.grad_reducer(grads)
+        inv_scale = 1.0 / ops.cast(scale, ms.float32).reshape(())
+        grads = self.hyper_map(ops.partial(ops.mul, inv_scale), grads)
+        norm = ops.sqrt(ops.addn([ops.square(g.astype(ms.float32)).sum() for g in grads]))
+        overflow = ops.logical_not(ops.isfinite(norm))
+        if self.loss_scaling_manager is not None:
+            overflow = self.loss_scaling_manager(self.scale_sense, overflow)
+        if self.grad_clip > 0:
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)
+        if not overflow:
+            loss = ops.depend(loss, self.optimizer(grads))
+        if self.is_distributed:
+            loss = self.allreduce(loss) / self.world_size  # logged loss = mean over all ranks' batches
+        return loss, norm, overflow, scale
