@@ -2,6 +2,7 @@
 model directory in the device's compute dtype."""
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,17 @@ def model_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runtime") / "baichuan2_tiny")
     convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), out, show_progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(model_dir, tmp_path_factory):
+    """The tiny model dir saved with compute_dtype bfloat16, which CPU cannot run (no bf16 MatMul kernel)."""
+    half = tmp_path_factory.mktemp("runtime") / "bf16_config"
+    shutil.copytree(model_dir, half)
+    config = json.loads((half / "config.json").read_text(encoding="utf-8"))
+    config["compute_dtype"] = "bfloat16"
+    (half / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(half)
 
 
 # ---------------------------------------------------------------------------------------------- --device Ascend
@@ -103,7 +115,7 @@ def test_resolve_device(monkeypatch):
     assert runtime.resolve_device("CPU") == "CPU"
     monkeypatch.setattr(runtime, "ascend_unavailable_reason", lambda: "this host shows no NPU")
     assert runtime.resolve_device("auto") == "CPU"
-    with pytest.raises(runtime.DeviceError, match=r"^--device Ascend: .*this host shows no NPU\. Run with --device CPU"):
+    with pytest.raises(runtime.DeviceError, match=r"^--device Ascend: .*shows no NPU\. Run with --device CPU"):
         runtime.resolve_device("Ascend")
     monkeypatch.setattr(runtime, "ascend_unavailable_reason", lambda: None)
     assert runtime.resolve_device("auto") == "Ascend" and runtime.resolve_device("Ascend") == "Ascend"
@@ -132,17 +144,56 @@ def test_setup_training_single_process(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("[runtime] device CPU (asked), mode GRAPH, 1 threads")
 
 
-def test_load_model_dir_uses_the_device_dtype_and_the_dirs_generation_config(model_dir, tmp_path):
-    half = tmp_path / "bf16_config"
-    shutil.copytree(model_dir, half)
-    config = json.loads((half / "config.json").read_text(encoding="utf-8"))
-    config["compute_dtype"] = "bfloat16"  # would fail on CPU: no bf16 MatMul kernel
-    (half / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    model, tokenizer, generation = runtime.load_model_dir(half)
+def test_load_model_dir_uses_the_device_dtype_and_the_dirs_generation_config(bf16_model_dir, tmp_path):
+    model, tokenizer, generation = runtime.load_model_dir(bf16_model_dir)
     assert model.config.compute_dtype == "float32"
-    assert generation == json.loads((half / "generation_config.json").read_text(encoding="utf-8"))
+    with open(os.path.join(bf16_model_dir, "generation_config.json"), encoding="utf-8") as f:
+        assert generation == json.load(f)
     ids = tokenizer.encode("你好")
     logits = model(ms.Tensor([ids], ms.int32)).asnumpy()
     assert logits.shape == (1, len(ids), model.config.vocab_size)
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         runtime.load_model_dir(tmp_path)
+
+
+def test_server_loads_a_model_dir_through_the_runtime(bf16_model_dir, tmp_path):
+    from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
+    app = create_app(bf16_model_dir, max_batch=2)
+    try:
+        assert app.state.generator.config.compute_dtype == "float32"
+        assert app.state.tokenizer.encode("你好")
+    finally:
+        app.state.worker.close()
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        create_app(str(tmp_path))
+
+
+def test_setup_logs_points_logs_away_from_cwd_and_keeps_user_settings(monkeypatch, tmp_path):
+    for key in RUNTIME_ENV:
+        monkeypatch.delenv(key, raising=False)
+    runtime.setup_logs(str(tmp_path / "logs"))
+    assert os.environ["GLOG_v"] == "2"
+    assert os.environ["LOG_MF_PATH"] == str(tmp_path / "logs" / "mindformers")
+    assert os.environ["MS_OM_PATH"] == str(tmp_path / "logs" / "mindspore")
+    # the logger mindformers will use for that folder lets warnings through, not INFO
+    mf_logger = logging.getLogger("mindformers" + os.environ["LOG_MF_PATH"])
+    def record(level, msg):
+        return logging.LogRecord("m", level, __file__, 1, msg, None, None)
+    assert not mf_logger.filter(record(logging.INFO, "config ..."))
+    assert mf_logger.filter(record(logging.WARNING, "a real warning"))
+    assert mf_logger.filter(record(logging.ERROR, "an error"))
+
+    for key in RUNTIME_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GLOG_v", "1")
+    monkeypatch.setenv("LOCAL_DEFAULT_PATH", str(tmp_path / "mine"))
+    runtime.setup_logs(str(tmp_path / "logs"))
+    assert os.environ["GLOG_v"] == "1" and "LOG_MF_PATH" not in os.environ  # mindformers uses $LOCAL_DEFAULT_PATH/log
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert runtime.default_threads() == cores and runtime.default_threads(workers=cores * 2) == 1

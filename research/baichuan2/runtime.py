@@ -37,7 +37,8 @@ def add_device_argument(parser):
     parser.add_argument("--device", type=lambda s: _DEVICE_NAMES.get(s.lower(), s), choices=DEVICES, default="auto",
                         help="auto (default): Ascend when MindSpore can use an Ascend NPU here, else CPU")
     parser.add_argument("--threads", type=int, default=None,
-                        help="host CPU threads for MindSpore's kernels (default: the cores this process may use)")
+                        help="host CPU threads for MindSpore's kernels (default: $OMP_NUM_THREADS, else the cores "
+                             "this process may use)")
     return parser
 
 
@@ -64,14 +65,16 @@ def setup_logs(log_dir=None):
     never into the current directory. Settings already in the environment win (GLOG_v=1 brings INFO back)."""
     log_dir = os.path.abspath(log_dir or default_log_dir())
     os.environ.setdefault("GLOG_v", "2")  # MindSpore, C++ and Python: 0 debug, 1 info, 2 warning, 3 error
-    # mindformers' log folder: LOG_MF_PATH, else LOCAL_DEFAULT_PATH/log with LOCAL_DEFAULT_PATH = ./output
-    os.environ.setdefault("LOG_MF_PATH", os.path.join(log_dir, "mindformers"))
+    # mindformers' log folder: LOG_MF_PATH, else $LOCAL_DEFAULT_PATH/log, else ./output/log
+    if "LOCAL_DEFAULT_PATH" not in os.environ:
+        os.environ.setdefault("LOG_MF_PATH", os.path.join(log_dir, "mindformers"))
     os.environ.setdefault("MS_OM_PATH", os.path.join(log_dir, "mindspore"))  # where MindSpore writes rank_0/om/
     if os.environ["GLOG_v"].strip() in ("0", "1"):
         return log_dir
     # mindformers' get_logger() names its logger "mindformers" + log path and sets it to INFO on first use (often
     # during `import mindformers`). Creating that logger first with a filter keeps its INFO lines off the console.
-    mf_logger = logging.getLogger("mindformers" + os.path.expanduser(os.environ["LOG_MF_PATH"]))
+    mf_log_path = os.environ.get("LOG_MF_PATH") or os.path.join(os.environ["LOCAL_DEFAULT_PATH"], "log")
+    mf_logger = logging.getLogger("mindformers" + os.path.expanduser(mf_log_path))
     if not any(isinstance(f, _WarningsAndUp) for f in mf_logger.filters):
         mf_logger.addFilter(_WarningsAndUp())
     return log_dir
@@ -126,11 +129,17 @@ def inference_dtype(device, saved=None):
     return "float32"
 
 
-def usable_cores():
+def default_threads(workers=1):
+    """OMP_NUM_THREADS when the environment sets it, else this process's share of the cores it may use."""
     try:
-        return len(os.sched_getaffinity(0))
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // workers)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -153,7 +162,7 @@ def setup_inference(device="auto", mode="graph", threads=None, log_dir=None, pro
 
     For entry points: when the device cannot be used it prints `<prog>: error: ...` and exits with status 2,
     before anything is loaded."""
-    return _setup(device, mode, threads or usable_cores(), log_dir, prog)
+    return _setup(device, mode, threads or default_threads(), log_dir, prog)
 
 
 def setup_training(device="auto", threads=None, log_dir=None, prog=None):
@@ -162,7 +171,7 @@ def setup_training(device="auto", threads=None, log_dir=None, prog=None):
 
     Threads default to this host's cores shared by the workers (msrun's usual one-host launch)."""
     workers = int(os.environ.get("MS_WORKER_NUM") or os.environ.get("RANK_SIZE") or 1)
-    rt = _setup(device, "graph", threads or max(1, usable_cores() // workers), log_dir, prog)
+    rt = _setup(device, "graph", threads or default_threads(workers), log_dir, prog)
     if not (os.environ.get("RANK_SIZE") or os.environ.get("MS_WORKER_NUM")):
         return 0, 1, rt.device  # plain process: init() raises without msrun
     # pylint: disable=import-outside-toplevel
@@ -177,7 +186,7 @@ def _setup(choice, mode, threads, log_dir, prog):
     if mode not in ("graph", "pynative"):
         raise ValueError(f"mode must be 'graph' or 'pynative', got {mode!r}")
     setup_logs(log_dir)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read when MindSpore's kernels load
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when MindSpore's OpenMP kernels load
     try:
         device = resolve_device(choice)
     except DeviceError as exc:
