@@ -1,9 +1,9 @@
-"""Generation speed on CPU, with and without the static KV cache, side by side.
+"""Generation speed, with and without the static KV cache, side by side.
 
-    python example/bench_generate.py                 # configs S and M
+    python example/bench_generate.py                 # configs S and M, on --device auto
     python example/bench_generate.py --configs S --threads 2
 
-For each Baichuan2-shaped config (random float32 weights, GRAPH mode):
+For each Baichuan2-shaped config (random weights, the device's inference dtype: float32 on CPU, GRAPH mode):
   prefill  batch 1, 512-token prompt: the cached prefill graph (fills the caches, logits of the last position only)
            and the plain forward (logits of every position, what a no-cache step costs)
   decode   32-token prompt, 64 new tokens, batch 1 and 4: tokens/s after the first token, with the cache and
@@ -12,9 +12,10 @@ For each Baichuan2-shaped config (random float32 weights, GRAPH mode):
 Compilation is excluded (one warm-up run of each shape first).
 """
 import argparse
-import os
 import sys
 import time
+
+from baichuan2 import runtime
 
 
 CONFIGS = {
@@ -28,8 +29,8 @@ CONFIGS = {
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["S", "M"], choices=sorted(CONFIGS))
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no_cache_steps", type=int, default=16)
+    runtime.add_device_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -44,13 +45,13 @@ def timed_decode(generator, prompts, new_tokens, use_cache, steps=None):
     return len(prompts) * count / (time.perf_counter() - start)
 
 
-def bench_config(name, fields, args):
+def bench_config(name, fields, args, compute_dtype):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from baichuan2 import BaichuanConfig, BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
-    config = BaichuanConfig.from_preset("baichuan2_7b", **fields)
+    config = BaichuanConfig.from_preset("baichuan2_7b", compute_dtype=compute_dtype, **fields)
     ms.set_seed(0)
     model = BaichuanForCausalLM(config)
     generator = Generator(model)
@@ -87,17 +88,11 @@ def _seconds(fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:  # MindSpore's own CPU thread pool (OMP_NUM_THREADS above covers the OpenMP kernels)
-        ms.set_context(runtime_num_threads=args.threads)
-    except (ValueError, TypeError) as exc:
-        print(f"note: could not set runtime_num_threads: {exc}", file=sys.stderr)
-    rows = [bench_config(name, CONFIGS[name], args) for name in args.configs]
+    rt = runtime.setup_inference(args.device, mode="graph", threads=args.threads, prog="bench_generate.py")
+    rows = [bench_config(name, CONFIGS[name], args, rt.compute_dtype) for name in args.configs]
 
-    print(f"\nfloat32, random weights, GRAPH mode, {args.threads} threads; tokens/s (compile excluded)")
+    print(f"\n{rt.device}, {rt.compute_dtype}, random weights, GRAPH mode, {rt.threads} threads; "
+          "tokens/s (compile excluded)")
     header = ["config", "params", "prefill 512 (cache)", "prefill 512 (forward)", "decode b1 cache",
               "decode b1 no-cache", "decode b4 cache", "decode b4 no-cache"]
     keys = ["prefill_cache", "prefill_forward", "decode_b1_cache", "decode_b1_nocache", "decode_b4_cache",

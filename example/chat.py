@@ -9,7 +9,7 @@ conversation, /exit (or Ctrl-D) quits.
 import argparse
 import sys
 
-import mindspore as ms
+from baichuan2 import runtime
 
 
 def parse_args(argv=None):
@@ -19,20 +19,17 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=None, help="reply length limit (default 2048)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    runtime.add_device_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    from baichuan2 import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
+    runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="chat.py")
     from baichuan2.chat import chat  # pylint: disable=import-outside-toplevel
-    from baichuan2.model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
 
     try:
-        model = BaichuanForCausalLM.from_pretrained(args.model_dir)
-        tokenizer = load_tokenizer(args.model_dir)
+        model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"chat.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
         return 1

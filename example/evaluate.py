@@ -14,6 +14,7 @@ Finished subjects are cached in <output>.cache/: rerun the same command to conti
 import argparse
 import sys
 
+from baichuan2 import runtime
 from baichuan2.evaluation import (TASKS, DataLayoutError, ModelScorer, evaluate, format_table, load_task,
                                   model_fingerprint)
 from baichuan2.evaluation.datasets import DEFAULT_SPLIT
@@ -32,13 +33,14 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_length", type=int, default=None, help="prompt token limit (default: the model's context)")
+    runtime.add_device_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import mindspore as ms
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # prompt lengths vary: graph mode would recompile per shape
+    # prompt lengths vary: graph mode would recompile per shape
+    runtime.setup_inference(args.device, mode="pynative", threads=args.threads, prog="evaluate.py")
     split = args.split or DEFAULT_SPLIT[args.task]
     output = args.output or f"{args.task}_{split}_results.json"
     try:

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-import mindspore as ms
+from baichuan2 import runtime
 
 
 def parse_args(argv=None):
@@ -27,21 +27,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    runtime.add_device_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    from baichuan2 import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
+    runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="inference.py")
     from baichuan2.chat import build_chat_input  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
-    from baichuan2.model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
 
     try:
-        model = BaichuanForCausalLM.from_pretrained(args.model_dir)
-        tokenizer = load_tokenizer(args.model_dir)
+        model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"inference.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ Binds to loopback unless --host says otherwise. See docs/SERVING.md for calling 
 import argparse
 import sys
 
-import mindspore as ms
+from baichuan2 import runtime
 
 
 def parse_args(argv=None):
@@ -19,13 +19,13 @@ def parse_args(argv=None):
     parser.add_argument("--model_name", default=None, help="id reported by /v1/models (default: directory name)")
     parser.add_argument("--max_batch", type=int, default=8, help="most queued requests generated as one batch")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    runtime.add_device_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="serve.py")
     import uvicorn  # pylint: disable=import-outside-toplevel
     from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
 

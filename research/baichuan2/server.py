@@ -260,13 +260,9 @@ class BatchWorker:
 
 # ---------------------------------------------------------------------------------------------- the app
 def _load(model_dir):
-    from .model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
-    from .modeling_baichuan import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
-
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json)")
-    model = BaichuanForCausalLM.from_pretrained(model_dir)
-    return Generator(model), load_tokenizer(model_dir)
+    from .runtime import load_model_dir  # pylint: disable=import-outside-toplevel
+    model, tokenizer, _ = load_model_dir(model_dir)
+    return Generator(model), tokenizer
 
 
 def create_app(source, tokenizer=None, model_name=None, max_batch=8):

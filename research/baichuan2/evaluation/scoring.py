@@ -53,10 +53,9 @@ class ModelScorer:
 
     @classmethod
     def from_model_dir(cls, model_dir, **kwargs):
-        from ..model_dir import load_tokenizer
-        from ..modeling_baichuan import BaichuanForCausalLM
-        model = BaichuanForCausalLM.from_pretrained(model_dir)
-        return cls(model, load_tokenizer(model_dir), **kwargs)
+        from ..runtime import load_model_dir
+        model, tokenizer, _ = load_model_dir(model_dir)
+        return cls(model, tokenizer, **kwargs)
 
     def encode(self, text):
         if text not in self._encoded:

@@ -1,0 +1,199 @@
+"""baichuan2.runtime: --device for every entry point, the start-up line, quiet logs kept out of the cwd, loading a
+model directory in the device's compute dtype."""
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+
+import mindspore as ms
+import pytest
+
+from baichuan2 import runtime
+from baichuan2.convert_weight import convert
+from conftest import FIXTURES, run_module
+
+NO_ASCEND = runtime.ascend_unavailable_reason()
+needs_no_ascend = pytest.mark.skipif(NO_ASCEND is None, reason="this host has a usable Ascend NPU")
+# what the set-up reads from the environment: the tests start from none of it, as a user's shell would
+RUNTIME_ENV = ("GLOG_v", "LOG_MF_PATH", "LOCAL_DEFAULT_PATH", "MS_OM_PATH", "OMP_NUM_THREADS")
+
+
+def clean_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in RUNTIME_ENV}
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the default log folder goes
+    os.makedirs(env["TMPDIR"], exist_ok=True)
+    return env
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runtime") / "baichuan2_tiny")
+    convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(model_dir, tmp_path_factory):
+    """The tiny model dir saved with compute_dtype bfloat16, which CPU cannot run (no bf16 MatMul kernel)."""
+    half = tmp_path_factory.mktemp("runtime") / "bf16_config"
+    shutil.copytree(model_dir, half)
+    config = json.loads((half / "config.json").read_text(encoding="utf-8"))
+    config["compute_dtype"] = "bfloat16"
+    (half / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(half)
+
+
+# ---------------------------------------------------------------------------------------------- --device Ascend
+ENTRY_POINTS = {
+    "chat": ["example/chat.py", "--model_dir", "{missing}"],
+    "inference": ["example/inference.py", "--model_dir", "{missing}", "--prompt", "hi"],
+    "serve": ["example/serve.py", "--model_dir", "{missing}"],
+    "evaluate": ["example/evaluate.py", "--model_dir", "{missing}", "--task", "ceval", "--data_dir", "{missing}"],
+    "bench_generate": ["example/bench_generate.py", "--configs", "S"],
+}
+
+
+@needs_no_ascend
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_device_ascend_fails_cleanly_before_loading(name, tmp_path):
+    # the model directory does not exist: any attempt to load it (or the data) would fail with another message
+    argv = [a.format(missing=tmp_path / "missing") for a in ENTRY_POINTS[name]]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = subprocess.run(run_module(*argv, "--device", "Ascend"), capture_output=True, text=True, cwd=cwd,
+                          env=clean_env(tmp_path), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    script = os.path.basename(argv[0])
+    assert lines[0].startswith(f"{script}: error: --device Ascend: MindSpore cannot use an Ascend NPU here: ")
+    assert "--device CPU" in lines[0] and proc.stdout == ""
+    assert os.listdir(cwd) == []
+
+
+# ---------------------------------------------------------------------------------------------- a real run
+def test_inference_prints_its_device_and_keeps_cwd_and_console_clean(model_dir, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = clean_env(tmp_path)
+    proc = subprocess.run(run_module("example/inference.py", "--model_dir", model_dir, "--prompt", "你好",
+                                     "--max_new_tokens", "3", "--device", "cpu", "--threads", "1"),
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[0] == "[runtime] device CPU (asked), mode GRAPH, 1 threads, compute float32"
+    assert proc.stderr.count("[runtime]") == 1
+    for stream in (proc.stdout, proc.stderr):  # mindformers logs to stdout, MindSpore to stderr
+        assert " INFO " not in stream and "[INFO]" not in stream, stream[-3000:]
+    assert proc.stdout.startswith("### prompt: 你好\n"), proc.stdout[-3000:]
+    assert os.listdir(cwd) == [], "mindformers' ./output/log (or anything else) was written into the cwd"
+    logs = os.path.join(env["TMPDIR"], f"baichuan2-{os.environ.get('USER') or os.getuid()}", "logs", "mindformers")
+    assert os.path.isdir(logs), "mindformers' log folder should be under the temp directory"
+
+
+@needs_no_ascend
+def test_auto_chooses_cpu_here(model_dir, tmp_path):
+    proc = subprocess.run(run_module("example/inference.py", "--model_dir", model_dir, "--prompt", "a",
+                                     "--max_new_tokens", "2", "--mode", "pynative"),
+                          capture_output=True, text=True, cwd=tmp_path, env=clean_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[0].startswith("[runtime] device CPU (auto), mode PYNATIVE, ")
+
+
+# ---------------------------------------------------------------------------------------------- in process
+def test_device_argument_is_case_insensitive_and_checked():
+    parser = runtime.add_device_argument(argparse.ArgumentParser())
+    assert parser.parse_args([]).device == "auto"
+    assert parser.parse_args(["--device", "cpu"]).device == "CPU"
+    assert parser.parse_args(["--device", "ASCEND"]).device == "Ascend"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--device", "GPU"])
+
+
+def test_resolve_device(monkeypatch):
+    assert runtime.resolve_device("CPU") == "CPU"
+    monkeypatch.setattr(runtime, "ascend_unavailable_reason", lambda: "this host shows no NPU")
+    assert runtime.resolve_device("auto") == "CPU"
+    with pytest.raises(runtime.DeviceError, match=r"^--device Ascend: .*shows no NPU\. Run with --device CPU"):
+        runtime.resolve_device("Ascend")
+    monkeypatch.setattr(runtime, "ascend_unavailable_reason", lambda: None)
+    assert runtime.resolve_device("auto") == "Ascend" and runtime.resolve_device("Ascend") == "Ascend"
+
+
+@needs_no_ascend
+def test_the_reason_names_what_is_missing():
+    # this project's machines have MindSpore's Ascend plugin but not the CANN libraries it needs
+    assert "Ascend plugin did not load" in NO_ASCEND and "CANN" in NO_ASCEND and "\n" not in NO_ASCEND
+
+
+def test_inference_dtype_per_device():
+    assert runtime.inference_dtype("CPU", "bfloat16") == "float32"  # no bf16 MatMul on CPU
+    assert runtime.inference_dtype("Ascend", "float32") == "bfloat16"
+    assert runtime.inference_dtype("Ascend", "float16") == "float16"
+
+
+def test_setup_training_single_process(monkeypatch, capsys):
+    for key in RUNTIME_ENV + ("RANK_SIZE", "MS_WORKER_NUM"):
+        monkeypatch.delenv(key, raising=False)
+    try:
+        assert runtime.setup_training("CPU", threads=1) == (0, 1, "CPU")
+        assert ms.get_context("mode") == ms.GRAPH_MODE
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert capsys.readouterr().err.startswith("[runtime] device CPU (asked), mode GRAPH, 1 threads")
+
+
+def test_load_model_dir_uses_the_device_dtype_and_the_dirs_generation_config(bf16_model_dir, tmp_path):
+    model, tokenizer, generation = runtime.load_model_dir(bf16_model_dir)
+    assert model.config.compute_dtype == "float32"
+    with open(os.path.join(bf16_model_dir, "generation_config.json"), encoding="utf-8") as f:
+        assert generation == json.load(f)
+    ids = tokenizer.encode("你好")
+    logits = model(ms.Tensor([ids], ms.int32)).asnumpy()
+    assert logits.shape == (1, len(ids), model.config.vocab_size)
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        runtime.load_model_dir(tmp_path)
+
+
+def test_server_loads_a_model_dir_through_the_runtime(bf16_model_dir, tmp_path):
+    from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
+    app = create_app(bf16_model_dir, max_batch=2)
+    try:
+        assert app.state.generator.config.compute_dtype == "float32"
+        assert app.state.tokenizer.encode("你好")
+    finally:
+        app.state.worker.close()
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        create_app(str(tmp_path))
+
+
+def test_setup_logs_points_logs_away_from_cwd_and_keeps_user_settings(monkeypatch, tmp_path):
+    for key in RUNTIME_ENV:
+        monkeypatch.delenv(key, raising=False)
+    runtime.setup_logs(str(tmp_path / "logs"))
+    assert os.environ["GLOG_v"] == "2"
+    assert os.environ["LOG_MF_PATH"] == str(tmp_path / "logs" / "mindformers")
+    assert os.environ["MS_OM_PATH"] == str(tmp_path / "logs" / "mindspore")
+    # the logger mindformers will use for that folder lets warnings through, not INFO
+    mf_logger = logging.getLogger("mindformers" + os.environ["LOG_MF_PATH"])
+    def record(level, msg):
+        return logging.LogRecord("m", level, __file__, 1, msg, None, None)
+    assert not mf_logger.filter(record(logging.INFO, "config ..."))
+    assert mf_logger.filter(record(logging.WARNING, "a real warning"))
+    assert mf_logger.filter(record(logging.ERROR, "an error"))
+
+    for key in RUNTIME_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("GLOG_v", "1")
+    monkeypatch.setenv("LOCAL_DEFAULT_PATH", str(tmp_path / "mine"))
+    runtime.setup_logs(str(tmp_path / "logs"))
+    assert os.environ["GLOG_v"] == "1" and "LOG_MF_PATH" not in os.environ  # mindformers uses $LOCAL_DEFAULT_PATH/log
+
+
+def test_default_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert runtime.default_threads() == cores and runtime.default_threads(workers=cores * 2) == 1
