@@ -23,8 +23,8 @@ The logic lives in research/baichuan2/training/ (imported as baichuan2.training)
 import argparse
 import sys
 
+from baichuan2.runtime import add_device_argument, setup_logs
 from baichuan2.training import DEFAULT_CONFIG, FinetuneError, apply_overrides, load_recipe, resolve_config_path
-from baichuan2.training.run import run
 
 
 def parse_args(argv=None):
@@ -44,14 +44,17 @@ def parse_args(argv=None):
     p.add_argument("--lora_alpha", type=float, help="LoRA alpha (the update is scaled by alpha / rank)")
     p.add_argument("--lora_dropout", type=float, help="dropout on the adapter input")
     p.add_argument("--lora_targets", help="comma-separated projections, e.g. W_pack or q_proj,v_proj,o_proj")
+    add_device_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    setup_logs()  # before anything imports mindformers (its log folder, its INFO lines)
+    from baichuan2.training.run import run  # pylint: disable=import-outside-toplevel
     try:
         recipe = apply_overrides(load_recipe(resolve_config_path(args.config)), args)
-        run(recipe, args.resume)
+        run(recipe, args.resume, args.device, args.threads)
     except FinetuneError as e:
         print(f"finetune.py: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

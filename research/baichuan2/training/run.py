@@ -5,7 +5,7 @@ Every input is checked (and FinetuneError raised) before anything is written to 
 import dataclasses
 import os
 
-from .backend import setup_backend
+from ..runtime import setup_training
 from .checkpoint import (checkpoint_dirs, remove_partial_checkpoints, restore_checkpoint, save_checkpoint,
                          write_adapter_dir, write_model_dir)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
@@ -48,9 +48,10 @@ class RunShape:
                 "total_steps": self.total_steps}
 
 
-def run(recipe, resume):
-    """Trains as the recipe says; with `resume`, continues from the newest complete checkpoint."""
-    rank, world_size, device = setup_backend()
+def run(recipe, resume, device="auto", threads=None):
+    """Trains as the recipe says; with `resume`, continues from the newest complete checkpoint. `device`:
+    auto | CPU | Ascend (see baichuan2.runtime)."""
+    rank, world_size, device = setup_training(device, threads, prog="finetune.py")
     shape = validate(recipe, rank, world_size, device, resume)
     model = build_model(recipe, shape)
     lrs = lr_schedule(shape.total_steps, float(recipe["train"]["lr"]), float(recipe["train"]["min_lr"]),
