@@ -1,0 +1,1 @@
+"""Training code of the Baichuan-family finetune (recipe, parallel layout, steps, checkpoints)."""
