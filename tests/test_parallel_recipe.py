@@ -142,3 +142,31 @@ def test_recompute_marks_the_decoder_layers_or_their_mlp():
                for layer in select.model.layers)
     off = apply_recompute(BaichuanForCausalLM(tiny), None)
     assert all(layer._recompute_cell is None for layer in off.model.layers)
+
+
+def test_ascend_application_sets_the_context_and_stages():
+    """Only what apply_ascend_parallel records (context, stage per cell, recompute marks) is checked here: nothing is
+    compiled, since CPU refuses semi-auto parallel. The model_parallel strategies need an initialised communication
+    group and are not exercised."""
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.training.parallel import apply_ascend_parallel
+    config = BaichuanConfig.from_preset("tiny", num_hidden_layers=4)
+    model = BaichuanForCausalLM(config)
+    try:
+        apply_ascend_parallel(model, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4,
+                                      "enable_parallel_optimizer": True, "optimizer_level": "level2"},
+                              {"recompute": True})
+        context = {key: ms.get_auto_parallel_context(key) for key in
+                   ("parallel_mode", "pipeline_stages", "full_batch", "enable_parallel_optimizer")}
+        from mindspore.parallel._auto_parallel_context import auto_parallel_context
+        sharded_grads = auto_parallel_context().get_grad_accumulation_shard()  # what level2 turns on
+        threshold = auto_parallel_context().get_parallel_optimizer_threshold()
+    finally:
+        ms.reset_auto_parallel_context()
+    assert context == {"parallel_mode": "semi_auto_parallel", "pipeline_stages": 2, "full_batch": True,
+                       "enable_parallel_optimizer": True}
+    assert sharded_grads is True and threshold == 64
+    assert [layer.pipeline_stage for layer in model.model.layers] == [0, 0, 1, 1]
+    assert (model.model.embed_tokens.pipeline_stage, model.model.norm.pipeline_stage,
+            model.lm_head.pipeline_stage) == (0, 1, 1)
+    assert all(layer._recompute_cell is not None for layer in model.model.layers)

@@ -170,15 +170,17 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     semi-auto parallel ("Invalid backend: CPU"), which is why `validate` refuses these settings on CPU.
 
     Must be called after `mindspore.communication.init()` and before the train step cell is built. What it does:
-    - set_auto_parallel_context(parallel_mode="semi_auto_parallel", full_batch=True, gradients_mean=False
-      (the loss is already a mean over the global batch), enable_parallel_optimizer, parallel_optimizer_config
-      {optimizer_level, parallel_optimizer_threshold}, pipeline_stages);
+    - set_auto_parallel_context: parallel_mode "semi_auto_parallel" ("auto_parallel" with search_mode
+      "sharding_propagation" when model_parallel > 1, so the ops inside the sharded cells get derived strategies),
+      full_batch=True, gradients_mean=False (as MindFormers: the semi-auto loss is already the global batch's
+      mean), enable_parallel_optimizer, parallel_optimizer_config {optimizer_level, parallel_optimizer_threshold},
+      pipeline_stages;
     - model_parallel > 1: column-parallel q/k/v/gate/up (weight rows split), row-parallel o/down (weight columns
-      split, partial sums all-reduced by the framework), vocab-parallel embedding and lm_head, activations split over
-      data_parallel on the batch axis. The strategies sit on each projection cell (Cell.shard with a parameter_plan);
-      sharding propagation derives the ops inside. NOTE: modeling_baichuan.linear shares one module-level MatMul
-      primitive between all projections; Cell-level strategies avoid per-primitive .shard(), but if the dry run
-      reports conflicting strategies the model needs one MatMul primitive per Linear cell.
+      split, partial sums all-reduced by the framework), vocab-parallel embedding and lm_head, activations split
+      over data_parallel on the batch axis. The strategies sit on each projection cell (Cell.shard with a
+      parameter_plan keyed by the parameter's full name). NOTE: modeling_baichuan.linear shares one module-level
+      MatMul primitive between all projections; cell-level strategies avoid per-primitive .shard(), but if the dry
+      run reports conflicting strategies the model needs one MatMul primitive per Linear cell.
     - pipeline_stage > 1: layer i goes to stage i // (layers / stages); the embedding to stage 0, the final norm and
       lm_head to the last stage. The caller must wrap the loss network in `nn.PipelineCell(net, micro_batch_num)`
       (mindspore.parallel.nn.Pipeline in 2.7) before the train step.
@@ -191,11 +193,14 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     sharded run are saved whole (integrated_save) or merged before export.
     """
     import mindspore as ms
-    from mindspore import nn  # noqa: F401  (nn.PipelineCell is applied by the caller)
 
     p = parallel_settings(parallel)
+    # mp > 1: the strategies below sit on cells, and MindSpore derives the ops inside them by sharding propagation,
+    # which runs in auto_parallel mode (MindFormers' recipes name the same search_mode). mp == 1 needs no strategy.
+    mode = {"parallel_mode": "auto_parallel", "search_mode": "sharding_propagation"} if p["model_parallel"] > 1 \
+        else {"parallel_mode": "semi_auto_parallel"}
     ms.set_auto_parallel_context(
-        parallel_mode="semi_auto_parallel",
+        **mode,
         full_batch=True,
         gradients_mean=False,
         enable_parallel_optimizer=p["enable_parallel_optimizer"],
