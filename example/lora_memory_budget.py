@@ -8,7 +8,8 @@ Counted per device, batch --batch_size, no model or optimizer sharding:
 - LoRA: the frozen base in bf16 (no gradients, no optimizer state), fp32 adapters with fp32 gradients and moments.
 - activations kept for the backward pass, in bf16, with fused (flash) attention, which stores no [S, S] scores:
   per layer the attention norm input and output, q/k/v, the attention output, the MLP norm input and output, and
-  gate/up/silu(gate)/product of the SwiGLU; plus float32 logits and their log-softmax. LoRA keeps the same set
+  gate/up/silu(gate)/product of the SwiGLU; plus float32 logits and their log-softmax (counted by
+  baichuan2.memory_budget, which also budgets sharded full finetunes: example/memory_budget.py). LoRA keeps the same set
   (counted conservatively: a frozen projection's input is not needed for a weight gradient, but the autodiff keeps
   most of them anyway). With full recomputation only each layer's input is kept, plus one layer's working set.
 Not counted: framework workspace, communication buffers, fragmentation (budget ~10% for them).
@@ -24,16 +25,10 @@ GIB = 1024 ** 3
 
 
 def activation_bytes(config, seq, batch, recompute):
-    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    tokens = seq * batch
-    bf16 = 2
-    # norm in, norm out, q, k, v, attention out, residual (MLP norm in), MLP norm out: 8 x [tokens, h];
-    # gate, up, silu(gate), silu(gate) * up: 4 x [tokens, i]
-    per_layer = bf16 * tokens * (8 * h + 4 * i)
-    logits = 2 * 4 * tokens * v  # float32 logits and log-softmax
-    if recompute:
-        return layers * bf16 * tokens * h + per_layer + logits
-    return layers * per_layer + logits
+    """bf16 activations of one device holding every layer (counted by baichuan2.memory_budget, whose docstring
+    lists what is kept): no recomputation, or full recomputation."""
+    from baichuan2.memory_budget import activation_bytes as kept_activations
+    return kept_activations(config, seq * batch, 2, mode="full" if recompute else "none")
 
 
 def budget(config, lora_params, seq, batch):

@@ -6,6 +6,7 @@
     step.py        TrainStep: one optimizer step with accumulation, loss scale, clipping, grad norm
     checkpoint.py  checkpoints/step_XXXXXX save and restore, the final model/ and adapter/ directories, export
     monitor.py     the per-step callback (log, TensorBoard, NaN stop, periodic checkpoints), the loss curve
+    parallel.py    the parallel: and recompute: recipe sections, their checks, recompute, the Ascend-only layout
     run.py         run(recipe, resume): the whole training run, step by step
 """
 from .recipe import DEFAULT_CONFIG, DEFAULTS, REPO, FinetuneError, apply_overrides, load_recipe, resolve_config_path

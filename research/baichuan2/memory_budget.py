@@ -1,0 +1,221 @@
+"""Training memory per device for a full finetune (or the frozen-base part of LoRA), from the model shape and the
+recipe's precision, parallel and recompute settings.
+
+Everything is counted from tensor shapes; nothing is allocated. The model is the Baichuan-family decoder of
+configuration_baichuan (q/k/v/o + gate/up/down per layer, two RMSNorm weights per layer, embedding, final norm and
+an untied lm_head). Assumptions, each a choice that could be made differently:
+
+Precision
+- Weights are stored in `param_dtype`; gradients have the parameter's dtype (as MindSpore produces them).
+- AdamW keeps two moments, m and v, in `moment_dtype`: float32 is MindFormers' FP32StateAdamWeightDecay (half
+  weights, float32 moments, no separate float32 master copy: the update is computed in float32 and cast back).
+- A weight used in `compute_dtype` != `param_dtype` is cast per use and the cast copy is kept for the backward pass:
+  every matrix counts a compute-dtype copy (the RMSNorm weights are applied in float32 and are not copied).
+
+Parallelism (MindSpore semi-auto parallel, as MindFormers' recipes use it)
+- model_parallel (mp) splits every matrix (q/k/v/gate/up by rows, o/down by columns, embedding and lm_head by
+  vocabulary rows); the norms are replicated.
+- pipeline_stage (pp) puts num_hidden_layers / pp consecutive layers on each stage, the embedding on the first and
+  the final norm + lm_head (and the logits) on the last. The table reports the stage with the largest total.
+- The parallel optimizer (enable_parallel_optimizer) shards over data_parallel (dp), per MindSpore's levels:
+  level1 the stored weights and the optimizer state; level2 also the gradients; level3 also drops the weights
+  gathered for the forward pass and gathers them again for the backward pass. A tensor smaller than
+  parallel_optimizer_threshold KB (the norms) is not sharded. The stored shard is all-gathered before use and the
+  gathered copy (in compute dtype) is kept for the backward pass (level1/2); at level3 only the largest gathered
+  unit (one decoder layer, the embedding or the lm_head) is held at a time.
+- Gradients: without accumulation each gradient is reduce-scattered to its shard as it is produced, so the
+  parallel optimizer holds 1/dp of them at any level (full gradients of one fusion bucket are transient, not
+  counted). With accumulation (pipeline micro batches or train.grad_accum_steps > 1) the accumulated gradients are
+  whole at level1 and 1/dp at level2/3 (MindSpore's gradient_accumulation_shard). Without the parallel optimizer
+  they are whole.
+
+Activations (compute dtype, per micro batch of batch_size x seq_length tokens)
+- Fused (flash) attention, as the model uses on Ascend: no [S, S] scores are stored (its per-row softmax
+  statistics are not counted).
+- Kept per layer without recomputation: the attention norm input and output, the MLP norm input and output
+  (4 x hidden, whole under mp: no sequence parallelism), q, k, v and the attention output (4 x hidden / mp), gate,
+  up, silu(gate) and their product (4 x intermediate / mp).
+- Full recomputation (recompute: true): each layer keeps only its input, plus one layer's working set at a time.
+  Select recomputation (select_recompute: true, our MLP-block recompute): each layer drops its 4 MLP tensors,
+  plus one MLP's working set at a time.
+- Logits in float32 and their log-softmax (2 x 4 bytes x vocabulary / mp per token), last stage only.
+- Pipeline (1F1B schedule): stage s holds min(pp - s, micro_batch_num) micro batches of activations in flight.
+
+Not counted: framework workspace, communication buffers, fragmentation, the data pipeline, the dynamic loss scale's
+overflow buffers. The verdict leaves `headroom` (10%) of the device limit for them. The device limit is
+MindSpore's max_device_memory, which reads "59GB" as 59 GiB.
+"""
+from .training.parallel import check_model_split, parallel_settings, recompute_settings
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _dtype_bytes(name, field):
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"{field} must be one of {sorted(DTYPE_BYTES)}, got {name!r}")
+    return DTYPE_BYTES[name]
+
+
+def stage_tensors(config, parallel, stage):
+    """(kind, count, elements per device) of the parameters stage `stage` holds; kind groups one gathered unit."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    mp, pp = parallel["model_parallel"], parallel["pipeline_stage"]
+    layers = config.num_hidden_layers // pp
+    tensors = [("layer", 4 * layers, h * h // mp), ("layer", 3 * layers, h * i // mp), ("norm", 2 * layers, h)]
+    if stage == 0:
+        tensors.append(("embedding", 1, v * h // mp))
+    if stage == pp - 1:
+        tensors.append(("norm", 1, h))
+        if not config.tie_word_embeddings:
+            tensors.append(("lm_head", 1, v * h // mp))
+    return tensors
+
+
+def activation_bytes(config, tokens, compute_bytes, model_parallel=1, layers=None, in_flight=1, mode="none",
+                     logits=True):
+    """Activations kept for the backward pass: `layers` decoder layers with `in_flight` micro batches of `tokens`
+    tokens each; mode "none" | "full" | "select" recomputation; `logits`: this device computes the loss."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    layers = config.num_hidden_layers if layers is None else layers
+    whole = 4 * h                       # norm inputs and outputs of attention and MLP
+    split = (4 * h + 4 * i) // model_parallel  # q, k, v, attention output + gate, up, silu(gate), product
+    mlp = 4 * i // model_parallel
+    per_layer = compute_bytes * tokens * (whole + split)
+    if mode == "none":
+        kept = layers * in_flight * per_layer
+    elif mode == "full":
+        kept = layers * in_flight * compute_bytes * tokens * h + per_layer
+    elif mode == "select":
+        kept = layers * in_flight * (per_layer - compute_bytes * tokens * mlp) + compute_bytes * tokens * mlp
+    else:
+        raise ValueError(f"recomputation mode must be none, full or select, got {mode!r}")
+    if logits:
+        kept += 2 * 4 * tokens * v // model_parallel
+    return kept
+
+
+def recompute_mode(recompute):
+    r = recompute_settings(recompute)
+    return "full" if r["recompute"] else "select" if r["select_recompute"] else "none"
+
+
+def stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
+                 moment_dtype="float32", grad_accum_steps=1, stage=0):
+    """{row: bytes} for one device of pipeline stage `stage`; rows as in ROWS, plus "total"."""
+    p = parallel_settings(parallel)
+    bp = _dtype_bytes(param_dtype, "param_dtype")
+    bc = _dtype_bytes(compute_dtype, "compute_dtype")
+    bm = _dtype_bytes(moment_dtype, "moment_dtype")
+    dp, pp = p["data_parallel"], p["pipeline_stage"]
+    shard = p["enable_parallel_optimizer"]
+    level = p["optimizer_level"]
+    accumulating = pp > 1 or grad_accum_steps > 1
+    threshold = p["parallel_optimizer_threshold"] * 1024
+
+    stored = gathered = grads = moments = 0
+    units = {}
+    for kind, count, n in stage_tensors(config, p, stage):
+        sharded = shard and n * bp >= threshold
+        div = dp if sharded else 1
+        stored += count * n * bp / div
+        moments += count * 2 * n * bm / div
+        grad_div = dp if sharded and (not accumulating or level != "level1") else 1
+        grads += count * n * bp / grad_div
+        if kind != "norm" and (sharded or compute_dtype != param_dtype):
+            gathered += count * n * bc
+            per_unit = count * n * bc if kind != "layer" else count * n * bc / (config.num_hidden_layers // pp)
+            units[kind] = units.get(kind, 0) + per_unit
+    if shard and level == "level3":
+        gathered = max(units.values(), default=0)
+
+    in_flight = min(pp - stage, p["micro_batch_num"]) if pp > 1 else 1
+    act = activation_bytes(config, batch_size * seq_length, bc, p["model_parallel"], config.num_hidden_layers // pp,
+                           in_flight, recompute_mode(recompute), logits=stage == pp - 1)
+    rows = {"weights": stored, "weights gathered/cast for compute": gathered, "gradients": grads,
+            "optimizer state": moments, "activations": act}
+    rows["total"] = sum(rows.values())
+    return rows
+
+
+def budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype, moment_dtype="float32",
+           grad_accum_steps=1):
+    """(worst stage, its rows): the pipeline stage with the largest total. Raises ParallelRecipeError (a ValueError)
+    when the layout does not split this model."""
+    check_model_split(parallel_settings(parallel), config)
+    stages = parallel_settings(parallel)["pipeline_stage"]
+    per_stage = [stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
+                              moment_dtype, grad_accum_steps, s) for s in range(stages)]
+    worst = max(range(stages), key=lambda s: per_stage[s]["total"])
+    return worst, per_stage[worst]
+
+
+def fits(total_bytes, limit_gib, headroom=0.10):
+    return total_bytes / GIB <= (1 - headroom) * limit_gib
+
+
+def describe(name, config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
+             moment_dtype="float32", grad_accum_steps=1, limit_gib=59.0, headroom=0.10):
+    """The printed table of one recipe, as lines."""
+    p = parallel_settings(parallel)
+    stage, rows = budget(config, p, recompute, seq_length, batch_size, param_dtype, compute_dtype, moment_dtype,
+                         grad_accum_steps)
+    dp, mp, pp = p["data_parallel"], p["model_parallel"], p["pipeline_stage"]
+    if p["enable_parallel_optimizer"]:
+        optimizer = f"parallel optimizer {p['optimizer_level']} over dp {dp}"
+    else:
+        optimizer = "no parallel optimizer"
+    pipeline = f", {p['micro_batch_num']} micro batches" if pp > 1 else ""
+    accum = f", grad_accum_steps {grad_accum_steps}" if grad_accum_steps > 1 else ""
+    mode = {"none": "no recomputation", "full": "full recomputation", "select": "select (MLP) recomputation"}[
+        recompute_mode(recompute)]
+    shard = f", 1/{dp}" if p["enable_parallel_optimizer"] else ""
+    grad_shard = shard if not (pp > 1 or grad_accum_steps > 1) or p["optimizer_level"] != "level1" else ""
+    in_flight = min(pp - stage, p["micro_batch_num"]) if pp > 1 else 1
+    labels = {
+        "weights": f"weights ({param_dtype}{shard})",
+        "weights gathered/cast for compute": f"weights gathered/cast ({compute_dtype})",
+        "gradients": f"gradients ({param_dtype}{grad_shard})",
+        "optimizer state": f"AdamW m, v ({moment_dtype}{shard})",
+        "activations": f"activations ({in_flight} micro batch{'es' if in_flight > 1 else ''})",
+        "total": "total",
+    }
+    lines = [
+        f"{name}: {config.family}, {config.num_parameters() / 1e9:.2f}B parameters, "
+        f"{dp * mp * pp} devices (dp {dp} x mp {mp} x pp {pp}{pipeline})",
+        f"params {param_dtype}, compute {compute_dtype}, AdamW moments {moment_dtype}; {optimizer}; {mode}; "
+        f"batch {batch_size} x seq {seq_length}{accum}",
+        "",
+        f"| {'GiB per device' + (f', stage {stage} of {pp}' if pp > 1 else ''):34} | {'':>6} |",
+        f"|{'-' * 36}|{'-' * 7}:|",
+    ]
+    for row, value in rows.items():
+        lines.append(f"| {labels[row]:34} | {value / GIB:6.1f} |")
+    verdict = "fits" if fits(rows["total"], limit_gib, headroom) else "does NOT fit"
+    lines.append(f"{verdict}: {rows['total'] / GIB:.1f} GiB against {(1 - headroom) * limit_gib:.1f} "
+                 f"({100 - 100 * headroom:.0f}% of a {limit_gib:g} GiB device limit)")
+    return lines
+
+
+# MindFormers r1.3 research/baichuan2 finetune recipes (Atlas 800T A2, 8 x 64 GB a node), and this project's recipes
+# before this budget existed: float32 parameters, plain data parallelism.
+PUBLISHED = {
+    "baichuan2_7b": dict(preset="baichuan2_7b", parallel={"data_parallel": 8, "enable_parallel_optimizer": True},
+                         recompute={"recompute": False}),
+    "baichuan2_13b": dict(preset="baichuan2_13b", parallel={"data_parallel": 8, "enable_parallel_optimizer": True},
+                          recompute={"recompute": True}),
+}
+SETTINGS = {
+    "MindFormers 7B": dict(PUBLISHED["baichuan2_7b"], param_dtype="float16", compute_dtype="float16"),
+    "MindFormers 13B": dict(PUBLISHED["baichuan2_13b"], param_dtype="float16", compute_dtype="float16"),
+    "MindFormers 7B, two nodes": dict(
+        PUBLISHED["baichuan2_7b"], param_dtype="float16", compute_dtype="float16",
+        parallel=dict(PUBLISHED["baichuan2_7b"]["parallel"], pipeline_stage=2, micro_batch_num=8)),
+    "MindFormers 13B, two nodes": dict(
+        PUBLISHED["baichuan2_13b"], param_dtype="float16", compute_dtype="float16",
+        parallel=dict(PUBLISHED["baichuan2_13b"]["parallel"], pipeline_stage=2, micro_batch_num=8)),
+    "configs/finetune_baichuan2_7b.yaml before": dict(
+        preset="baichuan2_7b", parallel={"data_parallel": 8}, recompute=None, param_dtype="float32",
+        compute_dtype="bfloat16"),
+}
+

@@ -1,0 +1,139 @@
+"""The full-finetune memory budget against hand computations for MindFormers' published Baichuan2 settings, the
+README showing the script's output, and the LoRA table unchanged."""
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+from baichuan2.configuration_baichuan import BaichuanConfig
+from baichuan2.memory_budget import GIB, budget, fits
+from baichuan2.training.parallel import ParallelRecipeError
+
+# Hand computation. Parameters of a Baichuan2 decoder: embedding and lm_head (2 x vocab x hidden), per layer q, k, v,
+# o (4 h^2), gate, up, down (3 h i) and two RMSNorm weights (2 h), the final norm (h).
+# Baichuan2-7B: h 4096, i 11008, vocab 125696, 32 layers.
+P_7B = 2 * 125696 * 4096 + 32 * (4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096) + 4096
+NORMS_7B = (2 * 32 + 1) * 4096           # 8 KB each in float16: below the 64 KB sharding threshold
+MATRICES_7B = P_7B - NORMS_7B
+# Baichuan2-13B: h 5120, i 13696, 40 layers.
+P_13B = 2 * 125696 * 5120 + 40 * (4 * 5120 ** 2 + 3 * 5120 * 13696 + 2 * 5120) + 5120
+NORMS_13B = (2 * 40 + 1) * 5120
+MATRICES_13B = P_13B - NORMS_13B
+
+TOKENS = 4096                            # batch 1 x seq 4096
+LOGITS = 2 * 4 * TOKENS * 125696         # float32 logits + log-softmax
+
+
+def test_hand_parameter_counts_are_the_published_sizes():
+    assert P_7B == 7_505_973_248 and P_13B == 13_896_668_160  # "7.51B" and "13.90B"
+    assert BaichuanConfig.from_preset("baichuan2_7b").num_parameters() == P_7B
+    assert BaichuanConfig.from_preset("baichuan2_13b").num_parameters() == P_13B
+
+
+MF_7B = dict(parallel={"data_parallel": 8, "enable_parallel_optimizer": True}, seq_length=4096, batch_size=1,
+             param_dtype="float16", compute_dtype="float16", moment_dtype="float32")
+
+
+def test_mindformers_7b_dp8_parallel_optimizer_no_recompute():
+    """dp 8, parallel optimizer level1, float16 weights, float32 moments, no recomputation."""
+    stage, rows = budget(BaichuanConfig.from_preset("baichuan2_7b"), recompute={"recompute": False}, **MF_7B)
+    weights = 2 * MATRICES_7B / 8 + 2 * NORMS_7B           # stored float16 shard; norms whole
+    gathered = 2 * MATRICES_7B                              # all-gathered float16 matrices kept for backward
+    grads = weights                                         # reduce-scattered as produced (no accumulation)
+    moments = 2 * 4 * MATRICES_7B / 8 + 2 * 4 * NORMS_7B    # m and v in float32
+    acts = 32 * 2 * TOKENS * (8 * 4096 + 4 * 11008) + LOGITS
+    assert (weights, gathered, moments, acts) == (1_876_959_232, 15_011_414_016, 7_507_836_928, 24_251_465_728)
+    assert stage == 0
+    assert rows == {"weights": weights, "weights gathered/cast for compute": gathered, "gradients": grads,
+                    "optimizer state": moments, "activations": acts,
+                    "total": weights + gathered + grads + moments + acts}
+    assert rows["total"] == 50_524_635_136  # 47.05 GiB
+    assert fits(rows["total"], 59) and not fits(rows["total"], 52)
+
+
+def test_mindformers_13b_dp8_parallel_optimizer_full_recompute():
+    config = BaichuanConfig.from_preset("baichuan2_13b")
+    _, rows = budget(config, recompute={"recompute": True}, **MF_7B)
+    weights = 2 * MATRICES_13B / 8 + 2 * NORMS_13B
+    gathered = 2 * MATRICES_13B
+    moments = 8 * MATRICES_13B / 8 + 8 * NORMS_13B
+    # each of 40 layers keeps its input; one layer's working set (8 h + 4 i per token) at a time; logits
+    acts = 40 * 2 * TOKENS * 5120 + 2 * TOKENS * (8 * 5120 + 4 * 13696) + LOGITS
+    assert acts == 6_580_862_976
+    assert rows["weights"] == rows["gradients"] == weights == 3_474_892_800
+    assert (rows["weights gathered/cast for compute"], rows["optimizer state"], rows["activations"]) == (
+        gathered, moments, acts)
+    assert rows["total"] == 55_222_726_656  # 51.43 GiB: fits 90% of 59 GiB (53.1)
+    assert fits(rows["total"], 59)
+    # without recomputation 13B does not fit: that is why MindFormers recomputes it
+    _, no_rc = budget(config, recompute={"recompute": False}, **MF_7B)
+    assert no_rc["activations"] == 40 * 2 * TOKENS * (8 * 5120 + 4 * 13696) + LOGITS
+    assert not fits(no_rc["total"], 59)
+
+
+def test_mindformers_7b_two_nodes_worst_stage_is_the_first():
+    """pp 2, 8 micro batches: stage 0 holds the embedding, 16 layers and 2 micro batches in flight (1F1B); gradients
+    are accumulated over micro batches, so level1 keeps them whole."""
+    two_nodes = dict(MF_7B, parallel=dict(MF_7B["parallel"], pipeline_stage=2, micro_batch_num=8))
+    stage, rows = budget(BaichuanConfig.from_preset("baichuan2_7b"), recompute=None, **two_nodes)
+    matrices = 16 * (4 * 4096 ** 2 + 3 * 4096 * 11008) + 125696 * 4096
+    norms = 2 * 16 * 4096
+    acts = 16 * 2 * 2 * TOKENS * (8 * 4096 + 4 * 11008)  # no logits on the first stage
+    assert stage == 0
+    assert rows["weights"] == 2 * matrices / 8 + 2 * norms
+    assert rows["gradients"] == 2 * (matrices + norms)
+    assert rows["optimizer state"] == matrices + 8 * norms
+    assert rows["activations"] == acts
+    assert rows["total"] == 39_836_712_960
+    level2 = dict(two_nodes, parallel=dict(two_nodes["parallel"], optimizer_level="level2"))
+    _, sharded_grads = budget(BaichuanConfig.from_preset("baichuan2_7b"), recompute=None, **level2)
+    assert sharded_grads["gradients"] == rows["weights"]
+
+
+def test_unsharded_float32_recipe_counts_sixteen_bytes_a_parameter_and_a_cast_copy():
+    config = BaichuanConfig.from_preset("baichuan2_7b")
+    _, rows = budget(config, {"data_parallel": 8}, None, 4096, 1, "float32", "bfloat16")
+    assert rows["weights"] + rows["gradients"] + rows["optimizer state"] == 16 * P_7B
+    assert rows["weights gathered/cast for compute"] == 2 * MATRICES_7B
+    assert not fits(rows["total"], 59)
+
+
+def test_layouts_that_do_not_split_the_model_are_refused():
+    with pytest.raises(ParallelRecipeError, match="model_parallel 3 does not divide"):
+        budget(BaichuanConfig.from_preset("baichuan2_13b"), {"model_parallel": 3}, None, 4096, 1, "float16",
+               "float16")
+
+
+def script_output(module_name, argv):
+    sys.path.insert(0, os.path.join(REPO, "example"))
+    module = __import__(module_name)
+    module.main(argv)
+
+
+def test_readme_shows_the_scripts_tables(capsys):
+    script_output("memory_budget", [])
+    out = capsys.readouterr().out
+    printed = out[out.index("MindFormers 7B:"):].strip()
+    assert "fits: 47.1 GiB" in printed and "fits: 51.4 GiB" in printed and "does NOT fit: 148.4 GiB" in printed
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        assert f"```\n{printed}\n```" in f.read(), "README.md: rerun example/memory_budget.py and paste its tables"
+
+
+def test_lora_table_unchanged(capsys):
+    """The LoRA script now counts activations with the new module: its documented table must not move."""
+    script_output("lora_memory_budget", [])
+    out = capsys.readouterr().out
+    printed = out[out.index("baichuan2_7b:"):].strip()
+    assert "| activations, no recomputation     |          22.6 |     22.6 |" in printed
+    assert "| total, full recomputation         |         131.3 |     19.4 |" in printed
+    for doc in ("README.md", os.path.join("docs", "LORA.md")):
+        with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+            assert f"```\n{printed}\n```" in f.read(), doc
+
+
+def test_bad_options_exit_2(capsys):
+    with pytest.raises(SystemExit) as err:
+        script_output("memory_budget", ["--preset", "baichuan2_13b", "--data_parallel", "3", "--model_parallel", "3"])
+    assert err.value.code == 2
+    assert "model_parallel 3 does not divide the model's num_attention_heads 40" in capsys.readouterr().err
