@@ -2,6 +2,9 @@
 adapters trained elsewhere (hand-built here as PEFT writes them), merges, and what is refused. Runs without peft;
 tools/parity/check_peft_adapter.py checks the same files against the real peft package."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from baichuan2.lora import LORA_A, LORA_B, adapter_params, apply_lora, load_adapter, merge_into_weights, \
     read_adapter, save_adapter
+from conftest import REPO
 
 PREFIX = "base_model.model.model.layers"
 
@@ -221,3 +225,34 @@ def test_loaded_adapter_gives_the_saved_models_logits(pynative, tmp_path):
     load_adapter(fresh, str(tmp_path))
     fresh.set_train(False)
     np.testing.assert_array_equal(fresh(ids).asnumpy(), expected)
+
+
+def test_merge_lora_py_merges_a_peft_directory(pynative, tmp_path):
+    import mindspore as ms
+    from baichuan2.model_dir import finish_model_dir
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    config = tiny()
+    ms.set_seed(1)
+    BaichuanForCausalLM(config).save_pretrained(str(tmp_path / "base"))
+    finish_model_dir(str(tmp_path / "base"), config, tokenizer_dir=os.path.join(REPO, "dataset"))
+    foreign = foreign_w_pack_adapter(config)
+    write_foreign(tmp_path / "peft", foreign, lora_alpha=4)
+    merge = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")
+    proc = subprocess.run([sys.executable, merge, "--base", str(tmp_path / "base"), "--adapter",
+                           str(tmp_path / "peft"), "--output_path", str(tmp_path / "merged")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base, merged = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("base", "merged"))
+    for n in range(config.num_hidden_layers):
+        a = foreign[f"{PREFIX}.{n}.self_attn.W_pack.lora_A.weight"].astype(np.float64)
+        b = foreign[f"{PREFIX}.{n}.self_attn.W_pack.lora_B.weight"].astype(np.float64)
+        qkv = [f"model.layers.{n}.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
+        np.testing.assert_allclose(np.concatenate([merged[q] for q in qkv]),
+                                   np.concatenate([base[q] for q in qkv]) + b @ a * 4 / 2, rtol=0, atol=1e-6)
+    assert np.array_equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    # a PEFT directory whose LoRA cannot be expressed here: one line, exit status 2
+    write_foreign(tmp_path / "dora", foreign, use_dora=True)
+    proc = subprocess.run([sys.executable, merge, "--base", str(tmp_path / "base"), "--adapter",
+                           str(tmp_path / "dora"), "--output_path", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "use_dora" in proc.stderr and not (tmp_path / "x").exists()

@@ -59,7 +59,7 @@ def to_peft(tensors, lora, fused_qkv, a_suffix, b_suffix):
     if fused_qkv:
         layers = sorted({_split_module(p)[0] for p in modules if _split_module(p)[2] in QKV})
         shared = all(_shared_a([modules.get(f"model.layers.{n}.self_attn.{p}") for p in QKV]) for n in layers)
-        packing = "shared_a" if shared else "blocks"
+        packing = ("shared_a" if shared else "blocks") if layers else None
         for n in layers:
             parts = [modules.get(f"model.layers.{n}.self_attn.{p}") for p in QKV]
             out[f"model.layers.{n}.self_attn.W_pack"] = _pack_qkv(parts, rank, shared)

@@ -104,7 +104,8 @@ def check_family(family, work, python):
     results["peft -> ours (load_adapter)"] = max_diff(mine["adapter"], theirs)
     results["peft -> ours (merged)"] = max_diff(mine["merged"], theirs)
     with peft_model.disable_adapter():
-        results["(peft adapter moves logits by)"] = max_diff(theirs, make_goldens.reference_logits(peft_model, spec, ids))
+        without = make_goldens.reference_logits(peft_model, spec, ids)
+    results["(peft adapter moves logits by)"] = max_diff(theirs, without)
     return results
 
 
