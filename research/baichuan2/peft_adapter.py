@@ -51,11 +51,8 @@ def to_peft(tensors, lora, fused_qkv, a_suffix, b_suffix):
     rank = int(lora["rank"])
     modules = _our_modules(tensors, a_suffix, b_suffix)  # module path -> (A, B)
     packing = None
-    out = {}  # HF module path -> (A, B) at its own rank
-    for path, (a, b) in modules.items():
-        layer, block, proj = _split_module(path)
-        if not (fused_qkv and proj in QKV):
-            out[path] = (a, b)
+    out = {path: ab for path, ab in modules.items()  # HF module path -> (A, B) at its own rank
+           if not (fused_qkv and _split_module(path)[2] in QKV)}
     if fused_qkv:
         layers = sorted({_split_module(p)[0] for p in modules if _split_module(p)[2] in QKV})
         shared = all(_shared_a([modules.get(f"model.layers.{n}.self_attn.{p}") for p in QKV]) for n in layers)
@@ -211,7 +208,7 @@ def _from_foreign(modules, config, a_suffix, b_suffix, where):
     split = {}  # our module path -> (A, B, scaling)
     layers = {}
     for path, ab in modules.items():
-        layer, block, proj = _split_module(path, where=where)
+        layer, _, proj = _split_module(path, where=where)
         layers.setdefault(layer, set()).add(proj)
         scaling = _scale(config, path)
         if proj == "W_pack":
@@ -250,7 +247,7 @@ def _from_our_export(modules, ours, a_suffix, b_suffix):
     rank, targets = int(ours["rank"]), ours["targets"]
     out = {}
     for path, ab in modules.items():
-        layer, block, proj = _split_module(path)
+        layer, _, proj = _split_module(path)
         a, b = ab["A"], ab["B"]
         if proj != "W_pack":
             out[f"{path}.{a_suffix}"], out[f"{path}.{b_suffix}"] = a[:rank], b[:, :rank]

@@ -11,8 +11,8 @@ requests that can share its generation call and runs them as one left-padded bat
 generation.py samples a whole batch with one set of options and one random generator, so requests are grouped by
 sampling parameters: greedy requests (temperature 0) are compatible with each other; sampling requests are compatible
 when temperature, top_p, top_k and repetition_penalty are equal and neither asked for a seed (a seeded request runs
-alone, so it is reproducible). max_tokens may differ: the batch runs to the largest and each row stops at its own. The batch size is
-padded to a power of two (repeating a prompt) so GRAPH mode compiles only a few shapes.
+alone, so it is reproducible). max_tokens may differ: the batch runs to the largest and each row stops at its own.
+The batch size is padded to a power of two (repeating a prompt) so GRAPH mode compiles only a few shapes.
 
 A client that disconnects marks its request cancelled: a queued one is dropped before it takes a batch slot, a
 running row stops being decoded and the batch ends as soon as all its rows are finished or cancelled (generation.py's

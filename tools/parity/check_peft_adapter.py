@@ -1,6 +1,6 @@
 """Cross-checks our PEFT-layout LoRA adapters with the real `peft` package on the transformers reference.
 
-    .venv-ref/bin/python tools/parity/check_peft_adapter.py            # all four parity families, ~5 min (MindSpore start-ups)
+    .venv-ref/bin/python tools/parity/check_peft_adapter.py            # all four families, ~5 min (MindSpore starts)
     .venv-ref/bin/python tools/parity/check_peft_adapter.py --family baichuan2_7b
 
 Runs in the reference venv (torch, transformers, peft: tools/parity/requirements.txt); our side runs in the project
