@@ -354,9 +354,11 @@ class BaichuanForCausalLM(PreTrainedModel):
         self.vocab_size = config.vocab_size
 
     def construct(self, input_ids, labels=None, attention_mask=None):
-        if labels is not None:
+        if labels is not None:  # rows of seq_length + 1 tokens (the mask too, when given)
             input_ids = input_ids[:, :-1]
             labels = labels[:, 1:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :-1]
         if attention_mask is None:
             attention_mask = ops.ones(input_ids.shape, ms.int32)
         hidden, _, _ = self.model(input_ids, attention_mask)
