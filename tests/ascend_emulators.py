@@ -78,7 +78,8 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     scores = scores * scalar_value  # the scale multiplies the shift too
     keep = ops.ones(scores.shape, ms.bool_)
     if attn_mask is not None:
-        _require(attn_mask.dtype in (ms.bool_, ms.uint8), name, f"attn_mask must be bool or uint8, got {attn_mask.dtype}")
+        _require(attn_mask.dtype in (ms.bool_, ms.uint8), name,
+                 f"attn_mask must be bool or uint8, got {attn_mask.dtype}")
         _require(tuple(attn_mask.shape) in ((b, n1, s1, s2), (b, 1, s1, s2), (s1, s2)), name,
                  f"attn_mask must be [B, N1|1, S1, S2] or [S1, S2] = [{b}, {n1}|1, {s1}, {s2}], "
                  f"got {tuple(attn_mask.shape)}")
@@ -117,13 +118,15 @@ def rotary_position_embedding(x, cos, sin, mode=0):
     CALLS[name] += 1
     _require(isinstance(mode, int) and mode in (0, 1), name, f"mode must be 0 or 1, got {mode!r}")
     _require(mode == 0, name, "only mode 0 (rotate_half) is emulated")
-    _require(x.ndim == 4 and x.dtype in FLOATS, name, f"x must be 4-D float16/bfloat16/float32, got {x.shape} {x.dtype}")
+    _require(x.ndim == 4 and x.dtype in FLOATS, name,
+             f"x must be 4-D float16/bfloat16/float32, got {x.shape} {x.dtype}")
     _require(cos.dtype == x.dtype and sin.dtype == x.dtype, name,
              f"cos/sin must have x's dtype {x.dtype}, got {cos.dtype}/{sin.dtype}")
     b, n, s, d = x.shape
     _require(tuple(cos.shape) == tuple(sin.shape) and tuple(cos.shape) in ((1, 1, s, d), (b, 1, s, d), (b, n, s, d)),
              name, f"cos/sin must be 11SD, B1SD or BNSD for x {tuple(x.shape)}, got {tuple(cos.shape)}")
-    _require(d % 2 == 0 and d < 896 and b < 1000 and n < 1000, name, f"needs D even < 896 and B, N < 1000, got {x.shape}")
+    _require(d % 2 == 0 and d < 896 and b < 1000 and n < 1000, name,
+             f"needs D even < 896 and B, N < 1000, got {x.shape}")
     aligned = (d * (4 if x.dtype == ms.float32 else 2)) % 32 == 0
     _require(not (aligned and b * n > 8 * s), name, f"BNSD with B*N ({b * n}) > 8*S ({8 * s}) is documented as not "
              "callable (use the composed rotation)")
