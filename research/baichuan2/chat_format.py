@@ -1,0 +1,195 @@
+"""Chat formats: how each model family lays a conversation out in tokens, defined once as data.
+
+    baichuan2  <reserved_106>{user}<reserved_107>{assistant}<reserved_106>{user}<reserved_107>...
+               role tokens; eos is never an input after an answer, it is the label of the next user token
+    xverse     Human: {user}\\n\\nAssistant: {assistant}<|endoftext|>Human: {user}\\n\\nAssistant: ...
+               role text, encoded together with the content; eos is a real token after each answer
+    None       base models: no chat layout, greedy generation defaults
+
+A format lists, for each role, the parts of a turn in order: a special Token (placed by id, never by encoding its
+text), literal text, or CONTENT (the message). Everything else is derived from that data, so the layout has one
+home: training rows and their labels (`label_turns`, used by baichuan2.data), chat prompts from a message history
+(`message_ids`, `reply_start_ids`: chat.py, server.py), stop ids, generation_config.json defaults (model_dir.py), and
+the text form of a prompt (`render_text`: the same walk a Jinja `chat_template` would be rendered from).
+
+Token ids come as a dict keyed by Token.key ("user", "assistant", "eos"): from a model config (`config_ids`) or
+from the tokenizer and preprocessing flags.
+"""
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Optional, Tuple
+
+IGNORE = -100  # label of a position that is not a training target
+
+
+@dataclass(frozen=True)
+class Token:
+    """A special token: `key` names its id in an ids dict, `piece` is its text in the vocabulary."""
+    key: str
+    piece: str
+
+
+class _Content:
+    def __repr__(self):
+        return "CONTENT"
+
+
+CONTENT = _Content()  # where the message's text goes in a turn
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The parts of one message in order (Token, literal text or CONTENT). Adjacent text and content are encoded as
+    one string, as the prompt is at inference (byte-level BPE tokenises "Human: " alone differently from
+    "Human: q"). learned: the content and every part after it are training targets; earlier parts never are."""
+    parts: tuple
+    learned: bool = False
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One family's chat layout (see the module docstring); name None is the base model (no turns)."""
+    name: Optional[str]
+    generation: MappingProxyType       # generation_config.json defaults: sampling and max_new_tokens
+    user: Optional[Turn] = None
+    assistant: Optional[Turn] = None
+    system: Optional[Turn] = None      # a system message at inference (training glues it into the first user turn)
+    reply_start: tuple = ()            # parts that open the assistant's reply in a prompt
+    closing: tuple = ()                # parts that end a training row (learned)
+    user_label: Optional[Token] = None  # label of each user turn's first token: the target after the previous answer
+    stop_tokens: Tuple[Token, ...] = ()  # besides eos, tokens that end a reply (the start of a new user turn)
+
+    @property
+    def has_turns(self):
+        return self.user is not None
+
+    def turn(self, role):
+        turn = {"user": self.user, "assistant": self.assistant, "system": self.system}.get(role)
+        if turn is None:
+            raise ValueError(f"chat format {self.name!r} has no {role!r} turn")
+        return turn
+
+    def token_keys(self):
+        """Keys of every special token the layout places (the ids a caller must supply)."""
+        turns = [t for t in (self.user, self.assistant, self.system) if t is not None]
+        parts = [p for t in turns for p in t.parts] + list(self.reply_start) + list(self.closing)
+        parts += list(self.stop_tokens) + ([self.user_label] if self.user_label else [])
+        keys = {p.key for p in parts if isinstance(p, Token)}
+        return [key for key in ("user", "assistant", "eos") if key in keys] + sorted(keys - {"user", "assistant", "eos"})
+
+    # ------------------------------------------------------------------------------------------ token ids
+    def label_turns(self, turns, encode, ids):
+        """(input_ids, labels) of a whole conversation, uncut and unpadded: turns [("user"|"assistant", text)],
+        encode: text -> ids, ids: {key: id}. Labels are IGNORE where nothing is learned."""
+        inputs, labels = [], []
+        for role, text in turns:
+            turn = self.turn(role)
+            start = len(labels)
+            for tokens, at_or_after_content in _runs(turn.parts, text, encode, ids):
+                inputs += tokens
+                labels += tokens if turn.learned and at_or_after_content else [IGNORE] * len(tokens)
+            if role == "user" and self.user_label is not None and len(labels) > start:
+                labels[start] = ids[self.user_label.key]
+        closing = [t for tokens, _ in _runs(self.closing, "", encode, ids) for t in tokens]
+        return inputs + closing, labels + closing
+
+    def message_ids(self, role, content, encode, ids):
+        """Prompt ids of one message (no labels)."""
+        return [t for tokens, _ in _runs(self.turn(role).parts, content, encode, ids) for t in tokens]
+
+    def reply_start_ids(self, encode, ids):
+        return [t for tokens, _ in _runs(self.reply_start, "", encode, ids) for t in tokens]
+
+    def stop_ids(self, ids):
+        """Ids that end a reply besides eos (those the caller knows)."""
+        return [ids[t.key] for t in self.stop_tokens if ids.get(t.key) is not None]
+
+    # ------------------------------------------------------------------------------------------ text
+    def render_text(self, messages, add_reply_start=True):
+        """The prompt as text (special tokens as their pieces), what a Jinja chat_template renders; a tokenizer
+        that keeps the pieces whole encodes it to `message_ids` (+ `reply_start_ids`)."""
+        out = []
+        for message in messages:
+            out += [_text(p, message["content"]) for p in self.turn(message["role"]).parts]
+        if add_reply_start and messages and messages[-1]["role"] != "assistant":
+            out += [_text(p, "") for p in self.reply_start]
+        return "".join(out)
+
+
+def _text(part, content):
+    return content if part is CONTENT else part.piece if isinstance(part, Token) else part
+
+
+def _runs(parts, content, encode, ids):
+    """[(ids, at_or_after_content)] for the parts of a turn: each Token alone, each stretch of text and content
+    encoded as one string."""
+    runs, pending, reached = [], [], False
+    for part in tuple(parts) + (None,):
+        if part is CONTENT or isinstance(part, str):
+            pending.append(content if part is CONTENT else part)
+            reached = reached or part is CONTENT
+            continue
+        if pending:
+            runs.append((list(encode("".join(pending))), reached))
+            pending = []
+        if part is not None:
+            runs.append(([ids[part.key]], reached))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- the formats
+# Baichuan2-Chat's generation_config.json; XVERSE chat models use the same defaults here.
+CHAT_DEFAULTS = MappingProxyType({"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85,
+                                  "repetition_penalty": 1.05, "max_new_tokens": 2048})
+BASE_DEFAULTS = MappingProxyType({"do_sample": False, "max_new_tokens": 512})  # base models decode greedily
+
+USER_TOKEN = Token("user", "<reserved_106>")
+ASSISTANT_TOKEN = Token("assistant", "<reserved_107>")
+
+BAICHUAN2 = ChatFormat(
+    name="baichuan2", generation=CHAT_DEFAULTS,
+    user=Turn((USER_TOKEN, CONTENT)),
+    assistant=Turn((ASSISTANT_TOKEN, CONTENT), learned=True),
+    system=Turn((CONTENT,)),
+    reply_start=(ASSISTANT_TOKEN,),
+    closing=(Token("eos", "</s>"),),
+    user_label=Token("eos", "</s>"),
+    stop_tokens=(USER_TOKEN,))
+
+XVERSE = ChatFormat(
+    name="xverse", generation=CHAT_DEFAULTS,
+    user=Turn(("Human: ", CONTENT, "\n\nAssistant: ")),  # already ends with the reply start
+    assistant=Turn((CONTENT, Token("eos", "<|endoftext|>")), learned=True),
+    system=Turn((CONTENT,)))
+
+BASE = ChatFormat(name=None, generation=BASE_DEFAULTS)
+
+FORMATS = {f.name: f for f in (BAICHUAN2, XVERSE, BASE)}
+CHAT_FORMAT_NAMES = sorted(name for name, f in FORMATS.items() if f.has_turns)
+
+
+def get(name):
+    """The format called `name` (None: base model)."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown chat format {name!r}; expected one of {CHAT_FORMAT_NAMES} or None (base model)")
+    return FORMATS[name]
+
+
+def config_ids(config):
+    """Special token ids of a model config, keyed as the formats' Tokens."""
+    return {"user": getattr(config, "user_token_id", None), "assistant": getattr(config, "assistant_token_id", None),
+            "eos": getattr(config, "eos_token_id", None)}
+
+
+def for_config(config):
+    """(format, ids) of a config that must chat; ValueError for a base model or missing role ids."""
+    fmt = FORMATS.get(config.chat_format)
+    if fmt is None or not fmt.has_turns:
+        raise ValueError(f"model family {config.family!r} has no chat format (chat_format={config.chat_format!r}); "
+                         f"chat needs one of {CHAT_FORMAT_NAMES}: use plain generation for base models")
+    ids = config_ids(config)
+    missing = [key for key in fmt.token_keys() if ids.get(key) is None]
+    if missing:
+        raise ValueError(f"chat_format {fmt.name!r} needs {' and '.join(k + '_token_id' for k in missing)} "
+                         f"in the config")
+    return fmt, ids
