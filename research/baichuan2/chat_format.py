@@ -145,6 +145,7 @@ BASE_DEFAULTS = MappingProxyType({"do_sample": False, "max_new_tokens": 512})  #
 
 USER_TOKEN = Token("user", "<reserved_106>")
 ASSISTANT_TOKEN = Token("assistant", "<reserved_107>")
+XVERSE_EOS = Token("eos", "<|endoftext|>")
 
 BAICHUAN2 = ChatFormat(
     name="baichuan2", generation=CHAT_DEFAULTS,
@@ -159,7 +160,7 @@ BAICHUAN2 = ChatFormat(
 XVERSE = ChatFormat(
     name="xverse", generation=CHAT_DEFAULTS,
     user=Turn(("Human: ", CONTENT, "\n\nAssistant: ")),  # already ends with the reply start
-    assistant=Turn((CONTENT, Token("eos", "<|endoftext|>")), learned=True),
+    assistant=Turn((CONTENT, XVERSE_EOS), learned=True),
     system=Turn((CONTENT,)))
 
 BASE = ChatFormat(name=None, generation=BASE_DEFAULTS)

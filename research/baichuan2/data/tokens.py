@@ -2,6 +2,7 @@
 
 --model_file is a SentencePiece tokenizer.model (Baichuan families) or a Hugging Face tokenizer.json (XVERSE).
 """
+from ..chat_format import XVERSE_EOS
 from .errors import DataError
 
 
@@ -55,7 +56,7 @@ def xverse_ids(model_file):
         tok = Tokenizer.from_file(model_file)
     except Exception as e:  # the tokenizers library raises bare Exceptions for unreadable files
         raise DataError("config", f"--model_file {model_file}: not a readable tokenizer.json ({e})") from None
-    ids = {"eos": tok.token_to_id("<|endoftext|>"), "pad": tok.token_to_id("<pad>")}
+    ids = {"eos": tok.token_to_id(XVERSE_EOS.piece), "pad": tok.token_to_id("<pad>")}
     missing = [name for name, value in ids.items() if value is None]
     if missing:
         raise DataError("config", f"--model_file {model_file}: no {' / '.join(missing)} token "
