@@ -15,6 +15,7 @@ the text form of a prompt (`render_text`: the same walk a Jinja `chat_template` 
 Token ids come as a dict keyed by Token.key ("user", "assistant", "eos"): from a model config (`config_ids`) or
 from the tokenizer and preprocessing flags.
 """
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Optional, Tuple
@@ -45,6 +46,42 @@ class Turn:
     parts: tuple
     learned: bool = False
 
+    @functools.cached_property
+    def plan(self):
+        """The runs to produce, worked out once: (token key, None, after) for a Token, (None, texts, after) for a
+        stretch of text and content; `after`: the run holds or follows the content."""
+        plan, pending, after = [], [], False
+        for part in self.parts + (None,):
+            if part is CONTENT or isinstance(part, str):
+                pending.append(part)
+                after = after or part is CONTENT
+                continue
+            if pending:
+                plan.append((None, tuple(pending), after))
+                pending = []
+            if part is not None:
+                plan.append((part.key, None, after))
+        return tuple(plan)
+
+    def runs(self, content, encode, ids):
+        """[(token ids, learned)] of this turn with `content` in it."""
+        runs = []
+        for key, texts, after in self.plan:
+            tokens = [ids[key]] if key is not None else list(encode("".join(
+                content if t is CONTENT else t for t in texts)))
+            runs.append((tokens, self.learned and after))
+        return runs
+
+    def ids(self, content, encode, ids):
+        return [t for tokens, _ in self.runs(content, encode, ids) for t in tokens]
+
+    def text(self, content):
+        """The turn as text, special tokens as their pieces."""
+        return "".join(content if p is CONTENT else p.piece if isinstance(p, Token) else p for p in self.parts)
+
+
+NO_TURN = Turn(())
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -54,8 +91,8 @@ class ChatFormat:
     user: Optional[Turn] = None
     assistant: Optional[Turn] = None
     system: Optional[Turn] = None      # a system message at inference (training glues it into the first user turn)
-    reply_start: tuple = ()            # parts that open the assistant's reply in a prompt
-    closing: tuple = ()                # parts that end a training row (learned)
+    reply_start: Turn = NO_TURN        # opens the assistant's reply in a prompt
+    closing: Turn = NO_TURN            # ends a training row; its tokens are their own labels
     user_label: Optional[Token] = None  # label of each user turn's first token: the target after the previous answer
     stop_tokens: Tuple[Token, ...] = ()  # besides eos, tokens that end a reply (the start of a new user turn)
 
@@ -64,18 +101,18 @@ class ChatFormat:
         return self.user is not None
 
     def turn(self, role):
-        turn = {"user": self.user, "assistant": self.assistant, "system": self.system}.get(role)
+        turn = getattr(self, role) if role in ("user", "assistant", "system") else None
         if turn is None:
             raise ValueError(f"chat format {self.name!r} has no {role!r} turn")
         return turn
 
     def token_keys(self):
-        """Keys of every special token the layout places (the ids a caller must supply)."""
-        turns = [t for t in (self.user, self.assistant, self.system) if t is not None]
-        parts = [p for t in turns for p in t.parts] + list(self.reply_start) + list(self.closing)
-        parts += list(self.stop_tokens) + ([self.user_label] if self.user_label else [])
+        """Keys of every special token the layout places (the ids a caller must supply), user/assistant/eos first."""
+        turns = [t for t in (self.user, self.assistant, self.system, self.reply_start, self.closing) if t]
+        parts = [p for t in turns for p in t.parts] + list(self.stop_tokens) + [self.user_label]
         keys = {p.key for p in parts if isinstance(p, Token)}
-        return [key for key in ("user", "assistant", "eos") if key in keys] + sorted(keys - {"user", "assistant", "eos"})
+        first = [key for key in ("user", "assistant", "eos") if key in keys]
+        return first + sorted(keys - set(first))
 
     # ------------------------------------------------------------------------------------------ token ids
     def label_turns(self, turns, encode, ids):
@@ -83,22 +120,21 @@ class ChatFormat:
         encode: text -> ids, ids: {key: id}. Labels are IGNORE where nothing is learned."""
         inputs, labels = [], []
         for role, text in turns:
-            turn = self.turn(role)
             start = len(labels)
-            for tokens, at_or_after_content in _runs(turn.parts, text, encode, ids):
+            for tokens, learned in self.turn(role).runs(text, encode, ids):
                 inputs += tokens
-                labels += tokens if turn.learned and at_or_after_content else [IGNORE] * len(tokens)
+                labels += tokens if learned else [IGNORE] * len(tokens)
             if role == "user" and self.user_label is not None and len(labels) > start:
                 labels[start] = ids[self.user_label.key]
-        closing = [t for tokens, _ in _runs(self.closing, "", encode, ids) for t in tokens]
+        closing = self.closing.ids("", encode, ids)
         return inputs + closing, labels + closing
 
     def message_ids(self, role, content, encode, ids):
         """Prompt ids of one message (no labels)."""
-        return [t for tokens, _ in _runs(self.turn(role).parts, content, encode, ids) for t in tokens]
+        return self.turn(role).ids(content, encode, ids)
 
     def reply_start_ids(self, encode, ids):
-        return [t for tokens, _ in _runs(self.reply_start, "", encode, ids) for t in tokens]
+        return self.reply_start.ids("", encode, ids)
 
     def stop_ids(self, ids):
         """Ids that end a reply besides eos (those the caller knows)."""
@@ -108,33 +144,10 @@ class ChatFormat:
     def render_text(self, messages, add_reply_start=True):
         """The prompt as text (special tokens as their pieces), what a Jinja chat_template renders; a tokenizer
         that keeps the pieces whole encodes it to `message_ids` (+ `reply_start_ids`)."""
-        out = []
-        for message in messages:
-            out += [_text(p, message["content"]) for p in self.turn(message["role"]).parts]
+        text = "".join(self.turn(m["role"]).text(m["content"]) for m in messages)
         if add_reply_start and messages and messages[-1]["role"] != "assistant":
-            out += [_text(p, "") for p in self.reply_start]
-        return "".join(out)
-
-
-def _text(part, content):
-    return content if part is CONTENT else part.piece if isinstance(part, Token) else part
-
-
-def _runs(parts, content, encode, ids):
-    """[(ids, at_or_after_content)] for the parts of a turn: each Token alone, each stretch of text and content
-    encoded as one string."""
-    runs, pending, reached = [], [], False
-    for part in tuple(parts) + (None,):
-        if part is CONTENT or isinstance(part, str):
-            pending.append(content if part is CONTENT else part)
-            reached = reached or part is CONTENT
-            continue
-        if pending:
-            runs.append((list(encode("".join(pending))), reached))
-            pending = []
-        if part is not None:
-            runs.append(([ids[part.key]], reached))
-    return runs
+            text += self.reply_start.text("")
+        return text
 
 
 # ---------------------------------------------------------------------------------------------- the formats
@@ -152,8 +165,8 @@ BAICHUAN2 = ChatFormat(
     user=Turn((USER_TOKEN, CONTENT)),
     assistant=Turn((ASSISTANT_TOKEN, CONTENT), learned=True),
     system=Turn((CONTENT,)),
-    reply_start=(ASSISTANT_TOKEN,),
-    closing=(Token("eos", "</s>"),),
+    reply_start=Turn((ASSISTANT_TOKEN,)),
+    closing=Turn((Token("eos", "</s>"),)),
     user_label=Token("eos", "</s>"),
     stop_tokens=(USER_TOKEN,))
 
