@@ -12,6 +12,11 @@ home: training rows and their labels (`label_turns`, used by baichuan2.data), ch
 (`message_ids`, `reply_start_ids`: chat.py, server.py), stop ids, generation_config.json defaults (model_dir.py), and
 the text form of a prompt (`render_text`: the same walk a Jinja `chat_template` would be rendered from).
 
+A Jinja `chat_template` is `render_text` written in Jinja: for each message its turn's parts in order (a Token's
+piece, text as is, `{{ message['content'] }}` for CONTENT), then reply_start when add_generation_prompt. Caveat for
+byte-level BPE (XVERSE): text rendered whole and tokenised at once can merge across a turn boundary ("Assistant: "
+then the answer) where message_ids encodes each turn alone; the two agree for a single user message.
+
 Token ids come as a dict keyed by Token.key ("user", "assistant", "eos"): from a model config (`config_ids`) or
 from the tokenizer and preprocessing flags.
 """
@@ -158,6 +163,7 @@ BASE_DEFAULTS = MappingProxyType({"do_sample": False, "max_new_tokens": 512})  #
 
 USER_TOKEN = Token("user", "<reserved_106>")
 ASSISTANT_TOKEN = Token("assistant", "<reserved_107>")
+BAICHUAN2_EOS = Token("eos", "</s>")
 XVERSE_EOS = Token("eos", "<|endoftext|>")
 
 BAICHUAN2 = ChatFormat(
@@ -166,8 +172,8 @@ BAICHUAN2 = ChatFormat(
     assistant=Turn((ASSISTANT_TOKEN, CONTENT), learned=True),
     system=Turn((CONTENT,)),
     reply_start=Turn((ASSISTANT_TOKEN,)),
-    closing=Turn((Token("eos", "</s>"),)),
-    user_label=Token("eos", "</s>"),
+    closing=Turn((BAICHUAN2_EOS,)),
+    user_label=BAICHUAN2_EOS,
     stop_tokens=(USER_TOKEN,))
 
 XVERSE = ChatFormat(
