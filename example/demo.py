@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from baichuan2.chat_format import BAICHUAN2
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "dataset", "belle_sample.json")
 TOKENIZER = os.path.join(REPO, "dataset", "tokenizer.model")
@@ -95,7 +97,7 @@ def answer(model_dir, prompts):
     generator = pipeline(task="text_generation", model=model_dir, framework='ms', trust_remote_code=True)
     replies = []
     for prompt in prompts:
-        chat_text = f"<reserved_106>{prompt}<reserved_107>"
+        chat_text = BAICHUAN2.render_text([{"role": "user", "content": prompt}])  # <reserved_106>q<reserved_107>
         result = generator(chat_text, do_sample=False, max_new_tokens=48)
         text = result[0]["text_generation_text"][0]  # the prompt followed by the reply
         replies.append(text[len(chat_text):] if text.startswith(chat_text) else text)

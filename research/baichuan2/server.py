@@ -39,6 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import chat_format
 from .chat import build_chat_input
 from .generation import Generator, read_generation_config
 
@@ -486,7 +487,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
             raise APIError(400, f"{model_name} is a base model without a chat template: use /v1/completions",
                            param="messages")
         prompt = chat_prompt(req.messages)
-        stop_ids = [config.user_token_id] if config.chat_format == "baichuan2" else []
+        stop_ids = chat_format.get(config.chat_format).stop_ids(chat_format.config_ids(config))
         job = make_job(req, prompt, stop_ids)
 
         def chunk(request_id, text, finish_reason):
