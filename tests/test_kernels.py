@@ -1,11 +1,13 @@
 """The projection kernels (baichuan2.kernels) against numpy, every format, both instruction-set paths, GRAPH mode.
 
 Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float(scale) * q) and multiplied in
-float64. Tolerance, per output element: |y - y_ref| <= (K + 2) u sum_k |x_k| |w_k|, u = 2^-24. The kernels accumulate
-in float32 (any order: per-lane sums, a tree over the lanes, K blocks added into y); every such order of K products
-has at most K - 1 roundings on each term's path, plus one for the product x_k w_k and one for forming w_k
-(bf16 -> f32 is exact; q * scale, or (q + 8) * s - 8 s as one FMA, rounds once): the classic bound gamma_(K+2).
-The test would fail on a wrong block/nibble/group index, a dropped tail, or a wrong row: those errors are O(|y|).
+float64. Tolerance, per output element: |y - y_ref| <= (K + 2 group + 8) u sum_k |x_k| a_k, u = 2^-24, a_k = |w_k|
+(float32, bfloat16, int8) or s_k (q_k + 16) (int4). Why: the kernels accumulate in float32 (per-lane sums, a tree over
+the lanes, chunk sums scaled once, K blocks added into y); any such order of K products puts at most K + 3 roundings
+on each term (products, sums, the scale, forming w; bf16 -> f32 and int -> f32 are exact), the classic bound
+gamma_n sum |terms|. The int4 decode path sums the stored q + 8 and subtracts 8 s (sum of x over the group) at the
+end, so its terms are s (q + 8) x and 8 s x (sums of up to `group` and G = K / group terms): hence a_k and the
+2 group. The test fails on a wrong block/nibble/group index, a dropped tail or a wrong row: those errors are O(|y|).
 """
 import math
 import os
@@ -37,8 +39,8 @@ class Projection(nn.Cell):
 
 
 def quantize(w, bits, group):
-    """(qweight, float16 scales, the dequantised weight in float64) in QUANT_FORMAT.md's layout, written here
-    independently of the project's quantizer."""
+    """(stored qweight, float16 scales, q, the dequantised weight in float64) in QUANT_FORMAT.md's layout, written
+    here independently of the project's quantizer."""
     n, k = w.shape
     groups = math.ceil(k / group)
     padded = np.zeros((n, groups * group), np.float32)
@@ -50,24 +52,28 @@ def quantize(w, bits, group):
     q = np.clip(q, -qmax - 1, qmax).reshape(n, -1)[:, :k].astype(np.int8)
     dequant = np.repeat(s.astype(np.float64), group, axis=1)[:, :k] * q
     if bits == 8:
-        return q, scales, dequant
+        return q, scales, q, dequant
     blocks = math.ceil(k / 32)
     stored = np.full((n, blocks * 32), 8, np.uint8)
     stored[:, :k] = q + 8
     stored = stored.reshape(n, blocks, 2, 16)
     packed = (stored[:, :, 0] | (stored[:, :, 1] << 4)).reshape(n, blocks * 16)
-    return packed, scales, dequant
+    return packed, scales, q.astype(np.float64), dequant
 
 
 def weights_for(fmt, group, w):
-    """(weight tensors for the op, the weight the kernel should use, in float64)."""
+    """(weight tensors for the op, the weight the kernel should use in float64, the magnitudes a_k of the bound)."""
     if fmt == "float32":
-        return (Tensor(w),), w.astype(np.float64)
+        return (Tensor(w),), w.astype(np.float64), np.abs(w.astype(np.float64))
     if fmt == "bfloat16":
         wb = Tensor(w).astype(ms.bfloat16)
-        return (wb,), wb.astype(ms.float32).asnumpy().astype(np.float64)
-    q, scales, dequant = quantize(w, int(fmt[3:]), group)
-    return (Tensor(q), Tensor(scales)), dequant
+        w64 = wb.astype(ms.float32).asnumpy().astype(np.float64)
+        return (wb,), w64, np.abs(w64)
+    stored, scales, q, dequant = quantize(w, int(fmt[3:]), group)
+    if fmt == "int8":
+        return (Tensor(stored), Tensor(scales)), dequant, np.abs(dequant)
+    s = np.repeat(scales.astype(np.float64), group, axis=1)[:, : w.shape[1]]
+    return (Tensor(stored), Tensor(scales)), dequant, s * (q + 16)
 
 
 _cells = {}  # one compiled graph per case, shared by both instruction-set paths
@@ -91,7 +97,7 @@ def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
     w = rng.standard_normal((n, k), dtype=np.float32)
     if fmt.startswith("int"):
         w[0, : min(k, group)] = 0  # an all-zero group: scale 0
-    weights, w64 = weights_for(fmt, group, w)
+    weights, w64, magnitude = weights_for(fmt, group, w)
     key = (fmt, group, shape)
     if key not in _cells:
         _cells[key] = Projection(kernels.linear_op(fmt, group))
@@ -99,7 +105,7 @@ def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
     assert y.shape == (m, n) and y.dtype == np.float32
     x64 = x.astype(np.float64)
     want = x64 @ w64.T
-    bound = (k + 2) * U * (np.abs(x64) @ np.abs(w64).T) * 1.0001
+    bound = (k + 2 * (group or 0) + 8) * U * (np.abs(x64) @ magnitude.T)
     worst = np.max(np.abs(y - want) - bound)
     assert worst <= 0, f"{fmt} {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
 

@@ -288,33 +288,49 @@ double ReadBandwidth(double gigabytes, int reps) {
 
 #else  // ================================================================ the body, compiled once per instruction set
 
-// Per format: the weight element type, elements of it per 32-element chunk, and the dequantised chunk
-// (W-wide float vectors in element order; quantised formats already multiplied by the chunk's scale).
+// Per format: the weight element type, elements of it per 32-element chunk, `chunk` = the dequantised chunk
+// (W-wide float vectors in element order, times the chunk's scale) for prefill tiles, and for decode `raw` = the
+// stored integers as floats (int4: unsigned 0..15, i.e. q + `offset`), which decode scales once per chunk.
 struct F32 {
   using T = float;
   static constexpr int units = kChunk;
-  KI void chunk(const T *p, float, F *out) {
+  static constexpr bool quant = false;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
     for (int v = 0; v < kChunk / W; ++v) out[v] = fload(p + v * W);
   }
+  KI void chunk(const T *p, float, F *out) { raw(p, out); }
 };
 struct BF16 {
   using T = uint16_t;
   static constexpr int units = kChunk;
-  KI void chunk(const T *p, float, F *out) {
+  static constexpr bool quant = false;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
     for (int v = 0; v < kChunk / W; ++v) out[v] = ld_bf16(p + v * W);
   }
+  KI void chunk(const T *p, float, F *out) { raw(p, out); }
 };
 struct I8 {
   using T = int8_t;
   static constexpr int units = kChunk;
+  static constexpr bool quant = true;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
+    for (int v = 0; v < kChunk / W; ++v) out[v] = ld_i8(p + v * W);
+  }
   KI void chunk(const T *p, float s, F *out) {
     F sv = fset1(s);
-    for (int v = 0; v < kChunk / W; ++v) out[v] = fmul(ld_i8(p + v * W), sv);
+    raw(p, out);
+    for (int v = 0; v < kChunk / W; ++v) out[v] = fmul(out[v], sv);
   }
 };
 struct I4 {
   using T = uint8_t;
   static constexpr int units = kChunk / 2;
+  static constexpr bool quant = true;
+  static constexpr float offset = 8;
+  KI void raw(const T *p, F *out) { ld_i4(p, out); }
   KI void chunk(const T *p, float s, F *out) {  // (q + 8) * s - 8 * s in one FMA
     F sv = fset1(s), off = fset1(-8.0f * s);
     ld_i4(p, out);
@@ -336,12 +352,43 @@ KI const typename Fm::T *tail_chunk(const typename Fm::T *row, int64_t full, int
   return buf;
 }
 
+// Row n's scales as float32 into sc[0:G], and for formats with an offset corr[m] = sum_g s_g * xg[m][g]
+// (xg = sums of x over each group), so that sum (q - offset) s x = sum s (q x) - offset * corr.
+template <int MX, bool CORR>
+KI void row_scales(const Problem &p, int64_t n, const float *xg, float *sc, float corr[MX]) {
+  const uint16_t *h = p.s + n * p.G;
+  __m256 c8[MX];
+  for (int m = 0; m < MX; ++m) c8[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= p.G; g += 8) {
+    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h + g)));
+    _mm256_storeu_ps(sc + g, v);
+    if (CORR)
+      for (int m = 0; m < MX; ++m) c8[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xg + m * p.G + g), c8[m]);
+  }
+  for (int m = 0; m < MX; ++m) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, c8[m]);
+    corr[m] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
+  for (; g < p.G; ++g) {
+    sc[g] = _cvtsh_ss(h[g]);
+    if (CORR)
+      for (int m = 0; m < MX; ++m) corr[m] += sc[g] * xg[m * p.G + g];
+  }
+}
+
 // ---- decode: y[m, n0:n0+R] for all M (<= 4) rows of x; xp = x zero-padded to whole chunks, row stride kp.
+// Quantised formats: per chunk and row, t = sum of raw q * x (no per-element scaling), then acc += s * t.
 template <class Fm, int R, int MX>
-static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, int64_t n0) {
+static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, const float *xg, float *sc, int gshift,
+                              int64_t n0) {
   using T = typename Fm::T;
   const T *rows[R];
   for (int r = 0; r < R; ++r) rows[r] = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
+  float corr[R][MX] = {};
+  if (Fm::quant)
+    for (int r = 0; r < R; ++r) row_scales<MX, (Fm::offset != 0)>(p, n0 + r, xg, sc + r * p.G, corr[r]);
   F acc[R][MX];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
@@ -349,9 +396,19 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, int
   const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;  // int4 rows are padded to whole chunks
   auto step = [&](int r, const T *src, int64_t c) __attribute__((always_inline)) {
     F w[kChunk / W];
-    Fm::chunk(src, chunk_scale<Fm>(p, n0 + r, c), w);
-    for (int v = 0; v < kChunk / W; ++v)
-      for (int m = 0; m < MX; ++m) acc[r][m] = ffma(w[v], fload(xp + m * kp + c * kChunk + v * W), acc[r][m]);
+    Fm::raw(src, w);
+    const float *xc = xp + c * kChunk;
+    if (Fm::quant) {
+      F sv = fset1(sc[r * p.G + (c >> gshift)]);
+      for (int m = 0; m < MX; ++m) {
+        F t = fmul(w[0], fload(xc + m * kp));
+        for (int v = 1; v < kChunk / W; ++v) t = ffma(w[v], fload(xc + m * kp + v * W), t);
+        acc[r][m] = ffma(t, sv, acc[r][m]);
+      }
+    } else {
+      for (int v = 0; v < kChunk / W; ++v)
+        for (int m = 0; m < MX; ++m) acc[r][m] = ffma(w[v], fload(xc + m * kp + v * W), acc[r][m]);
+    }
   };
   for (int64_t c = 0; c < full; ++c)
     for (int r = 0; r < R; ++r) step(r, rows[r] + c * Fm::units, c);
@@ -360,7 +417,7 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, int
     for (int r = 0; r < R; ++r) step(r, tail_chunk<Fm>(rows[r], full, p.K, buf), full);
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]);
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
 }
 
 template <class Fm, int MX>
@@ -368,22 +425,34 @@ static int gemv(const Problem &p, int nt) {
   // Rows of W per register block: all of AVX-512's 32 registers hold 4 x MX accumulators; AVX2 has 16.
   constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
   const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
-  float *xp = static_cast<float *>(aligned_buffer(sizeof(float) * MX * kp));
+  const int64_t gp = Fm::quant ? p.G : 0;
+  float *xp = static_cast<float *>(aligned_buffer(sizeof(float) * MX * (kp + gp)));
   if (!xp) return 7;
+  float *xg = xp + MX * kp;  // [MX][G]: x summed over each group
   for (int m = 0; m < MX; ++m) {
     memcpy(xp + m * kp, p.x + m * p.K, sizeof(float) * p.K);
     memset(xp + m * kp + p.K, 0, sizeof(float) * (kp - p.K));
+    for (int64_t g = 0; g < gp; ++g) {
+      float t = 0;
+      for (int64_t k = g * p.group; k < std::min(p.K, (g + 1) * p.group); ++k) t += p.x[m * p.K + k];
+      xg[m * gp + g] = t;
+    }
   }
-#pragma omp parallel num_threads(nt)
+  const int gshift = Fm::quant ? __builtin_ctzll(p.group / kChunk) : 0;
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
   {
+    float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (gp + 8)));
+    failed |= sc == nullptr;
     int64_t b, e;
     thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-    int64_t n = b;
-    for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(p, xp, kp, n);
-    for (; n < e; ++n) gemv_block<Fm, 1, MX>(p, xp, kp, n);
+    int64_t n = sc ? b : e;
+    for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(p, xp, kp, xg, sc, gshift, n);
+    for (; n < e; ++n) gemv_block<Fm, 1, MX>(p, xp, kp, xg, sc, gshift, n);
+    free(sc);
   }
   free(xp);
-  return 0;
+  return failed ? 7 : 0;
 }
 
 // ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
