@@ -5,7 +5,7 @@
 //   | int4 uint8 [N, ceil(K/32)*16] (q4_0-style blocks of 32, stored q + 8) + float16 scales [N, ceil(K/group)]
 // M <= 4 (decode): matrix-vector, R rows of W at a time against all M rows of x, so each weight byte is read once
 //   and the loop streams W at memory speed. M > 4 (prefill): a tile of W is dequantised to float32 once and reused
-//   by every row of x (x repacked so that a 6 x 2-vector register block of y is updated per k: compute-bound).
+//   by every row of x (x repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k).
 // Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled twice
 // (AVX2+FMA+F16C and AVX-512) by including this file into itself under `#pragma GCC target`, and the path is picked
 // at run time from cpuid; BAICHUAN_KERNEL_ISA=avx2|avx512 forces one (for tests). Threads: see kernel_threads().
@@ -457,8 +457,8 @@ static int gemv(const Problem &p, int nt) {
 
 // ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
 // multiplied into every row of x. x is repacked per block of MB = 2W rows as xb[k][MB] (zero rows past M), so the
-// micro-kernel updates a 6 x MB block of y^T with 2 vector loads, 6 broadcasts and 12 FMAs per k.
-constexpr int MB = 2 * W, NR = 6, NB = 16 * NR, KB = 512;
+// micro-kernel updates an NR x MB block of y^T with 2 vector loads, NR broadcasts and 2 NR FMAs per k.
+constexpr int MB = 2 * W, NR = W == 16 ? 8 : 6, NB = 16 * NR, KB = 512;  // 2 NR accumulators + 3 fit the registers
 
 KI void micro(const float *wt, const float *xb, int64_t klen, float out[NR][MB]) {
   F c[NR][2];
