@@ -4,8 +4,9 @@
     python example/bench_kernels.py --formats int8 --shapes 4096x4096 --prefill 64
 
 Prints the CPU model, the kernel path (avx512 / avx2) and threads, and the machine's memory read bandwidth measured
-now (2 GB read on all threads with the kernels' own vector loads). Then per format and weight shape N x K:
-  decode   M = 1: GB/s of weights read and the fraction of that bandwidth (the roofline), kernel and stock
+now (2 GB read on all threads with the kernels' own vector loads; again before each row, as bw). Then per format
+and weight shape N x K:
+  decode   M = 1: GB/s of weights read and the fraction of the row's bandwidth (the roofline), kernel and stock
   prefill  M = 64, 512: GFLOPS (2 M N K / time), kernel and stock
 Both paths run as GRAPH-mode Cells; decode cycles through enough weight copies (>= 256 MB) that the weights come
 from memory, not the 32 MB L3. Stock paths: float32 MatMul(transpose_b); bfloat16 Cast + MatMul; int8 Cast x
@@ -127,7 +128,7 @@ def main(argv=None):
     print(f"kernels: path {path}, {kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s "
           "(the machine may be shared: figures are noisy)")
     rng = np.random.default_rng(0)
-    header = f"{'format':9} {'N x K':>12} | {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
+    header = f"{'format':9} {'N x K':>12} | {'bw GB/s':>7} {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
     header += "".join(f" {'M=' + str(m) + ' GFLOPS':>13} {'stock':>7} |" for m in args.prefill)
     print(header)
     for fmt in args.formats:
@@ -139,15 +140,16 @@ def main(argv=None):
             copies = max(1, min(16, math.ceil(MIN_DECODE_BYTES / nbytes)))
             weights = (first,) + tuple(make_weights(fmt, n, k, rng)[0] for _ in range(copies - 1))
             x1 = Tensor(rng.standard_normal((1, k), dtype=np.float32))
+            bandwidth = kernels.read_bandwidth(2.0, 2)  # again per row: on a shared machine it drifts
             t = seconds_per_product(Many(op, copies), x1, weights, copies, args.seconds)
-            row = f"{fmt:9} {shape:>12} | {nbytes / t / 1e9:11.1f} {nbytes / t / 1e9 / bandwidth:8.0%}"
+            row = f"{fmt:9} {shape:>12} | {bandwidth:7.1f} {nbytes / t / 1e9:11.1f} {nbytes / t / 1e9 / bandwidth:8.0%}"
             if args.no_stock:
                 row += f" {'-':>10} {'-':>6} |"
             else:
                 # one copy: the stock dequantising paths hold float32/int32 temporaries of the whole weight each
                 scopies = copies if fmt == "float32" else 1
                 ts = seconds_per_product(Many(stock, scopies), x1, weights[:scopies], scopies, args.seconds)
-                row += f" {nbytes / ts / 1e9:10.1f} {nbytes / ts / 1e9 / bandwidth:6.0%} |"
+                row += f" {nbytes / ts / 1e9:10.2f} {nbytes / ts / 1e9 / bandwidth:6.1%} |"
             for m in args.prefill:
                 x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
                 flops = 2 * m * n * k
