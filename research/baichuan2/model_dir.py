@@ -22,7 +22,7 @@ from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py")
+                    "tokenization_xverse.py", "kernels.py", "kernels.cc")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
