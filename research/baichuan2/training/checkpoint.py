@@ -105,16 +105,17 @@ def verify_checkpoint(checkpoint, files=None, checksums=True):
         return state
     manifest = _read_json(checkpoint, MANIFEST_FILE)
     recorded = manifest.get("files")
-    if not isinstance(recorded, dict) or STATE_FILE not in recorded:
-        raise CheckpointDamaged(checkpoint, MANIFEST_FILE, "lists no files")
+    if not isinstance(recorded, dict) or STATE_FILE not in recorded or not all(
+            isinstance(r, dict) and isinstance(r.get("size"), int) for r in recorded.values()):
+        raise CheckpointDamaged(checkpoint, MANIFEST_FILE, "does not list each file with its size and sha256")
     for name in [STATE_FILE] + [n for n in sorted(recorded) if n != STATE_FILE and (files is None or n in files)]:
         path, want = os.path.join(checkpoint, name), recorded[name]
         if not os.path.isfile(path):
             raise CheckpointDamaged(checkpoint, name, "is missing")
         size = os.path.getsize(path)
-        if size != want.get("size"):
-            raise CheckpointDamaged(checkpoint, name, f"is {size} bytes, the manifest records {want.get('size')} "
-                                                      f"({'truncated' if size < want.get('size', 0) else 'altered'})")
+        if size != want["size"]:
+            raise CheckpointDamaged(checkpoint, name, f"is {size} bytes, the manifest records {want['size']} "
+                                                      f"({'truncated' if size < want['size'] else 'altered'})")
         if checksums and sha256_file(path) != want.get("sha256"):
             raise CheckpointDamaged(checkpoint, name, "sha256 differs from the manifest (the contents changed)")
     for name in files or ():
