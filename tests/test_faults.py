@@ -208,7 +208,7 @@ def test_manifest_deleted_from_a_new_checkpoint_is_damage(baseline, tmp_path):
 
 
 class _Holder:
-    """The two things save_checkpoint asks of a train cell: its parameters."""
+    """All save_checkpoint asks of a train cell: its parameters."""
 
     def __init__(self, params):
         self.params = params
@@ -306,6 +306,50 @@ def test_killed_between_checkpoint_files_then_resume(workdir, baseline):
     assert sorted(os.listdir(out / "checkpoints")) == [f"step_{s:06d}" for s in (1, 2, 3)]  # temp dir gone
     assert_same_weights(out / "model" / "model.safetensors", baseline / "model" / "model.safetensors")
     np.testing.assert_allclose(losses(out), losses(baseline), rtol=1e-5)
+
+
+def test_disk_full_during_a_checkpoint(workdir, tmp_path, monkeypatch):
+    """The optimizer file of step 2 fails half-way (ENOSPC): one line, exit 2, step 1 kept, no temp dir left."""
+    import errno
+    import safetensors.numpy
+    real = safetensors.numpy.save_file
+
+    def fill_disk(tensors, filename, metadata=None):
+        if ".tmp_step_000002" in filename and filename.endswith("optimizer.safetensors"):
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.numpy, "save_file", fill_disk)
+    out = tmp_path / "full"
+    code, stdout, stderr = finetune(workdir, out)
+    line = error_line(stderr)
+    assert code == 2 and "step_000002" in line and "No space left on device" in line and "--resume" in line, line
+    assert os.listdir(out / "checkpoints") == ["step_000001"]
+    from baichuan2.training.checkpoint import checkpoint_to_resume
+    assert checkpoint_to_resume(str(out), rank=0) == str(out / "checkpoints" / "step_000001")
+
+
+def test_lora_checkpoint_damage_names_the_adapter_file(tmp_path):
+    from baichuan2.configuration_baichuan import BaichuanConfig
+    from baichuan2.lora import apply_lora
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.training.checkpoint import CheckpointDamaged, save_checkpoint, verify_checkpoint
+    model = BaichuanForCausalLM(BaichuanConfig.from_preset("tiny", hidden_size=32, num_hidden_layers=1))
+    apply_lora(model, 2, 4.0, 0.0, ["W_pack"])
+    ckpt = save_checkpoint(str(tmp_path), model, _Holder(list(model.get_parameters())),
+                           {"step": 1, "global_batch": 2, "num_samples": 16}, keep=1)
+    assert "adapter_model.safetensors" in json.loads(open(os.path.join(ckpt, "manifest.json")).read())["files"]
+    truncate(os.path.join(ckpt, "adapter_model.safetensors"))
+    with pytest.raises(CheckpointDamaged, match="adapter_model.safetensors: is .* bytes.*truncated"):
+        verify_checkpoint(ckpt)
+    os.remove(os.path.join(ckpt, "manifest.json"))  # as written before manifests: the header check finds it
+    state = json.loads(open(os.path.join(ckpt, "trainer_state.json")).read())
+    del state["manifest"]
+    with open(os.path.join(ckpt, "trainer_state.json"), "w") as f:
+        json.dump(state, f)
+    with pytest.raises(CheckpointDamaged, match="adapter_model.safetensors: .*truncated"):
+        verify_checkpoint(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------- weights files

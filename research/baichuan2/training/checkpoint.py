@@ -197,18 +197,28 @@ def save_checkpoint(output_dir, model, train_cell, state, keep):
     Older checkpoints are removed only once the new one is in place with every file at its recorded size, so the
     rotation never removes the last good checkpoint; directories moved aside as damaged are never touched.
     """
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
     final = os.path.join(checkpoint_root(output_dir), f"step_{state['step']:06d}")
     if os.path.isdir(final):
         return final
-    with atomic_dir(final) as tmp:
-        save_weights(model, tmp)
-        _debug_pause_between_files(output_dir, state["step"])
-        opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
-        save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(dict(state, manifest=MANIFEST_FILE), f, indent=2)
-        write_manifest(tmp)
+    try:
+        with atomic_dir(final) as tmp:
+            save_weights(model, tmp)
+            _debug_pause_between_files(output_dir, state["step"])
+            opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
+            save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(dict(state, manifest=MANIFEST_FILE), f, indent=2)
+            for name in os.listdir(tmp):  # what was written must read back whole before it is checksummed
+                if name.endswith(".safetensors"):
+                    check_safetensors(os.path.join(tmp, name))
+            write_manifest(tmp)
+    except (OSError, SafetensorError, WeightsFileError) as e:  # a full disk, a lost mount: the temp dir is gone
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise FinetuneError(f"cannot write checkpoint {final} ({why}); the older checkpoints are kept: fix the "
+                            "cause and rerun with --resume") from e
     try:
         verify_checkpoint(final, checksums=False)
     except CheckpointDamaged as e:
