@@ -136,7 +136,7 @@ def build_model(recipe, shape):
     if load_checkpoint and (not shape.resume_from or shape.lora_rank > 0):
         try:
             load_weights_checked(model, load_checkpoint)
-        except ValueError as e:  # WeightsFileError (damaged or missing file) or mismatched names / shapes
+        except (ValueError, FileNotFoundError) as e:  # WeightsFileError (a damaged file) or mismatched shapes
             raise FinetuneError(f"--load_checkpoint {load_checkpoint}: {e}") from e
     if shape.lora_rank > 0:
         from baichuan2.lora import apply_lora
