@@ -127,3 +127,20 @@ def test_copied_tokenizer_config_gets_the_template_and_base_models_none(tmp_path
     base = BaichuanConfig.from_preset("baichuan2_7b", chat_format=None, user_token_id=None, assistant_token_id=None)
     finish_model_dir(str(tmp_path / "base"), base, tokenizer_dir=TOKENIZER_DIRS["baichuan2"])
     assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["baichuan2_7b", "xverse_7b"])
+def test_convert_weight_output_carries_the_template_both_ways(tmp_path, family):
+    from baichuan2.convert_weight import convert
+    source = os.path.join(REPO, "tests", "fixtures", "parity", family)
+    config = convert(source, str(tmp_path / "ours"), show_progress=False)
+    fmt = chat_format.get(config.chat_format)
+    assert fmt.has_turns
+    ours = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
+    assert ours["chat_template"] == fmt.chat_template()
+    tokenizer = load_tokenizer(str(tmp_path / "ours"))
+    messages = HISTORIES["ends with the assistant"] + [{"role": "user", "content": "谢谢"}]  # fits the 64 positions
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True) == \
+        build_chat_input(config, tokenizer.encode, messages, 8)
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), reverse=True, show_progress=False)
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == fmt.chat_template()
