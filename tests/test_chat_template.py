@@ -68,7 +68,8 @@ def test_the_rendered_text_spelled_out():
         "You are a helpful assistant. 请简短回答。<reserved_106>你好 Hello!<reserved_107>Hello there, 不客气"
         "<reserved_106> spaced  out <reserved_107>")
     assert render(chat_format.XVERSE.chat_template(), messages) == (
-        "You are a helpful assistant. 请简短回答。\n\nHuman: 你好 Hello!\n\nAssistant: Hello there, 不客气<|endoftext|>"
+        "You are a helpful assistant. 请简短回答。\n\nHuman: 你好 Hello!\n\nAssistant: Hello there, 不客气"
+        "<|endoftext|>"
         "Human:  spaced  out \n\nAssistant: ")
     # without add_generation_prompt Baichuan2 leaves the reply start out; XVERSE's user turn already holds it
     assert render(chat_format.BAICHUAN2.chat_template(), messages[:2], False).endswith("你好 Hello!")

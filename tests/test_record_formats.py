@@ -27,7 +27,8 @@ RECORDS = {
     "sharegpt": {"system": "好", "conversations": [  # top-level system, user/assistant as "from" values
         {"from": "user", "value": "谢谢"}, {"from": "assistant", "value": "不客气"},
         {"from": "user", "value": "你好"}, {"from": "assistant", "value": "Hi"}]},
-    "alpaca": {"instruction": "你好", "input": "", "output": "Hi", "system": "好", "history": [["谢谢", "不客气"]]},
+    "alpaca": {"instruction": "你好", "input": "", "output": "Hi", "system": "好",
+               "history": [["谢谢", "不客气"]]},
     "messages": {"messages": [
         {"role": "system", "content": "好"}, {"role": "user", "content": "谢谢"},
         {"role": "assistant", "content": [{"type": "text", "text": "不客气"}]},

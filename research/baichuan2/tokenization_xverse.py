@@ -143,7 +143,8 @@ class XverseTokenizer(PreTrainedTokenizer):
 def write_tokenizer_files(out_dir, tokenizer_file, model_max_length=None, chat_template=None):
     """Makes `out_dir` loadable by `XverseTokenizer.from_pretrained(out_dir)` and by mindformers'
     `AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)`: copies tokenizer.json and this file
-    (tokenization_xverse.py, the `auto_map` target) and writes tokenizer_config.json (with `chat_template` when given). Returns the config dict."""
+    (tokenization_xverse.py, the `auto_map` target) and writes tokenizer_config.json (with `chat_template` when
+    given). Returns the config dict."""
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"write_tokenizer_files: tokenizer file {tokenizer_file!r} not found "
                                 f"(the bundled one is dataset/xverse/tokenizer.json)")
