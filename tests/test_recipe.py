@@ -140,8 +140,11 @@ def test_the_model_directory_supplies_the_architecture(model_dir):
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (32, 3, 1000)
     assert "model.preset 'baichuan2_7b' is not used" in note and str(model_dir / "config.json") in note
     # a preset that agrees with the directory is worth no note
-    same = write_config(model_dir.parent / "tiny")
-    assert model_config(model_section(same))[1] is None
+    same = write_config(model_dir.parent / "tiny", family="custom")
+    config, note = model_config(model_section(same))
+    assert note is None and config.family == "tiny"  # the preset names the model when it describes it
+    config, note = model_config(model_section(model_dir, hidden_size=32, num_hidden_layers=3))
+    assert note is None and config.family == "tiny"  # overrides included
 
 
 def test_overrides_over_a_model_directory_set_only_what_may_differ(model_dir):

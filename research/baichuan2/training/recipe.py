@@ -217,8 +217,11 @@ def model_config(model_section, device="CPU"):
                 raise FinetuneError(f"model.overrides contradict {source}, which sets the architecture: "
                                     f"{'; '.join(clashes)}. Remove them (over a model directory only "
                                     f"{', '.join(ADJUSTABLE_FIELDS)} may differ)")
-            preset = PRESETS.get(model_section["preset"], {})
-            if any(k in fields and fields[k] != v for k, v in preset.items() if k != "family"):
+            # The preset still names the model (family) when, with the overrides, it describes this architecture.
+            named = dict(PRESETS.get(model_section["preset"], {}), **overrides)
+            if "family" in named and all(fields[k] == v for k, v in named.items() if k in fields and k != "family"):
+                fields["family"] = named["family"]
+            else:
                 notes.append(f"model.preset {model_section['preset']!r} is not used: the architecture comes from "
                              f"{source} ({base.family})")
             fields.update(overrides)
