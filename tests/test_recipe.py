@@ -145,6 +145,8 @@ def test_the_model_directory_supplies_the_architecture(model_dir):
     assert note is None and config.family == "tiny"  # the preset names the model when it describes it
     config, note = model_config(model_section(model_dir, hidden_size=32, num_hidden_layers=3))
     assert note is None and config.family == "tiny"  # overrides included
+    config, note = model_config(model_section(same, param_dtype="float16", user_token_id=195), device="Ascend")
+    assert note is None and config.family == "tiny"  # fields that may differ do not change what the model is
 
 
 def test_overrides_over_a_model_directory_set_only_what_may_differ(model_dir):

@@ -219,7 +219,8 @@ def model_config(model_section, device="CPU"):
                                     f"{', '.join(ADJUSTABLE_FIELDS)} may differ)")
             # The preset still names the model (family) when, with the overrides, it describes this architecture.
             named = dict(PRESETS.get(model_section["preset"], {}), **overrides)
-            if "family" in named and all(fields[k] == v for k, v in named.items() if k in fields and k != "family"):
+            shape = [k for k in named if k in fields and k != "family" and k not in ADJUSTABLE_FIELDS]
+            if "family" in named and all(fields[k] == named[k] for k in shape):
                 fields["family"] = named["family"]
             else:
                 notes.append(f"model.preset {model_section['preset']!r} is not used: the architecture comes from "
