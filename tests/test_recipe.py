@@ -248,6 +248,9 @@ def test_lora_continues_an_adapter_and_names_its_base(tmp_path, pynative):
     assert "lora.rank 4 contradicts the rank 2" in message and "--lora_rank" in message
     apply_set(r, f"lora.load_adapter={tmp_path / 'missing'}")
     assert one_line_error(validate, r, 0, 1, "CPU", False).startswith(f"--load_adapter {tmp_path / 'missing'}")
+    (tmp_path / "not_an_adapter.safetensors").write_bytes(b"garbage")
+    apply_set(r, f"lora.load_adapter={tmp_path / 'not_an_adapter.safetensors'}")
+    assert one_line_error(validate, r, 0, 1, "CPU", False).startswith("--load_adapter ")
 
 
 def test_argparse_namespace_without_new_flags_still_works(tmp_path):

@@ -9,7 +9,7 @@ from ..runtime import setup_training
 from .checkpoint import (checkpoint_dirs, remove_partial_checkpoints, restore_checkpoint, save_checkpoint,
                          write_adapter_dir, write_model_dir)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
-from .recipe import FinetuneError, dataset_hint, model_config
+from .recipe import FinetuneError, dataset_hint, model_config, model_dir_config
 from .schedule import lr_schedule
 
 
@@ -72,7 +72,7 @@ def validate(recipe, rank, world_size, device, resume):
     if note and rank == 0:
         print(f"note: {note}")
     if seq_length > config.max_context:
-        fix = ("shorten the rows" if mcfg["load_checkpoint"] else
+        fix = ("shorten the rows" if model_dir_config(mcfg["load_checkpoint"]) else
                "raise model.overrides.max_position_embeddings or shorten the rows")
         raise FinetuneError(f"data.seq_length {seq_length} exceeds the model's context {config.max_context}; {fix}")
     dataset_hint(dcfg["train_dataset"])
@@ -111,10 +111,12 @@ def adapter_rank(lora, rank=0):
     targets; a different non-zero lora.rank is a contradiction)."""
     if not lora.get("load_adapter"):
         return int(lora["rank"] or 0)
-    from baichuan2.lora import read_adapter  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from baichuan2.lora import read_adapter
     try:
         _, found = read_adapter(lora["load_adapter"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise FinetuneError(f"--load_adapter {lora['load_adapter']}: {e}") from e
     if lora["rank"] and int(lora["rank"]) != found["rank"]:
         raise FinetuneError(f"lora.rank {lora['rank']} contradicts the rank {found['rank']} of the adapter "
