@@ -275,7 +275,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_path", required=True, help="checkpoint directory to read")
     parser.add_argument("--output_path", required=True, help="directory to create")
-    parser.add_argument("--reverse", action="store_true", help="our model directory -> Hugging Face layout")
+    parser.add_argument("--reverse", "--reversed", action="store_true", dest="reverse",
+                        help="our model directory -> Hugging Face layout (--reversed: MindFormers' spelling)")
     parser.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16"],
                         help="weight dtype to write (bfloat16 sources are read as float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
