@@ -116,6 +116,7 @@ def normal_weight(shape, config):
 # place where a faster kernel (kernels.linear_op, when kernels.py ships) replaces that.
 _STOCK_CHUNK_ROWS = 16384  # stock dequantisation materialises at most this many float32 weight rows at a time
 _BF16_TO_F32 = from_bf16_bits(np.arange(65536, dtype=np.uint16))  # lookup table: CPU Gather has no bf16 kernel
+_UINT8_16, _UINT8_8 = Tensor(16, ms.uint8), Tensor(8, ms.uint8)
 
 
 def kernel_linear_op(fmt, group_size):
@@ -130,12 +131,12 @@ def kernel_linear_op(fmt, group_size):
 def dequantize(qweight, scales, bits, group_size, in_features):
     """Stock-op dequantisation of int8 / packed int4 rows -> float32 [rows, in_features] (see quantization.py)."""
     rows = qweight.shape[0]
-    if bits == 8:
-        q = qweight.astype(ms.float32)
-    else:  # byte 16b + j holds element 32b + j (low nibble) and 32b + j + 16 (high nibble), each stored as q + 8
-        packed = qweight.astype(ms.int32).reshape(rows, -1, 16)
-        high = ops.floor_div(packed, 16)
-        q = ops.concat((packed - high * 16, high), 2).reshape(rows, -1).astype(ms.float32) - 8.0
+    if bits == 4:  # byte 16b + j holds element 32b + j (low nibble) and 32b + j + 16 (high nibble), each q + 8
+        packed = qweight.reshape(rows, -1, 16)
+        high = ops.floor_div(packed, _UINT8_16)
+        # still one byte per element: q + 8 - 8 wraps around in uint8 and reads back as int8 q
+        qweight = (ops.concat((packed - high * _UINT8_16, high), 2).reshape(rows, -1) - _UINT8_8).astype(ms.int8)
+    q = qweight.astype(ms.float32)
     groups = scales.shape[1]
     width = groups * group_size
     if q.shape[1] < width:
@@ -164,7 +165,9 @@ def project(x, weights, fmt, group_size, in_features, kernel=None):
     else:
         pieces = []
         for start in range(0, out_features, _STOCK_CHUNK_ROWS):
-            part = tuple(w[start:start + _STOCK_CHUNK_ROWS] for w in weights)
+            rows = min(_STOCK_CHUNK_ROWS, out_features - start)
+            # ops.slice, not w[a:b]: GRAPH mode's StridedSlice has no bf16 CPU kernel, Slice has
+            part = tuple(ops.slice(w, (start, 0), (rows, w.shape[1])) for w in weights)
             pieces.append(_MATMUL_NT(x2d, _float_weight(part, fmt, group_size, in_features)))
         y = ops.concat(pieces, 1)
     return y.reshape(x.shape[:-1] + (out_features,))
