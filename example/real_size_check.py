@@ -81,7 +81,8 @@ def write_checkpoint(path, config, shard_bytes, seed=0):
 def run_measured(argv):
     """Runs a command; returns (exit status, peak RSS in bytes, seconds, output tail)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
+    # pylint: disable-next=consider-using-with
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -106,12 +107,14 @@ def main(argv=None):
         print(f"real_size_check.py: error: {args.workdir} exists; pass a new directory", file=sys.stderr)
         return 2
     config = BaichuanConfig.from_preset("baichuan2_7b", num_hidden_layers=args.layers)
-    print(f"shape: Baichuan2-7B with {args.layers} layers, {config.num_parameters() / 1e9:.2f} B parameters")
+    print(f"shape: Baichuan2-7B with {args.layers} layers, {config.num_parameters() / 1e9:.2f} B parameters", flush=True)
     source = os.path.join(args.workdir, "hf-bf16")
     start = time.perf_counter()
     shard = write_checkpoint(source, config, int(args.shard_gb * GIB))
-    print(f"wrote the bf16 checkpoint in {time.perf_counter() - start:.0f} s (largest shard {shard / GIB:.2f} GiB)")
+    print(f"wrote the bf16 checkpoint in {time.perf_counter() - start:.0f} s (largest shard {shard / GIB:.2f} GiB)", flush=True)
     rows, failed = [], False
+    print("columns: format, weights, conversion peak RSS (goal: largest shard + 2 GiB), conversion seconds, "
+          f"inference peak RSS (goal for the full 7B), inference seconds, answer", flush=True)
     for fmt in args.formats:
         out = os.path.join(args.workdir, fmt)
         code, convert_rss, convert_s, log = run_measured(
@@ -129,14 +132,14 @@ def main(argv=None):
             print(f"{fmt}: inference failed ({code}):\n{log}")
             failed = True
         weights = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
-        rows.append((fmt, weights, convert_rss, convert_s, infer_rss, infer_s, answer))
+        rows.append(f"{fmt:9} {weights / GIB:8.2f}G {convert_rss / GIB:11.2f}G {shard / GIB + 2:7.2f}G "
+                    f"{convert_s:9.0f} {infer_rss / GIB:13.2f}G {GOALS_GIB[fmt]:8.1f}G {infer_s:8.0f}  {answer!r}")
+        print(rows[-1], flush=True)  # as soon as it is known: a long run may be interrupted
         if not args.keep:
             shutil.rmtree(out)
     print(f"\n{'format':9} {'weights':>9} {'convert RSS':>12} {'(goal)':>8} {'convert s':>9} "
           f"{'inference RSS':>14} {'(7B goal)':>9} {'infer s':>8}  answer")
-    for fmt, weights, convert_rss, convert_s, infer_rss, infer_s, answer in rows:
-        print(f"{fmt:9} {weights / GIB:8.2f}G {convert_rss / GIB:11.2f}G {shard / GIB + 2:7.2f}G {convert_s:9.0f} "
-              f"{infer_rss / GIB:13.2f}G {GOALS_GIB[fmt]:8.1f}G {infer_s:8.0f}  {answer!r}")
+    print("\n".join(rows))
     if not args.keep:
         shutil.rmtree(args.workdir)
     return 1 if failed else 0
