@@ -101,7 +101,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     make_hf_checkpoint(tmp_path / "hf", BaichuanConfig.from_preset("tiny"))
     (tmp_path / "ms").mkdir()
     (tmp_path / "ms" / "keep.txt").write_text("mine")
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "ms" / "keep.txt").read_text() == "mine"
     assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms"), "--overwrite"]) == 0
@@ -123,7 +123,7 @@ def test_reversed_is_an_alias_of_reverse(tmp_path):
 def test_missing_weights_and_bin_without_torch_are_explained(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(to_hf_config(BaichuanConfig.from_preset("tiny"))))
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "no weights found" in capsys.readouterr().err
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not a real pickle")
     try:
@@ -131,7 +131,7 @@ def test_missing_weights_and_bin_without_torch_are_explained(tmp_path, capsys):
         pytest.skip("torch is installed here; the message is for machines without it")
     except ImportError:
         pass
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "torch is not installed" in capsys.readouterr().err
     assert not (tmp_path / "ms").exists()
 

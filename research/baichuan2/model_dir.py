@@ -5,7 +5,8 @@
     tokenizer.model          + tokenizer_config.json (SentencePiece families; with the chat_template of chat models)
     tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
-    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py   the model code
+    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py,
+    quantization.py, safetensors_io.py, kernels.py, kernels.cc                           the model code
 
 mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
 they import relatively (modeling_baichuan -> generation for `model.generate`), so all four must be there.
@@ -22,7 +23,7 @@ from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py", "kernels.py", "kernels.cc")
+                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "kernels.py", "kernels.cc")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
