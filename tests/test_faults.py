@@ -476,16 +476,10 @@ def test_merge_lora_undamaged(baseline, adapter_file, tmp_path):
     assert code == 0, stderr
 
 
-# ---------------------------------------------------------------------------------------------- TO WIRE
-# Inference entry points: runtime.py, example/inference.py, chat.py, evaluate.py, serve.py (server /health) and the
-# openmind pipeline (from_pretrained in the copied modeling_baichuan.py) are being changed by other helpers.
-# These tests state what they must do with a damaged model directory. They fail today, so they are marked
-# xfail(strict=True); once wired they pass, strict xfail reports that as a failure, and the marker must go. Wiring:
-#   - modeling_baichuan.load_safetensors_into: a SafetensorError from safe_open/get_tensor re-raised as
-#     ValueError(f"{file}: ... truncated or damaged ...") (the model code cannot import weights_check: not copied);
-#   - the loaders of inference/chat/serve/evaluate (runtime.py): baichuan2.weights_check.check_model_dir(model_dir)
-#     before from_pretrained, and exit status 2 with the one-line message.
-TO_WIRE = pytest.mark.xfail(strict=True, reason="wire weights_check into the inference entry points (issue 20)")
+# ---------------------------------------------------------------------------------------------- inference
+# A damaged model directory in the inference entry points: from_pretrained (what the openmind pipeline calls; the
+# model code's own safetensors reader names the file), runtime.load_model_dir (weights_check first), and the
+# command-line tools' exit status 2.
 
 
 def test_from_pretrained_names_a_missing_weights_file(damaged_model_dir):
@@ -494,7 +488,6 @@ def test_from_pretrained_names_a_missing_weights_file(damaged_model_dir):
         BaichuanForCausalLM.from_pretrained(str(damaged_model_dir("deleted", "model.safetensors")))
 
 
-@TO_WIRE
 @pytest.mark.parametrize("fault", ["truncated", "zeroed"])
 def test_from_pretrained_names_the_damaged_file(damaged_model_dir, fault):
     """What the openmind pipeline, chat, server and evaluation all call."""

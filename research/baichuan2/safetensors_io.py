@@ -29,15 +29,25 @@ class SafetensorsFile:
             if len(raw) != 8:
                 raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
             (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_HEADER:
-                raise ValueError(f"{path} is not a safetensors file (header length {length})")
-            header = json.loads(f.read(length))
+            if not 2 <= length <= _MAX_HEADER:
+                raise ValueError(f"{path}: not a safetensors file or damaged (header length {length})")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: damaged safetensors header ({exc})") from None
+            size = os.fstat(f.fileno()).st_size
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: damaged safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + length
         self.entries = header
         for name, info in header.items():
             if info["dtype"] not in NUMPY_DTYPES:
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if self.base + end > size:  # a cut-off copy or an interrupted write: say so before reading anything
+            raise ValueError(f"{path}: truncated ({size} bytes, the header needs {self.base + end}); the file is "
+                             "damaged: copy or convert it again")
 
     def keys(self):
         """Tensor names in file order."""
