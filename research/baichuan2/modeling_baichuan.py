@@ -585,7 +585,13 @@ def fused_rotary(x, cos, sin):
 def fused_attention_inputs(visible, alibi, scale, dtype):
     """(discard mask uint8 [B, 1, S, Sk] with 1 = hidden key, real_shift [B, N, S, Sk] or None). The kernel computes
     softmax(scale * (real_shift + q k^T)), so the ALiBi term is divided by the scale here; it is relative
-    (slope * (key - query position)) so half precision holds it at long context."""
+    (slope * (key - query position)) so half precision holds it at long context.
+    Packed rows (BaichuanModel segment ids) reach the kernel as this same dense mask, block-diagonal per
+    conversation: one code path, checked by the emulator test on packed rows. The kernel's sparse alternative,
+    input_layout "TND" with actual_seq_qlen / actual_seq_kvlen = the conversation ends cumulated over the batch
+    (B x seq_ends offset by b x S) and sparse_mode 3 (causal, compressed 2048 x 2048 mask), would skip the hidden
+    blocks instead of computing and discarding them; it is not used because no emulator or device here can check
+    its contract (see docs/ascend-first-run.md)."""
     discard = ops.logical_not(visible).astype(ms.uint8)
     if alibi is None:
         return discard, None
