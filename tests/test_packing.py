@@ -176,6 +176,26 @@ def test_packed_batch_trains_as_its_conversations_one_by_one(family, pynative):
 
 
 # ---------------------------------------------------------------------------------------------- finetune
+def test_finetune_detects_packed_files_and_refuses_bad_ends(tmp_path):
+    from mindspore.mindrecord import FileWriter
+    from baichuan2.training import FinetuneError
+    from baichuan2.training.plan import build_dataset, dataset_columns, inspect_dataset
+    packed = preprocess(tmp_path, "packed", 64, "--pack")
+    assert dataset_columns(str(packed)) == ["input_ids", "labels", "actual_seq_len"]
+    assert inspect_dataset(str(packed), 64) == len(read(packed))
+    batch = next(build_dataset(str(packed), [[0, 1]], 2).create_dict_iterator(output_numpy=True))
+    assert batch["actual_seq_len"].shape == (2, pack_width(64))
+    bad = str(tmp_path / "bad.mindrecord")
+    writer = FileWriter(bad, shard_num=1, overwrite=True)
+    writer.add_schema({"input_ids": {"type": "int32", "shape": [65]}, "labels": {"type": "int32", "shape": [65]},
+                       "actual_seq_len": {"type": "int32", "shape": [4]}}, "rows")
+    row = np.arange(65, dtype=np.int32)
+    writer.write_raw_data([{"input_ids": row, "labels": row, "actual_seq_len": np.array([30, 20, 65, 65], np.int32)}])
+    writer.commit()
+    with pytest.raises(FinetuneError, match="non-decreasing conversation ends"):
+        inspect_dataset(bad, 64)
+
+
 @pytest.mark.slow
 def test_packed_mindrecord_trains_through_msrun(tmp_path):
     data = preprocess(tmp_path, "data", 64, "--pack")
