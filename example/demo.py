@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from baichuan2 import runtime
 from baichuan2.chat_format import BAICHUAN2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--master_port", type=int, default=8129)
+    runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
+    runtime.setup_inference(args.device, threads=args.threads, prog="demo.py")  # exits 2 if the device is unusable
     out = os.path.abspath(args.output_dir)
     try:
         fresh_output_dir(out)
@@ -125,7 +128,8 @@ def main(argv=None):
         sys.executable, "example/dataset/belle_preprocess.py", "--input_glob", SAMPLE, "--model_file", TOKENIZER,
         "--output_file", mindrecord, "--seq_length", "128", "--pack"]))
 
-    finetune_args = f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir}"
+    finetune_args = (f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir} "
+                     f"--device {args.device}")
     run_stage(2, total, f"finetune on {args.workers} workers with msrun", lambda: run([
         "bash", "msrun.sh", finetune_args, str(args.workers), str(args.master_port),
         os.path.join(out, "msrun_log")], cwd=os.path.join(REPO, "example")))
