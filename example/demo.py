@@ -1,6 +1,6 @@
 """The whole suite on the bundled tiny default, end to end (`make demo`).
 
-1. tokenise the bundled BELLE sample into MindRecord (example/dataset/belle_preprocess.py)
+1. tokenise the bundled BELLE sample into packed MindRecord rows (example/dataset/belle_preprocess.py --pack)
 2. finetune a tiny Baichuan2-architecture model on 2 data-parallel workers (bash msrun.sh "finetune.py ...")
 3. export the final weights as a servable model directory
 4. answer three training prompts and one new prompt through the model card's openmind.pipeline call
@@ -126,7 +126,7 @@ def main(argv=None):
 
     run_stage(1, total, "tokenise the BELLE sample into MindRecord", lambda: run([
         sys.executable, "example/dataset/belle_preprocess.py", "--input_glob", SAMPLE, "--model_file", TOKENIZER,
-        "--output_file", mindrecord, "--seq_length", "128"]))
+        "--output_file", mindrecord, "--seq_length", "128", "--pack"]))
 
     finetune_args = (f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir} "
                      f"--device {args.device}")

@@ -1,6 +1,7 @@
 """The Ascend fused-kernel branch of modeling_baichuan.py, run on CPU through contract-enforcing emulators
 (tests/ascend_emulators.py): it must give the composed branch's logits, within bfloat16 tolerance, for a RoPE and
-an ALiBi family, in the training forward, the cached prefill and the KV-cache decode, with left padding.
+an ALiBi family, in the training forward (also on packed rows), the cached prefill and the KV-cache decode, with left
+padding.
 What only a real device can confirm is listed in docs/ascend-first-run.md."""
 import os
 
@@ -90,6 +91,24 @@ def test_fused_branch_matches_composed_in_the_training_forward(models, family):
     # the loss goes through the same path
     labels = Tensor(ref["input_ids"].astype(np.int32))
     assert abs(float(fused(ids, labels, mask).asnumpy()) - float(composed(ids, labels, mask).asnumpy())) < 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_branch_matches_composed_on_packed_rows(models, family):
+    """Packed rows (seq_ends = the actual_seq_len column) reach FlashAttentionScore as a block-diagonal mask."""
+    composed, fused, ref = models(family)
+    ids = ref["input_ids"].astype(np.int32)
+    batch, length = ids.shape
+    ends = Tensor(np.array([[length // 3, length - 2, length]] * batch, np.int32))  # two conversations + a tail
+    want = composed(Tensor(ids), seq_ends=ends).asnumpy()
+    got = fused(Tensor(ids), seq_ends=ends).asnumpy()
+    assert_close(got, want, "packed training forward")
+    # the second conversation's logits are those of the conversation alone (positions restart, nothing leaks)
+    alone = composed(Tensor(ids[:, length // 3:length - 2])).asnumpy()
+    assert np.abs(want[:, length // 3:length - 2] - alone).max() < 1e-4
+    labels = Tensor(ids)
+    assert abs(float(fused(Tensor(ids), labels, None, ends).asnumpy()) -
+               float(composed(Tensor(ids), labels, None, ends).asnumpy())) < 0.05
 
 
 @pytest.mark.parametrize("family", FAMILIES)

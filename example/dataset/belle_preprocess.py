@@ -2,7 +2,7 @@
 
     python example/dataset/belle_preprocess.py --input_glob 'data/*.json' --model_file dataset/tokenizer.model \
         --output_file out.mindrecord --seq_length 512 [--format auto|belle|sharegpt|alpaca|messages] \
-        [--num_workers 2] [--strict] [--overwrite] [--quiet] \
+        [--num_workers 2] [--strict] [--overwrite] [--quiet] [--pack] \
         [--user_token '<reserved_106>'] [--assistant_token '<reserved_107>'] [--template baichuan2|xverse]
 
 --model_file is a SentencePiece tokenizer.model (Baichuan families) or a Hugging Face tokenizer.json (XVERSE);
@@ -21,6 +21,11 @@ answers and one eos per answer trained.
 Output: one MindRecord shard (+ .db) with int32 columns input_ids and labels of shape [seq_length + 1], renamed
 into place only when complete; identical bytes for any --num_workers. A bad record is skipped and counted
 (--strict: stop, exit status 2, nothing written). On a terminal a progress bar counts the input bytes read.
+--pack: several whole conversations per row (first-fit-decreasing per block of 2048 conversations), labels unchanged,
+plus an int32 column actual_seq_len [max(8, (seq_length + 1) // 32)] holding the cumulative conversation ends,
+padded with seq_length + 1 (schema and worked example in baichuan2/data/packing.py). finetune.py detects the column
+and keeps attention, positions and targets within each conversation. The summary prints rows before/after packing
+and the fill ratio (real tokens / token slots).
 
 The work is done by the package baichuan2.data; the layout and labels of each template are documented in
 baichuan2/data/labelling.py and defined in baichuan2/chat_format.py.

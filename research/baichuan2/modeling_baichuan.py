@@ -365,11 +365,14 @@ class BaichuanModel(nn.Cell):
         else:
             self.slopes = Tensor(alibi_slopes(config.num_attention_heads).reshape(1, -1, 1, 1))
 
-    def position_inputs(self, key_mask, query_slots):
+    def position_inputs(self, key_mask, query_slots, segment_ids=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
         Position ids = cumsum(mask) - 1, so left padding does not shift real tokens. A query sees the real keys up to
         its own slot, and always itself (so a padding row is never fully masked: the fused kernel leaves such rows
-        undefined). Returns (rope (cos, sin) [B, 1, S, D] or None, attention inputs for every layer)."""
+        undefined). Packed rows (segment_ids [B, S], no cache, so keys = queries): a query sees only keys of its own
+        segment (block-diagonal causal mask) and positions restart at 0 in each segment, so RoPE angles and ALiBi
+        distances are those of the conversation alone.
+        Returns (rope (cos, sin) [B, 1, S, D] or None, attention inputs for every layer)."""
         batch, keys = key_mask.shape
         key_positions = ops.maximum(ops.cumsum(key_mask, 1) - 1, 0)  # [B, Sk]
         query_positions = ops.gather(key_positions, query_slots, 1)  # [B, S]
@@ -379,6 +382,11 @@ class BaichuanModel(nn.Cell):
         own = key_slots == query_slots  # [S, Sk]
         visible = (key_slots <= query_slots).reshape(1, 1, seq_len, keys) & \
             ((key_mask.reshape(batch, 1, 1, keys) > 0) | own.reshape(1, 1, seq_len, keys))
+        if segment_ids is not None:
+            visible = visible & (segment_ids.reshape(batch, 1, 1, keys) == segment_ids.reshape(batch, 1, seq_len, 1))
+            # position in the conversation = visible earlier keys (contiguous segments, all real tokens)
+            key_positions = visible.astype(ms.float32).sum(-1).reshape(batch, keys).astype(ms.int32) - 1
+            query_positions = key_positions
         if self.use_rope:
             cos = ops.gather(self.cos_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
             sin = ops.gather(self.sin_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
@@ -396,8 +404,10 @@ class BaichuanModel(nn.Cell):
         window = ((offset >= 0) & (offset < new_tokens)).reshape(1, 1, slots, 1)
         return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), window
 
-    def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None):
-        """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache."""
+    def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
+        """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
+        segment_ids [B, S] (packed rows, without a cache; see segments_from_ends): which conversation each token
+        belongs to; attention and positions then stay within a conversation."""
         seq_len = input_ids.shape[1]
         attention_mask = attention_mask.astype(ms.int32)
         query_slots = ops.arange(0, seq_len, dtype=ms.int32)
@@ -406,7 +416,7 @@ class BaichuanModel(nn.Cell):
             cache_slot = 0 if cache_slot is None else cache_slot
             query_slots = query_slots + cache_slot
             write = self.cache_writes(cache_slot, seq_len, k_caches[0].shape[2])
-        rope, attn_inputs = self.position_inputs(attention_mask, query_slots)
+        rope, attn_inputs = self.position_inputs(attention_mask, query_slots, segment_ids)
         x = self.embed_tokens(input_ids).astype(self.compute_dtype)
         new_k, new_v = (), ()
         for i in range(len(self.layers)):
@@ -473,6 +483,9 @@ class BaichuanForCausalLM(PreTrainedModel):
     `model(input_ids)` -> float32 logits [B, S, V]. `model(input_ids, labels)` -> scalar loss, where rows are
     `seq_length + 1` tokens: inputs are `input_ids[:, :-1]`, targets `labels[:, 1:]`, -100 is ignored.
     `attention_mask` ([B, S], 1 = token, 0 = padding) supports left-padded batches.
+    `seq_ends` ([B, W] int32, packed rows: the MindRecord column actual_seq_len, see data/packing.py) are the
+    cumulative conversation ends in each row of seq_length + 1 tokens: attention, positions and targets then stay
+    within each conversation, so the loss equals that of the conversations trained one by one (token-weighted).
     """
 
     config_class = BaichuanConfig
@@ -484,15 +497,20 @@ class BaichuanForCausalLM(PreTrainedModel):
         self.lm_head = NormHead(config)
         self.vocab_size = config.vocab_size
 
-    def construct(self, input_ids, labels=None, attention_mask=None):
+    def construct(self, input_ids, labels=None, attention_mask=None, seq_ends=None):
+        segment_ids = None if seq_ends is None else segments_from_ends(seq_ends, input_ids.shape[1])
         if labels is not None:  # rows of seq_length + 1 tokens (the mask too, when given)
             input_ids = input_ids[:, :-1]
             labels = labels[:, 1:]
             if attention_mask is not None:
                 attention_mask = attention_mask[:, :-1]
+            if segment_ids is not None:  # a conversation's last token does not predict the next one's first
+                crossing = segment_ids[:, :-1] != segment_ids[:, 1:]
+                labels = ops.where(crossing, ops.full_like(labels, -100), labels)
+                segment_ids = segment_ids[:, :-1]
         if attention_mask is None:
             attention_mask = ops.ones(input_ids.shape, ms.int32)
-        hidden, _, _ = self.model(input_ids, attention_mask)
+        hidden, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids)
         logits = self.lm_head(hidden).astype(ms.float32)
         if labels is None:
             return logits
@@ -611,6 +629,14 @@ class CachedDecode(nn.Cell):
         return self.lm.lm_head(hidden[:, -1]).astype(ms.float32), k_caches, v_caches
 
 
+def segments_from_ends(seq_ends, length):
+    """Segment id of each of `length` slots from cumulative ends seq_ends [B, W] (padded with values >= length):
+    the number of ends at or before the slot. [B, length] int32."""
+    slots = ops.arange(0, length, dtype=ms.int32).reshape(1, length, 1)
+    reached = slots >= seq_ends.astype(ms.int32).reshape(seq_ends.shape[0], 1, seq_ends.shape[1])
+    return reached.astype(ms.int32).sum(-1)
+
+
 def causal_lm_loss(logits, labels):
     """Mean token cross entropy over labels != -100. logits [B, S, V] float32, labels [B, S]."""
     valid = labels != -100
@@ -721,7 +747,13 @@ def fused_rotary(x, cos, sin):
 def fused_attention_inputs(visible, alibi, scale, dtype):
     """(discard mask uint8 [B, 1, S, Sk] with 1 = hidden key, real_shift [B, N, S, Sk] or None). The kernel computes
     softmax(scale * (real_shift + q k^T)), so the ALiBi term is divided by the scale here; it is relative
-    (slope * (key - query position)) so half precision holds it at long context."""
+    (slope * (key - query position)) so half precision holds it at long context.
+    Packed rows (BaichuanModel segment ids) reach the kernel as this same dense mask, block-diagonal per
+    conversation: one code path, checked by the emulator test on packed rows. The kernel's sparse alternative,
+    input_layout "TND" with actual_seq_qlen / actual_seq_kvlen = the conversation ends cumulated over the batch
+    (B x seq_ends offset by b x S) and sparse_mode 3 (causal, compressed 2048 x 2048 mask), would skip the hidden
+    blocks instead of computing and discarding them; it is not used because no emulator or device here can check
+    its contract (see docs/ascend-first-run.md)."""
     discard = ops.logical_not(visible).astype(ms.uint8)
     if alibi is None:
         return discard, None

@@ -4,6 +4,7 @@
     readers.py     streaming JSON array / JSON Lines readers with file:line locations
     records.py     record formats (belle/sharegpt, alpaca, messages): one record -> conversation turns
     labelling.py   turns -> (input_ids, labels) rows in a chat format of baichuan2/chat_format.py
+    packing.py     --pack: whole conversations side by side in rows, the actual_seq_len column
     tokens.py      tokenizer files: text -> ids, role/eos/pad ids
     workers.py     labelling in a fork pool, order kept
     mindrecord.py  atomic MindRecord shard writer

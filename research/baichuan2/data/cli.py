@@ -28,6 +28,8 @@ def parse_args(argv):
     p.add_argument("--user_token", default=USER_TOKEN.piece, help="piece or id starting user turns (baichuan2)")
     p.add_argument("--assistant_token", default=ASSISTANT_TOKEN.piece,
                    help="piece or id starting assistant turns (baichuan2)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack several whole conversations per row (adds column actual_seq_len; see data/packing.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -42,6 +44,11 @@ def main(argv=None):
     print(f"files: {stats['files']}  records read: {stats['read']}  written: {stats['written']}  "
           f"skipped: {stats['skipped']} {stats['skipped_by_reason'] or ''}")
     print(f"rows truncated: {stats['truncated']}  tokens: {stats['tokens']}  "
-          f"tokens with loss: {stats['loss_fraction']:.1%}  seconds: {stats['seconds']:.1f}")
+          f"tokens with loss: {stats['loss_tokens']} ({stats['loss_fraction']:.1%})  seconds: {stats['seconds']:.1f}")
+    if args.pack:
+        print(f"packed: {stats['conversations']} conversations (rows before packing) -> {stats['written']} rows; "
+              f"fill {stats['fill_unpacked']:.1%} -> {stats['fill']:.1%} (real tokens / token slots)")
+    else:
+        print(f"fill: {stats['fill']:.1%} of the token slots hold real tokens (--pack packs conversations)")
     print(f"wrote {os.path.abspath(args.output_file)} (+ .db), rows of {args.seq_length + 1} tokens")
     return 0

@@ -1,4 +1,5 @@
 """MindRecord output: one shard (+ .db index) of int32 rows input_ids and labels, written atomically.
+Packed files (--pack) have a third int32 column, actual_seq_len [pack width] (schema in packing.py).
 
 The shard is written into a temporary folder next to the output and renamed into place by `commit` (MindRecord
 files embed their own file name, so the temporary file already has the final name; nothing time-dependent is
@@ -24,9 +25,10 @@ def check_output(out, overwrite):
 
 
 class RowWriter:
-    """Rows of seq_length + 1 tokens into `out` (absolute path); use as a context manager, call commit() last."""
+    """Rows of seq_length + 1 tokens into `out` (absolute path); use as a context manager, call commit() last.
+    pack_width > 0 adds the int32 column actual_seq_len of that width (packed rows)."""
 
-    def __init__(self, out, seq_length, description):
+    def __init__(self, out, seq_length, description, pack_width=0):
         from mindspore.mindrecord import FileWriter  # pylint: disable=import-outside-toplevel
 
         self.out = out
@@ -38,14 +40,16 @@ class RowWriter:
             self.writer.set_header_size(1 << 20)
             self.writer.set_page_size(max(1 << 22, 16 * (seq_length + 1) * 8))
             shape = [seq_length + 1]
-            self.writer.add_schema({"input_ids": {"type": "int32", "shape": shape},
-                                    "labels": {"type": "int32", "shape": shape}}, description)
+            schema = {"input_ids": {"type": "int32", "shape": shape}, "labels": {"type": "int32", "shape": shape}}
+            if pack_width:
+                schema["actual_seq_len"] = {"type": "int32", "shape": [pack_width]}
+            self.writer.add_schema(schema, description)
         except BaseException:
             self.close()
             raise
 
     def write(self, rows):
-        """rows: [{"input_ids": int32 array, "labels": int32 array}]"""
+        """rows: [{"input_ids": int32 array, "labels": int32 array[, "actual_seq_len": int32 array]}]"""
         if rows:
             self.writer.write_raw_data(rows)
 

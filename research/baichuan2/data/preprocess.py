@@ -5,8 +5,8 @@
 Bad input is reported, never lost silently: by default a bad record is skipped, printed and counted by reason;
 with `strict` the first problem stops the run (DataError) and nothing is written. Rows whose every target is
 masked after truncation (the user turn alone fills the row) are dropped and counted: they carry no loss and would
-make a batch's mean loss divide by zero. A packing step (several conversations per row) belongs between labelling
-and `_keep_rows`: it would take labelling.label_conversation's uncut rows instead of build_row's cut ones.
+make a batch's mean loss divide by zero. With `pack` (packing.py) the workers return uncut conversations and each
+block is packed several conversations per row in the main process (so rows do not depend on the worker count).
 """
 import glob
 import os
@@ -17,6 +17,7 @@ from collections import Counter
 from ..chat_format import IGNORE
 from .errors import DataError
 from .mindrecord import RowWriter, check_output
+from .packing import pack_block, pack_width
 from .readers import read_file
 from .records import detect_format, record_turns
 from .tokens import default_template, template_ids
@@ -28,7 +29,7 @@ BLOCK = 2048  # records labelled per batch (bounds memory whatever the input siz
 def preprocess(args):
     """Runs the conversion described by `args` (the attributes of belle_preprocess.py's flags: input_glob,
     model_file, template, format, output_file, seq_length, num_workers, strict, overwrite, user_token,
-    assistant_token, quiet); returns the stats dict. Raises DataError for anything that must stop the run."""
+    assistant_token, quiet, pack); returns the stats dict. Raises DataError for anything that must stop the run."""
     start = time.time()
     paths = sorted(glob.glob(args.input_glob))
     if not paths:
@@ -44,11 +45,18 @@ def preprocess(args):
     ids = template_ids(template, args.model_file, args.user_token, args.assistant_token)
 
     stats, skipped = Counter(), Counter()
+    pack = getattr(args, "pack", False)
+    width = pack_width(args.seq_length) if pack else 0
     # the Labeller forks its workers before RowWriter imports MindSpore
     with Labeller(args.model_file, ids, args.seq_length, template, args.num_workers) as labeller, \
-            RowWriter(out, args.seq_length, f"{template} chat rows") as writer:
+            RowWriter(out, args.seq_length, f"{template} chat rows" + (" (packed)" if pack else ""),
+                      width) as writer:
         for block in _blocks(_valid_turns(paths, args, stats, skipped)):
-            writer.write(_keep_rows(labeller.rows(block), stats, skipped))
+            if pack:
+                writer.write(_packed_rows(labeller.conversations(block), args.seq_length, ids, width, stats,
+                                          skipped))
+            else:
+                writer.write(_keep_rows(labeller.rows(block), stats, skipped))
         if stats["written"] == 0:
             raise DataError("config", f"no valid record to write from {len(paths)} file(s) "
                                       f"(skipped: {dict(skipped) or 'none'}); nothing was written")
@@ -56,8 +64,14 @@ def preprocess(args):
 
     stats["skipped"] = sum(skipped.values())
     stats["seconds"] = time.time() - start
+    if not pack:
+        stats["conversations"] = stats["written"]
+    slots = args.seq_length + 1
     return {**stats, "skipped_by_reason": dict(sorted(skipped.items())),
-            "loss_fraction": stats["loss_tokens"] / max(stats["tokens"], 1), "files": len(paths)}
+            "loss_fraction": stats["loss_tokens"] / max(stats["tokens"], 1), "files": len(paths),
+            # fill: real tokens / token slots, of the rows written and of one row per conversation (unpacked)
+            "fill": stats["tokens"] / max(stats["written"] * slots, 1),
+            "fill_unpacked": stats["tokens"] / max(stats["conversations"] * slots, 1)}
 
 
 def _valid_turns(paths, args, stats, skipped):
@@ -94,6 +108,20 @@ def _blocks(items):
             yield block
             block = []
     yield block
+
+
+def _packed_rows(conversations, seq_length, ids, width, stats, skipped):
+    """One block's packed rows (packing.pack_block), counted into stats."""
+    rows, counts = pack_block(list(conversations), ids, seq_length, width)
+    if counts["no_loss"]:
+        skipped["no_loss_after_truncation"] += counts["no_loss"]
+    for members, length, targets, truncated in counts["rows"]:
+        stats["written"] += 1
+        stats["conversations"] += members
+        stats["truncated"] += int(truncated)
+        stats["tokens"] += length
+        stats["loss_tokens"] += targets
+    return rows
 
 
 def _keep_rows(rows, stats, skipped):

@@ -8,7 +8,7 @@ import multiprocessing
 
 import numpy as np
 
-from .labelling import build_row
+from .labelling import build_row, label_conversation
 from .tokens import load_encoder
 
 _WORKER = {}  # this process's tokenizer and row settings
@@ -18,6 +18,11 @@ def _init_worker(model_file, ids, seq_length, template):
     _WORKER.update(encode=load_encoder(model_file), ids=ids, seq_length=seq_length, template=template)
 
 
+def _label_uncut(turns):
+    inputs, labels = label_conversation(turns, _WORKER["encode"], _WORKER["ids"], _WORKER["template"])
+    return np.asarray(inputs, np.int32), np.asarray(labels, np.int32)
+
+
 def _label(turns):
     inputs, labels, length, truncated = build_row(turns, _WORKER["encode"], _WORKER["ids"], _WORKER["seq_length"],
                                                   _WORKER["template"])
@@ -25,7 +30,8 @@ def _label(turns):
 
 
 class Labeller:
-    """rows(block) -> (input_ids, labels, length, truncated) per conversation; a context manager (ends the pool)."""
+    """rows(block) -> (input_ids, labels, length, truncated) per conversation; conversations(block) -> uncut
+    (inputs, labels) per conversation (for packing). A context manager (ends the pool)."""
 
     def __init__(self, model_file, ids, seq_length, template, num_workers=1):
         args = (model_file, ids, seq_length, template)
@@ -37,6 +43,9 @@ class Labeller:
 
     def rows(self, block):
         return self.pool.imap(_label, block, chunksize=64) if self.pool else map(_label, block)
+
+    def conversations(self, block):
+        return self.pool.imap(_label_uncut, block, chunksize=64) if self.pool else map(_label_uncut, block)
 
     def close(self):
         if self.pool:

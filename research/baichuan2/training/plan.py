@@ -10,10 +10,19 @@ import numpy as np
 from .recipe import FinetuneError
 
 COLUMNS = ("input_ids", "labels")
+PACKED_COLUMN = "actual_seq_len"  # present in packed files (belle_preprocess.py --pack; data/packing.py)
+
+
+def dataset_columns(path):
+    """The columns training reads from `path`: COLUMNS, plus PACKED_COLUMN when the file is packed."""
+    import mindspore.dataset as ds  # pylint: disable=import-outside-toplevel
+    names = ds.MindDataset(path, shuffle=False).get_col_names()
+    return list(COLUMNS) + ([PACKED_COLUMN] if PACKED_COLUMN in names else [])
 
 
 def inspect_dataset(path, seq_length):
-    """Checks the MindRecord exists and holds int32 `input_ids`/`labels` rows of seq_length + 1; returns row count."""
+    """Checks the MindRecord exists and holds int32 `input_ids`/`labels` rows of seq_length + 1 (and, packed, a
+    1-D `actual_seq_len` of conversation ends within the row); returns row count."""
     import mindspore.dataset as ds  # pylint: disable=import-outside-toplevel
     if not path:
         raise FinetuneError("no training data: pass --train_dataset PATH.mindrecord (make one with "
@@ -36,6 +45,13 @@ def inspect_dataset(path, seq_length):
             raise FinetuneError(f"train dataset {path}: column {name!r} has shape {row[name].shape}, the recipe wants "
                                 f"rows of seq_length + 1 = {seq_length + 1} tokens (data.seq_length {seq_length}); "
                                 f"pass --seq_length {row[name].shape[0] - 1} for these rows, or re-make the data")
+    if PACKED_COLUMN in columns:
+        first = ds.MindDataset(path, columns_list=[PACKED_COLUMN], shuffle=False)
+        ends = next(first.create_dict_iterator(output_numpy=True, num_epochs=1))[PACKED_COLUMN]
+        if ends.ndim != 1 or ends.size == 0 or ends.max() > seq_length + 1 or (np.diff(ends) < 0).any():
+            raise FinetuneError(f"train dataset {path}: column {PACKED_COLUMN!r} must hold non-decreasing conversation "
+                                f"ends within the row of {seq_length + 1} tokens, got {ends.tolist()}; re-make the "
+                                "data with belle_preprocess.py --pack")
     return count
 
 
@@ -64,7 +80,8 @@ def rank_sample_plan(num_samples, global_batch, rank, local_batch, first_step, l
 
 
 def build_dataset(path, plan, local_batch):
-    """MindDataset reading exactly the planned rows, in order, batched per optimizer step."""
+    """MindDataset reading exactly the planned rows, in order, batched per optimizer step (columns: COLUMNS,
+    plus PACKED_COLUMN for a packed file, which TrainStep then receives as a third input)."""
     import mindspore.dataset as ds  # pylint: disable=import-outside-toplevel
     # A SubsetSampler may not list more indices than the file has rows, so a run of several epochs reads one
     # MindDataset per stretch of steps without a repeated row (one epoch each) and concatenates them.
@@ -76,7 +93,8 @@ def build_dataset(path, plan, local_batch):
         current.extend(step)
         seen.update(step)
     segments.append(current)
-    parts = [ds.MindDataset(path, columns_list=list(COLUMNS), sampler=ds.SubsetSampler(rows), num_parallel_workers=1)
+    columns = dataset_columns(path)
+    parts = [ds.MindDataset(path, columns_list=columns, sampler=ds.SubsetSampler(rows), num_parallel_workers=1)
              for rows in segments]
     data = parts[0]
     for part in parts[1:]:

@@ -10,6 +10,7 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
     The overflow check is the gradient norm itself: it works on every backend (the parent's check needs
     NPU float-status kernels on this MindSpore build) and all ranks agree because the grads are reduced.
     Returns (mean loss across ranks, grad norm before clipping, overflow, loss scale).
+    seq_ends: the actual_seq_len column of packed rows (plan.PACKED_COLUMN), handed to the model; None otherwise.
     """
 
     def __init__(self, network, optimizer, scale_sense, accum, micro_batch, grad_clip, world_size):
@@ -19,16 +20,22 @@ class TrainStep(nn.TrainOneStepWithLossScaleCell):
         self.grad_clip = grad_clip
         self.world_size = world_size
 
-    def construct(self, input_ids, labels):
+    def construct(self, input_ids, labels, seq_ends=None):
         weights = self.weights
         scale = self.scale_sense
         loss, grads = None, None
         for i in range(self.accum):  # unrolled at compile time
             ids = input_ids[i * self.micro_batch:(i + 1) * self.micro_batch]
             lab = labels[i * self.micro_batch:(i + 1) * self.micro_batch]
-            micro_loss = self.network(ids, lab)
             sens = ops.cast(scale, ms.float32) / self.accum
-            micro_grads = self.grad(self.network, weights)(ids, lab, ops.cast(sens, micro_loss.dtype))
+            if seq_ends is None:
+                micro_loss = self.network(ids, lab)
+                micro_grads = self.grad(self.network, weights)(ids, lab, ops.cast(sens, micro_loss.dtype))
+            else:
+                ends = seq_ends[i * self.micro_batch:(i + 1) * self.micro_batch]
+                mask = ops.ones(ids.shape, ms.int32)  # every slot is a token: padding is a segment of its own
+                micro_loss = self.network(ids, lab, mask, ends)
+                micro_grads = self.grad(self.network, weights)(ids, lab, mask, ends, ops.cast(sens, micro_loss.dtype))
             if grads is None:
                 loss, grads = micro_loss, micro_grads
             else:
