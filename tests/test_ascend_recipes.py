@@ -110,3 +110,17 @@ def test_finetune_exits_2_before_writing(tmp_path, capsys, section, message):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err, err
     assert err.count("finetune.py: error:") == 1 and not out.exists()
+
+
+def test_build_model_applies_the_recipes_recomputation_on_cpu():
+    from baichuan2.training.run import RunShape, build_model
+    recipe, _ = recipe_and_config("finetune_tiny.yaml")
+    config = BaichuanConfig.from_preset("tiny")
+    for recompute, full, select in (({"recompute": True, "select_recompute": False}, True, False),
+                                    ({"recompute": False, "select_recompute": True}, False, True),
+                                    ({"recompute": False, "select_recompute": False}, False, False)):
+        shape = RunShape(rank=0, world_size=1, device="CPU", config=config, seq_length=16, num_samples=8, batch=1,
+                         accum=1, total_steps=1, recompute=recompute)
+        model = build_model(recipe, shape)
+        assert all((layer._recompute_cell is not None) == full and (layer.mlp._recompute_cell is not None) == select
+                   for layer in model.model.layers), recompute

@@ -190,11 +190,13 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
       (mindspore.parallel.nn.Pipeline in 2.7) before the train step.
     - recompute per layer (apply_recompute).
 
-    The train step changes in semi-auto: the framework inserts the gradient reduction (AllReduce, or ReduceScatter
-    with the parallel optimizer) itself, so the data-parallel step's DistributedGradReducer / manual all-reduce must
-    be dropped, or gradients are reduced twice; the optimizer sees only its shard of the state; global-norm
-    clipping must use the framework's sharding-aware norm (MindFormers' ClipGradNorm does) and checkpoints of a
-    sharded run are saved whole (integrated_save) or merged before export.
+    The train step in semi-auto (training/step.py with framework_reduces, built by run.build_train_cell): the
+    framework inserts the gradient reduction (AllReduce, or ReduceScatter with the parallel optimizer) itself, so
+    the step adds no DistributedGradReducer (the parent's is nn.Identity in that mode) and no loss all-reduce; the
+    pipeline's wrapper and reducer come from ascend_train_network. Open points a dry run / device must settle: the
+    step's global-norm (sum of squares over the gradients as the single-device program sees them) relies on the
+    framework completing sums over sharded tensors; checkpoints of a sharded run are NOT gathered yet (they would
+    hold rank 0's slices; docs/ASCEND_TRAINING.md says what is missing).
     """
     p = parallel_settings(parallel)
     set_ascend_parallel_context(p)
@@ -251,7 +253,7 @@ def set_ascend_parallel_context(parallel):  # pragma: no cover - compiled on Asc
     )
 
 
-def ascend_train_network(model, parallel):  # pragma: no cover - compiled on Ascend only
+def ascend_train_network(model, parallel, weights):  # pragma: no cover - compiled on Ascend only
     """ASCEND ONLY, NOT RUN HERE (checked as apply_ascend_parallel is): what the train step differentiates, and
     its gradient reducer.
 
@@ -260,8 +262,9 @@ def ascend_train_network(model, parallel):  # pragma: no cover - compiled on Asc
     inserts the AllReduce / ReduceScatter of the gradients itself). With pipeline_stage > 1: the model wrapped in
     mindspore.parallel.nn.Pipeline(model, micro_batch_num), which cuts the batch into micro batches and returns
     the SUM of their losses (hence summed_micro_batches, which the train step divides the loss and the loss-scale
-    sens by), and mindspore.parallel.nn.PipelineGradReducer over the trainable weights, MindSpore's reducer for a
-    pipeline trained through GradOperation (opt_shard when the parallel optimizer is on).
+    sens by), and mindspore.parallel.nn.PipelineGradReducer, MindSpore's reducer for a pipeline trained through
+    GradOperation (opt_shard when the parallel optimizer is on), over `weights`: the optimizer's parameters in its
+    own order, the order the train step's gradients come in.
     """
     # pylint: disable=import-outside-toplevel
     from mindspore.parallel.nn import Pipeline, PipelineGradReducer
@@ -269,5 +272,5 @@ def ascend_train_network(model, parallel):  # pragma: no cover - compiled on Asc
     if p["pipeline_stage"] == 1:
         return model, None, 1
     network = Pipeline(model, p["micro_batch_num"])
-    reducer = PipelineGradReducer(model.trainable_params(), opt_shard=p["enable_parallel_optimizer"])
+    reducer = PipelineGradReducer(weights, opt_shard=p["enable_parallel_optimizer"])
     return network, reducer, p["micro_batch_num"]

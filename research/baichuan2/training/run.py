@@ -220,7 +220,7 @@ def build_train_cell(model, tcfg, lrs, shape):
     network, grad_reducer, summed = model, None, 1
     if shape.semi_auto:
         from .parallel import ascend_train_network
-        network, grad_reducer, summed = ascend_train_network(model, shape.parallel)
+        network, grad_reducer, summed = ascend_train_network(model, shape.parallel, optimizer.parameters)
     return TrainStep(network, optimizer, scale_sense, shape.accum, shape.local_batch // shape.accum,
                      float(tcfg["grad_clip"] or 0.0), shape.world_size, framework_reduces=shape.semi_auto,
                      grad_reducer=grad_reducer, summed_micro_batches=summed)
