@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+from baichuan2 import runtime
+from baichuan2.chat_format import BAICHUAN2
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "dataset", "belle_sample.json")
 TOKENIZER = os.path.join(REPO, "dataset", "tokenizer.model")
@@ -95,7 +98,7 @@ def answer(model_dir, prompts):
     generator = pipeline(task="text_generation", model=model_dir, framework='ms', trust_remote_code=True)
     replies = []
     for prompt in prompts:
-        chat_text = f"<reserved_106>{prompt}<reserved_107>"
+        chat_text = BAICHUAN2.render_text([{"role": "user", "content": prompt}])  # <reserved_106>q<reserved_107>
         result = generator(chat_text, do_sample=False, max_new_tokens=48)
         text = result[0]["text_generation_text"][0]  # the prompt followed by the reply
         replies.append(text[len(chat_text):] if text.startswith(chat_text) else text)
@@ -107,7 +110,9 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--master_port", type=int, default=8129)
+    runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
+    runtime.setup_inference(args.device, threads=args.threads, prog="demo.py")  # exits 2 if the device is unusable
     out = os.path.abspath(args.output_dir)
     try:
         fresh_output_dir(out)
@@ -123,7 +128,8 @@ def main(argv=None):
         sys.executable, "example/dataset/belle_preprocess.py", "--input_glob", SAMPLE, "--model_file", TOKENIZER,
         "--output_file", mindrecord, "--seq_length", "128"]))
 
-    finetune_args = f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir}"
+    finetune_args = (f"finetune.py --config {CONFIG} --train_dataset {mindrecord} --output_dir {train_dir} "
+                     f"--device {args.device}")
     run_stage(2, total, f"finetune on {args.workers} workers with msrun", lambda: run([
         "bash", "msrun.sh", finetune_args, str(args.workers), str(args.master_port),
         os.path.join(out, "msrun_log")], cwd=os.path.join(REPO, "example")))

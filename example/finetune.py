@@ -9,15 +9,19 @@ TrainOneStepWithLossScaleCell subclass that adds gradient accumulation, clipping
 
 Outputs under --output_dir:
     checkpoints/step_XXXXXX/   config.json + model.safetensors (as save_pretrained), optimizer.safetensors,
-                               trainer_state.json (step, data position); written to a temp dir then renamed
+                               trainer_state.json (step, data position), manifest.json (size + sha256 of each
+                               file); written to a temp dir, fsynced, then renamed
     model/                     the final weights as a servable model directory (export_model.py does the same
                                for any checkpoint)
     tensorboard/, train_log.jsonl, loss_curve.png
 LoRA (recipe section `lora`, rank > 0, or --lora_rank): adapters on the target projections, base weights frozen;
 checkpoints hold adapter_model.safetensors instead of model.safetensors, and the run ends with <output_dir>/adapter/
 (merge it into the base with research/baichuan2/merge_lora.py).
+--resume checks the newest checkpoint against its manifest; a damaged one is reported (which file, why), renamed to
+step_XXXXXX.damaged-N and the run resumes from the newest checkpoint that verifies (exit 2 if none does).
 Set BAICHUAN_FINETUNE_DEBUG=1 to also write, per rank, the sample indices it trained on, its pid and its final
-weights under debug/ (used by the tests to check data sharding and rank agreement).
+weights under debug/ (used by the tests to check data sharding and rank agreement); with it,
+BAICHUAN_FINETUNE_PAUSE_IN_SAVE=<step> pauses that step's checkpoint save between files (tests kill it there).
 The logic lives in research/baichuan2/training/ (imported as baichuan2.training); this file is the command line.
 """
 import argparse
@@ -39,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, help="rows per device per micro-batch")
     p.add_argument("--seed", type=int)
     p.add_argument("--save_steps", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint that verifies (damaged newer ones are moved aside)")
     p.add_argument("--lora_rank", type=int, help="LoRA rank (> 0 turns LoRA on, 0 = full finetuning)")
     p.add_argument("--lora_alpha", type=float, help="LoRA alpha (the update is scaled by alpha / rank)")
     p.add_argument("--lora_dropout", type=float, help="dropout on the adapter input")

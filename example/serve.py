@@ -6,6 +6,7 @@
 Binds to loopback unless --host says otherwise. See docs/SERVING.md for calling it with curl or the openai client.
 """
 import argparse
+import os
 import sys
 
 from baichuan2 import runtime
@@ -20,6 +21,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_batch", type=int, default=8, help="most queued requests generated as one batch")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     runtime.add_device_argument(parser)
+    parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("BAICHUAN_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: $BAICHUAN_API_KEY; "
+                             "set one whenever --host is not loopback)")
     return parser.parse_args(argv)
 
 
@@ -30,7 +34,8 @@ def main(argv=None):
     from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
 
     try:
-        app = create_app(args.model_dir, model_name=args.model_name, max_batch=args.max_batch)
+        app = create_app(args.model_dir, model_name=args.model_name, max_batch=args.max_batch,
+                         api_key=args.api_key)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"serve.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
         return 1

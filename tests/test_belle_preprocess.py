@@ -1,23 +1,17 @@
 """example/dataset/belle_preprocess.py: labelling, streaming readers, bad input, atomic output, sharded reading."""
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import baichuan2.data as bp
+from baichuan2.data import readers
 from conftest import REPO, run_module
 
 MODEL = os.path.join(REPO, "dataset", "tokenizer.model")
-SCRIPT = os.path.join(REPO, "example", "dataset", "belle_preprocess.py")
 IDS = {"user": 3, "assistant": 4, "eos": 2, "pad": 0}
-
-spec = importlib.util.spec_from_file_location("belle_preprocess", SCRIPT)
-bp = importlib.util.module_from_spec(spec)
-sys.modules["belle_preprocess"] = bp  # worker processes unpickle its functions by module name
-spec.loader.exec_module(bp)
 
 
 def conv(*texts, roles=("human", "gpt")):
@@ -116,7 +110,7 @@ def test_role_token_flags(tmp_path, capsys):
 
 @pytest.mark.parametrize("chunk", [3, 7, 1 << 20])
 def test_streaming_json_array_matches_json_load(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(bp, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk)
     records = [record(i, f"问题 {i} ü", f"answer {i} 😀") for i in range(5)] + [{"id": 5.25, "conversations": []}]
     path = write_json(tmp_path / "a.json", records)
     got = list(bp.read_json_array(path))

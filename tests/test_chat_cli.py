@@ -11,7 +11,8 @@ import mindspore as ms
 import pytest
 
 from baichuan2 import BaichuanForCausalLM
-from baichuan2.chat import CHAT_DEFAULTS, build_chat_input, chat, chat_options
+from baichuan2.chat import build_chat_input, chat, chat_options
+from baichuan2.chat_format import CHAT_DEFAULTS
 from baichuan2.convert_weight import convert
 from baichuan2.model_dir import load_tokenizer
 from conftest import FIXTURES, REPO

@@ -204,7 +204,7 @@ def test_single_process_run_and_export(workdir, tmp_path):
     assert "step 4/6 loss" in proc.stdout and "tokens/s" in proc.stdout
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000004", "step_000006"]  # keep_checkpoints: 2
     ckpt = out / "checkpoints" / "step_000004"
-    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+    assert sorted(os.listdir(ckpt)) == ["config.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
                                         "trainer_state.json"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["samples_seen"] == 16

@@ -146,10 +146,14 @@ def test_only_adapters_train_and_are_saved(workdir, lora_run):
     assert all(np.any(a != 0) for n, a in adapters.items() if n.endswith("lora_b"))  # B left zero: it trained
     # checkpoints and the final adapter dir hold the adapters only, with an optimizer state for them only
     step = out / "checkpoints" / f"step_{STEPS:06d}"
-    for directory in (step, out / "adapter"):
-        saved = load_file(str(directory / "adapter_model.safetensors"))
-        assert sorted(saved) == sorted(adapters)
+    from baichuan2.lora import read_adapter
+    for directory in (step, out / "adapter"):  # PEFT's layout (tests/test_peft_adapter.py), read back exactly
+        assert json.loads((directory / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        saved, lora = read_adapter(str(directory))
+        assert sorted(saved) == sorted(adapters) and (lora["rank"], lora["alpha"]) == (RANK, 16.0)
         assert not (directory / "model.safetensors").exists()
+    for name, array in read_adapter(str(out / "adapter"))[0].items():
+        np.testing.assert_array_equal(array, adapters[name], err_msg=name)
     optimizer = load_file(str(step / "optimizer.safetensors"))
     moments = [n for n in optimizer if n.startswith(("adam_m", "adam_v"))]
     assert moments and all(n.endswith((".lora_a", ".lora_b")) for n in moments)

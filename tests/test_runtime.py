@@ -52,6 +52,8 @@ ENTRY_POINTS = {
     "serve": ["example/serve.py", "--model_dir", "{missing}"],
     "evaluate": ["example/evaluate.py", "--model_dir", "{missing}", "--task", "ceval", "--data_dir", "{missing}"],
     "bench_generate": ["example/bench_generate.py", "--configs", "S"],
+    "finetune": ["example/finetune.py", "--train_dataset", "{missing}"],
+    "demo": ["example/demo.py", "--output_dir", "{missing}"],
 }
 
 

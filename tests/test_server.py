@@ -4,6 +4,9 @@
 One server for the whole module: uvicorn in a thread on a free loopback port, serving the tiny parity model in
 GRAPH mode. The test's own Generator is the server's too (generation runs only while the server is idle)."""
 import concurrent.futures
+import contextlib
+import importlib.util
+import json
 import os
 import socket
 import threading
@@ -19,7 +22,7 @@ from baichuan2.convert_weight import convert
 from baichuan2.generation import Generator
 from baichuan2.server import create_app
 from baichuan2.tokenization_baichuan import BaichuanTokenizer
-from conftest import FIXTURES
+from conftest import FIXTURES, REPO
 
 openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
 uvicorn = pytest.importorskip("uvicorn")
@@ -52,6 +55,16 @@ def served(tmp_path_factory):
     generator = Generator(BaichuanForCausalLM.from_pretrained(model_dir))
     tokenizer = BaichuanTokenizer.from_pretrained(model_dir)
     app = create_app(generator, tokenizer=tokenizer, model_name=MODEL, max_batch=8)
+    try:
+        with running(app) as url:
+            yield Served(url, generator, tokenizer, app)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -62,12 +75,11 @@ def served(tmp_path_factory):
         assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
         time.sleep(0.05)
     try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", generator, tokenizer, app)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def user(text):
@@ -277,3 +289,119 @@ def test_chat_page_in_headless_chromium(served, tmp_path, monkeypatch):
             context.close()
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+# ---------------------------------------------------------------------------------------------- ecosystem fields
+def submitted_jobs(served, monkeypatch):
+    """Records every Job the server queues (the worker still runs them)."""
+    worker, jobs = served.app.state.worker, []
+    real_submit = worker.submit
+
+    def record(job):
+        jobs.append(job)
+        real_submit(job)
+
+    monkeypatch.setattr(worker, "submit", record)
+    return jobs
+
+
+def test_left_out_sampling_fields_come_from_generation_config(served, monkeypatch):
+    with open(os.path.join(served.config.name_or_path, "generation_config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["temperature"] != 1.0 and saved["top_k"] > 0  # the fixture is a Chat model: Chat's defaults
+    jobs = submitted_jobs(served, monkeypatch)
+    client = served.client()
+    client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3)
+    client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3, temperature=0.5, top_p=0.5)
+    client.chat.completions.create(model=MODEL, messages=user("hi"))
+    defaults, explicit, no_max = jobs
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (
+        saved["temperature"], saved["top_p"], saved["top_k"], saved["repetition_penalty"])
+    assert (explicit.temperature, explicit.top_p, explicit.top_k) == (0.5, 0.5, saved["top_k"])
+    # max_new_tokens of the file, cut to what the context leaves after the prompt
+    assert no_max.max_tokens == min(saved["max_new_tokens"], served.config.max_context - len(no_max.prompt))
+    # greedy stays plain greedy (the file's repetition_penalty belongs to sampling): the reply is direct greedy's
+    reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=6, temperature=0)
+    assert jobs[-1].repetition_penalty == 1.0
+    assert reply.choices[0].message.content == served.direct_chat(user("hi"), 6)
+
+
+def test_sampling_defaults_of_a_greedy_or_missing_file():
+    from baichuan2.server import DEFAULT_MAX_TOKENS, sampling_defaults
+    assert sampling_defaults({}) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                                     "max_tokens": DEFAULT_MAX_TOKENS}
+    assert sampling_defaults({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
+
+
+def test_content_as_a_list_of_text_parts(served):
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    reply = served.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == served.direct_chat(user("What is the capital\nof France?"), 8)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    response = requests.post(served.url + "/v1/chat/completions", timeout=30, json={
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": parts + [image]}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert "'image_url'" in error["message"] and error["param"] == "messages.1.content", error
+
+
+def test_stream_options_include_usage_adds_a_last_usage_chunk(served):
+    client = served.client()
+    messages = user("count to three")
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-2].choices[0].finish_reason is not None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == plain.choices[0].message.content
+    # without it the stream ends with the finish chunk (no usage), and on /v1/completions it works the same
+    assert list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                               stream=True))[-1].choices[0].finish_reason is not None
+    legacy = list(client.completions.create(model=MODEL, prompt="Once", max_tokens=3, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert legacy[-1].choices == [] and legacy[-1].usage.prompt_tokens == len(served.tokenizer.encode("Once"))
+    response = requests.post(served.url + "/v1/chat/completions", timeout=30, json={
+        "messages": messages, "stream_options": {"include_usage": True}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+def test_context_length_error_names_the_right_numbers(served):
+    prompt = build_chat_input(served.config, served.tokenizer.encode, user("hi"), max_new_tokens=1)
+    response = requests.post(served.url + "/v1/chat/completions", timeout=30,
+                             json={"messages": user("hi"), "max_tokens": 10 ** 9})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    context = served.config.max_context
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    assert (f"maximum context length is {context} tokens" in error["message"]
+            and f"({len(prompt)} prompt tokens + max_tokens {10 ** 9})" in error["message"]
+            and f"at most {context - len(prompt)}" in error["message"]), error["message"]
+
+
+def test_api_key_is_checked_as_a_bearer_token(served):
+    app = create_app(served.generator, tokenizer=served.tokenizer, model_name=MODEL, api_key="s3cret")
+    with running(app) as url:
+        assert requests.get(url + "/health", timeout=10).status_code == 200  # open, as in vLLM
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = requests.get(url + "/v1/models", headers=headers, timeout=10)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", headers
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content == served.direct_chat(user("hi"), 4)
+
+
+def test_serve_py_takes_the_api_key_from_its_flag_or_the_environment(monkeypatch):
+    spec = importlib.util.spec_from_file_location("serve_example", os.path.join(REPO, "example", "serve.py"))
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    monkeypatch.delenv("BAICHUAN_API_KEY", raising=False)
+    assert serve.parse_args(["--model_dir", "m"]).api_key is None
+    assert serve.parse_args(["--model_dir", "m", "--api-key", "k1"]).api_key == "k1"
+    monkeypatch.setenv("BAICHUAN_API_KEY", "k2")
+    assert serve.parse_args(["--model_dir", "m"]).api_key == "k2"
+    assert serve.parse_args(["--model_dir", "m", "--api_key", "k3"]).api_key == "k3"

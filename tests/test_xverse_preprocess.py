@@ -5,8 +5,9 @@ import os
 import pytest
 from tokenizers import Tokenizer
 
+import baichuan2.data as bp
 from conftest import REPO
-from test_belle_preprocess import bp, read_rows, record, write_json
+from test_belle_preprocess import read_rows, record, write_json
 
 TOKENIZER_JSON = os.path.join(REPO, "dataset", "xverse", "tokenizer.json")
 EOS, PAD = 3, 1

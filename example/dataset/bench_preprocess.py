@@ -7,21 +7,16 @@ byte-identical and prints the rates.
     python example/dataset/bench_preprocess.py [--num 20000] [--workers 2] [--seq_length 512]
 """
 import argparse
-import importlib.util
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 
+import baichuan2.data as bp
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-
-spec = importlib.util.spec_from_file_location("belle_preprocess", os.path.join(HERE, "belle_preprocess.py"))
-bp = importlib.util.module_from_spec(spec)
-sys.modules["belle_preprocess"] = bp  # worker processes unpickle its functions by module name
-spec.loader.exec_module(bp)
 
 WORDS_EN = "the model reads text and predicts the next token from what came before it quickly".split()
 WORDS_ZH = list("我们今天学习语言模型训练数据处理分词器预测下一个词元并且计算损失函数")

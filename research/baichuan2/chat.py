@@ -1,4 +1,4 @@
-"""Multi-turn chat: prompt building from a message history and Baichuan2-Chat generation defaults.
+"""Multi-turn chat: prompt building from a message history, generation options, streamed text.
 
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"},
                 {"role": "user", "content": "你是谁?"}]
@@ -10,50 +10,13 @@ History rule (as Baichuan2-Chat): whole rounds are added newest-first while they
 model_max_length - max_new_tokens (the newest round is always kept), then the prompt ends with the assistant turn
 marker and is cut from the left to that budget.
 
-The template is chosen by `config.chat_format`: a small function turning one message into token ids, plus the
-tokens that open the assistant's reply. "baichuan2" uses role tokens (<reserved_106>/<reserved_107>), "xverse"
-plain text ("Human: {q}\\n\\nAssistant: ").
+The layout (role tokens or role text, reply start, stop ids, defaults) comes from `config.chat_format`, defined in
+chat_format.py.
 """
 import warnings
 
+from . import chat_format as formats
 from .generation import generator_for
-
-# Baichuan2-Chat's generation_config.json
-CHAT_DEFAULTS = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
-                 "max_new_tokens": 2048}
-
-
-# ---------------------------------------------------------------------------------------------- templates
-def _baichuan2_message(message, encode, config):
-    role_token = config.user_token_id if message["role"] == "user" else config.assistant_token_id
-    return [role_token] + list(encode(message["content"]))
-
-
-def _baichuan2_reply_start(config, encode):
-    return [config.assistant_token_id]
-
-
-def _xverse_message(message, encode, config):
-    if message["role"] == "user":
-        return list(encode(f"Human: {message['content']}\n\nAssistant: "))
-    return list(encode(message["content"])) + [config.eos_token_id]
-
-
-def _xverse_reply_start(config, encode):
-    return []  # the user template already ends with "Assistant: "
-
-
-TEMPLATES = {"baichuan2": (_baichuan2_message, _baichuan2_reply_start),
-             "xverse": (_xverse_message, _xverse_reply_start)}
-
-
-def _template(config):
-    if config.chat_format not in TEMPLATES:
-        raise ValueError(f"model family {config.family!r} has no chat format (chat_format={config.chat_format!r}); "
-                         f"chat needs one of {sorted(TEMPLATES)}: use plain generation for base models")
-    if config.chat_format == "baichuan2" and (config.user_token_id is None or config.assistant_token_id is None):
-        raise ValueError("chat_format 'baichuan2' needs user_token_id and assistant_token_id in the config")
-    return TEMPLATES[config.chat_format]
 
 
 def _rounds(messages):
@@ -84,21 +47,22 @@ def fit_max_new_tokens(config, max_new_tokens):
     return max_new_tokens
 
 
-def build_chat_input(config, encode, messages, max_new_tokens=CHAT_DEFAULTS["max_new_tokens"]):
+def build_chat_input(config, encode, messages, max_new_tokens=formats.CHAT_DEFAULTS["max_new_tokens"]):
     """Prompt token ids for `messages` ({"role": "system"|"user"|"assistant", "content": str}, oldest first)."""
     if not messages:
         raise ValueError("messages is empty")
-    message_tokens, reply_start = _template(config)
+    fmt, ids = formats.for_config(config)
     max_input = config.model_max_length - max_new_tokens
     if max_input < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for input in model_max_length "
                          f"{config.model_max_length}")
     system, rounds = _rounds(messages)
-    system_tokens = list(encode(system)) if system else []
+    system_tokens = fmt.message_ids("system", system, encode, ids) if system else []
     history_budget = max_input - len(system_tokens)
     history = []
     for round_messages in reversed(rounds):  # newest first
-        round_tokens = [t for message in round_messages for t in message_tokens(message, encode, config)]
+        round_tokens = [t for message in round_messages
+                        for t in fmt.message_ids(message["role"], message["content"], encode, ids)]
         if history and len(history) + len(round_tokens) > history_budget:
             break
         history = round_tokens + history
@@ -106,19 +70,19 @@ def build_chat_input(config, encode, messages, max_new_tokens=CHAT_DEFAULTS["max
             break
     tokens = system_tokens + history
     if messages[-1]["role"] != "assistant":
-        tokens += reply_start(config, encode)
+        tokens += fmt.reply_start_ids(encode, ids)
     return tokens[-max_input:]  # cut from the left
 
 
 # ---------------------------------------------------------------------------------------------- generation
 def chat_options(config, **overrides):
-    """Generation options for a chat reply: Baichuan2-Chat defaults, stopping at eos and at a new user turn."""
-    options = dict(CHAT_DEFAULTS)
+    """Generation options for a chat reply: the format's defaults, stopping at eos and at a new user turn."""
+    fmt = formats.FORMATS.get(config.chat_format, formats.BASE)
+    options = dict(fmt.generation)
     options.update({k: v for k, v in overrides.items() if v is not None})
     options["max_new_tokens"] = fit_max_new_tokens(config, options["max_new_tokens"])
     stops = list(options.pop("stop_token_ids", ()))
-    if config.chat_format == "baichuan2" and config.user_token_id is not None:
-        stops.append(config.user_token_id)
+    stops += fmt.stop_ids(formats.config_ids(config))
     options["stop_token_ids"] = stops
     return options
 

@@ -198,16 +198,13 @@ class Generator:
         """Logits [B, V] for each next token: one prefill, then one decode per token the caller wrote."""
         batch, slots = tokens.shape
         k_caches, v_caches = self.model.empty_caches(batch, slots)
-        logits, k_caches, v_caches = self.prefill(Tensor(tokens[:, :prompt_len]), Tensor(mask[:, :prompt_len]),
-                                                  k_caches, v_caches)
+        logits, k_caches, v_caches = self.prefill(Tensor(tokens[:, :prompt_len]), Tensor(mask), k_caches, v_caches)
         yield logits.asnumpy()
-        positions = mask[:, :prompt_len].sum(1, keepdims=True).astype(np.int32)  # id of the next token
         for slot in range(prompt_len, slots):
             # the caller has written the chosen token into tokens[:, slot] and opened mask[:, slot]
-            logits, k_caches, v_caches = self.decode(
-                Tensor(tokens[:, slot:slot + 1]), Tensor(positions), Tensor(mask), Tensor(slot, ms.int32),
-                ms.mutable(k_caches), ms.mutable(v_caches))
-            positions = positions + 1
+            logits, k_caches, v_caches = self.decode(Tensor(tokens[:, slot:slot + 1]), Tensor(mask),
+                                                     Tensor(slot, ms.int32), ms.mutable(k_caches),
+                                                     ms.mutable(v_caches))
             yield logits.asnumpy()
 
     def _full_logits(self, tokens, mask, prompt_len):

@@ -11,13 +11,18 @@ is reused as is and every compute dtype works.
 Targets are projection names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, plus "W_pack", Baichuan's
 fused QKV (what Baichuan's own fine-tune script adapts), which in our model means q_proj, k_proj and v_proj.
 
-Adapter tensors are named after the model path, e.g. `model.layers.0.self_attn.q_proj.lora_a` (A, [r, in]) and
-`...q_proj.lora_b` (B, [out, r]); adapter files are safetensors whose metadata holds rank, alpha and targets, so
-`merge_lora.py` needs nothing else.
+In the model, adapter parameters are named after the model path, e.g. `model.layers.0.self_attn.q_proj.lora_a`
+(A, [r, in]) and `...q_proj.lora_b` (B, [out, r]). On disk an adapter is a directory in Hugging Face PEFT's layout
+(adapter_config.json + adapter_model.safetensors, W_pack for Baichuan; see peft_adapter.py for the exact mapping),
+so PEFT, vLLM and LLaMA-Factory load ours and ours loads theirs. Files of the earlier layout (our names, rank/alpha/
+targets in the safetensors metadata) still load.
 """
 import json
+import os
 
 import numpy as np
+
+from . import peft_adapter
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -129,32 +134,52 @@ def lora_parameter_count(config, rank, targets):
     return config.num_hidden_layers * per_layer
 
 
-def save_adapter(model, path):
-    """Writes only the adapter matrices to `path` (safetensors), with rank/alpha/targets in the metadata."""
-    from safetensors.numpy import save_file
+def save_adapter(model, path, base_model_name_or_path=None):
+    """Writes the adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors in `path` (a directory,
+    or the adapter_model.safetensors file inside one). base_model_name_or_path defaults to the directory the model
+    was loaded from."""
     cfg = model.lora_config
-    tensors = {p.name: p.asnumpy() for p in adapter_params(model)}
-    save_file(tensors, path, metadata={"format": "np", "lora_rank": str(cfg["rank"]), "lora_alpha": str(cfg["alpha"]),
-                                       "lora_targets": json.dumps(cfg["targets"])})
+    directory = os.path.dirname(path) if path.endswith(".safetensors") else path
+    tensors = {p.name: p.asnumpy().astype(np.float32) for p in adapter_params(model)}
+    fused = bool(getattr(model.config, "fused_qkv", True))
+    peft_tensors, fields, metadata = peft_adapter.to_peft(tensors, cfg, fused, LORA_A, LORA_B)
+    base = base_model_name_or_path or cfg.get("base_model") or getattr(model.config, "name_or_path", None)
+    peft_adapter.write_peft_dir(directory, peft_tensors, peft_adapter.peft_config(fields, base, cfg["dropout"]),
+                                metadata)
 
 
 def read_adapter(path):
-    """(tensors dict, {"rank", "alpha", "targets"}) of an adapter file written by save_adapter."""
+    """(tensors with our names, {"rank", "alpha", "targets", "dropout"}) of an adapter: a PEFT adapter directory
+    (ours or one trained with PEFT / LLaMA-Factory), its adapter_model.safetensors, or an adapter file of the earlier
+    layout (our names, rank/alpha/targets in the metadata)."""
     from safetensors import safe_open
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    if peft_adapter.is_peft_dir(directory):
+        tensors, config, metadata = peft_adapter.read_peft_dir(directory)
+        return peft_adapter.from_peft(tensors, config, metadata, LORA_A, LORA_B, where=directory)
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTER_FILE)
     with safe_open(path, framework="np") as f:
         meta = f.metadata() or {}
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     if "lora_rank" not in meta or "lora_alpha" not in meta:
-        raise ValueError(f"{path} is not a LoRA adapter file (no lora_rank/lora_alpha metadata); finetune.py writes "
-                         f"them as {ADAPTER_FILE} in each LoRA checkpoint")
+        raise ValueError(f"{path} is not a LoRA adapter file (no {peft_adapter.CONFIG_FILE} beside it and no "
+                         f"lora_rank/lora_alpha metadata); finetune.py writes adapters in each LoRA checkpoint")
     return tensors, {"rank": int(meta["lora_rank"]), "alpha": float(meta["lora_alpha"]),
-                     "targets": json.loads(meta.get("lora_targets", '["W_pack"]'))}
+                     "targets": json.loads(meta.get("lora_targets", '["W_pack"]')), "dropout": 0.0}
 
 
-def load_adapter(model, path):
-    """Loads an adapter file into a model that has adapters of the same shape (names and shapes checked)."""
+def load_adapter(model, path, dropout=None):
+    """Loads an adapter (any layout read_adapter reads) into `model` and returns the model.
+
+    A model without adapters first gets them (apply_lora with the adapter's rank, alpha and targets; dropout from
+    the argument, else the adapter's config): what finetune continuation from a PEFT adapter calls. A model with
+    adapters must have the same ones (names and shapes checked)."""
     from mindspore import Tensor
-    tensors, _ = read_adapter(path)
+    tensors, lora = read_adapter(path)
+    if not has_lora(model):
+        apply_lora(model, lora["rank"], lora["alpha"], lora["dropout"] if dropout is None else dropout,
+                   lora["targets"])
     params = {p.name: p for p in adapter_params(model)}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     wrong = [f"{n}: expected {tuple(params[n].shape)}, found {tensors[n].shape}" for n in set(params) & set(tensors)
@@ -164,6 +189,7 @@ def load_adapter(model, path):
                          f"{unexpected}, mis-shaped {wrong}")
     for name, array in tensors.items():
         params[name].set_data(Tensor(array).astype(params[name].dtype))
+    return model
 
 
 def merge_into_weights(weights, adapter, lora):

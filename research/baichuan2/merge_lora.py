@@ -3,9 +3,10 @@
     python research/baichuan2/merge_lora.py --base BASE_DIR --adapter output/lora/adapter --output_path MERGED_DIR
 
 --base: the model directory the adapter was trained on (config.json + model.safetensors, e.g. convert_weight.py
-output). --adapter: a LoRA checkpoint directory of finetune.py (checkpoints/step_XXXXXX or <output_dir>/adapter) or
-its adapter_model.safetensors. Every adapted projection becomes W + B A * alpha/r (q/k/v are separate projections in
-our model, so a W_pack adapter lands in each of them). The result is written with save_pretrained + finish_model_dir,
+output). --adapter: a LoRA checkpoint directory of finetune.py (checkpoints/step_XXXXXX or <output_dir>/adapter), its
+adapter_model.safetensors, or a PEFT LoRA directory trained elsewhere (PEFT, LLaMA-Factory) on the same base. Every
+adapted projection becomes W + B A * alpha/r (q/k/v are separate projections in our model, so a W_pack adapter lands
+in each of them: its B split into three row blocks). The result is written with save_pretrained + finish_model_dir,
 with the tokenizer copied from the base directory, so openmind / mindformers pipelines can serve it.
 """
 import argparse
@@ -15,6 +16,9 @@ import sys
 
 def adapter_file(path):
     from baichuan2.lora import ADAPTER_FILE
+    from baichuan2.peft_adapter import is_peft_dir
+    if os.path.isdir(path) and is_peft_dir(path):
+        return path  # read_adapter explains what is missing in a PEFT directory
     if os.path.isdir(path):
         path = os.path.join(path, ADAPTER_FILE)
     if not os.path.isfile(path):
@@ -28,17 +32,21 @@ def merge(base_dir, adapter_path, output_path):
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.lora import merge_into_weights, read_adapter
     from baichuan2.model_dir import atomic_dir, finish_model_dir
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.weights_check import check_model_dir, check_safetensors, load_weights_checked
     from mindspore import Tensor
 
     if os.path.exists(output_path):
         raise FileExistsError(f"--output_path {output_path} already exists; choose a new directory")
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise FileNotFoundError(f"--base {base_dir} is not a model directory (no config.json)")
-    adapter, lora = read_adapter(adapter_file(adapter_path))
+    check_model_dir(base_dir)  # a damaged config.json or weights file: WeightsFileError naming it
+    adapter_path = adapter_file(adapter_path)
+    check_safetensors(adapter_path)
+    adapter, lora = read_adapter(adapter_path)
     config = BaichuanConfig.from_hf_config(base_dir)
     model = BaichuanForCausalLM(config)
-    load_safetensors_into(model, base_dir)  # checks names and shapes against the config
+    load_weights_checked(model, base_dir)  # checks names and shapes against the config
     params = {p.name: p for p in model.get_parameters()}
     merged = merge_into_weights({name: p.asnumpy() for name, p in params.items()}, adapter, lora)
     for name, array in merged.items():
@@ -53,7 +61,8 @@ def merge(base_dir, adapter_path, output_path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="base model directory the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="LoRA checkpoint directory or adapter_model.safetensors")
+    p.add_argument("--adapter", required=True,
+                   help="LoRA checkpoint directory, its adapter_model.safetensors, or a PEFT LoRA directory")
     p.add_argument("--output_path", required=True, help="new model directory to create")
     args = p.parse_args(argv)
     try:

@@ -18,10 +18,11 @@ import os
 import secrets
 import shutil
 
+from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py")
+                    "tokenization_xverse.py", "kernels.py", "kernels.cc")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
@@ -29,11 +30,6 @@ AUTO_MAP = {
     "AutoTokenizer": ["tokenization_baichuan.BaichuanTokenizer", None],
 }
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
-
-# Baichuan2-Chat's published generation defaults; base models decode greedily unless asked otherwise.
-CHAT_GENERATION = {"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
-                   "max_new_tokens": 2048}
-BASE_GENERATION = {"do_sample": False, "max_new_tokens": 512}
 
 
 def load_tokenizer(model_dir):
@@ -50,9 +46,9 @@ def load_tokenizer(model_dir):
 
 
 def generation_config(config: BaichuanConfig):
-    """generation_config.json contents for the variant: chat defaults when the config has a chat format
-    (convert_weight.py --variant sets it null for Baichuan2-Base)."""
-    data = dict(CHAT_GENERATION if config.chat_format else BASE_GENERATION)
+    """generation_config.json contents for the variant: the chat format's defaults (chat_format.py; greedy for a
+    base model, whose chat_format convert_weight.py --variant sets null)."""
+    data = dict(chat_format.get(config.chat_format).generation)
     data.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                 pad_token_id=config.pad_token_id)
     if config.user_token_id is not None:

@@ -30,42 +30,51 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-# The one backend switch. Ascend has fused RmsNorm, rotary and FlashAttentionScore kernels; CPU (and GPU) have
-# none of them (see shared facts), so everywhere else the composed ops below run. The fused branches are kept thin
-# and are NOT exercised on the CPU machines this project is tested on.
+# Two implementations of the same four kernels, chosen once per model (`select_kernels`) and handed to the cells
+# when they are built: the composed ops below run everywhere; the Ascend fused kernels (see the Ascend section at
+# the end of this file) run where `use_fused_kernels()` says so.
+#   rms_norm(x, weight, eps)                       -> x's shape and dtype
+#   rotary(x, cos, sin)                            x [B, N, S, D]; cos/sin [B, 1, S, D], x's dtype
+#   attention_inputs(visible, alibi, scale, dtype) -> what `attention` takes; built ONCE per forward
+#       visible: bool [B, 1, S, Sk] (True = query may see key); alibi: float32 [B, N, S, Sk] or None
+#   attention(q, k, v, inputs, scale)              q [B, N, S, D], k/v [B, N, Sk, D] -> [B, N, S, D]
 def use_fused_kernels():
     return ms.get_context("device_target") == "Ascend"
 
 
-def rms_norm(x, weight, eps, fused):
-    if fused:
-        return ops.rms_norm(x, weight, eps)[0]
+def rms_norm(x, weight, eps):
     x32 = x.astype(ms.float32)
     x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
     return weight * x32.astype(x.dtype)
 
 
-def apply_rotary(x, cos, sin, fused):
-    """Half-rotation RoPE (as Hugging Face Llama/Baichuan): x*cos + rotate_half(x)*sin. x: [B, N, S, D]."""
-    if fused:
-        return ops.rotary_position_embedding(x, cos, sin, 0)
+def apply_rotary(x, cos, sin):
+    """Half-rotation RoPE (as Hugging Face Llama/Baichuan): x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, bias, scale, fused):
-    """softmax(q k^T * scale + bias) v. q,k,v: [B, N, S, D]; bias: float32 [B, 1 or N, S, Sk] holding _MASKED where a
-    key is hidden plus the ALiBi term where the model uses it."""
-    if fused:
-        # FlashAttentionScore wants the hidden keys as a 0/1 "discard" mask and the ALiBi part as real_shift.
-        discard = bias < _MASKED / 2
-        shift = ops.where(discard, ops.zeros_like(bias), bias).astype(q.dtype)
-        return ops.flash_attention_score(q, k, v, q.shape[1], real_shift=shift, attn_mask=discard.astype(ms.uint8),
-                                         scalar_value=scale, input_layout="BNSD")
+def attention_bias(visible, alibi, scale, dtype):  # pylint: disable=unused-argument
+    """The composed form of the attention inputs: one float32 additive bias, _MASKED on hidden keys."""
+    bias = (1.0 - visible.astype(ms.float32)) * _MASKED
+    return bias if alibi is None else bias + alibi
+
+
+def attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v, scores in float32."""
     scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * scale + bias
     probs = ops.softmax(scores, -1).astype(v.dtype)
     return ops.matmul(probs, v)
+
+
+COMPOSED_KERNELS = {"rms_norm": rms_norm, "rotary": apply_rotary, "attention_inputs": attention_bias,
+                    "attention": attention}
+
+
+def select_kernels():
+    """The kernel set for the current device: the Ascend fused one there, the composed one elsewhere."""
+    return ascend_kernels() if use_fused_kernels() else COMPOSED_KERNELS
 
 
 def alibi_slopes(num_heads):
@@ -126,25 +135,38 @@ class Embedding(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    def __init__(self, hidden_size, eps, config):
+    def __init__(self, hidden_size, eps, config, kernels=None):
         super().__init__()
         self.eps = eps
-        self.fused = use_fused_kernels()
+        self.rms_norm = (kernels or COMPOSED_KERNELS)["rms_norm"]
         self.weight = Parameter(initializer("ones", [hidden_size], _DTYPES[config.param_dtype]), name="weight")
 
     def construct(self, x):
-        return rms_norm(x, self.weight, self.eps, self.fused)
+        return self.rms_norm(x, self.weight, self.eps)
+
+
+def write_cache(cache, new, write_index, write_window):
+    """Cache [B, N, L, D] with the S new rows [B, N, S, D] written at slots [p, p + S) (see
+    BaichuanModel.cache_writes for the index/window): one formula for prefill (p = 0) and decode (S = 1)."""
+    spread = ops.gather(new.astype(cache.dtype), write_index, 2)  # [B, N, L, D]: slot j holds new row j - p
+    return ops.where(write_window, spread, cache)
 
 
 class Attention(nn.Cell):
-    def __init__(self, config):
+    """Multi-head attention, RoPE or ALiBi (the ALiBi term comes in with the attention inputs).
+
+    One forward for training, prefill and decode: with a cache, the new keys/values are written into it and the
+    queries attend over the whole cache (the attention inputs hide empty and padded slots)."""
+
+    def __init__(self, config, kernels=None):
         super().__init__()
+        kernels = kernels or COMPOSED_KERNELS
         h = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.use_rope = config.position_encoding == "rope"
-        self.fused = use_fused_kernels()
+        self.rotary = kernels["rotary"]
+        self.attend = kernels["attention"]
         self.q_proj = Linear(h, h, config)
         self.k_proj = Linear(h, h, config)
         self.v_proj = Linear(h, h, config)
@@ -154,38 +176,20 @@ class Attention(nn.Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)
 
-    def _qkv(self, x, cos, sin):
+    def construct(self, x, rope, attn_inputs, cache=None, write=None):
+        """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window) of
+        BaichuanModel.cache_writes. Returns (output [B, S, H], the updated cache or None)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
-        if self.use_rope:
-            q = apply_rotary(q, cos, sin, self.fused)
-            k = apply_rotary(k, cos, sin, self.fused)
-        return q, k, v
-
-    def _out(self, q, k, v, bias):
+        if rope is not None:
+            q = self.rotary(q, rope[0], rope[1])
+            k = self.rotary(k, rope[0], rope[1])
+        if cache is not None:
+            k = write_cache(cache[0], k, write[0], write[1])
+            v = write_cache(cache[1], v, write[0], write[1])
+            cache = (k, v)
+        out = self.attend(q, k, v, attn_inputs, self.scale)
         b, _, s, _ = q.shape
-        out = attention(q, k, v, bias, self.scale, self.fused)
-        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-
-    def construct(self, x, cos, sin, bias):
-        q, k, v = self._qkv(x, cos, sin)
-        return self._out(q, k, v, bias)
-
-    def prefill(self, x, cos, sin, bias, k_cache, v_cache):
-        """Full attention over the S prompt tokens; their keys/values fill cache slots [0, S) (static slice: the
-        rest of the cache keeps its shape, so one graph serves every step)."""
-        q, k, v = self._qkv(x, cos, sin)
-        s = x.shape[1]
-        k_cache = ops.concat((k.astype(k_cache.dtype), k_cache[:, :, s:]), 2)
-        v_cache = ops.concat((v.astype(v_cache.dtype), v_cache[:, :, s:]), 2)
-        return self._out(q, k, v, bias), k_cache, v_cache
-
-    def decode(self, x, cos, sin, bias, k_cache, v_cache, write_slot):
-        """One new token per row: written into cache slot `write_slot` (bool [1, 1, L, 1]), then attends over the
-        whole cache; `bias` hides empty and padded slots."""
-        q, k, v = self._qkv(x, cos, sin)
-        k_cache = ops.where(write_slot, k.astype(k_cache.dtype), k_cache)
-        v_cache = ops.where(write_slot, v.astype(v_cache.dtype), v_cache)
-        return self._out(q, k_cache, v_cache, bias), k_cache, v_cache
+        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, self.num_heads * self.head_dim)), cache
 
 
 class MLP(nn.Cell):
@@ -202,31 +206,29 @@ class MLP(nn.Cell):
 
 
 class DecoderLayer(nn.Cell):
-    def __init__(self, config):
+    def __init__(self, config, kernels=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
+        self.self_attn = Attention(config, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         self.mlp = MLP(config)
 
-    def construct(self, x, cos, sin, bias):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def prefill(self, x, cos, sin, bias, k_cache, v_cache):
-        h, k_cache, v_cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin, bias, k_cache, v_cache)
+    def construct(self, x, rope, attn_inputs, cache=None, write=None):
+        h, cache = self.self_attn(self.input_layernorm(x), rope, attn_inputs, cache, write)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
-
-    def decode(self, x, cos, sin, bias, k_cache, v_cache, write_slot):
-        h, k_cache, v_cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, bias, k_cache, v_cache,
-                                                    write_slot)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), k_cache, v_cache
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class BaichuanModel(nn.Cell):
-    """Embedding + decoder stack + final norm. Builds the position inputs (RoPE tables or ALiBi bias) once."""
+    """Embedding + decoder stack + final norm: one forward, with or without a key/value cache.
+
+    Without a cache (training, scoring) `attention_mask` [B, S] marks the real tokens of `input_ids` [B, S].
+    With a cache (k_caches, v_caches: one [B, N, L, D] per layer) the S new tokens are written into slots
+    [cache_slot, cache_slot + S) (prefill: cache_slot 0 and S prompt tokens; decode: S = 1 and cache_slot an int32
+    tensor, so the step number does not recompile the graph), and `attention_mask` [B, L] marks every slot holding
+    a real token, the new ones included. Position ids, RoPE tables / ALiBi terms and the attention inputs are built
+    here once per call, for all layers.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -234,72 +236,70 @@ class BaichuanModel(nn.Cell):
         self.num_heads = config.num_attention_heads
         self.use_rope = config.position_encoding == "rope"
         self.compute_dtype = _DTYPES[config.compute_dtype]
+        self.head_scale = 1.0 / math.sqrt(config.head_dim)
+        kernels = select_kernels()  # the one backend choice
+        self.attention_inputs = kernels["attention_inputs"]
         self.embed_tokens = Embedding(config)
-        self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         if self.use_rope:
             cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
             self.cos_table, self.sin_table = Tensor(cos), Tensor(sin)
         else:
             self.slopes = Tensor(alibi_slopes(config.num_attention_heads).reshape(1, -1, 1, 1))
 
-    def position_inputs(self, attention_mask, seq_len):
-        """Position ids = cumsum(mask) - 1 (so left padding does not shift real tokens), the causal + padding bias,
-        and the RoPE cos/sin for those positions (or the ALiBi bias added to the causal bias)."""
-        batch = attention_mask.shape[0]
-        positions = ops.maximum(ops.cumsum(attention_mask, 1) - 1, 0)  # [B, S]
-        causal = ops.tril(ops.ones((seq_len, seq_len), ms.float32))  # [S, S]
-        allowed = causal.reshape(1, 1, seq_len, seq_len) * attention_mask.astype(ms.float32).reshape(batch, 1, 1, seq_len)
-        bias = (1.0 - allowed) * _MASKED
+    def position_inputs(self, key_mask, query_slots):
+        """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
+        Position ids = cumsum(mask) - 1, so left padding does not shift real tokens. A query sees the real keys up to
+        its own slot, and always itself (so a padding row is never fully masked: the fused kernel leaves such rows
+        undefined). Returns (rope (cos, sin) [B, 1, S, D] or None, attention inputs for every layer)."""
+        batch, keys = key_mask.shape
+        key_positions = ops.maximum(ops.cumsum(key_mask, 1) - 1, 0)  # [B, Sk]
+        query_positions = ops.gather(key_positions, query_slots, 1)  # [B, S]
+        seq_len = query_slots.shape[0]
+        key_slots = ops.arange(0, keys, dtype=ms.int32).reshape(1, keys)
+        query_slots = query_slots.reshape(seq_len, 1)
+        own = key_slots == query_slots  # [S, Sk]
+        visible = (key_slots <= query_slots).reshape(1, 1, seq_len, keys) & \
+            ((key_mask.reshape(batch, 1, 1, keys) > 0) | own.reshape(1, 1, seq_len, keys))
         if self.use_rope:
-            cos = ops.gather(self.cos_table, positions, 0).reshape(batch, 1, seq_len, -1).astype(self.compute_dtype)
-            sin = ops.gather(self.sin_table, positions, 0).reshape(batch, 1, seq_len, -1).astype(self.compute_dtype)
-            return cos, sin, bias
-        # ALiBi: slope * key position; softmax makes this equal to slope * (key - query) for each query row.
-        bias = bias + self.slopes * positions.astype(ms.float32).reshape(batch, 1, 1, seq_len)
-        return None, None, bias
+            cos = ops.gather(self.cos_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
+            sin = ops.gather(self.sin_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
+            rope = (cos.astype(self.compute_dtype), sin.astype(self.compute_dtype))
+            return rope, self.attention_inputs(visible, None, self.head_scale, self.compute_dtype)
+        # ALiBi as slope * (key position - query position): relative, so it stays small in half precision
+        distance = key_positions.reshape(batch, 1, 1, keys) - query_positions.reshape(batch, 1, seq_len, 1)
+        alibi = self.slopes * distance.astype(ms.float32)  # [B, N, S, Sk]
+        return None, self.attention_inputs(visible, alibi, self.head_scale, self.compute_dtype)
 
-    def construct(self, input_ids, attention_mask):
+    @staticmethod
+    def cache_writes(cache_slot, new_tokens, slots):
+        """(index [L], window bool [1, 1, L, 1]) that put new row j - p at cache slot j for j in [p, p + S)."""
+        offset = ops.arange(0, slots, dtype=ms.int32) - cache_slot
+        window = ((offset >= 0) & (offset < new_tokens)).reshape(1, 1, slots, 1)
+        return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), window
+
+    def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None):
+        """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache."""
         seq_len = input_ids.shape[1]
-        cos, sin, bias = self.position_inputs(attention_mask, seq_len)
-        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, bias)
-        return self.norm(x)
-
-    def decode_position_inputs(self, positions, slot_mask):
-        """Inputs of a one-token decode step. positions [B, 1]: the new token's position id; slot_mask [B, L]:
-        1 for cache slots holding a real token (the new one included). Key position ids are recounted from the
-        slot mask, exactly as the no-cache forward counts them from the attention mask."""
-        batch, slots = slot_mask.shape
-        bias = ((1.0 - slot_mask.astype(ms.float32)) * _MASKED).reshape(batch, 1, 1, slots)
-        if self.use_rope:
-            cos = ops.gather(self.cos_table, positions, 0).reshape(batch, 1, 1, -1).astype(self.compute_dtype)
-            sin = ops.gather(self.sin_table, positions, 0).reshape(batch, 1, 1, -1).astype(self.compute_dtype)
-            return cos, sin, bias
-        key_positions = ops.maximum(ops.cumsum(slot_mask, 1) - 1, 0).astype(ms.float32)
-        return None, None, bias + self.slopes * key_positions.reshape(batch, 1, 1, slots)
-
-    def prefill(self, input_ids, attention_mask, k_caches, v_caches):
-        """Prompt pass that also fills the caches. Returns (hidden [B, S, H], new k caches, new v caches)."""
-        cos, sin, bias = self.position_inputs(attention_mask, input_ids.shape[1])
+        attention_mask = attention_mask.astype(ms.int32)
+        query_slots = ops.arange(0, seq_len, dtype=ms.int32)
+        write = None
+        if k_caches is not None:
+            cache_slot = 0 if cache_slot is None else cache_slot
+            query_slots = query_slots + cache_slot
+            write = self.cache_writes(cache_slot, seq_len, k_caches[0].shape[2])
+        rope, attn_inputs = self.position_inputs(attention_mask, query_slots)
         x = self.embed_tokens(input_ids).astype(self.compute_dtype)
         new_k, new_v = (), ()
         for i in range(len(self.layers)):
-            x, k, v = self.layers[i].prefill(x, cos, sin, bias, k_caches[i], v_caches[i])
-            new_k += (k,)
-            new_v += (v,)
-        return self.norm(x), new_k, new_v
-
-    def decode(self, input_ids, positions, slot_mask, write_slot, k_caches, v_caches):
-        """One token per row ([B, 1]) against the caches. Returns (hidden [B, 1, H], new k caches, new v caches)."""
-        cos, sin, bias = self.decode_position_inputs(positions, slot_mask)
-        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
-        new_k, new_v = (), ()
-        for i in range(len(self.layers)):
-            x, k, v = self.layers[i].decode(x, cos, sin, bias, k_caches[i], v_caches[i], write_slot)
-            new_k += (k,)
-            new_v += (v,)
+            cache = None if k_caches is None else (k_caches[i], v_caches[i])
+            x, cache = self.layers[i](x, rope, attn_inputs, cache, write)
+            if cache is not None:
+                new_k += (cache[0],)
+                new_v += (cache[1],)
+        if k_caches is None:
+            return self.norm(x), None, None
         return self.norm(x), new_k, new_v
 
 
@@ -354,12 +354,14 @@ class BaichuanForCausalLM(PreTrainedModel):
         self.vocab_size = config.vocab_size
 
     def construct(self, input_ids, labels=None, attention_mask=None):
-        if labels is not None:
+        if labels is not None:  # rows of seq_length + 1 tokens (the mask too, when given)
             input_ids = input_ids[:, :-1]
             labels = labels[:, 1:]
+            if attention_mask is not None:
+                attention_mask = attention_mask[:, :-1]
         if attention_mask is None:
             attention_mask = ops.ones(input_ids.shape, ms.int32)
-        hidden = self.model(input_ids, attention_mask.astype(ms.int32))
+        hidden, _, _ = self.model(input_ids, attention_mask)
         logits = self.lm_head(hidden).astype(ms.float32)
         if labels is None:
             return logits
@@ -435,7 +437,9 @@ class BaichuanForCausalLM(PreTrainedModel):
 
 
 class CachedPrefill(nn.Cell):
-    """Graph-mode prompt step of cached generation: logits of the last position [B, V] + filled caches.
+    """Graph-mode prompt step of cached generation: the prompt's keys/values go into cache slots [0, S).
+    attention_mask [B, S] (prompt) or [B, L] (every cache slot; slots past the prompt are empty). Returns the
+    float32 logits of the last position [B, V] (left padding: the last column is real) and the filled caches.
 
     The caches are inputs and outputs (pass them wrapped in `ms.mutable`), so a graph is compiled once per
     (batch, prompt bucket, cache length) and never per token."""
@@ -445,26 +449,26 @@ class CachedPrefill(nn.Cell):
         self.lm = lm
 
     def construct(self, input_ids, attention_mask, k_caches, v_caches):
-        hidden, k_caches, v_caches = self.lm.model.prefill(input_ids, attention_mask, k_caches, v_caches)
-        logits = self.lm.lm_head(hidden[:, -1:]).astype(ms.float32)  # left padding: the last column is real
-        return logits.squeeze(1), k_caches, v_caches
+        slots = k_caches[0].shape[2]
+        if attention_mask.shape[1] < slots:
+            empty = ops.zeros((attention_mask.shape[0], slots - attention_mask.shape[1]), attention_mask.dtype)
+            attention_mask = ops.concat((attention_mask, empty), 1)
+        hidden, k_caches, v_caches = self.lm.model(input_ids, attention_mask, k_caches, v_caches)
+        return self.lm.lm_head(hidden[:, -1]).astype(ms.float32), k_caches, v_caches
 
 
 class CachedDecode(nn.Cell):
-    """Graph-mode one-token step of cached generation (see BaichuanModel.decode). `slot` is an int32 scalar
-    tensor (a tensor, not a Python int, so the step number does not trigger a recompilation)."""
+    """Graph-mode one-token step of cached generation: input_ids [B, 1] go into cache slot `slot` (an int32 scalar
+    tensor, so the step number does not trigger a recompilation); attention_mask [B, L] marks every slot holding a
+    real token, the new one included. Returns (float32 logits [B, V], updated caches)."""
 
     def __init__(self, lm):
         super().__init__(auto_prefix=False)
         self.lm = lm
 
-    def construct(self, input_ids, positions, slot_mask, slot, k_caches, v_caches):
-        slots = slot_mask.shape[1]
-        write_slot = (ops.arange(0, slots, dtype=ms.int32) == slot).reshape(1, 1, slots, 1)
-        hidden, k_caches, v_caches = self.lm.model.decode(input_ids, positions, slot_mask, write_slot,
-                                                          k_caches, v_caches)
-        logits = self.lm.lm_head(hidden).astype(ms.float32)
-        return logits.squeeze(1), k_caches, v_caches
+    def construct(self, input_ids, attention_mask, slot, k_caches, v_caches):
+        hidden, k_caches, v_caches = self.lm.model(input_ids, attention_mask, k_caches, v_caches, slot)
+        return self.lm.lm_head(hidden[:, -1]).astype(ms.float32), k_caches, v_caches
 
 
 def causal_lm_loss(logits, labels):
@@ -525,3 +529,51 @@ def load_safetensors_into(model, path, strict=True):
     if problems:
         raise ValueError(f"weights in {path!r} do not match the model "
                          f"({model.config.family}, hidden {model.config.hidden_size}):\n" + "\n".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------- Ascend only
+# ASCEND-ONLY CODE: the only place that calls Ascend fused kernels (FlashAttentionScore, RmsNorm,
+# RotaryPositionEmbedding). None of them has a CPU kernel, so this section is checked in two steps:
+#   1. here, on CPU: tests/test_ascend_emulation.py swaps in tests/ascend_emulators.py, CPU emulators that raise on
+#      any breach of each kernel's documented input contract (dtypes, layouts, shape rules, mask meaning, where
+#      the scale applies, the rotary B*N > 8*S restriction) and compute its documented math, selects this branch
+#      and requires the composed branch's logits (training forward, prefill, KV-cache decode, left padding);
+#   2. on a real Ascend device: docs/ascend-first-run.md lists the commands. Until that has run, the kernels'
+#      real behaviour (above all the order of scale and shift in FlashAttentionScore) is documented, not verified.
+def _kernel_dtype(dtype):
+    """FlashAttentionScore takes float16/bfloat16 only: float32 models run attention in bfloat16."""
+    return dtype if dtype in (ms.float16, ms.bfloat16) else ms.bfloat16
+
+
+def fused_rms_norm(x, weight, eps):
+    return ops.rms_norm(x, weight.astype(x.dtype), eps)[0]  # x and gamma must share a dtype
+
+
+def fused_rotary(x, cos, sin):
+    b, n, s, _ = x.shape
+    if b * n > 8 * s:  # documented as not callable for BNSD when B*N > 8*S: always the case at decode (S = 1)
+        return apply_rotary(x, cos, sin)
+    return ops.rotary_position_embedding(x, cos.astype(x.dtype), sin.astype(x.dtype), 0)
+
+
+def fused_attention_inputs(visible, alibi, scale, dtype):
+    """(discard mask uint8 [B, 1, S, Sk] with 1 = hidden key, real_shift [B, N, S, Sk] or None). The kernel computes
+    softmax(scale * (real_shift + q k^T)), so the ALiBi term is divided by the scale here; it is relative
+    (slope * (key - query position)) so half precision holds it at long context."""
+    discard = ops.logical_not(visible).astype(ms.uint8)
+    if alibi is None:
+        return discard, None
+    return discard, (alibi / scale).astype(_kernel_dtype(dtype))
+
+
+def fused_attention(q, k, v, inputs, scale):
+    discard, shift = inputs
+    dtype = _kernel_dtype(q.dtype)
+    out = ops.flash_attention_score(q.astype(dtype), k.astype(dtype), v.astype(dtype), q.shape[1],
+                                    real_shift=shift, attn_mask=discard, scalar_value=scale, input_layout="BNSD")
+    return out.astype(q.dtype)
+
+
+def ascend_kernels():
+    return {"rms_norm": fused_rms_norm, "rotary": fused_rotary, "attention_inputs": fused_attention_inputs,
+            "attention": fused_attention}

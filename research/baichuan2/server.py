@@ -9,17 +9,22 @@ Server-Sent Events ending with `data: [DONE]`), GET /v1/models, GET /health, GET
 Batching: one worker thread owns the model. It takes the oldest queued request plus up to `max_batch - 1` queued
 requests that can share its generation call and runs them as one left-padded batch (Generator.stream).
 generation.py samples a whole batch with one set of options and one random generator, so requests are grouped by
-sampling parameters: all greedy requests (temperature 0) are compatible with each other; sampling requests are
-compatible when temperature and top_p are equal and neither asked for a seed (a seeded request runs alone, so it is
-reproducible). max_tokens may differ: the batch runs to the largest and each row stops at its own. The batch size is
-padded to a power of two (repeating a prompt) so GRAPH mode compiles only a few shapes.
+sampling parameters: greedy requests (temperature 0) are compatible with each other; sampling requests are compatible
+when temperature, top_p, top_k and repetition_penalty are equal and neither asked for a seed (a seeded request runs
+alone, so it is reproducible). max_tokens may differ: the batch runs to the largest and each row stops at its own.
+The batch size is padded to a power of two (repeating a prompt) so GRAPH mode compiles only a few shapes.
 
 A client that disconnects marks its request cancelled: a queued one is dropped before it takes a batch slot, a
 running row stops being decoded and the batch ends as soon as all its rows are finished or cancelled (generation.py's
 static batch cannot take a new request in mid-generation). Bad input gets a 4xx with an OpenAI-style error body.
+
+Sampling fields a request leaves out come from the model directory's generation_config.json (greedy stays plain
+greedy: a repetition_penalty from the file applies only when sampling). With `api_key`, every /v1 path wants
+`Authorization: Bearer <key>` (401 otherwise, as vLLM's --api-key); /health and the page stay open.
 """
 import asyncio
 import collections
+import hmac
 import json
 import os
 import threading
@@ -34,8 +39,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import chat_format
 from .chat import build_chat_input
-from .generation import Generator
+from .generation import Generator, read_generation_config
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 DEFAULT_MAX_TOKENS = 256  # when the request gives none (also cut to what the context leaves)
@@ -66,18 +72,60 @@ class _Strict(BaseModel):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Union[str, List[dict]]  # a list of parts: only {"type": "text", "text": ...} (checked in message_text)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
 
 
 class _Sampling(_Strict):
+    # None = left out: the model directory's generation_config.json decides (see sampling_defaults)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)  # vLLM's extra sampling fields
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     n: int = 1
     seed: Optional[int] = None
+
+
+def message_text(message, index):
+    """A message's content as one string: a list of text parts is joined with newlines (as vLLM does)."""
+    if isinstance(message.content, str):
+        return message.content
+    texts, others = [], []
+    for part in message.content:
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            others.append(repr(kind) if kind != "text" else "'text' without a string 'text'")
+    if others:
+        raise APIError(400, f"messages.{index}.content: unsupported content part type {', '.join(others)}; this "
+                            f"model reads only text parts ({{\"type\": \"text\", \"text\": ...}})",
+                       param=f"messages.{index}.content", code="unsupported_content")
+    return "\n".join(texts)
+
+
+def sampling_defaults(generation_config):
+    """What a request that leaves a sampling field out gets, from generation_config.json (vLLM's
+    `--generation-config auto`). A file with do_sample false means greedy (temperature 0)."""
+    saved = generation_config or {}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
+                "max_tokens": DEFAULT_MAX_TOKENS}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if saved.get(key) is not None:
+            defaults[key] = saved[key]
+    if saved.get("max_new_tokens") is not None:
+        defaults["max_tokens"] = int(saved["max_new_tokens"])
+    if saved.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 class ChatCompletionRequest(_Sampling):
@@ -103,14 +151,17 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    top_k: int = 0
+    repetition_penalty: float = 1.0
 
     def batch_key(self):
         """Jobs with equal keys can run in one Generator.stream call (None: must run alone)."""
         if self.temperature == 0:
-            return ("greedy", tuple(self.stop_token_ids))
+            return ("greedy", self.repetition_penalty, tuple(self.stop_token_ids))
         if self.seed is not None:
             return None
-        return ("sample", self.temperature, self.top_p, tuple(self.stop_token_ids))
+        return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+                tuple(self.stop_token_ids))
 
     def send(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -216,7 +267,7 @@ class BatchWorker:
         prompts = [j.prompt for j in batch] + [first.prompt] * (width - rows)
         options = dict(max_new_tokens=max(j.max_tokens for j in batch), stop_token_ids=first.stop_token_ids,
                        do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
-                       seed=first.seed)
+                       top_k=first.top_k, repetition_penalty=first.repetition_penalty, seed=first.seed)
         texts = [RowText(self.tokenizer, j.stops) for j in batch]
         done = [False] * rows
 
@@ -261,14 +312,18 @@ class BatchWorker:
 # ---------------------------------------------------------------------------------------------- the app
 def _load(model_dir):
     from .runtime import load_model_dir  # pylint: disable=import-outside-toplevel
-    model, tokenizer, _ = load_model_dir(model_dir)
-    return Generator(model), tokenizer
+    model, tokenizer, generation = load_model_dir(model_dir)
+    return Generator(model), tokenizer, generation
 
 
-def create_app(source, tokenizer=None, model_name=None, max_batch=8):
-    """FastAPI app serving `source`: a model directory, or a Generator (then pass its tokenizer)."""
+def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=None, generation_config=None):
+    """FastAPI app serving `source`: a model directory, or a Generator (then pass its tokenizer).
+
+    generation_config: request defaults (a dict as in generation_config.json); default: the model directory's file.
+    api_key: when set, /v1 requests must carry it as a Bearer token."""
     if isinstance(source, (str, os.PathLike)):
-        generator, tokenizer = _load(str(source))
+        generator, tokenizer, saved = _load(str(source))
+        generation_config = saved if generation_config is None else generation_config
         model_name = model_name or os.path.basename(os.path.normpath(str(source)))
     else:
         generator = source
@@ -278,11 +333,25 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
     config = generator.config
     context = config.max_context
     created = int(time.time())
+    if generation_config is None:
+        generation_config = read_generation_config(getattr(config, "name_or_path", None))
+    defaults = sampling_defaults(generation_config)
     worker = BatchWorker(generator, tokenizer, max_batch)
 
     app = FastAPI(title="Baichuan2 OpenAI-compatible server")
     app.state.worker, app.state.generator, app.state.tokenizer = worker, generator, tokenizer
     app.router.add_event_handler("shutdown", worker.close)
+
+    if api_key:
+        @app.middleware("http")
+        async def _check_api_key(request, call_next):
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                    return JSONResponse(status_code=401, content=error_body(
+                        "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                        code="invalid_api_key"))
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc):
@@ -316,20 +385,32 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
             raise APIError(400, "stop takes at most 4 sequences", param="stop")
         if not prompt:
             raise APIError(400, "the prompt is empty", param=prompt_param)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         room = context - len(prompt)
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, and the prompt alone has "
+                                f"{len(prompt)} tokens", param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = min(DEFAULT_MAX_TOKENS, room)
-        if room < 1 or len(prompt) + max_tokens > context:
-            raise APIError(400, f"this model's context is {context} tokens; the request has {len(prompt)} prompt "
-                                f"tokens and asks for {max_tokens} more", param=prompt_param,
+            max_tokens = min(defaults["max_tokens"], room)
+        if len(prompt) + max_tokens > context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens; the request asks for "
+                                f"{len(prompt) + max_tokens} ({len(prompt)} prompt tokens + max_tokens {max_tokens}):"
+                                f" lower max_tokens to at most {room}", param="max_tokens",
                            code="context_length_exceeded")
         return stops, max_tokens
 
     def make_job(req, prompt, stop_token_ids):
         stops, max_tokens = check_common(req, prompt, "messages" if hasattr(req, "messages") else "prompt")
-        return Job(prompt=prompt, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                   seed=req.seed, stops=stops, stop_token_ids=stop_token_ids, loop=asyncio.get_running_loop())
+        pick = lambda key: getattr(req, key) if getattr(req, key) is not None else defaults[key]  # noqa: E731
+        temperature = pick("temperature")
+        # greedy stays plain greedy: the file's repetition_penalty belongs to its sampling settings
+        penalty = req.repetition_penalty if req.repetition_penalty is not None else (
+            defaults["repetition_penalty"] if temperature > 0 else 1.0)
+        return Job(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=pick("top_p"),
+                   top_k=pick("top_k"), repetition_penalty=penalty, seed=req.seed, stops=stops,
+                   stop_token_ids=stop_token_ids, loop=asyncio.get_running_loop())
 
     async def events_of(job, request):
         """Worker events for `job`; marks it cancelled when the client goes away."""
@@ -347,16 +428,32 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
         finally:
             job.cancelled = True  # no-op once done; frees the row / queue place otherwise
 
-    async def respond(job, request, stream, prefix, make_chunk, make_full):
+    def usage_of(job, completion_tokens):
+        return {"prompt_tokens": len(job.prompt), "completion_tokens": completion_tokens,
+                "total_tokens": len(job.prompt) + completion_tokens}
+
+    async def respond(job, request, req, prefix, make_chunk, make_full):
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         worker.submit(job)
-        if stream:
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+            def chunk(text, finish_reason):
+                body = make_chunk(request_id, text, finish_reason)
+                if include_usage:  # OpenAI: every chunk has a null usage, an extra last one the totals
+                    body["usage"] = None
+                return f"data: {json.dumps(body)}\n\n"
+
             async def sse():
                 async for event in events_of(job, request):
                     if event[0] == "delta":
-                        yield f"data: {json.dumps(make_chunk(request_id, event[1], None))}\n\n"
+                        yield chunk(event[1], None)
                     elif event[0] == "done":
-                        yield f"data: {json.dumps(make_chunk(request_id, '', event[1]))}\n\n"
+                        yield chunk("", event[1])
+                        if include_usage:
+                            last = dict(make_chunk(request_id, "", event[1]), choices=[],
+                                        usage=usage_of(job, event[2]))
+                            yield f"data: {json.dumps(last)}\n\n"
                     else:
                         yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
                 yield "data: [DONE]\n\n"
@@ -372,16 +469,15 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
                 raise APIError(500, event[1], type_="server_error")
         if finish_reason is None:  # the client left
             return JSONResponse(status_code=499, content=error_body("client closed the request"))
-        usage = {"prompt_tokens": len(job.prompt), "completion_tokens": completion_tokens,
-                 "total_tokens": len(job.prompt) + completion_tokens}
-        return make_full(request_id, "".join(pieces), finish_reason, usage)
+        return make_full(request_id, "".join(pieces), finish_reason, usage_of(job, completion_tokens))
 
-    def chat_prompt(messages, max_tokens):
-        """The chat template without history cutting: what does not fit is rejected, never silently dropped."""
+    def chat_prompt(messages):
+        """The chat template without history cutting: what does not fit is rejected (check_common), never silently
+        dropped."""
         unlimited = _ContextOverride(config, model_max_length=10 ** 9)
+        plain = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
         try:
-            return build_chat_input(unlimited, tokenizer.encode, [m.model_dump() for m in messages],
-                                    max_new_tokens=max_tokens or 1)
+            return build_chat_input(unlimited, tokenizer.encode, plain, max_new_tokens=1)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
 
@@ -390,8 +486,8 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
         if getattr(config, "chat_format", None) is None:
             raise APIError(400, f"{model_name} is a base model without a chat template: use /v1/completions",
                            param="messages")
-        prompt = chat_prompt(req.messages, req.max_tokens)
-        stop_ids = [config.user_token_id] if config.chat_format == "baichuan2" else []
+        prompt = chat_prompt(req.messages)
+        stop_ids = chat_format.get(config.chat_format).stop_ids(chat_format.config_ids(config))
         job = make_job(req, prompt, stop_ids)
 
         def chunk(request_id, text, finish_reason):
@@ -406,7 +502,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": finish_reason}], "usage": usage}
 
-        return await respond(job, request, req.stream, "chatcmpl", chunk, full)
+        return await respond(job, request, req, "chatcmpl", chunk, full)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -424,7 +520,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8):
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
                     "usage": usage}
 
-        return await respond(job, request, req.stream, "cmpl", chunk, full)
+        return await respond(job, request, req, "cmpl", chunk, full)
 
     @app.get("/v1/models")
     async def models():

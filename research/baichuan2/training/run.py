@@ -8,8 +8,8 @@ import os
 from ..runtime import setup_training
 from .parallel import ParallelRecipeError, needs_semi_auto
 from .parallel import validate as validate_parallel
-from .checkpoint import (checkpoint_dirs, remove_partial_checkpoints, restore_checkpoint, save_checkpoint,
-                         write_adapter_dir, write_model_dir)
+from .checkpoint import (checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints, restore_checkpoint,
+                         save_checkpoint, write_adapter_dir, write_model_dir)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
 from .recipe import FinetuneError
 from .schedule import lr_schedule
@@ -140,16 +140,17 @@ def _validate_parallel(recipe, config, world_size, device):
 
 
 def _checkpoint_to_resume(output_dir, resume, rank):
-    """The newest complete checkpoint with --resume; refuses to train over existing checkpoints without it."""
-    complete = checkpoint_dirs(output_dir)
+    """With --resume, the newest checkpoint that verifies (damaged newer ones are moved aside); refuses to train
+    over existing checkpoints without it."""
     if not resume:
-        if complete:
+        if checkpoint_dirs(output_dir):
             raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
                                 "choose another --output_dir (nothing was overwritten)")
         return None
-    if not complete and rank == 0:
+    found = checkpoint_to_resume(output_dir, rank)
+    if not found and rank == 0:
         print(f"--resume: no complete checkpoint under {output_dir}/checkpoints; starting from the beginning")
-    return complete[-1] if complete else None
+    return found
 
 
 def _validate_lora(lora, load_checkpoint, rank):
@@ -169,7 +170,8 @@ def build_model(recipe, shape):
     """The model with its starting weights (and LoRA adapters), in training mode."""
     # pylint: disable=import-outside-toplevel
     import mindspore as ms
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.weights_check import load_weights_checked
     from .parallel import apply_ascend_parallel, apply_recompute, set_ascend_parallel_context
     ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
     if shape.semi_auto:  # Ascend only: MindSpore wants the parallel context before the network is built
@@ -179,8 +181,8 @@ def build_model(recipe, shape):
     # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
     if load_checkpoint and (not shape.resume_from or shape.lora_rank > 0):
         try:
-            load_safetensors_into(model, load_checkpoint)
-        except (ValueError, FileNotFoundError) as e:
+            load_weights_checked(model, load_checkpoint)
+        except (ValueError, FileNotFoundError) as e:  # WeightsFileError (a damaged file) or mismatched shapes
             raise FinetuneError(f"--load_checkpoint {load_checkpoint}: {e}") from e
     if shape.lora_rank > 0:
         from baichuan2.lora import apply_lora

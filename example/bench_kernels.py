@@ -1,0 +1,169 @@
+"""Projection kernels (baichuan2.kernels) against the stock MindSpore ops, side by side in one run.
+
+    python example/bench_kernels.py                              # every format, the Baichuan2-7B layer shapes
+    python example/bench_kernels.py --formats int8 --shapes 4096x4096 --prefill 64
+
+Prints the CPU model, the kernel path (avx512 / avx2) and threads, and the machine's memory read bandwidth measured
+now (2 GB read on all threads with the kernels' own vector loads; again before each row, as bw). Then per format
+and weight shape N x K:
+  decode   M = 1: GB/s of weights read and the fraction of the row's bandwidth (the roofline), kernel and stock
+  prefill  M = 64, 512: GFLOPS (2 M N K / time), kernel and stock
+Both paths run as GRAPH-mode Cells; decode cycles through enough weight copies (>= 256 MB) that the weights come
+from memory, not the 32 MB L3. Stock paths: float32 MatMul(transpose_b); bfloat16 Cast + MatMul; int8 Cast x
+scales + MatMul; int4 nibble unpack (FloorDiv, Sub, Concat) + the same. Random weights, group size 32.
+"""
+import argparse
+import math
+import subprocess
+import time
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from baichuan2 import kernels
+
+SHAPES = ("4096x4096", "11008x4096", "4096x11008", "125696x4096")
+GROUP = 32
+MIN_DECODE_BYTES = 256e6
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", nargs="+", default=list(kernels.FORMATS), choices=kernels.FORMATS)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N x K of the weight, e.g. 4096x11008")
+    parser.add_argument("--prefill", nargs="*", type=int, default=[64, 512], help="prefill row counts M")
+    parser.add_argument("--no_stock", action="store_true", help="skip the stock MindSpore paths")
+    parser.add_argument("--seconds", type=float, default=0.5, help="least time per measurement")
+    return parser.parse_args(argv)
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no lscpu)"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    extras = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(extras)}"
+
+
+def make_weights(fmt, n, k, rng):
+    """(weight tensors of one projection, bytes read per product), built directly in the target format."""
+    if fmt == "float32":
+        return (Tensor(rng.standard_normal((n, k), dtype=np.float32)),), 4 * n * k
+    if fmt == "bfloat16":
+        return (Tensor(rng.standard_normal((n, k), dtype=np.float32)).astype(ms.bfloat16),), 2 * n * k
+    groups = math.ceil(k / GROUP)
+    scales = Tensor((rng.random((n, groups), dtype=np.float32) * 0.01 + 1e-3).astype(np.float16))
+    if fmt == "int8":
+        return (Tensor(rng.integers(-127, 128, (n, k), dtype=np.int8)), scales), n * k + 2 * n * groups
+    units = math.ceil(k / 32) * 16
+    return (Tensor(rng.integers(0, 256, (n, units), dtype=np.uint8)), scales), n * units + 2 * n * groups
+
+
+def stock_projection(fmt, k):
+    """The stock-op path for `fmt`, a function of (x, *weights)."""
+    matmul = ops.MatMul(transpose_b=True)
+
+    def dequant(q, s):
+        n = q.shape[0]
+        w = q.astype(ms.float32).reshape(n, -1, GROUP) * s.astype(ms.float32).reshape(n, -1, 1)
+        return w.reshape(n, -1)[:, :k]
+
+    def int4_values(p):
+        n = p.shape[0]
+        b = p.astype(ms.int32).reshape(n, -1, 16)
+        high = b // 16
+        return ops.concat((b - high * 16, high), -1).reshape(n, -1) - 8
+
+    if fmt == "float32":
+        return matmul
+    if fmt == "bfloat16":
+        return lambda x, w: matmul(x, w.astype(ms.float32))
+    if fmt == "int8":
+        return lambda x, q, s: matmul(x, dequant(q, s))
+    return lambda x, p, s: matmul(x, dequant(int4_values(p), s))
+
+
+class Many(nn.Cell):
+    """One product per weight copy in a single graph (one launch for all of them)."""
+
+    def __init__(self, fn, copies):
+        super().__init__()
+        self.fn = fn
+        self.copies = copies
+
+    def construct(self, x, weights):
+        outs = ()
+        for i in range(self.copies):
+            outs = outs + (self.fn(x, *weights[i]),)
+        return outs
+
+
+def seconds_per_product(cell, x, weights, copies, least):
+    cell(x, weights)  # compile + warm up
+    runs, start = 0, time.perf_counter()
+    while True:
+        out = cell(x, weights)
+        out[-1].asnumpy()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= least and runs >= 2:
+            return elapsed / (runs * copies)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    print(f"CPU: {cpu_model()}")
+    path = kernels.isa()
+    if path is None:
+        print(f"kernels unavailable: {kernels.unavailable_reason()}")
+        return 1
+    bandwidth = kernels.read_bandwidth(2.0, 3)
+    print(f"kernels: path {path}, {kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s "
+          "(the machine may be shared: figures are noisy)")
+    rng = np.random.default_rng(0)
+    header = f"{'format':9} {'N x K':>12} | {'bw GB/s':>7} {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
+    header += "".join(f" {'M=' + str(m) + ' GFLOPS':>13} {'stock':>7} |" for m in args.prefill)
+    print(header)
+    for fmt in args.formats:
+        op = kernels.linear_op(fmt, GROUP)
+        for shape in args.shapes:
+            n, k = map(int, shape.lower().split("x"))
+            stock = stock_projection(fmt, k)
+            first, nbytes = make_weights(fmt, n, k, rng)
+            copies = max(1, min(16, math.ceil(MIN_DECODE_BYTES / nbytes)))
+            weights = (first,) + tuple(make_weights(fmt, n, k, rng)[0] for _ in range(copies - 1))
+            x1 = Tensor(rng.standard_normal((1, k), dtype=np.float32))
+            bandwidth = kernels.read_bandwidth(2.0, 2)  # again per row: on a shared machine it drifts
+            t = seconds_per_product(Many(op, copies), x1, weights, copies, args.seconds)
+            row = f"{fmt:9} {shape:>12} | {bandwidth:7.1f} {nbytes / t / 1e9:11.1f} {nbytes / t / 1e9 / bandwidth:8.0%}"
+            if args.no_stock:
+                row += f" {'-':>10} {'-':>6} |"
+            else:
+                # one copy: the stock dequantising paths hold float32/int32 temporaries of the whole weight each
+                scopies = copies if fmt == "float32" else 1
+                ts = seconds_per_product(Many(stock, scopies), x1, weights[:scopies], scopies, args.seconds)
+                row += f" {nbytes / ts / 1e9:10.2f} {nbytes / ts / 1e9 / bandwidth:6.1%} |"
+            for m in args.prefill:
+                x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
+                flops = 2 * m * n * k
+                t = seconds_per_product(Many(op, 1), x, weights[:1], 1, args.seconds)
+                row += f" {flops / t / 1e9:13.1f}"
+                if args.no_stock:
+                    row += f" {'-':>7} |"
+                else:
+                    ts = seconds_per_product(Many(stock, 1), x, weights[:1], 1, args.seconds)
+                    row += f" {flops / ts / 1e9:7.1f} |"
+            print(row, flush=True)
+            del weights, first
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The preprocessing driver: record files -> validated turns -> labelled rows -> one MindRecord shard.
+
+    read (readers.py) -> validate (records.py) -> label in workers (workers.py, labelling.py) -> write (mindrecord.py)
+
+Bad input is reported, never lost silently: by default a bad record is skipped, printed and counted by reason;
+with `strict` the first problem stops the run (DataError) and nothing is written. Rows whose every target is
+masked after truncation (the user turn alone fills the row) are dropped and counted: they carry no loss and would
+make a batch's mean loss divide by zero. A packing step (several conversations per row) belongs between labelling
+and `_keep_rows`: it would take labelling.label_conversation's uncut rows instead of build_row's cut ones.
+"""
+import glob
+import os
+import sys
+import time
+from collections import Counter
+
+from ..chat_format import IGNORE
+from .errors import DataError
+from .mindrecord import RowWriter, check_output
+from .readers import read_records
+from .records import record_turns
+from .tokens import default_template, template_ids
+from .workers import Labeller
+
+BLOCK = 2048  # records labelled per batch (bounds memory whatever the input size)
+
+
+def preprocess(args):
+    """Runs the conversion described by `args` (the attributes of belle_preprocess.py's flags: input_glob,
+    model_file, template, output_file, seq_length, num_workers, strict, overwrite, user_token, assistant_token,
+    quiet); returns the stats dict. Raises DataError for anything that must stop the run."""
+    start = time.time()
+    paths = sorted(glob.glob(args.input_glob))
+    if not paths:
+        raise DataError("config", f"--input_glob {args.input_glob!r} matches no file; check the pattern "
+                                  f"(quote it so the shell does not expand it)")
+    if not os.path.isfile(args.model_file):
+        raise DataError("config", f"--model_file {args.model_file!r}: tokenizer file not found")
+    if args.seq_length < 1 or args.num_workers < 1:
+        raise DataError("config", "--seq_length and --num_workers must be positive")
+    out = os.path.abspath(args.output_file)
+    check_output(out, args.overwrite)
+    template = args.template or default_template(args.model_file)
+    ids = template_ids(template, args.model_file, args.user_token, args.assistant_token)
+
+    stats, skipped = Counter(), Counter()
+    # the Labeller forks its workers before RowWriter imports MindSpore
+    with Labeller(args.model_file, ids, args.seq_length, template, args.num_workers) as labeller, \
+            RowWriter(out, args.seq_length, f"{template} chat rows") as writer:
+        for block in _blocks(_valid_turns(paths, args, stats, skipped)):
+            writer.write(_keep_rows(labeller.rows(block), stats, skipped))
+        if stats["written"] == 0:
+            raise DataError("config", f"no valid record to write from {len(paths)} file(s) "
+                                      f"(skipped: {dict(skipped) or 'none'}); nothing was written")
+        writer.commit()
+
+    stats["skipped"] = sum(skipped.values())
+    stats["seconds"] = time.time() - start
+    return {**stats, "skipped_by_reason": dict(sorted(skipped.items())),
+            "loss_fraction": stats["loss_tokens"] / max(stats["tokens"], 1), "files": len(paths)}
+
+
+def _valid_turns(paths, args, stats, skipped):
+    """Turns of every good record in order; a bad one is skipped and counted, or (strict) stops the run."""
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    bar = tqdm(read_records(paths), unit=" rec", disable=args.quiet, file=sys.stderr, desc="records")
+    for where, record in bar:
+        stats["read"] += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            yield record_turns(record, where)
+        except DataError as e:
+            if args.strict:
+                raise DataError(e.reason, f"{e} (--strict: stopping; nothing was written)") from None
+            skipped[e.reason] += 1
+            print(f"skipped: {e}", file=sys.stderr)
+    bar.close()
+
+
+def _blocks(items):
+    block = []
+    for item in items:
+        block.append(item)
+        if len(block) >= BLOCK:
+            yield block
+            block = []
+    yield block
+
+
+def _keep_rows(rows, stats, skipped):
+    """The rows worth writing, counted into stats; drops those with no target left."""
+    kept = []
+    for inputs, labels, length, truncated in rows:
+        targets = int((labels[1:] != IGNORE).sum())
+        if targets == 0:  # nothing to learn and a zero divisor for the mean loss
+            skipped["no_loss_after_truncation"] += 1
+            continue
+        stats["written"] += 1
+        stats["truncated"] += int(truncated)
+        stats["tokens"] += length
+        stats["loss_tokens"] += targets
+        kept.append({"input_ids": inputs, "labels": labels})
+    return kept

@@ -1,0 +1,566 @@
+// Projection kernels y = x W^T for mindspore.ops.Custom(func_type="aot") on x86-64 CPUs (built by kernels.py).
+//
+// x float32 [M, K], y float32 [M, N]; W is one of (layouts in QUANT_FORMAT.md / kernels.py):
+//   float32 [N, K] | bfloat16 [N, K] | int8 [N, K] + float16 scales [N, ceil(K/group)]
+//   | int4 uint8 [N, ceil(K/32)*16] (q4_0-style blocks of 32, stored q + 8) + float16 scales [N, ceil(K/group)]
+// M <= 4 (decode): matrix-vector, R rows of W at a time against all M rows of x, so each weight byte is read once
+//   and the loop streams W at memory speed. M > 4 (prefill): a tile of W is dequantised to float32 once and reused
+//   by every row of x (x repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k).
+// Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled twice
+// (AVX2+FMA+F16C and AVX-512) by including this file into itself under `#pragma GCC target`, and the path is picked
+// at run time from cpuid; BAICHUAN_KERNEL_ISA=avx2|avx512 forces one (for tests). Threads: see kernel_threads().
+#ifndef BAICHUAN_KERNEL_BODY
+#include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+// Chunk = 32 input elements: one int4 block; every supported group size is a multiple of it.
+constexpr int kChunk = 32;
+
+struct Problem {
+  const float *x;       // [M, K]
+  const void *w;        // format-specific, [N, ...]
+  const uint16_t *s;    // float16 scales [N, G] or nullptr
+  float *y;             // [M, N]
+  int64_t M, N, K, G, group, row_units;  // row_units: elements of the weight type per row of W
+};
+
+enum Fmt { kF32, kBF16, kI8, kI4 };
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Threads = the CPUs this process may run on (its affinity mask, which taskset / cpusets narrow), unless
+// BAICHUAN_KERNEL_THREADS says otherwise. OMP_NUM_THREADS is no guide: importing mindspore sets it to 1.
+int kernel_threads() {
+  static int n = [] {
+    const char *v = getenv("BAICHUAN_KERNEL_THREADS");
+    if (v && atoi(v) > 0) return atoi(v);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    return omp_get_num_procs();
+  }();
+  return n;
+}
+
+// Contiguous row ranges per thread, aligned to `align` rows so every thread runs whole register blocks.
+inline void thread_range(int64_t n, int64_t align, int t, int nt, int64_t *begin, int64_t *end) {
+  int64_t blocks = ceil_div(n, align);
+  int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+  *begin = std::min(n, b0 * align);
+  *end = std::min(n, b1 * align);
+}
+
+void *aligned_buffer(size_t bytes) {
+  void *p = nullptr;
+  if (posix_memalign(&p, 64, std::max<size_t>(bytes, 64)) != 0) return nullptr;
+  return p;
+}
+
+}  // namespace
+
+#define BAICHUAN_KERNEL_BODY 1
+
+// ---------------------------------------------------------------- AVX2 + FMA + F16C: 8 floats per vector
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+constexpr int W = 8;
+using F = __m256;
+#define KI static inline __attribute__((always_inline))
+KI F fzero() { return _mm256_setzero_ps(); }
+KI F fload(const float *p) { return _mm256_loadu_ps(p); }
+KI void fstore(float *p, F v) { _mm256_storeu_ps(p, v); }
+KI F fset1(float v) { return _mm256_set1_ps(v); }
+KI F ffma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+KI F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+KI float hsum(F v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+KI F ld_bf16(const uint16_t *p) {
+  __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+KI F ld_i8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+}
+// One int4 block (16 bytes -> 32 elements, unsigned 0..15) in element order.
+KI void ld_i4(const uint8_t *p, F out[4]) {
+  const __m256i lo4 = _mm256_set1_epi32(0xF);
+  __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)));
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p + 8)));
+  out[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, lo4));
+  out[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, lo4));
+  out[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+  out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {  // bandwidth probe: 4 x 32 B loads per step
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 128 <= bytes; i += 128) {
+    a0 = _mm256_add_epi64(a0, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i)));
+    a1 = _mm256_add_epi64(a1, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i + 32)));
+    a2 = _mm256_add_epi64(a2, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i + 64)));
+    a3 = _mm256_add_epi64(a3, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i + 96)));
+  }
+  __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+  return _mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 3);
+}
+#include __FILE__
+#undef KI
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX-512 (F, BW, VL, DQ): 16 floats per vector
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace isa_avx512 {
+constexpr int W = 16;
+using F = __m512;
+#define KI static inline __attribute__((always_inline))
+KI F fzero() { return _mm512_setzero_ps(); }
+KI F fload(const float *p) { return _mm512_loadu_ps(p); }
+KI void fstore(float *p, F v) { _mm512_storeu_ps(p, v); }
+KI F fset1(float v) { return _mm512_set1_ps(v); }
+KI F ffma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+KI F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+KI float hsum(F v) { return _mm512_reduce_add_ps(v); }
+KI F ld_bf16(const uint16_t *p) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+KI F ld_i8(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
+KI void ld_i4(const uint8_t *p, F out[2]) {
+  __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+  out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0xF)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
+}
+static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 256 <= bytes; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_load_si512(p + i));
+    a1 = _mm512_add_epi64(a1, _mm512_load_si512(p + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
+  }
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+}
+#include __FILE__
+#undef KI
+}  // namespace isa_avx512
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- run-time choice and the exported entry points
+namespace {
+
+enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return avx512 ? kAvx512 : avx2 ? kAvx2 : kNone;
+}
+
+// Read on every call (a getenv is nothing next to a projection) so a test can switch paths inside one process.
+// A forced path the CPU lacks falls back to the best one it has; KernelIsa() reports what actually runs.
+Isa chosen_isa() {
+  static const Isa best = best_isa();
+  const char *force = getenv("BAICHUAN_KERNEL_ISA");
+  if (force && strcmp(force, "avx2") == 0 && best >= kAvx2) return kAvx2;
+  if (force && strcmp(force, "avx512") == 0 && best >= kAvx512) return kAvx512;
+  return best;
+}
+
+const char *isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "none"; }
+
+// Shapes and dtypes as MindSpore hands them over; a mismatch returns non-zero, which MindSpore raises as an error.
+int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const bool quant = fmt == kI8 || fmt == kI4;
+  const int nin = quant ? 3 : 2;
+  if (nparam != nin + 1) return 1;
+  for (int i = 0; i <= nin; ++i)
+    if (ndims[i] != 2) return 2;
+  static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
+  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[1], wtype[fmt]) != 0 || strcmp(dtypes[nin], "float32") != 0)
+    return 3;
+  Problem p;
+  p.x = static_cast<const float *>(params[0]);
+  p.w = params[1];
+  p.s = quant ? static_cast<const uint16_t *>(params[2]) : nullptr;
+  p.y = static_cast<float *>(params[nin]);
+  p.M = shapes[0][0];
+  p.K = shapes[0][1];
+  p.N = shapes[1][0];
+  p.group = group;
+  p.row_units = shapes[1][1];
+  p.G = quant ? ceil_div(p.K, group) : 0;
+  int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
+  if (p.row_units != want_units || shapes[nin][0] != p.M || shapes[nin][1] != p.N) return 4;
+  if (quant && (strcmp(dtypes[2], "float16") != 0 || shapes[2][0] != p.N || shapes[2][1] != p.G)) return 5;
+  if (p.M == 0 || p.N == 0) return 0;
+  if (p.K == 0) {
+    memset(p.y, 0, sizeof(float) * p.M * p.N);
+    return 0;
+  }
+  const int nt = kernel_threads();
+  switch (chosen_isa()) {
+    case kAvx512: return isa_avx512::run(fmt, p, nt);
+    case kAvx2: return isa_avx2::run(fmt, p, nt);
+    default: return 6;
+  }
+}
+
+}  // namespace
+
+#define AOT_ARGS int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *
+#define AOT_FWD nparam, params, ndims, shapes, dtypes
+
+extern "C" {
+int LinearF32(AOT_ARGS) { return linear(kF32, 0, AOT_FWD); }
+int LinearBF16(AOT_ARGS) { return linear(kBF16, 0, AOT_FWD); }
+// One symbol per supported group size (kernels.py GROUP_SIZES): the aot interface passes no attributes.
+#define QUANT_ENTRIES(g)                                                         \
+  int LinearInt8G##g(AOT_ARGS) { return linear(kI8, g, AOT_FWD); }               \
+  int LinearInt4G##g(AOT_ARGS) { return linear(kI4, g, AOT_FWD); }
+QUANT_ENTRIES(32)
+QUANT_ENTRIES(64)
+QUANT_ENTRIES(128)
+QUANT_ENTRIES(256)
+QUANT_ENTRIES(512)
+QUANT_ENTRIES(1024)
+QUANT_ENTRIES(2048)
+QUANT_ENTRIES(4096)
+QUANT_ENTRIES(8192)
+QUANT_ENTRIES(16384)
+
+const char *KernelIsa() { return isa_name(chosen_isa()); }
+int KernelThreads() { return kernel_threads(); }
+
+// Memory read bandwidth in GB/s (1e9 bytes/s): `gigabytes` of buffer, first touched by the threads that read it,
+// read `reps` times with the same vector loads the kernels use; the best pass counts. -1 on allocation failure.
+double ReadBandwidth(double gigabytes, int reps) {
+  const size_t bytes = static_cast<size_t>(gigabytes * 1e9) / 4096 * 4096;
+  uint8_t *buf = static_cast<uint8_t *>(aligned_buffer(bytes));
+  if (!buf) return -1;
+  const int nt = kernel_threads();
+  const Isa isa = chosen_isa();
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t b, e;
+    thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    memset(buf + b * 4096, 1, (e - b) * 4096);
+  }
+  double best = 0;
+  volatile uint64_t sink = 0;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    uint64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+    {
+      int64_t b, e;
+      thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      const uint8_t *p = buf + b * 4096;
+      size_t len = (e - b) * 4096;
+      total += isa == kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
+    }
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + total;
+    best = std::max(best, bytes / s / 1e9);
+  }
+  free(buf);
+  return best;
+}
+}  // extern "C"
+
+#else  // ================================================================ the body, compiled once per instruction set
+
+// Per format: the weight element type, elements of it per 32-element chunk, `chunk` = the dequantised chunk
+// (W-wide float vectors in element order, times the chunk's scale) for prefill tiles, and for decode `raw` = the
+// stored integers as floats (int4: unsigned 0..15, i.e. q + `offset`), which decode scales once per chunk.
+struct F32 {
+  using T = float;
+  static constexpr int units = kChunk;
+  static constexpr bool quant = false;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
+    for (int v = 0; v < kChunk / W; ++v) out[v] = fload(p + v * W);
+  }
+  KI void chunk(const T *p, float, F *out) { raw(p, out); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static constexpr int units = kChunk;
+  static constexpr bool quant = false;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
+    for (int v = 0; v < kChunk / W; ++v) out[v] = ld_bf16(p + v * W);
+  }
+  KI void chunk(const T *p, float, F *out) { raw(p, out); }
+};
+struct I8 {
+  using T = int8_t;
+  static constexpr int units = kChunk;
+  static constexpr bool quant = true;
+  static constexpr float offset = 0;
+  KI void raw(const T *p, F *out) {
+    for (int v = 0; v < kChunk / W; ++v) out[v] = ld_i8(p + v * W);
+  }
+  KI void chunk(const T *p, float s, F *out) {
+    F sv = fset1(s);
+    raw(p, out);
+    for (int v = 0; v < kChunk / W; ++v) out[v] = fmul(out[v], sv);
+  }
+};
+struct I4 {
+  using T = uint8_t;
+  static constexpr int units = kChunk / 2;
+  static constexpr bool quant = true;
+  static constexpr float offset = 8;
+  KI void raw(const T *p, F *out) { ld_i4(p, out); }
+  KI void chunk(const T *p, float s, F *out) {  // (q + 8) * s - 8 * s in one FMA
+    F sv = fset1(s), off = fset1(-8.0f * s);
+    ld_i4(p, out);
+    for (int v = 0; v < kChunk / W; ++v) out[v] = ffma(out[v], sv, off);
+  }
+};
+
+template <class Fm>
+KI float chunk_scale(const Problem &p, int64_t n, int64_t c) {
+  if (!p.s) return 1.0f;
+  return _cvtsh_ss(p.s[n * p.G + c * kChunk / p.group]);
+}
+
+// The last, partial chunk of a row (formats stored without padding): copied into a zero-filled chunk.
+template <class Fm>
+KI const typename Fm::T *tail_chunk(const typename Fm::T *row, int64_t full, int64_t K, typename Fm::T *buf) {
+  memset(buf, 0, sizeof(typename Fm::T) * Fm::units);
+  memcpy(buf, row + full * Fm::units, sizeof(typename Fm::T) * (K - full * kChunk));
+  return buf;
+}
+
+// Row n's scales as float32 into sc[0:G], and for formats with an offset corr[m] = sum_g s_g * xg[m][g]
+// (xg = sums of x over each group), so that sum (q - offset) s x = sum s (q x) - offset * corr.
+template <int MX, bool CORR>
+KI void row_scales(const Problem &p, int64_t n, const float *xg, float *sc, float corr[MX]) {
+  const uint16_t *h = p.s + n * p.G;
+  __m256 c8[MX];
+  for (int m = 0; m < MX; ++m) c8[m] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= p.G; g += 8) {
+    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h + g)));
+    _mm256_storeu_ps(sc + g, v);
+    if (CORR)
+      for (int m = 0; m < MX; ++m) c8[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xg + m * p.G + g), c8[m]);
+  }
+  for (int m = 0; m < MX; ++m) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, c8[m]);
+    corr[m] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  }
+  for (; g < p.G; ++g) {
+    sc[g] = _cvtsh_ss(h[g]);
+    if (CORR)
+      for (int m = 0; m < MX; ++m) corr[m] += sc[g] * xg[m * p.G + g];
+  }
+}
+
+// ---- decode: y[m, n0:n0+R] for all M (<= 4) rows of x; xp = x zero-padded to whole chunks, row stride kp.
+// Quantised formats: per chunk and row, t = sum of raw q * x (no per-element scaling), then acc += s * t.
+template <class Fm, int R, int MX>
+static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, const float *xg, float *sc, int gshift,
+                              int64_t n0) {
+  using T = typename Fm::T;
+  const T *rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
+  float corr[R][MX] = {};
+  if (Fm::quant)
+    for (int r = 0; r < R; ++r) row_scales<MX, (Fm::offset != 0)>(p, n0 + r, xg, sc + r * p.G, corr[r]);
+  F acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
+  const int64_t chunks = ceil_div(p.K, kChunk);
+  const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;  // int4 rows are padded to whole chunks
+  auto step = [&](int r, const T *src, int64_t c) __attribute__((always_inline)) {
+    F w[kChunk / W];
+    Fm::raw(src, w);
+    const float *xc = xp + c * kChunk;
+    if (Fm::quant) {
+      F sv = fset1(sc[r * p.G + (c >> gshift)]);
+      for (int m = 0; m < MX; ++m) {
+        F t = fmul(w[0], fload(xc + m * kp));
+        for (int v = 1; v < kChunk / W; ++v) t = ffma(w[v], fload(xc + m * kp + v * W), t);
+        acc[r][m] = ffma(t, sv, acc[r][m]);
+      }
+    } else {
+      for (int v = 0; v < kChunk / W; ++v)
+        for (int m = 0; m < MX; ++m) acc[r][m] = ffma(w[v], fload(xc + m * kp + v * W), acc[r][m]);
+    }
+  };
+  for (int64_t c = 0; c < full; ++c)
+    for (int r = 0; r < R; ++r) step(r, rows[r] + c * Fm::units, c);
+  if (full < chunks) {
+    alignas(64) T buf[Fm::units];
+    for (int r = 0; r < R; ++r) step(r, tail_chunk<Fm>(rows[r], full, p.K, buf), full);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
+}
+
+template <class Fm, int MX>
+static int gemv(const Problem &p, int nt) {
+  // Rows of W per register block: all of AVX-512's 32 registers hold 4 x MX accumulators; AVX2 has 16.
+  constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
+  const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
+  const int64_t gp = Fm::quant ? p.G : 0;
+  float *xp = static_cast<float *>(aligned_buffer(sizeof(float) * MX * (kp + gp)));
+  if (!xp) return 7;
+  float *xg = xp + MX * kp;  // [MX][G]: x summed over each group
+  for (int m = 0; m < MX; ++m) {
+    memcpy(xp + m * kp, p.x + m * p.K, sizeof(float) * p.K);
+    memset(xp + m * kp + p.K, 0, sizeof(float) * (kp - p.K));
+    for (int64_t g = 0; g < gp; ++g) {
+      float t = 0;
+      for (int64_t k = g * p.group; k < std::min(p.K, (g + 1) * p.group); ++k) t += p.x[m * p.K + k];
+      xg[m * gp + g] = t;
+    }
+  }
+  const int gshift = Fm::quant ? __builtin_ctzll(p.group / kChunk) : 0;
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+    float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (gp + 8)));
+    failed |= sc == nullptr;
+    int64_t b, e;
+    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    int64_t n = sc ? b : e;
+    for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(p, xp, kp, xg, sc, gshift, n);
+    for (; n < e; ++n) gemv_block<Fm, 1, MX>(p, xp, kp, xg, sc, gshift, n);
+    free(sc);
+  }
+  free(xp);
+  return failed ? 7 : 0;
+}
+
+// ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
+// multiplied into every row of x. x is repacked per block of MB = 2W rows as xb[k][MB] (zero rows past M), so the
+// micro-kernel updates an NR x MB block of y^T with 2 vector loads, NR broadcasts and 2 NR FMAs per k.
+constexpr int MB = 2 * W, NR = W == 16 ? 8 : 6, NB = 16 * NR, KB = 512;  // 2 NR accumulators + 3 fit the registers
+
+KI void micro(const float *wt, const float *xb, int64_t klen, float out[NR][MB]) {
+  F c[NR][2];
+  for (int i = 0; i < NR; ++i) c[i][0] = c[i][1] = fzero();
+  for (int64_t k = 0; k < klen; ++k) {
+    F x0 = fload(xb + k * MB), x1 = fload(xb + k * MB + W);
+    for (int i = 0; i < NR; ++i) {
+      F b = fset1(wt[i * KB + k]);
+      c[i][0] = ffma(b, x0, c[i][0]);
+      c[i][1] = ffma(b, x1, c[i][1]);
+    }
+  }
+  for (int i = 0; i < NR; ++i) {
+    fstore(out[i], c[i][0]);
+    fstore(out[i] + W, c[i][1]);
+  }
+}
+
+template <class Fm>
+static int gemm(const Problem &p, int nt) {
+  using T = typename Fm::T;
+  const int64_t mblocks = ceil_div(p.M, MB);
+  const int64_t chunks = ceil_div(p.K, kChunk);
+  const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;
+  float *xb = static_cast<float *>(aligned_buffer(sizeof(float) * mblocks * p.K * MB));
+  if (!xb) return 7;
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+#pragma omp for schedule(static)
+    for (int64_t mb = 0; mb < mblocks; ++mb)
+      for (int64_t k = 0; k < p.K; ++k)
+        for (int j = 0; j < MB; ++j) {
+          int64_t m = mb * MB + j;
+          xb[(mb * p.K + k) * MB + j] = m < p.M ? p.x[m * p.K + k] : 0.0f;
+        }
+    float *tile = static_cast<float *>(aligned_buffer(sizeof(float) * NB * KB));
+    failed |= tile == nullptr;
+    int64_t b, e;
+    thread_range(p.N, NR, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    alignas(64) float out[NR][MB];
+    alignas(64) T buf[Fm::units];
+    for (int64_t n0 = b; n0 < e && tile; n0 += NB) {
+      const int64_t nrows = std::min<int64_t>(NB, e - n0);
+      for (int64_t k0 = 0; k0 < p.K; k0 += KB) {
+        const int64_t klen = std::min<int64_t>(KB, p.K - k0);
+        for (int64_t r = 0; r < NB; ++r) {
+          float *dst = tile + r * KB;
+          if (r >= nrows) {
+            memset(dst, 0, sizeof(float) * KB);
+            continue;
+          }
+          const T *row = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
+          for (int64_t c = k0 / kChunk; c < std::min(chunks, (k0 + KB) / kChunk); ++c) {
+            const T *src = c < full ? row + c * Fm::units : tail_chunk<Fm>(row, full, p.K, buf);
+            F w[kChunk / W];
+            Fm::chunk(src, chunk_scale<Fm>(p, n0 + r, c), w);
+            for (int v = 0; v < kChunk / W; ++v) fstore(dst + (c * kChunk - k0) + v * W, w[v]);
+          }
+        }
+        for (int64_t mb = 0; mb < mblocks; ++mb) {
+          const int64_t mlen = std::min<int64_t>(MB, p.M - mb * MB);
+          const float *xk = xb + (mb * p.K + k0) * MB;
+          for (int64_t i0 = 0; i0 < nrows; i0 += NR) {
+            micro(tile + i0 * KB, xk, klen, out);
+            const int64_t ilen = std::min<int64_t>(NR, nrows - i0);
+            for (int64_t j = 0; j < mlen; ++j) {
+              float *yr = p.y + (mb * MB + j) * p.N + n0 + i0;
+              if (k0 == 0)
+                for (int64_t i = 0; i < ilen; ++i) yr[i] = out[i][j];
+              else
+                for (int64_t i = 0; i < ilen; ++i) yr[i] += out[i][j];
+            }
+          }
+        }
+      }
+    }
+    free(tile);
+  }
+  free(xb);
+  return failed ? 7 : 0;
+}
+
+template <class Fm>
+static int run_fmt(const Problem &p, int nt) {
+  switch (p.M) {
+    case 1: return gemv<Fm, 1>(p, nt);
+    case 2: return gemv<Fm, 2>(p, nt);
+    case 3: return gemv<Fm, 3>(p, nt);
+    case 4: return gemv<Fm, 4>(p, nt);
+    default: return gemm<Fm>(p, nt);
+  }
+}
+
+static int run(Fmt fmt, const Problem &p, int nt) {
+  switch (fmt) {
+    case kF32: return run_fmt<F32>(p, nt);
+    case kBF16: return run_fmt<BF16>(p, nt);
+    case kI8: return run_fmt<I8>(p, nt);
+    case kI4: return run_fmt<I4>(p, nt);
+  }
+  return 8;
+}
+
+#endif  // BAICHUAN_KERNEL_BODY

@@ -1,0 +1,202 @@
+"""Fast CPU projections y = x W^T as `mindspore.ops.Custom(func_type="aot")` ops (C++ source: kernels.cc beside
+this file).
+
+The weight formats are those of QUANT_FORMAT.md: float32 / bfloat16 `[out, in]`, int8 `[out, in]` and int4 (q4_0
+style blocks of 32, uint8 `[out, ceil(in / 32) * 16]`), both with float16 scales `[out, ceil(in / group)]`.
+
+    op = linear_op("int8", 32)       # None when the kernels cannot run here: use the stock ops then
+    y = op(x, qweight, scales)       # inside a Cell's construct; x float32 [M, K] -> y float32 [M, N]
+
+The shared library is compiled with the system C++ compiler (g++, or $CXX) on first use into a cache directory
+keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.cache/baichuan2/kernels), built in a
+temporary file and renamed into place so concurrent processes never load half a library. `python -m
+baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). Environment:
+    BAICHUAN_KERNELS=0          never use the kernels (linear_op returns None)
+    BAICHUAN_KERNEL_ISA=avx2    force the AVX2 path on an AVX-512 machine (tests); default: the best the CPU has
+    BAICHUAN_KERNEL_THREADS=N   OpenMP threads; default: the CPUs in the process's affinity mask (not
+                                OMP_NUM_THREADS, which importing mindspore sets to 1)
+This module is copied into model directories with modeling_baichuan.py, so it imports only the standard library,
+numpy and mindspore.
+"""
+import argparse
+import ctypes
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # one exported symbol each in kernels.cc
+
+
+def _find_source():
+    """kernels.cc beside this file (the package, or a model directory it was copied into), else the installed
+    baichuan2 package's copy (loaders that move the .py files of a model directory into a module cache)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
+    if os.path.isfile(here):
+        return here
+    spec = importlib.util.find_spec("baichuan2")
+    if spec and spec.origin:
+        installed = os.path.join(os.path.dirname(spec.origin), "kernels.cc")
+        if os.path.isfile(installed):
+            return installed
+    return here
+
+
+SOURCE = _find_source()
+# Baseline x86-64 code generation: the AVX2 / AVX-512 bodies get their instructions from function-level target
+# pragmas, so one library runs on every x86-64 machine and picks its path at run time.
+CXXFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w")
+
+_state = {}  # path of the built library, or the reason there is none
+
+
+def cache_dir():
+    return os.environ.get("BAICHUAN_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "baichuan2",
+                                                                   "kernels")
+
+
+def _compiler():
+    return os.environ.get("CXX") or shutil.which("g++")
+
+
+def _unavailable():
+    """Why the kernels cannot be used here, or None."""
+    if os.environ.get("BAICHUAN_KERNELS", "1") == "0":
+        return "disabled by BAICHUAN_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"no kernels for {platform.machine()} (x86-64 only)"
+    if not os.path.isfile(SOURCE):
+        return f"kernel source {SOURCE} is missing"
+    if not _compiler():
+        return "no C++ compiler (g++ or $CXX) found"
+    return None
+
+
+def _compile(compiler, target):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        run = subprocess.run([compiler, *CXXFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE} with {compiler} failed:\n{run.stderr.strip()}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def library():
+    """Path of the compiled kernel library (building it on first use), or None when unavailable; the reason is
+    in `unavailable_reason()`. A compile error raises: the source is ours, so that is a bug to see, not to hide."""
+    reason = _unavailable()
+    if reason:
+        _state["reason"] = reason
+        return None
+    compiler = _compiler()
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + repr((compiler, CXXFLAGS)).encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir(), f"baichuan2_kernels_{key}.so")
+    if not os.path.isfile(target):
+        _compile(compiler, target)
+    _state.pop("reason", None)
+    return target
+
+
+def unavailable_reason():
+    return _unavailable()
+
+
+def _lib():
+    path = library()
+    if path is None:
+        return None
+    if _state.get("path") != path:
+        lib = ctypes.CDLL(path)
+        lib.KernelIsa.restype = ctypes.c_char_p
+        lib.KernelThreads.restype = ctypes.c_int
+        lib.ReadBandwidth.restype = ctypes.c_double
+        lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
+        _state.update(path=path, lib=lib)
+    return _state["lib"]
+
+
+def isa():
+    """The instruction-set path the kernels run now ("avx512" or "avx2"), or None when they cannot run."""
+    lib = _lib()
+    if lib is None:
+        return None
+    name = lib.KernelIsa().decode()
+    return None if name == "none" else name
+
+
+def threads():
+    lib = _lib()
+    return None if lib is None else lib.KernelThreads()
+
+
+def read_bandwidth(gigabytes=2.0, reps=3):
+    """Memory read bandwidth in GB/s measured with the kernels' own vector loads on their threads (best of reps)."""
+    lib = _lib()
+    if lib is None:
+        return None
+    gbs = lib.ReadBandwidth(gigabytes, reps)
+    if gbs < 0:
+        raise MemoryError(f"could not allocate {gigabytes} GB to measure the memory bandwidth")
+    return gbs
+
+
+def symbol(fmt, group_size=None):
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "float32":
+        return "LinearF32"
+    if fmt == "bfloat16":
+        return "LinearBF16"
+    if group_size not in GROUP_SIZES:
+        return None
+    return f"LinearInt{fmt[3:]}G{group_size}"
+
+
+def linear_op(fmt, group_size=None):
+    """The projection op for weights in `fmt` ("float32", "bfloat16", "int8", "int4"; `group_size` for the last two),
+    or None when the kernels cannot run here (no compiler, not x86-64, no AVX2, BAICHUAN_KERNELS=0) or the group
+    size has no kernel (GROUP_SIZES): the caller then uses stock MindSpore ops.
+        float32 / bfloat16:  op(x, weight)          int8 / int4:  op(x, qweight, scales)
+    x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode)."""
+    name = symbol(fmt, group_size)
+    if name is None or isa() is None:
+        return None
+    from mindspore import ops  # pylint: disable=import-outside-toplevel
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    return ops.Custom(f"{_state['path']}:{name}", out_shape=lambda x, w, *scales: [x[0], w[0]],
+                      out_dtype=lambda x, *rest: ms.float32, func_type="aot")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m baichuan2.kernels", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", action="store_true", help="compile the kernel library into the cache now")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 0
+    try:
+        path = library()
+    except RuntimeError as e:
+        print(f"[kernels] error: {e}", file=sys.stderr)
+        return 1
+    if path is None:
+        print(f"[kernels] {unavailable_reason()}: projections use stock MindSpore ops (slower decode)")
+        return 0
+    print(f"[kernels] built {path} (path {isa()}, {threads()} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

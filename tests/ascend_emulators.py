@@ -1,0 +1,146 @@
+"""CPU emulators of the three Ascend fused kernels that modeling_baichuan.py calls in its Ascend section.
+
+    FlashAttentionScore      mindspore.ops.flash_attention_score
+    RmsNorm                  mindspore.ops.rms_norm
+    RotaryPositionEmbedding  mindspore.ops.rotary_position_embedding
+
+None of them has a CPU kernel, so the fused branch could never run here. Each emulator first ENFORCES the kernel's
+documented input contract (MindSpore 2.7 API docs of the three functions; CANN's aclnnFlashAttentionScore for the
+formula) by raising KernelContractError, then computes the documented math in float32 and returns the documented
+dtype. Where the documentation leaves a result undefined (a query row whose keys are all discarded) the emulator
+returns NaN, so a model relying on it fails loudly. What the emulators cannot tell is whether the real kernels
+behave as documented: docs/ascend-first-run.md lists the checks for a real device.
+
+`install(monkeypatch)` puts them in place of the mindspore.ops functions and makes modeling_baichuan select its
+fused (Ascend) kernel set; `CALLS` counts emulator calls so a test can tell the fused branch really ran.
+PyNative only (the contract checks are Python code on concrete shapes and dtypes).
+"""
+from collections import Counter
+
+import mindspore as ms
+from mindspore import ops
+
+CALLS = Counter()
+HALF = (ms.float16, ms.bfloat16)
+FLOATS = (ms.float16, ms.bfloat16, ms.float32)
+
+
+class KernelContractError(ValueError):
+    """An input the real Ascend kernel documents as unsupported."""
+
+
+def _require(condition, kernel, message):
+    if not condition:
+        raise KernelContractError(f"{kernel}: {message}")
+
+
+def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mask=None, padding_mask=None,
+                          attn_mask=None, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, keep_prob=1.0,
+                          scalar_value=1.0, pre_tokens=2147483647, next_tokens=2147483647, inner_precise=0,
+                          input_layout="BSH", sparse_mode=0):
+    """attention_out = softmax(mask(scale * (real_shift + query key^T), attn_mask)) value, attn_mask 1 = discard.
+
+    Contract enforced (BNSD, the layout the model uses): query/key/value float16 or bfloat16, all one dtype;
+    query [B, N1, S1, D], key = value [B, N2, S2, D], N2 divides N1, head_num = N1, D a multiple of 16 up to 512;
+    real_shift of query's dtype, [B, N1, S1, S2] or [1, N1, S1, S2]; attn_mask bool or uint8 (0/1),
+    [B, N1, S1, S2], [B, 1, S1, S2] or [S1, S2]. Dropout, padding_mask, prefix, varlen and sparse modes are not
+    emulated (the model passes none of them) and raise."""
+    name = "FlashAttentionScore"
+    CALLS[name] += 1
+    _require(input_layout == "BNSD", name, f"emulated for input_layout 'BNSD' only, got {input_layout!r}")
+    _require(query.dtype in HALF, name, f"query must be float16 or bfloat16, got {query.dtype}")
+    _require(key.dtype == query.dtype and value.dtype == query.dtype, name,
+             f"key/value dtype must equal query's ({query.dtype}), got {key.dtype}/{value.dtype}")
+    _require(query.ndim == 4 and key.ndim == 4, name, f"BNSD tensors are 4-D, got {query.shape} / {key.shape}")
+    b, n1, s1, d = query.shape
+    _, n2, s2, _ = key.shape
+    _require(key.shape[0] == b and key.shape[3] == d and n2 > 0 and n1 % n2 == 0, name,
+             f"key {key.shape} does not fit query {query.shape}")
+    _require(value.shape == key.shape, name, f"value {value.shape} must have key's shape {key.shape}")
+    _require(head_num == n1, name, f"head_num {head_num} must equal query's N ({n1})")
+    _require(d % 16 == 0 and d <= 512, name, f"head size D must be a multiple of 16 up to 512, got {d}")
+    _require(1 <= b <= 2048 and 1 <= n1 <= 256, name, f"B must be 1..2k and N 1..256, got B={b}, N={n1}")
+    _require(drop_mask is None and padding_mask is None and prefix is None and actual_seq_qlen is None
+             and actual_seq_kvlen is None and keep_prob == 1.0 and sparse_mode == 0, name,
+             "dropout, padding_mask, prefix, varlen and sparse modes are not emulated")
+    if real_shift is not None:
+        _require(real_shift.dtype == query.dtype, name,
+                 f"real_shift must have query's dtype {query.dtype}, got {real_shift.dtype}")
+        _require(tuple(real_shift.shape) in ((b, n1, s1, s2), (1, n1, s1, s2)), name,
+                 f"real_shift must be [B|1, N1, S1, S2] = [{b}|1, {n1}, {s1}, {s2}], got {tuple(real_shift.shape)}")
+    n_rep = n1 // n2
+    q32 = query.astype(ms.float32)
+    k32 = ops.repeat_interleave(key.astype(ms.float32), n_rep, 1) if n_rep > 1 else key.astype(ms.float32)
+    v32 = ops.repeat_interleave(value.astype(ms.float32), n_rep, 1) if n_rep > 1 else value.astype(ms.float32)
+    scores = ops.matmul(q32, k32.swapaxes(-1, -2))
+    if real_shift is not None:
+        scores = scores + real_shift.astype(ms.float32)
+    scores = scores * scalar_value  # the scale multiplies the shift too
+    keep = ops.ones(scores.shape, ms.bool_)
+    if attn_mask is not None:
+        _require(attn_mask.dtype in (ms.bool_, ms.uint8), name,
+                 f"attn_mask must be bool or uint8, got {attn_mask.dtype}")
+        _require(tuple(attn_mask.shape) in ((b, n1, s1, s2), (b, 1, s1, s2), (s1, s2)), name,
+                 f"attn_mask must be [B, N1|1, S1, S2] or [S1, S2] = [{b}, {n1}|1, {s1}, {s2}], "
+                 f"got {tuple(attn_mask.shape)}")
+        as_int = attn_mask.astype(ms.int32)
+        _require(bool(((as_int == 0) | (as_int == 1)).all()), name, "attn_mask values must be 0 or 1 (1 = discard)")
+        keep = ops.logical_not(attn_mask.astype(ms.bool_)).broadcast_to(scores.shape)
+    scores = ops.where(keep, scores, ops.full(scores.shape, float("-inf"), dtype=ms.float32))
+    probs = ops.softmax(scores, -1)  # NaN on rows with every key discarded: undefined in the kernel's docs
+    probs = ops.where(keep.any(-1, keep_dims=True), probs, ops.full(probs.shape, float("nan"), dtype=ms.float32))
+    return ops.matmul(probs, v32).astype(query.dtype)
+
+
+def rms_norm(x, gamma, epsilon=1e-6):
+    """(x / sqrt(mean(x^2) + epsilon) * gamma, rstd). Contract: x and gamma float16/float32/bfloat16 of ONE dtype
+    (else TypeError on the device), 0 < epsilon <= 1, gamma's rank <= x's, gamma = x's trailing dims."""
+    name = "RmsNorm"
+    CALLS[name] += 1
+    _require(x.dtype in FLOATS and gamma.dtype in FLOATS, name, f"dtypes must be float16/float32/bfloat16, got "
+             f"x {x.dtype}, gamma {gamma.dtype}")
+    _require(x.dtype == gamma.dtype, name, f"x ({x.dtype}) and gamma ({gamma.dtype}) must share a dtype")
+    _require(isinstance(epsilon, float) and 0 < epsilon <= 1, name, f"epsilon must be a float in (0, 1], got {epsilon}")
+    g = gamma.ndim
+    _require(g <= x.ndim and tuple(x.shape[x.ndim - g:]) == tuple(gamma.shape), name,
+             f"gamma {tuple(gamma.shape)} must match x's trailing dims {tuple(x.shape)}")
+    x32 = x.astype(ms.float32)
+    axes = tuple(range(x.ndim - g, x.ndim))
+    rstd = ops.rsqrt((x32 * x32).mean(axes, keep_dims=True) + epsilon)
+    return (x32 * rstd * gamma.astype(ms.float32)).astype(x.dtype), rstd
+
+
+def rotary_position_embedding(x, cos, sin, mode=0):
+    """x * cos + rotate_half(x) * sin (mode 0). Contract (x taken as BNSD, the layout the model passes): x 4-D
+    float16/bfloat16/float32; cos and sin of x's dtype and one shape, [1, 1, S, D], [B, 1, S, D] or [B, N, S, D];
+    D even and < 896; B, N < 1000; and not callable when B * N > 8 * S with D 32-byte aligned."""
+    name = "RotaryPositionEmbedding"
+    CALLS[name] += 1
+    _require(isinstance(mode, int) and mode in (0, 1), name, f"mode must be 0 or 1, got {mode!r}")
+    _require(mode == 0, name, "only mode 0 (rotate_half) is emulated")
+    _require(x.ndim == 4 and x.dtype in FLOATS, name,
+             f"x must be 4-D float16/bfloat16/float32, got {x.shape} {x.dtype}")
+    _require(cos.dtype == x.dtype and sin.dtype == x.dtype, name,
+             f"cos/sin must have x's dtype {x.dtype}, got {cos.dtype}/{sin.dtype}")
+    b, n, s, d = x.shape
+    _require(tuple(cos.shape) == tuple(sin.shape) and tuple(cos.shape) in ((1, 1, s, d), (b, 1, s, d), (b, n, s, d)),
+             name, f"cos/sin must be 11SD, B1SD or BNSD for x {tuple(x.shape)}, got {tuple(cos.shape)}")
+    _require(d % 2 == 0 and d < 896 and b < 1000 and n < 1000, name,
+             f"needs D even < 896 and B, N < 1000, got {x.shape}")
+    aligned = (d * (4 if x.dtype == ms.float32 else 2)) % 32 == 0
+    _require(not (aligned and b * n > 8 * s), name, f"BNSD with B*N ({b * n}) > 8*S ({8 * s}) is documented as not "
+             "callable (use the composed rotation)")
+    x32, cos32, sin32 = x.astype(ms.float32), cos.astype(ms.float32), sin.astype(ms.float32)
+    rotated = ops.concat((-x32[..., d // 2:], x32[..., :d // 2]), -1)
+    return (x32 * cos32 + rotated * sin32).astype(x.dtype)
+
+
+def install(monkeypatch):
+    """Emulators in place of the fused mindspore.ops functions; modeling_baichuan then selects its Ascend kernel
+    set for every model built while the patch holds."""
+    from baichuan2 import modeling_baichuan  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(ops, "flash_attention_score", flash_attention_score)
+    monkeypatch.setattr(ops, "rms_norm", rms_norm)
+    monkeypatch.setattr(ops, "rotary_position_embedding", rotary_position_embedding)
+    monkeypatch.setattr(modeling_baichuan, "use_fused_kernels", lambda: True)
+    CALLS.clear()

@@ -1,0 +1,182 @@
+"""The Ascend fused-kernel branch of modeling_baichuan.py, run on CPU through contract-enforcing emulators
+(tests/ascend_emulators.py): it must give the composed branch's logits, within bfloat16 tolerance, for a RoPE and
+an ALiBi family, in the training forward, the cached prefill and the KV-cache decode, with left padding.
+What only a real device can confirm is listed in docs/ascend-first-run.md."""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+from safetensors.numpy import load_file
+
+import ascend_emulators as emu
+from baichuan2 import BaichuanForCausalLM
+from baichuan2.convert_weight import convert
+from conftest import FIXTURES
+
+PARITY = os.path.join(FIXTURES, "parity")
+FAMILIES = ["baichuan2_7b", "baichuan2_13b"]  # RoPE, ALiBi (6 heads: non-power-of-two slopes)
+# attention runs in bfloat16 on the fused branch (8-bit mantissa): relative to the logits' spread
+TOLERANCE = 0.03
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = {}
+    for family in FAMILIES:
+        model_dir = str(tmp_path_factory.mktemp("ascend") / family)
+        convert(os.path.join(PARITY, family), model_dir, show_progress=False)
+        out[family] = (model_dir, load_file(os.path.join(PARITY, family, "reference.safetensors")))
+    return out
+
+
+@pytest.fixture
+def models(converted, pynative, monkeypatch):
+    """family -> (composed model, fused model with the emulators in place)."""
+    def build(family):
+        model_dir, ref = converted[family]
+        composed = BaichuanForCausalLM.from_pretrained(model_dir)  # the kernel set is chosen when a model is built
+        emu.install(monkeypatch)
+        fused = BaichuanForCausalLM.from_pretrained(model_dir)
+        return composed, fused, ref
+    return build
+
+
+def assert_close(fused, composed, where):
+    spread = float(np.abs(composed).max())
+    diff = float(np.abs(fused - composed).max())
+    assert np.isfinite(fused).all(), f"{where}: non-finite logits on the fused branch"
+    assert diff <= TOLERANCE * spread, f"{where}: fused differs from composed by {diff:.4g} (logits up to {spread:.3g})"
+
+
+def cached_logits(model, prompts, continuation, slots):
+    """Logits [B, V] of the prefill, then of each decode step fed `continuation` (one token per row per step)."""
+    prefill, decode = model.cached_step_cells()
+    prompt_len = max(len(p) for p in prompts)
+    batch = len(prompts)
+    tokens = np.zeros((batch, slots), np.int32)
+    mask = np.zeros((batch, slots), np.int32)
+    for row, prompt in enumerate(prompts):  # left padding
+        tokens[row, prompt_len - len(prompt):prompt_len] = prompt
+        mask[row, prompt_len - len(prompt):prompt_len] = 1
+    k, v = model.empty_caches(batch, slots)
+    logits, k, v = prefill(Tensor(tokens[:, :prompt_len]), Tensor(mask.copy()), k, v)
+    out = [logits.asnumpy()]
+    for step, column in enumerate(continuation):
+        slot = prompt_len + step
+        tokens[:, slot] = column
+        mask[:, slot] = 1
+        logits, k, v = decode(Tensor(tokens[:, slot:slot + 1]), Tensor(mask.copy()), Tensor(slot, ms.int32),
+                              ms.mutable(k), ms.mutable(v))
+        out.append(logits.asnumpy())
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_branch_matches_composed_in_the_training_forward(models, family):
+    composed, fused, ref = models(family)
+    ids, mask = Tensor(ref["input_ids"].astype(np.int32)), Tensor(ref["attention_mask"].astype(np.int32))
+    assert ref["attention_mask"].min() == 0, "the batch must contain left padding"
+    want = composed(ids, attention_mask=mask).asnumpy()
+    emu.CALLS.clear()
+    got = fused(ids, attention_mask=mask).asnumpy()
+    layers = fused.config.num_hidden_layers
+    assert emu.CALLS["FlashAttentionScore"] == layers and emu.CALLS["RmsNorm"] == 2 * layers + 1
+    if fused.config.position_encoding == "rope":
+        assert emu.CALLS["RotaryPositionEmbedding"] == 2 * layers
+    real = ref["attention_mask"].astype(bool)
+    assert_close(got[real], want[real], "training forward")
+    # the loss goes through the same path
+    labels = Tensor(ref["input_ids"].astype(np.int32))
+    assert abs(float(fused(ids, labels, mask).asnumpy()) - float(composed(ids, labels, mask).asnumpy())) < 0.05
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_branch_matches_composed_in_cached_prefill_and_decode(models, family):
+    composed, fused, ref = models(family)
+    prompts = [ref["greedy_prompt_0"].tolist(), ref["greedy_prompt_1"].tolist(), ref["greedy_prompt_1"][-3:].tolist()]
+    assert len({len(p) for p in prompts}) == 3, "prompts of three lengths: two rows are left-padded"
+    continuation = np.stack([ref["greedy_out_0"][:6], ref["greedy_out_1"][:6], ref["greedy_out_0"][6:12]], 1)
+    # 3 rows x 4 heads at decode (S = 1): B*N > 8*S, where the fused rotary is documented as not callable
+    assert len(prompts) * fused.config.num_attention_heads > 8
+    want = cached_logits(composed, prompts, continuation, slots=24)
+    emu.CALLS.clear()
+    got = cached_logits(fused, prompts, continuation, slots=24)
+    assert emu.CALLS["FlashAttentionScore"] == fused.config.num_hidden_layers * (1 + len(continuation))
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, "prefill" if step == 0 else f"decode step {step}")
+
+
+# ---------------------------------------------------------------------------------------------- the emulators
+def _t(shape, dtype=ms.float32, seed=0):
+    return Tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def test_flash_attention_emulator_enforces_its_contract():
+    q = _t((2, 4, 3, 16), ms.bfloat16)
+    fa = emu.flash_attention_score
+    with pytest.raises(emu.KernelContractError, match="float16 or bfloat16"):
+        fa(q.astype(ms.float32), q.astype(ms.float32), q.astype(ms.float32), 4, input_layout="BNSD")
+    causal = Tensor(np.triu(np.ones((3, 3), np.uint8), 1))
+    with pytest.raises(emu.KernelContractError, match="real_shift must be"):
+        fa(q, q, q, 4, real_shift=_t((2, 1, 3, 3), ms.bfloat16), input_layout="BNSD")  # a mask-shaped shift
+    with pytest.raises(emu.KernelContractError, match="real_shift must have"):
+        fa(q, q, q, 4, real_shift=_t((1, 4, 3, 3)), input_layout="BNSD")
+    with pytest.raises(emu.KernelContractError, match="head size"):
+        fa(_t((2, 4, 3, 8), ms.bfloat16), _t((2, 4, 3, 8), ms.bfloat16), _t((2, 4, 3, 8), ms.bfloat16), 4,
+           input_layout="BNSD")
+    with pytest.raises(emu.KernelContractError, match="attn_mask must be bool"):
+        fa(q, q, q, 4, attn_mask=causal.astype(ms.float32), input_layout="BNSD")
+    # documented math: softmax(scale * (shift + q k^T)) with 1 = discard; fully discarded rows are undefined (NaN)
+    shift = _t((1, 4, 3, 3), ms.bfloat16, seed=1)
+    out = fa(q, q, q, 4, real_shift=shift, attn_mask=causal, scalar_value=0.25, input_layout="BNSD")
+    q32 = q.astype(ms.float32).asnumpy()
+    scores = 0.25 * (shift.astype(ms.float32).asnumpy() + q32 @ q32.swapaxes(-1, -2))
+    scores = np.where(causal.asnumpy().astype(bool), -np.inf, scores)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (probs / probs.sum(-1, keepdims=True)) @ q32
+    assert np.abs(out.astype(ms.float32).asnumpy() - want).max() < 0.05
+    all_hidden = Tensor(np.ones((3, 3), np.uint8))
+    assert np.isnan(fa(q, q, q, 4, attn_mask=all_hidden, input_layout="BNSD").astype(ms.float32).asnumpy()).all()
+
+
+def test_rms_norm_and_rotary_emulators_enforce_their_contracts():
+    x = _t((2, 3, 16), ms.bfloat16)
+    with pytest.raises(emu.KernelContractError, match="share a dtype"):
+        emu.rms_norm(x, _t((16,)), 1e-6)
+    y, _ = emu.rms_norm(x.astype(ms.float32), _t((16,), seed=2), 1e-6)
+    x32 = x.astype(ms.float32).asnumpy()
+    want = x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-6) * _t((16,), seed=2).asnumpy()
+    assert np.abs(y.asnumpy() - want).max() < 1e-5
+    q = _t((2, 8, 1, 16))  # a decode step: B*N = 16 > 8*S = 8
+    cos, sin = _t((2, 1, 1, 16), seed=3), _t((2, 1, 1, 16), seed=4)
+    with pytest.raises(emu.KernelContractError, match="not callable"):
+        emu.rotary_position_embedding(q, cos, sin, 0)
+    q = _t((1, 2, 4, 16))
+    cos, sin = _t((1, 1, 4, 16), seed=3), _t((1, 1, 4, 16), seed=4)
+    with pytest.raises(emu.KernelContractError, match="x's dtype"):
+        emu.rotary_position_embedding(q, cos.astype(ms.bfloat16), sin.astype(ms.bfloat16), 0)
+    with pytest.raises(emu.KernelContractError, match="11SD, B1SD or BNSD"):
+        emu.rotary_position_embedding(q, _t((1, 4, 1, 16)), _t((1, 4, 1, 16)), 0)  # a BSND table
+    got = emu.rotary_position_embedding(q, cos, sin, 0).asnumpy()
+    x, c, s_ = q.asnumpy(), cos.asnumpy(), sin.asnumpy()
+    assert np.abs(got - (x * c + np.concatenate([-x[..., 8:], x[..., :8]], -1) * s_)).max() < 1e-5
+
+
+def test_fused_kernels_take_the_recipes_dtypes(pynative, monkeypatch):
+    """The 7B/13B recipes run float16/bfloat16 activations with float32 norm weights; the tiny and demo recipes
+    compute in float32, which FlashAttentionScore does not take: the fused kernels must adapt both."""
+    from baichuan2 import modeling_baichuan as mb  # pylint: disable=import-outside-toplevel
+    emu.install(monkeypatch)
+    x, w = _t((2, 3, 16), ms.float16), _t((16,), seed=5)
+    y = mb.fused_rms_norm(x, w, 1e-6)
+    x32 = x.astype(ms.float32).asnumpy()
+    want = x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-6) * w.asnumpy()
+    assert y.dtype == ms.float16 and np.abs(y.astype(ms.float32).asnumpy() - want).max() < 1e-2
+    q = _t((1, 4, 3, 16))
+    visible = Tensor(np.tril(np.ones((3, 3), bool)).reshape(1, 1, 3, 3))
+    out = mb.fused_attention(q, q, q, mb.fused_attention_inputs(visible, None, 0.25, ms.float32), 0.25)
+    want = mb.attention(q, q, q, mb.attention_bias(visible, None, 0.25, ms.float32), 0.25).asnumpy()
+    assert out.dtype == ms.float32 and np.abs(out.asnumpy() - want).max() < 0.05
+    assert emu.CALLS["RmsNorm"] == 1 and emu.CALLS["FlashAttentionScore"] == 1

@@ -1,0 +1,139 @@
+"""The projection kernels (baichuan2.kernels) against numpy, every format, both instruction-set paths, GRAPH mode.
+
+Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float(scale) * q) and multiplied in
+float64. Tolerance, per output element: |y - y_ref| <= (K + 2 group + 8) u sum_k |x_k| a_k, u = 2^-24, a_k = |w_k|
+(float32, bfloat16, int8) or s_k (q_k + 16) (int4). Why: the kernels accumulate in float32 (per-lane sums, a tree over
+the lanes, chunk sums scaled once, K blocks added into y); any such order of K products puts at most K + 3 roundings
+on each term (products, sums, the scale, forming w; bf16 -> f32 and int -> f32 are exact), the classic bound
+gamma_n sum |terms|. The int4 decode path sums the stored q + 8 and subtracts 8 s (sum of x over the group) at the
+end, so its terms are s (q + 8) x and 8 s x (sums of up to `group` and G = K / group terms): hence a_k and the
+2 group. The test fails on a wrong block/nibble/group index, a dropped tail or a wrong row: those errors are O(|y|).
+"""
+import math
+import os
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from baichuan2 import kernels
+
+pytestmark = pytest.mark.skipif(kernels.isa() is None, reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+# (M, N, K): K off the group (32, 64) and vector widths (8, 16); N = 1, 3 and the Baichuan2 vocabulary (small K).
+SHAPES = [(1, 125696, 40), (3, 125696, 36), (64, 3, 100), (1, 1, 77), (3, 3, 300), (64, 1, 33), (4, 7, 64),
+          (64, 125696, 20)]
+CASES = [("float32", None), ("bfloat16", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)]
+U = 2.0 ** -24
+
+
+class Projection(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, x, weights):
+        return self.op(x, *weights)
+
+
+def quantize(w, bits, group):
+    """(stored qweight, float16 scales, q, the dequantised weight in float64) in QUANT_FORMAT.md's layout, written
+    here independently of the project's quantizer."""
+    n, k = w.shape
+    groups = math.ceil(k / group)
+    padded = np.zeros((n, groups * group), np.float32)
+    padded[:, :k] = w
+    qmax = 127 if bits == 8 else 7
+    scales = (np.abs(padded.reshape(n, groups, group)).max(-1) / qmax).astype(np.float16)
+    s = scales.astype(np.float32)
+    q = np.round(padded.reshape(n, groups, group) / np.where(s == 0, 1, s)[..., None])
+    q = np.clip(q, -qmax - 1, qmax).reshape(n, -1)[:, :k].astype(np.int8)
+    dequant = np.repeat(s.astype(np.float64), group, axis=1)[:, :k] * q
+    if bits == 8:
+        return q, scales, q, dequant
+    blocks = math.ceil(k / 32)
+    stored = np.full((n, blocks * 32), 8, np.uint8)
+    stored[:, :k] = q + 8
+    stored = stored.reshape(n, blocks, 2, 16)
+    packed = (stored[:, :, 0] | (stored[:, :, 1] << 4)).reshape(n, blocks * 16)
+    return packed, scales, q.astype(np.float64), dequant
+
+
+def weights_for(fmt, group, w):
+    """(weight tensors for the op, the weight the kernel should use in float64, the magnitudes a_k of the bound)."""
+    if fmt == "float32":
+        return (Tensor(w),), w.astype(np.float64), np.abs(w.astype(np.float64))
+    if fmt == "bfloat16":
+        wb = Tensor(w).astype(ms.bfloat16)
+        w64 = wb.astype(ms.float32).asnumpy().astype(np.float64)
+        return (wb,), w64, np.abs(w64)
+    stored, scales, q, dequant = quantize(w, int(fmt[3:]), group)
+    if fmt == "int8":
+        return (Tensor(stored), Tensor(scales)), dequant, np.abs(dequant)
+    s = np.repeat(scales.astype(np.float64), group, axis=1)[:, : w.shape[1]]
+    return (Tensor(stored), Tensor(scales)), dequant, s * (q + 16)
+
+
+_cells = {}  # one compiled graph per case, shared by both instruction-set paths
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def forced_isa(request, monkeypatch):
+    if request.param == "avx512" and kernels.isa() != "avx512":
+        pytest.skip(f"this CPU has no AVX-512 (best path: {kernels.isa()})")
+    monkeypatch.setenv("BAICHUAN_KERNEL_ISA", request.param)
+    assert kernels.isa() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("fmt,group", CASES, ids=[f"{f}-g{g}" if g else f for f, g in CASES])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
+    m, n, k = shape
+    rng = np.random.default_rng(m * 1000003 + n * 101 + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    if fmt.startswith("int"):
+        w[0, : min(k, group)] = 0  # an all-zero group: scale 0
+    weights, w64, magnitude = weights_for(fmt, group, w)
+    key = (fmt, group, shape)
+    if key not in _cells:
+        _cells[key] = Projection(kernels.linear_op(fmt, group))
+    y = _cells[key](Tensor(x), weights).asnumpy()
+    assert y.shape == (m, n) and y.dtype == np.float32
+    x64 = x.astype(np.float64)
+    want = x64 @ w64.T
+    bound = (k + 2 * (group or 0) + 8) * U * (np.abs(x64) @ magnitude.T)
+    worst = np.max(np.abs(y - want) - bound)
+    assert worst <= 0, f"{fmt} {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
+
+
+def test_wrong_shapes_raise(graph):
+    op = Projection(kernels.linear_op("float32"))
+    with pytest.raises(RuntimeError):
+        op(Tensor(np.ones((2, 8), np.float32)), (Tensor(np.ones((3, 9), np.float32)),)).asnumpy()
+
+
+def test_unavailable_cases_give_none(monkeypatch):
+    assert kernels.linear_op("int8", 48) is None  # no kernel for that group size: stock ops
+    with pytest.raises(ValueError, match="unknown weight format"):
+        kernels.linear_op("int3", 32)
+    monkeypatch.setenv("BAICHUAN_KERNELS", "0")
+    assert kernels.linear_op("bfloat16") is None
+    assert "BAICHUAN_KERNELS=0" in kernels.unavailable_reason()
+
+
+def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("BAICHUAN_KERNEL_CACHE", str(tmp_path))
+    path = kernels.library()
+    assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
+    built = os.stat(path).st_mtime_ns
+    assert kernels.library() == path and os.stat(path).st_mtime_ns == built  # keyed by the source hash: no rebuild
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary files left
+
+
+def test_memory_bandwidth_probe_is_plausible():
+    gbs = kernels.read_bandwidth(0.25, 1)
+    assert 0.5 < gbs < 2000
