@@ -12,6 +12,20 @@ Measured with mindspore 2.7.2 on a 2-core AMD EPYC (defaults, three runs): recom
 CPU. Full recomputation raised it by ~18-29% (e.g. 5669 -> 6722 MiB), select (MLP) changed it by -3%..+2%, with
 memory_optimize_level O0 and O1 alike; losses were identical. Step times on a shared 2-core machine were too noisy
 to read. The saving memory_budget.py counts is the device one, which only an Ascend run can confirm.
+
+Why, as far as a layer sweep shows (2026-12-02, same machine kind, seq 1024, batch 2, O0; peak RSS MiB):
+
+    layers        4      8     12    per layer
+    off        3188   5681   8191    ~625
+    full       3753   6722   9694    ~743   (+~118)
+
+A layer's forward keeps about 70-100 MiB for its backward pass here (the [2, 4, 1024, 1024] float32 attention
+probabilities alone are 32 MiB; the hidden-size and MLP tensors add ~40), yet each layer adds ~625 MiB to the
+peak: the CPU graph holds nearly every intermediate of the forward AND the backward pass until the step ends,
+instead of freeing each one after its last use. Recomputation then cannot free the forward tensors it was meant
+to drop, and only adds its recomputed copies: ~118 MiB a layer, about one layer's forward. That is an inference
+from the slopes, not a reading of MindSpore's CPU allocator; on Ascend, memory reuse by tensor lifetime (SOMAS)
+is what turns recomputation into a saving, and the dry run's peak (docs/ASCEND_TRAINING.md) is the place to see it.
 """
 import argparse
 import json

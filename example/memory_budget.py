@@ -34,7 +34,8 @@ def from_recipe(path):
                 recompute=recipe.get("recompute") or {}, param_dtype=overrides.get("param_dtype", "float32"),
                 compute_dtype=overrides.get("compute_dtype", "float32"),
                 moment_dtype=train.get("moment_dtype", "float32"), seq_length=data.get("seq_length", 4096),
-                batch_size=train.get("batch_size", 1), grad_accum_steps=train.get("grad_accum_steps", 1))
+                batch_size=train.get("batch_size", 1), grad_accum_steps=train.get("grad_accum_steps", 1),
+                master_weights=train.get("master_weights", True))  # the finetune recipe's default
 
 
 def main(argv=None):
@@ -59,7 +60,7 @@ def main(argv=None):
         if args.recipe or args.preset:
             settings = from_recipe(args.recipe) if args.recipe else dict(
                 preset=args.preset, parallel={}, recompute={}, param_dtype="float32", compute_dtype="float32",
-                moment_dtype="float32", seq_length=4096, batch_size=1, grad_accum_steps=1)
+                moment_dtype="float32", seq_length=4096, batch_size=1, grad_accum_steps=1, master_weights=False)
             if args.preset:
                 settings["preset"] = args.preset
             parallel = dict(settings["parallel"])

@@ -137,3 +137,15 @@ def test_bad_options_exit_2(capsys):
         script_output("memory_budget", ["--preset", "baichuan2_13b", "--data_parallel", "3", "--model_parallel", "3"])
     assert err.value.code == 2
     assert "model_parallel 3 does not divide the model's num_attention_heads 40" in capsys.readouterr().err
+
+
+def test_master_copy_adds_four_bytes_a_parameter_sharded_like_the_moments():
+    """train.master_weights (training/optim.py's float32 master copy): the shipped 7B recipe's setting."""
+    config = BaichuanConfig.from_preset("baichuan2_7b")
+    _, plain = budget(config, recompute={"recompute": False}, **MF_7B)
+    _, master = budget(config, recompute={"recompute": False}, master_weights=True, **MF_7B)
+    assert master["optimizer state"] == 12 * MATRICES_7B / 8 + 12 * NORMS_7B
+    assert master["total"] - plain["total"] == 4 * MATRICES_7B / 8 + 4 * NORMS_7B
+    assert fits(master["total"], 59)  # 50.6 GiB
+    _, fp32 = budget(config, {"data_parallel": 8}, None, 4096, 1, "float32", "bfloat16", master_weights=True)
+    assert fp32["optimizer state"] == 8 * P_7B  # float32 parameters are their own master: no copy

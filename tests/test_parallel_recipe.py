@@ -170,3 +170,17 @@ def test_ascend_application_sets_the_context_and_stages():
     assert (model.model.embed_tokens.pipeline_stage, model.model.norm.pipeline_stage,
             model.lm_head.pipeline_stage) == (0, 1, 1)
     assert all(layer._recompute_cell is not None for layer in model.model.layers)
+
+
+def test_ascend_train_network_builds_mindspores_pipeline_pieces(graph):
+    """Construction only (CPU cannot compile a pipeline): the MindSpore 2.7 classes the Ascend path names exist and
+    take what run.build_train_cell passes them (the optimizer's ParameterTuple)."""
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.training.parallel import ascend_train_network
+    model = BaichuanForCausalLM(BaichuanConfig.from_preset("tiny", num_hidden_layers=4))
+    weights = nn.AdamWeightDecay(model.trainable_params()).parameters
+    assert ascend_train_network(model, {"data_parallel": 8}, weights) == (model, None, 1)
+    network, reducer, summed = ascend_train_network(
+        model, {"data_parallel": 2, "pipeline_stage": 2, "micro_batch_num": 4}, weights)
+    assert (type(network).__name__, network.micro_size, type(reducer).__name__, summed) == (
+        "Pipeline", 4, "PipelineGradReducer", 4)

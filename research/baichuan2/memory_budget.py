@@ -9,6 +9,8 @@ Precision
 - Weights are stored in `param_dtype`; gradients have the parameter's dtype (as MindSpore produces them).
 - AdamW keeps two moments, m and v, in `moment_dtype`: float32 is MindFormers' FP32StateAdamWeightDecay (half
   weights, float32 moments, no separate float32 master copy: the update is computed in float32 and cast back).
+  `master_weights` adds training/optim.py's float32 master copy of half-precision weights (4 bytes a parameter,
+  sharded like the moments), counted in the optimizer state.
 - A weight used in `compute_dtype` != `param_dtype` is cast per use and the cast copy is kept for the backward pass:
   every matrix counts a compute-dtype copy (the RMSNorm weights are applied in float32 and are not copied).
 
@@ -101,12 +103,13 @@ def recompute_mode(recompute):
 
 
 def stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
-                 moment_dtype="float32", grad_accum_steps=1, stage=0):
+                 moment_dtype="float32", grad_accum_steps=1, stage=0, master_weights=False):
     """{row: bytes} for one device of pipeline stage `stage`; rows as in ROWS, plus "total"."""
     p = parallel_settings(parallel)
     bp = _dtype_bytes(param_dtype, "param_dtype")
     bc = _dtype_bytes(compute_dtype, "compute_dtype")
     bm = _dtype_bytes(moment_dtype, "moment_dtype")
+    state_bytes = 2 * bm + (4 if master_weights and param_dtype != "float32" else 0)  # m, v (+ float32 master)
     dp, pp = p["data_parallel"], p["pipeline_stage"]
     shard = p["enable_parallel_optimizer"]
     level = p["optimizer_level"]
@@ -119,7 +122,7 @@ def stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtyp
         sharded = shard and n * bp >= threshold
         div = dp if sharded else 1
         stored += count * n * bp / div
-        moments += count * 2 * n * bm / div
+        moments += count * n * state_bytes / div
         grad_div = dp if sharded and (not accumulating or level != "level1") else 1
         grads += count * n * bp / grad_div
         if kind != "norm" and (sharded or compute_dtype != param_dtype):
@@ -139,13 +142,13 @@ def stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtyp
 
 
 def budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype, moment_dtype="float32",
-           grad_accum_steps=1):
+           grad_accum_steps=1, master_weights=False):
     """(worst stage, its rows): the pipeline stage with the largest total. Raises ParallelRecipeError (a ValueError)
     when the layout does not split this model."""
     check_model_split(parallel_settings(parallel), config)
     stages = parallel_settings(parallel)["pipeline_stage"]
     per_stage = [stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
-                              moment_dtype, grad_accum_steps, s) for s in range(stages)]
+                              moment_dtype, grad_accum_steps, s, master_weights) for s in range(stages)]
     worst = max(range(stages), key=lambda s: per_stage[s]["total"])
     return worst, per_stage[worst]
 
@@ -155,11 +158,12 @@ def fits(total_bytes, limit_gib, headroom=0.10):
 
 
 def describe(name, config, parallel, recompute, seq_length, batch_size, param_dtype, compute_dtype,
-             moment_dtype="float32", grad_accum_steps=1, limit_gib=59.0, headroom=0.10):
+             moment_dtype="float32", grad_accum_steps=1, limit_gib=59.0, headroom=0.10, master_weights=False):
     """The printed table of one recipe, as lines."""
     p = parallel_settings(parallel)
     stage, rows = budget(config, p, recompute, seq_length, batch_size, param_dtype, compute_dtype, moment_dtype,
-                         grad_accum_steps)
+                         grad_accum_steps, master_weights)
+    master = master_weights and param_dtype != "float32"
     dp, mp, pp = p["data_parallel"], p["model_parallel"], p["pipeline_stage"]
     if p["enable_parallel_optimizer"]:
         optimizer = f"parallel optimizer {p['optimizer_level']} over dp {dp}"
@@ -176,7 +180,7 @@ def describe(name, config, parallel, recompute, seq_length, batch_size, param_dt
         "weights": f"weights ({param_dtype}{shard})",
         "weights gathered/cast for compute": f"weights gathered/cast ({compute_dtype})",
         "gradients": f"gradients ({param_dtype}{grad_shard})",
-        "optimizer state": f"AdamW m, v ({moment_dtype}{shard})",
+        "optimizer state": f"AdamW m, v{', master' if master else ''} ({moment_dtype}{shard})",
         "activations": f"activations ({in_flight} micro batch{'es' if in_flight > 1 else ''})",
         "total": "total",
     }

@@ -7,6 +7,7 @@
     checkpoint.py  checkpoints/step_XXXXXX save and restore, the final model/ and adapter/ directories, export
     monitor.py     the per-step callback (log, TensorBoard, NaN stop, periodic checkpoints), the loss curve
     parallel.py    the parallel: and recompute: recipe sections, their checks, recompute, the Ascend-only layout
+    optim.py       FP32StateAdamW: AdamW with float32 moments (and master weights) for float16/bfloat16 parameters
     run.py         run(recipe, resume): the whole training run, step by step
 """
 from .recipe import DEFAULT_CONFIG, DEFAULTS, REPO, FinetuneError, apply_overrides, load_recipe, resolve_config_path

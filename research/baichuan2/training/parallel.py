@@ -113,6 +113,11 @@ def check_model_split(p, config):
                                   f"{config.num_hidden_layers} layers; choose a divisor of {config.num_hidden_layers}")
 
 
+def needs_semi_auto(p):
+    """True when the layout is more than plain data parallelism (MindSpore's semi-auto parallel is needed)."""
+    return p["model_parallel"] > 1 or p["pipeline_stage"] > 1 or p["enable_parallel_optimizer"]
+
+
 def check_cpu(p):
     """CPU compiles plain data parallelism only (semi-auto parallel stops with 'Invalid backend: CPU')."""
     refused = [f"{key} {p[key]} (needs semi_auto_parallel)" for key in ("model_parallel", "pipeline_stage")
@@ -169,12 +174,11 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     real job on the devices. None of that has been run in this project; the CPU machines it is tested on refuse
     semi-auto parallel ("Invalid backend: CPU"), which is why `validate` refuses these settings on CPU.
 
-    Must be called after `mindspore.communication.init()` and before the train step cell is built. What it does:
-    - set_auto_parallel_context: parallel_mode "semi_auto_parallel" ("auto_parallel" with search_mode
-      "sharding_propagation" when model_parallel > 1, so the ops inside the sharded cells get derived strategies),
-      full_batch=True, gradients_mean=False (as MindFormers: the semi-auto loss is already the global batch's
-      mean), enable_parallel_optimizer, parallel_optimizer_config {optimizer_level, parallel_optimizer_threshold},
-      pipeline_stages;
+    Must be called after `mindspore.communication.init()` and before the train step cell is built; the context
+    itself must be set before the network is built (MindSpore's pipeline tutorial: "call it before initializing the
+    network"), so training/run.py calls set_ascend_parallel_context first and this function (which sets the same
+    context again) after building the model. What it does:
+    - set_ascend_parallel_context (its docstring);
     - model_parallel > 1: column-parallel q/k/v/gate/up (weight rows split), row-parallel o/down (weight columns
       split, partial sums all-reduced by the framework), vocab-parallel embedding and lm_head, activations split
       over data_parallel on the batch axis. The strategies sit on each projection cell (Cell.shard with a
@@ -186,28 +190,16 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
       (mindspore.parallel.nn.Pipeline in 2.7) before the train step.
     - recompute per layer (apply_recompute).
 
-    The train step changes in semi-auto: the framework inserts the gradient reduction (AllReduce, or ReduceScatter
-    with the parallel optimizer) itself, so the data-parallel step's DistributedGradReducer / manual all-reduce must
-    be dropped, or gradients are reduced twice; the optimizer sees only its shard of the state; global-norm
-    clipping must use the framework's sharding-aware norm (MindFormers' ClipGradNorm does) and checkpoints of a
-    sharded run are saved whole (integrated_save) or merged before export.
+    The train step in semi-auto (training/step.py with framework_reduces, built by run.build_train_cell): the
+    framework inserts the gradient reduction (AllReduce, or ReduceScatter with the parallel optimizer) itself, so
+    the step adds no DistributedGradReducer (the parent's is nn.Identity in that mode) and no loss all-reduce; the
+    pipeline's wrapper and reducer come from ascend_train_network. Open points a dry run / device must settle: the
+    step's global-norm (sum of squares over the gradients as the single-device program sees them) relies on the
+    framework completing sums over sharded tensors; checkpoints of a sharded run are NOT gathered yet (they would
+    hold rank 0's slices; docs/ASCEND_TRAINING.md says what is missing).
     """
-    import mindspore as ms
-
     p = parallel_settings(parallel)
-    # mp > 1: the strategies below sit on cells, and MindSpore derives the ops inside them by sharding propagation,
-    # which runs in auto_parallel mode (MindFormers' recipes name the same search_mode). mp == 1 needs no strategy.
-    mode = {"parallel_mode": "auto_parallel", "search_mode": "sharding_propagation"} if p["model_parallel"] > 1 \
-        else {"parallel_mode": "semi_auto_parallel"}
-    ms.set_auto_parallel_context(
-        **mode,
-        full_batch=True,
-        gradients_mean=False,
-        enable_parallel_optimizer=p["enable_parallel_optimizer"],
-        parallel_optimizer_config={"optimizer_level": p["optimizer_level"],
-                                   "parallel_optimizer_threshold": p["parallel_optimizer_threshold"]},
-        pipeline_stages=p["pipeline_stage"],
-    )
+    set_ascend_parallel_context(p)
     dp, mp = p["data_parallel"], p["model_parallel"]
     lm = model
     if mp > 1:
@@ -232,3 +224,53 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
         lm.lm_head.pipeline_stage = stages - 1
     apply_recompute(lm, recompute)
     return lm
+
+
+def set_ascend_parallel_context(parallel):  # pragma: no cover - compiled on Ascend only
+    """ASCEND ONLY, NOT RUN HERE (checked as apply_ascend_parallel is): MindSpore's semi-auto parallel context.
+
+    parallel_mode "semi_auto_parallel" ("auto_parallel" with search_mode "sharding_propagation" when
+    model_parallel > 1, so the ops inside the sharded cells get derived strategies), full_batch=True (every rank
+    feeds the whole global batch and the framework takes its slice: training/run.py plans the data that way),
+    gradients_mean=False (as MindFormers: the semi-auto loss is already the global batch's mean),
+    enable_parallel_optimizer, parallel_optimizer_config {optimizer_level, parallel_optimizer_threshold},
+    pipeline_stages. Call after communication.init() and before the network is built.
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    p = parallel_settings(parallel)
+    # mp > 1: the strategies sit on cells, and MindSpore derives the ops inside them by sharding propagation,
+    # which runs in auto_parallel mode (MindFormers' recipes name the same search_mode). mp == 1 needs no strategy.
+    mode = {"parallel_mode": "auto_parallel", "search_mode": "sharding_propagation"} if p["model_parallel"] > 1 \
+        else {"parallel_mode": "semi_auto_parallel"}
+    ms.set_auto_parallel_context(
+        **mode,
+        full_batch=True,
+        gradients_mean=False,
+        enable_parallel_optimizer=p["enable_parallel_optimizer"],
+        parallel_optimizer_config={"optimizer_level": p["optimizer_level"],
+                                   "parallel_optimizer_threshold": p["parallel_optimizer_threshold"]},
+        pipeline_stages=p["pipeline_stage"],
+    )
+
+
+def ascend_train_network(model, parallel, weights):  # pragma: no cover - compiled on Ascend only
+    """ASCEND ONLY, NOT RUN HERE (checked as apply_ascend_parallel is): what the train step differentiates, and
+    its gradient reducer.
+
+    Returns (network, grad_reducer, summed_micro_batches). Without pipeline stages: the model itself, and no
+    reducer (None: the train step keeps its parent's, which in semi-auto mode is nn.Identity, since the framework
+    inserts the AllReduce / ReduceScatter of the gradients itself). With pipeline_stage > 1: the model wrapped in
+    mindspore.parallel.nn.Pipeline(model, micro_batch_num), which cuts the batch into micro batches and returns
+    the SUM of their losses (hence summed_micro_batches, which the train step divides the loss and the loss-scale
+    sens by), and mindspore.parallel.nn.PipelineGradReducer, MindSpore's reducer for a pipeline trained through
+    GradOperation (opt_shard when the parallel optimizer is on), over `weights`: the optimizer's parameters in its
+    own order, the order the train step's gradients come in.
+    """
+    # pylint: disable=import-outside-toplevel
+    from mindspore.parallel.nn import Pipeline, PipelineGradReducer
+    p = parallel_settings(parallel)
+    if p["pipeline_stage"] == 1:
+        return model, None, 1
+    network = Pipeline(model, p["micro_batch_num"])
+    reducer = PipelineGradReducer(weights, opt_shard=p["enable_parallel_optimizer"])
+    return network, reducer, p["micro_batch_num"]

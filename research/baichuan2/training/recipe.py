@@ -4,6 +4,8 @@ import os
 
 import yaml
 
+from .parallel import PARALLEL_DEFAULTS, RECOMPUTE_DEFAULTS
+
 # Paths written in a recipe are relative to the repository root (research/baichuan2/training/ -> three levels up).
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "finetune_tiny.yaml")
@@ -14,7 +16,14 @@ DEFAULTS = {
     "data": {"train_dataset": None, "seq_length": 128, "shuffle": True},
     "train": {"seed": 1234, "epochs": 1, "max_steps": None, "batch_size": 2, "grad_accum_steps": 1, "lr": 1e-3,
               "min_lr": 0.0, "warmup_ratio": 0.0, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8,
-              "grad_clip": 1.0, "loss_scale": None},
+              "grad_clip": 1.0, "loss_scale": None,
+              # AdamW state for float16/bfloat16 parameters: float32 moments (and a float32 master copy of the
+              # weights with master_weights) through training/optim.py; float32 parameters use nn.AdamWeightDecay.
+              "moment_dtype": "float32", "master_weights": True},
+    # training/parallel.py: MindFormers' field names. data_parallel null = the devices left over by
+    # model_parallel x pipeline_stage (plain data parallelism over every msrun worker by default).
+    "parallel": dict(PARALLEL_DEFAULTS, data_parallel=None),
+    "recompute": dict(RECOMPUTE_DEFAULTS),
     # rank 0 = full finetuning. targets: W_pack (= q/k/v) or any of q_proj k_proj v_proj o_proj gate/up/down_proj.
     # load_adapter: an adapter directory (ours or PEFT's) to continue from; its rank/alpha/targets then apply.
     "lora": {"rank": 0, "alpha": 16, "dropout": 0.0, "targets": ["W_pack"], "load_adapter": None},

@@ -6,6 +6,8 @@ import dataclasses
 import os
 
 from ..runtime import setup_training
+from .parallel import ParallelRecipeError, needs_semi_auto
+from .parallel import validate as validate_parallel
 from .checkpoint import (checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints, restore_checkpoint,
                          save_checkpoint, write_adapter_dir, write_model_dir)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
@@ -27,14 +29,24 @@ class RunShape:
     total_steps: int
     resume_from: str = None
     lora_rank: int = 0
+    parallel: dict = None  # checked parallel:/recompute: sections (training/parallel.py)
+    recompute: dict = None
+    semi_auto: bool = False  # Ascend semi-auto parallel: every rank feeds the whole global batch (full_batch)
+
+    @property
+    def micro_batches(self):
+        """Pipeline micro batches per step (each batch x data_parallel rows)."""
+        return self.parallel["micro_batch_num"] if self.parallel and self.parallel["pipeline_stage"] > 1 else 1
 
     @property
     def local_batch(self):
-        return self.batch * self.accum
+        """Rows this rank reads per optimizer step."""
+        return self.global_batch if self.semi_auto else self.batch * self.accum
 
     @property
     def global_batch(self):
-        return self.local_batch * self.world_size
+        data_parallel = self.parallel["data_parallel"] if self.parallel else self.world_size
+        return self.batch * self.accum * self.micro_batches * data_parallel
 
     @property
     def steps_per_epoch(self):
@@ -71,6 +83,7 @@ def validate(recipe, rank, world_size, device, resume):
     config, note = model_config(mcfg, device)  # the load_checkpoint directory's architecture, else the preset's
     if note and rank == 0:
         print(f"note: {note}")
+    parallel, recompute = _validate_parallel(recipe, config, world_size, device)
     if seq_length > config.max_context:
         fix = ("shorten the rows" if model_dir_config(mcfg["load_checkpoint"]) else
                "raise model.overrides.max_position_embeddings or shorten the rows")
@@ -79,7 +92,8 @@ def validate(recipe, rank, world_size, device, resume):
     num_samples = inspect_dataset(dcfg["train_dataset"], seq_length)
     shape = RunShape(rank=rank, world_size=world_size, device=device, config=config, seq_length=seq_length,
                      num_samples=num_samples, batch=int(tcfg["batch_size"]), accum=int(tcfg["grad_accum_steps"]),
-                     total_steps=0, lora_rank=adapter_rank(recipe["lora"], rank))
+                     total_steps=0, lora_rank=adapter_rank(recipe["lora"], rank), parallel=parallel,
+                     recompute=recompute, semi_auto=device == "Ascend" and needs_semi_auto(parallel))
     if num_samples < shape.global_batch:
         raise FinetuneError(f"train dataset {dcfg['train_dataset']} has {num_samples} rows, fewer than one global "
                             f"batch ({shape.batch} x {shape.accum} accumulation x {world_size} devices = "
@@ -90,7 +104,35 @@ def validate(recipe, rank, world_size, device, resume):
     shape.resume_from = _checkpoint_to_resume(recipe["output"]["output_dir"], resume, rank)
     if shape.lora_rank > 0:
         _validate_lora(recipe["lora"], mcfg["load_checkpoint"], rank)
+    if shape.semi_auto and rank == 0:  # every semi-auto layout here shards parameters
+        print("warning: this layout shards parameters across ranks and checkpoints are not yet gathered: they would "
+              "hold rank 0's slices (docs/ASCEND_TRAINING.md, 'Checkpoints of a sharded run')", flush=True)
     return shape
+
+
+def _validate_parallel(recipe, config, world_size, device):
+    """The parallel:/recompute: sections checked against the model and this job's devices, and the AdamW state
+    dtypes against the parameters'. data_parallel null = the devices left by model_parallel x pipeline_stage."""
+    parallel = dict(recipe["parallel"])
+    if parallel.get("data_parallel") is None:
+        rest = int(parallel.get("model_parallel") or 1) * int(parallel.get("pipeline_stage") or 1)
+        parallel["data_parallel"] = max(1, world_size // rest)
+    try:
+        parallel, recompute = validate_parallel(parallel, recipe["recompute"], config, world_size, device)
+    except ParallelRecipeError as e:
+        raise FinetuneError(str(e)) from e
+    accum = recipe["train"]["grad_accum_steps"]
+    if parallel["pipeline_stage"] > 1 and int(accum) != 1:
+        raise FinetuneError(f"train.grad_accum_steps {accum} with parallel.pipeline_stage "
+                            f"{parallel['pipeline_stage']}: "
+                            "a pipeline accumulates over parallel.micro_batch_num; set train.grad_accum_steps: 1")
+    moment_dtype = recipe["train"]["moment_dtype"]
+    if moment_dtype not in ("float32", config.param_dtype):
+        raise FinetuneError(f"train.moment_dtype {moment_dtype!r}: AdamW moments are float32 or the parameters' own "
+                            f"dtype ({config.param_dtype}); float32 is what keeps half-precision training finite")
+    if not isinstance(recipe["train"]["master_weights"], bool):
+        raise FinetuneError(f"train.master_weights must be true or false, got {recipe['train']['master_weights']!r}")
+    return parallel, recompute
 
 
 def _checkpoint_to_resume(output_dir, resume, rank):
@@ -148,7 +190,10 @@ def build_model(recipe, shape):
     import mindspore as ms
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
     from baichuan2.weights_check import load_weights_checked
+    from .parallel import apply_ascend_parallel, apply_recompute, set_ascend_parallel_context
     ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
+    if shape.semi_auto:  # Ascend only: MindSpore wants the parallel context before the network is built
+        set_ascend_parallel_context(shape.parallel)
     model = BaichuanForCausalLM(shape.config)
     load_checkpoint, lora = recipe["model"]["load_checkpoint"], recipe["lora"]
     # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
@@ -168,12 +213,17 @@ def build_model(recipe, shape):
         apply_lora(model, shape.lora_rank, float(lora["alpha"]), float(lora["dropout"]), lora["targets"])
     if shape.lora_rank > 0:
         model.lora_config["base_model"] = load_checkpoint  # adapter_config.json's base_model_name_or_path
+    if shape.semi_auto:
+        apply_ascend_parallel(model, shape.parallel, shape.recompute)  # layout, stages and recompute
+    else:
+        apply_recompute(model, shape.recompute)
     model.set_train(True)
     return model
 
 
 def build_train_cell(model, tcfg, lrs, shape):
-    """AdamW over the trainable parameters (matrices decayed, norm weights not), wrapped in TrainStep."""
+    """AdamW over the trainable parameters (matrices decayed, norm weights not), wrapped in TrainStep.
+    Half-precision parameters with train.moment_dtype float32 get FP32StateAdamW (float32 moments and master)."""
     # pylint: disable=import-outside-toplevel
     import mindspore as ms
     from mindspore import nn
@@ -182,8 +232,12 @@ def build_train_cell(model, tcfg, lrs, shape):
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": float(tcfg["weight_decay"])},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # LoRA has no norm weights to train: MindSpore rejects empty groups
-    optimizer = nn.AdamWeightDecay(groups, learning_rate=lrs, beta1=float(tcfg["beta1"]),
-                                   beta2=float(tcfg["beta2"]), eps=float(tcfg["eps"]))
+    adamw = dict(learning_rate=lrs, beta1=float(tcfg["beta1"]), beta2=float(tcfg["beta2"]), eps=float(tcfg["eps"]))
+    if shape.config.param_dtype != "float32" and tcfg["moment_dtype"] == "float32":
+        from .optim import FP32StateAdamW
+        optimizer = FP32StateAdamW(groups, master_weights=tcfg["master_weights"], **adamw)
+    else:
+        optimizer = nn.AdamWeightDecay(groups, **adamw)
     ls = tcfg["loss_scale"]
     if ls:
         scale_sense = nn.DynamicLossScaleUpdateCell(loss_scale_value=float(ls.get("init", 65536)),
@@ -191,8 +245,13 @@ def build_train_cell(model, tcfg, lrs, shape):
                                                     scale_window=int(ls.get("window", 1000)))
     else:
         scale_sense = ms.Tensor(1.0, ms.float32)
-    return TrainStep(model, optimizer, scale_sense, shape.accum, shape.batch, float(tcfg["grad_clip"] or 0.0),
-                     shape.world_size)
+    network, grad_reducer, summed = model, None, 1
+    if shape.semi_auto:
+        from .parallel import ascend_train_network
+        network, grad_reducer, summed = ascend_train_network(model, shape.parallel, optimizer.parameters)
+    return TrainStep(network, optimizer, scale_sense, shape.accum, shape.local_batch // shape.accum,
+                     float(tcfg["grad_clip"] or 0.0), shape.world_size, framework_reduces=shape.semi_auto,
+                     grad_reducer=grad_reducer, summed_micro_batches=summed)
 
 
 def restore(shape, model, train_cell):
@@ -247,8 +306,9 @@ def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
     from mindspore.train import Model
     from .monitor import TrainMonitor
     ocfg, seed = recipe["output"], int(recipe["train"]["seed"])
-    plan = rank_sample_plan(shape.num_samples, shape.global_batch, shape.rank, shape.local_batch, first_step,
-                            shape.total_steps, seed, bool(recipe["data"]["shuffle"]))
+    # semi-auto (full_batch): every rank reads the whole global batch, as rank 0 of a one-rank plan would
+    plan = rank_sample_plan(shape.num_samples, shape.global_batch, 0 if shape.semi_auto else shape.rank,
+                            shape.local_batch, first_step, shape.total_steps, seed, bool(recipe["data"]["shuffle"]))
 
     def save(step):
         return save_checkpoint(ocfg["output_dir"], model, train_cell, shape.state_at(step, seed),
