@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.memory_budget import GIB, budget, fits
 from baichuan2.training.parallel import ParallelRecipeError
