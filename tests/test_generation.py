@@ -85,6 +85,7 @@ def test_stop_ids_and_eos_end_a_row_without_being_returned(family_models):
         assert steps[first][0] is None and steps[first][1] == out1[first]
 
 
+@pytest.mark.slow
 def test_top_k_1_sampling_equals_greedy(family_models):
     gen, ref = family_models["rope"]
     sampled = gen.generate(reference_prompts(ref), max_new_tokens=8, eos_token_id=(), do_sample=True, top_k=1,

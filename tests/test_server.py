@@ -193,6 +193,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(served):
     for name, path, body, status in BAD_REQUESTS:
         if isinstance(body, bytes):
