@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 from baichuan2 import openmind_compat
 from helpers import PARITY
+
 BAICHUAN_CHAT = "<reserved_106>你是谁?<reserved_107>"
 XVERSE_CHAT = "Human: 你是谁?\n\nAssistant: "
 NEW_TOKENS = 16
