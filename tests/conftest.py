@@ -1,13 +1,12 @@
-"""Shared pytest set-up: MindSpore on CPU, float32, and helpers for tiny models."""
+"""Shared pytest set-up: MindSpore on CPU, the execution-mode fixtures and the converted parity model directories.
+Plain helpers (paths, script runners, row writers) are in helpers.py."""
 import os
-import random
-import socket
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures")
+# re-exported for test modules that still import them from here
+from helpers import FIXTURES, PARITY, REPO, free_port, oppo_checkpoint, run_module  # noqa: F401
+
 os.environ.setdefault("OPENMIND_HIDE_STACKTRACE", "FALSE")  # keep tracebacks visible when openmind is imported
 
 import mindspore as ms  # noqa: E402
@@ -29,27 +28,31 @@ def graph():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-@pytest.fixture(params=["pynative", "graph"])
+@pytest.fixture(params=["pynative", pytest.param("graph", marks=pytest.mark.slow)])
 def ms_mode(request):
-    """Runs a test once in PyNative and once in GRAPH mode."""
+    """Runs a test once in PyNative and once in GRAPH mode (compiling: the slow tier)."""
     ms.set_context(mode=ms.PYNATIVE_MODE if request.param == "pynative" else ms.GRAPH_MODE)
     yield request.param
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-def run_module(path, *args):
-    """argv for running one of the project's scripts with the test interpreter."""
-    return [sys.executable, os.path.join(REPO, path), *map(str, args)]
+@pytest.fixture(scope="session")
+def parity_model_dir(tmp_path_factory):
+    """parity_model_dir(family, variant="auto") -> our model directory converted (convert_weight.py) from
+    tests/fixtures/parity/<family>; oppo_experiemental_7b is OPPO's config.json on baichuan2_7b's weights.
+    Each is converted once per session and shared by every test that asks: read it, copy it before changing it."""
+    from baichuan2.convert_weight import convert
+    root = tmp_path_factory.mktemp("parity_model_dirs")
+    made = {}
 
-
-def free_port():
-    """A free TCP port on loopback (for msrun's scheduler), picked at random so parallel runs rarely collide."""
-    for _ in range(50):
-        port = random.randint(20000, 60000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
+    def get(family, variant="auto"):
+        if (family, variant) not in made:
+            if family == "oppo_experiemental_7b":
+                source = oppo_checkpoint(str(root / "oppo_hf"))
+            else:
+                source = os.path.join(PARITY, family)
+            out = str(root / (family if variant == "auto" else f"{family}_{variant}"))
+            convert(source, out, show_progress=False, variant=variant)
+            made[family, variant] = out
+        return made[family, variant]
+    return get

@@ -13,21 +13,18 @@ from safetensors.numpy import load_file
 
 import ascend_emulators as emu
 from baichuan2 import BaichuanForCausalLM
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES
+from helpers import PARITY
 
-PARITY = os.path.join(FIXTURES, "parity")
 FAMILIES = ["baichuan2_7b", "baichuan2_13b"]  # RoPE, ALiBi (6 heads: non-power-of-two slopes)
 # attention runs in bfloat16 on the fused branch (8-bit mantissa): relative to the logits' spread
 TOLERANCE = 0.03
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(parity_model_dir):
     out = {}
     for family in FAMILIES:
-        model_dir = str(tmp_path_factory.mktemp("ascend") / family)
-        convert(os.path.join(PARITY, family), model_dir, show_progress=False)
+        model_dir = parity_model_dir(family)
         out[family] = (model_dir, load_file(os.path.join(PARITY, family, "reference.safetensors")))
     return out
 
@@ -74,6 +71,7 @@ def cached_logits(model, prompts, continuation, slots):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_branch_matches_composed_in_the_training_forward(models, family):
     composed, fused, ref = models(family)
@@ -93,6 +91,7 @@ def test_fused_branch_matches_composed_in_the_training_forward(models, family):
     assert abs(float(fused(ids, labels, mask).asnumpy()) - float(composed(ids, labels, mask).asnumpy())) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_branch_matches_composed_on_packed_rows(models, family):
     """Packed rows (seq_ends = the actual_seq_len column) reach FlashAttentionScore as a block-diagonal mask."""

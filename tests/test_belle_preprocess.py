@@ -8,23 +8,10 @@ import pytest
 
 import baichuan2.data as bp
 from baichuan2.data import readers
-from conftest import REPO, run_module
+from helpers import REPO, conv, read_rows, record, run_module, write_json
 
 MODEL = os.path.join(REPO, "dataset", "tokenizer.model")
 IDS = {"user": 3, "assistant": 4, "eos": 2, "pad": 0}
-
-
-def conv(*texts, roles=("human", "gpt")):
-    return [{"from": roles[i % 2], "value": t} for i, t in enumerate(texts)]
-
-
-def record(i, *texts):
-    return {"id": i, "conversations": conv(*texts)}
-
-
-def write_json(path, records):
-    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    return str(path)
 
 
 def write_jsonl(path, lines):
@@ -39,13 +26,6 @@ def run(tmp_path, pattern, *extra, out_name="out.mindrecord", seq_length=24):
     code = bp.main(["--input_glob", pattern, "--model_file", MODEL, "--output_file", str(out),
                     "--seq_length", str(seq_length), "--quiet", *extra])
     return code, out
-
-
-def read_rows(path, num_shards=None, shard_id=None):
-    import mindspore.dataset as ds
-    data = ds.MindDataset(str(path), columns_list=["input_ids", "labels"], shuffle=False,
-                          num_shards=num_shards, shard_id=shard_id)
-    return [(r["input_ids"].tolist(), r["labels"].tolist()) for r in data.create_dict_iterator(output_numpy=True)]
 
 
 def good_records(n):
@@ -268,6 +248,7 @@ def test_two_shards_odd_row_count(tmp_path):
     assert {str(r) for r in shards[0] + shards[1]} == everything
 
 
+@pytest.mark.slow
 def test_cli_smoke_on_bundled_sample(tmp_path):
     out = tmp_path / "belle.mindrecord"
     proc = subprocess.run(run_module("example/dataset/belle_preprocess.py", "--input_glob",

@@ -13,9 +13,8 @@ import pytest
 from baichuan2 import BaichuanForCausalLM
 from baichuan2.chat import build_chat_input, chat, chat_options
 from baichuan2.chat_format import CHAT_DEFAULTS
-from baichuan2.convert_weight import convert
 from baichuan2.model_dir import load_tokenizer
-from conftest import FIXTURES, REPO
+from helpers import REPO
 
 U, A = 3, 4  # role tokens in these tests
 
@@ -79,11 +78,9 @@ def test_chat_defaults():
 
 # ---------------------------------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module", params=["baichuan2_7b", "xverse_7b"])
-def model_dir(tmp_path_factory, request):
+def model_dir(parity_model_dir, request):
     """A converted tiny checkpoint: Baichuan2 (role tokens, SentencePiece) or XVERSE (plain-text roles, BPE)."""
-    out = str(tmp_path_factory.mktemp("chat") / f"{request.param}_tiny")
-    convert(os.path.join(FIXTURES, "parity", request.param), out, show_progress=False)
-    return out
+    return parity_model_dir(request.param)
 
 
 class Terminal:
@@ -125,6 +122,7 @@ def expected_replies(model_dir):
     return first, second, fresh
 
 
+@pytest.mark.slow
 def test_chat_cli_two_turns_clear_exit(model_dir, tmp_path):
     first, second, fresh = expected_replies(model_dir)
     assert second != fresh, "the fixture should show the effect of the remembered turn"

@@ -10,7 +10,7 @@ from baichuan2 import chat_format
 from baichuan2.chat import build_chat_input, chat_options
 from baichuan2.chat_format import BAICHUAN2, IGNORE, XVERSE
 from baichuan2.model_dir import generation_config
-from conftest import REPO
+from helpers import REPO
 
 SP = spm.SentencePieceProcessor(model_file=os.path.join(REPO, "dataset", "tokenizer.model"))
 XV = Tokenizer.from_file(os.path.join(REPO, "dataset", "xverse", "tokenizer.json"))

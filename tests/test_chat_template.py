@@ -13,7 +13,7 @@ from baichuan2 import chat_format
 from baichuan2.chat import build_chat_input
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.model_dir import finish_model_dir, load_tokenizer
-from conftest import REPO
+from helpers import REPO
 
 SP = spm.SentencePieceProcessor(model_file=os.path.join(REPO, "dataset", "tokenizer.model"))
 XV = Tokenizer.from_file(os.path.join(REPO, "dataset", "xverse", "tokenizer.json"))

@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, run_module
+from helpers import REPO, free_port, run_module
 
 STAGES = ("tokenise the BELLE sample into MindRecord", "finetune on 2 workers with msrun",
           "export the final weights as a model directory", "answer prompts with openmind.pipeline(framework='ms')")
@@ -65,6 +65,7 @@ def test_make_demo_learns_the_sample_and_answers_through_openmind(tmp_path):
         assert str(path) in proc.stdout and f"{path}  (missing!)" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_demo_refuses_an_output_dir_it_did_not_make(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     proc = subprocess.run(run_module("example/demo.py", "--output_dir", tmp_path), capture_output=True, text=True,
@@ -73,6 +74,7 @@ def test_demo_refuses_an_output_dir_it_did_not_make(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_demo_with_its_error(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(run_module("example/demo.py", "--output_dir", out, "--workers", "0"),

@@ -10,7 +10,7 @@ import pytest
 from baichuan2.evaluation import DataLayoutError, evaluate, fit_prompt, format_table, load_task, model_fingerprint
 from baichuan2.evaluation.prompts import build_prompt
 
-from conftest import FIXTURES, REPO, run_module
+from helpers import FIXTURES, REPO, run_module
 
 EVAL = os.path.join(FIXTURES, "eval")
 
@@ -213,6 +213,7 @@ def test_gaokao_answers(tmp_path):
     assert (len(subject.items), subject.skipped, subject.prompt_name) == (1, 1, "高考物理")
 
 
+@pytest.mark.slow
 def test_cli_reports_layout_error(tmp_path):
     done = subprocess.run(run_module("example/evaluate.py", "--model_dir", tmp_path, "--task", "mmlu",
                                      "--data_dir", tmp_path), capture_output=True, text=True, timeout=120)
@@ -257,6 +258,7 @@ def test_model_scorer_left_padding_and_letter_tokens(tiny_model_dir):
     assert [p for p, _ in scorer.letter_tokens["en"].values()] == ["A", "B", "C", "D"]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path):
     out = tmp_path / "ceval.json"
     cmd = run_module("example/evaluate.py", "--model_dir", tiny_model_dir, "--task", "ceval",

@@ -7,7 +7,6 @@ Logit parity itself is tests/test_parity.py. Converted models are shared per mod
 """
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -16,24 +15,10 @@ from safetensors.numpy import load_file
 from baichuan2 import BaichuanConfig, BaichuanForCausalLM
 from baichuan2.convert_weight import checkpoint_shards, convert
 from baichuan2.generation import Generator
-from conftest import FIXTURES
+from helpers import OPPO, PARITY, oppo_checkpoint
 
-PARITY = os.path.join(FIXTURES, "parity")
-OPPO = os.path.join(FIXTURES, "oppo_experiemental_7b")
 FAMILIES = ["baichuan2_7b", "baichuan2_13b", "baichuan_7b", "xverse_7b", "oppo_experiemental_7b"]
 NEW_TOKENS = 16
-
-
-def oppo_checkpoint(directory, model_type="exp"):
-    """OPPO's config.json next to the tiny Baichuan2-7B weights (same shape, same architecture)."""
-    shutil.copytree(os.path.join(PARITY, "baichuan2_7b"), directory)
-    with open(os.path.join(OPPO, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    config["model_type"] = model_type
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
-    os.remove(os.path.join(directory, "reference.safetensors"))
-    return directory
 
 
 def hf_source(family, tmp_root):
@@ -48,14 +33,9 @@ def reference(family):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(parity_model_dir):
     """family -> our model directory (convert_weight.py output)."""
-    root = str(tmp_path_factory.mktemp("families"))
-    out = {}
-    for family in FAMILIES:
-        out[family] = os.path.join(root, family)
-        convert(hf_source(family, root), out[family], show_progress=False)
-    return out
+    return {family: parity_model_dir(family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +92,7 @@ def test_oppo_tiny_checkpoint_reproduces_baichuan2_7b_logits(models, pynative):
 
 
 # ---------------------------------------------------------------------------------------------- greedy generation
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_reference(family, models, graph):
     ref = reference(family)

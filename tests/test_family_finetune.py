@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
+import baichuan2.data as bp
 from baichuan2 import BaichuanConfig, BaichuanForCausalLM
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES, REPO
-from test_belle_preprocess import bp
-from test_finetune import PYTHON
+from helpers import PYTHON, REPO
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 SEQ = 32
@@ -50,13 +48,8 @@ def rows(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    out = {}
-    for parity in sorted({p for p, _ in FAMILIES.values()}):
-        model_dir = tmp_path_factory.mktemp("ckpt") / parity
-        convert(os.path.join(FIXTURES, "parity", parity), str(model_dir), show_progress=False)
-        out[parity] = str(model_dir)
-    return out
+def checkpoints(parity_model_dir):
+    return {parity: parity_model_dir(parity) for parity in sorted({p for p, _ in FAMILIES.values()})}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -71,6 +64,7 @@ def test_recipe_matches_its_family(family):
     assert os.path.isfile(os.path.join(tokenizer_dir, wanted))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_finetune_steps(family, rows, checkpoints, tmp_path):
     parity, tokenizer = FAMILIES[family]

@@ -19,11 +19,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from baichuan2 import openmind_compat
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES
-from test_families import oppo_checkpoint
+from helpers import PARITY
 
-PARITY = os.path.join(FIXTURES, "parity")
 BAICHUAN_CHAT = "<reserved_106>你是谁?<reserved_107>"
 XVERSE_CHAT = "Human: 你是谁?\n\nAssistant: "
 NEW_TOKENS = 16
@@ -70,19 +67,15 @@ def reference(family):
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory):
+def checks(tmp_path_factory, parity_model_dir):
     """name -> what the pipeline returned (one subprocess for every family)."""
     if not openmind_compat.is_installed():
         pytest.fail("openmind compatibility hook not installed (see tests/test_openmind_pipeline.py)")
     root = tmp_path_factory.mktemp("family_pipeline")
     cases = {}
     for family, (source, prompt) in CASES.items():
-        hf = oppo_checkpoint(str(root / "oppo_hf")) if family.startswith("oppo") else os.path.join(PARITY, source)
-        out = str(root / family)
-        convert(hf, out, show_progress=False)
-        cases[family] = (out, prompt, {"do_sample": False, "max_new_tokens": NEW_TOKENS})
-    base = str(root / "baichuan2_7b_base")
-    convert(os.path.join(PARITY, "baichuan2_7b"), base, show_progress=False, variant="base")
+        cases[family] = (parity_model_dir(family), prompt, {"do_sample": False, "max_new_tokens": NEW_TOKENS})
+    base = parity_model_dir("baichuan2_7b", variant="base")
     # the base model's own defaults decide: generation_config.json says greedy
     cases["baichuan2_7b_base"] = (base, BASE_PROMPT, {"max_new_tokens": NEW_TOKENS})
     env = dict(os.environ)
@@ -99,6 +92,7 @@ def checks(tmp_path_factory):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(CASES))
 def test_model_card_call_matches_reference_greedy(family, checks):
     ref = reference(CASES[family][0])
@@ -113,6 +107,7 @@ def test_model_card_call_matches_reference_greedy(family, checks):
     assert check["result"][0]["text_generation_text"][0] == check["text"]
 
 
+@pytest.mark.slow
 def test_base_model_dir_serves_a_plain_prompt(checks):
     check = checks["baichuan2_7b_base"]
     new_ids = check["ids"][len(check["prompt_ids"]):]

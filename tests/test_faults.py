@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -18,8 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
-from test_finetune import PYTHON, assert_same_weights, losses, plain_process_env, write_rows
+from helpers import PYTHON, REPO, assert_same_weights, call_script, losses, plain_process_env, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 EXPORT = os.path.join(REPO, "example", "export_model.py")
@@ -34,22 +32,6 @@ output: {{save_steps: 1, keep_checkpoints: 3, log_steps: 1, tokenizer_dir: datas
 """
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json",
                     "manifest.json")
-
-
-def call_script(path, argv):
-    """Runs a script's main(argv) in this process; returns (exit code, stdout, stderr)."""
-    import mindspore as ms
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            result = runpy.run_path(path)["main"]([str(a) for a in argv])
-            code = result if isinstance(result, int) else 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            ms.set_context(mode=ms.PYNATIVE_MODE)
-    return code, out.getvalue(), err.getvalue()
 
 
 def finetune(workdir, output_dir, *extra):
@@ -308,6 +290,7 @@ def test_killed_between_checkpoint_files_then_resume(workdir, baseline):
     np.testing.assert_allclose(losses(out), losses(baseline), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint(workdir, tmp_path, monkeypatch):
     """The optimizer file of step 2 fails half-way (ENOSPC): one line, exit 2, step 1 kept, no temp dir left."""
     import errno

@@ -9,19 +9,16 @@ import os
 import runpy
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
+from helpers import PYTHON, REPO, assert_same_weights, free_port, load_weights, losses, msrun, plain_process_env, \
+    wait, write_rows
 
-PYTHON = os.path.join(REPO, ".venv", "bin", "python") if os.path.isfile(
-    os.path.join(REPO, ".venv", "bin", "python")) else sys.executable
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 EXPORT = os.path.join(REPO, "example", "export_model.py")
-MSRUN = os.path.join(REPO, "msrun.sh")
 SEQ = 32
 ROWS = 96
 STEPS = 24  # 2 ranks x batch 2 x accum 2 = 8 rows a step -> 12 steps an epoch -> 2 epochs
@@ -33,66 +30,6 @@ train: {{seed: 11, max_steps: {STEPS}, batch_size: 2, grad_accum_steps: 2, lr: 1
         warmup_ratio: 0.1, weight_decay: 0.1, grad_clip: 1.0}}
 output: {{save_steps: 4, keep_checkpoints: 2, log_steps: 4, tokenizer_dir: dataset}}
 """
-
-
-def write_rows(path, rows, seq, columns=("input_ids", "labels")):
-    """A learnable MindRecord: each row an arithmetic token sequence; tokens 0-1 encode the row index."""
-    from mindspore.mindrecord import FileWriter
-    rng = np.random.default_rng(0)
-    writer = FileWriter(path, shard_num=1, overwrite=True)
-    writer.add_schema({c: {"type": "int32", "shape": [-1]} for c in columns}, "rows")
-    data = []
-    for i in range(rows):
-        ids = ((rng.integers(0, 990) + np.arange(seq + 1) * (i % 5 + 1)) % 990 + 10).astype(np.int32)
-        ids[0], ids[1] = 5 + i // 990, 10 + i % 990
-        labels = ids.copy()
-        labels[:2] = -100
-        data.append(dict(zip(columns, (ids, labels))))
-    writer.write_raw_data(data)
-    writer.commit()
-    return path
-
-
-def plain_process_env():
-    """The environment of a single process started by hand: no msrun variables, so finetune.py calls no init()."""
-    env = dict(os.environ)
-    env.pop("RANK_SIZE", None)
-    env.pop("MS_WORKER_NUM", None)
-    return env
-
-
-def load_weights(path):
-    from safetensors.numpy import load_file
-    return load_file(path)
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    a, b = load_weights(a), load_weights(b)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=atol, err_msg=name)
-
-
-def losses(output_dir):
-    with open(os.path.join(output_dir, "train_log.jsonl")) as f:
-        by_step = {r["step"]: r["loss"] for r in map(json.loads, f)}
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def msrun(args, cwd, log_dir, **extra_env):
-    env = dict(os.environ, BAICHUAN_FINETUNE_DEBUG="1", **extra_env)
-    return subprocess.Popen(["bash", MSRUN, *map(str, args[:1]), *map(str, args[1:])], cwd=cwd, env=env,
-                            stdout=open(os.path.join(str(log_dir) + ".out"), "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def wait(proc, timeout):
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # our own launcher's process group
-        proc.wait()
-        raise
 
 
 def finetune_order(workdir, output_dir, extra=""):
@@ -248,6 +185,7 @@ def test_single_process_run_and_export(workdir, tmp_path):
     assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
 
 
+@pytest.mark.slow
 def test_loss_that_turns_non_finite_stops_the_run(workdir, tmp_path):
     """A learning rate of 1e30 blows the weights up within a few steps: the run must stop with a clear message,
     keep the checkpoint written before (step 2) and write no later checkpoint or final model."""

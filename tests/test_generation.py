@@ -10,11 +10,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from baichuan2 import BaichuanForCausalLM
-from baichuan2.convert_weight import convert
 from baichuan2.generation import Generator, sample_filter
-from conftest import FIXTURES
+from helpers import PARITY
 
-PARITY = os.path.join(FIXTURES, "parity")
 FAMILIES = {"rope": "baichuan2_7b", "alibi": "baichuan2_13b"}  # RoPE and ALiBi (6 heads: non-power-of-two slopes)
 
 
@@ -26,12 +24,11 @@ def graph_mode():
 
 
 @pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
+def family_models(parity_model_dir):
     """position encoding -> (Generator over the converted parity checkpoint, reference tensors)."""
     out = {}
     for kind, family in FAMILIES.items():
-        model_dir = str(tmp_path_factory.mktemp("gen") / family)
-        convert(os.path.join(PARITY, family), model_dir, show_progress=False)
+        model_dir = parity_model_dir(family)
         model = BaichuanForCausalLM.from_pretrained(model_dir)
         out[kind] = (Generator(model), load_file(os.path.join(PARITY, family, "reference.safetensors")))
     return out
@@ -45,6 +42,7 @@ def reference_outputs(ref):
     return [ref["greedy_out_0"].tolist(), ref["greedy_out_1"].tolist()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rope", "alibi"])
 def test_cached_greedy_matches_reference_batched_and_alone(family_models, kind):
     gen, ref = family_models[kind]
@@ -62,6 +60,7 @@ def test_greedy_without_cache_is_identical(family_models, kind):
         reference_outputs(ref)
 
 
+@pytest.mark.slow
 def test_stream_yields_the_generated_tokens_step_by_step(family_models):
     gen, ref = family_models["rope"]
     steps = list(gen.stream(reference_prompts(ref), max_new_tokens=16, eos_token_id=()))
@@ -69,6 +68,7 @@ def test_stream_yields_the_generated_tokens_step_by_step(family_models):
     assert [[s[row] for s in steps] for row in range(2)] == reference_outputs(ref)
 
 
+@pytest.mark.slow
 def test_stop_ids_and_eos_end_a_row_without_being_returned(family_models):
     gen, ref = family_models["rope"]
     out0, out1 = reference_outputs(ref)
@@ -85,6 +85,7 @@ def test_stop_ids_and_eos_end_a_row_without_being_returned(family_models):
         assert steps[first][0] is None and steps[first][1] == out1[first]
 
 
+@pytest.mark.slow
 def test_top_k_1_sampling_equals_greedy(family_models):
     gen, ref = family_models["rope"]
     sampled = gen.generate(reference_prompts(ref), max_new_tokens=8, eos_token_id=(), do_sample=True, top_k=1,
@@ -143,6 +144,7 @@ def test_sample_filter_top_k_and_top_p():
     assert kept(sample_filter(scores, 1.0, 0, 0.9)) == [True, True, True, False]
 
 
+@pytest.mark.slow
 def test_decode_does_not_recompile_per_token(family_models):
     """After one warm-up run, 15 more tokens of the same shapes must cost milliseconds each (a compilation of the
     decode graph takes seconds, so recompiling per token would blow the 3 s budget many times over)."""

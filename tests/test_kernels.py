@@ -125,6 +125,7 @@ def test_unavailable_cases_give_none(monkeypatch):
     assert "BAICHUAN_KERNELS=0" in kernels.unavailable_reason()
 
 
+@pytest.mark.slow
 def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
     monkeypatch.setenv("BAICHUAN_KERNEL_CACHE", str(tmp_path))
     path = kernels.library()

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import REPO, free_port
-from test_finetune import assert_same_weights, msrun, wait, write_rows
+from helpers import REPO, assert_same_weights, free_port, msrun, wait, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 MERGE = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")
@@ -131,6 +130,7 @@ def test_zero_adapter_leaves_logits_unchanged(workdir):
 
 
 # ---------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_only_adapters_train_and_are_saved(workdir, lora_run):
     out, stdout = lora_run
     config = tiny_config()
@@ -184,6 +184,7 @@ def test_data_parallel_lora_under_msrun(workdir):
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()
 
 
+@pytest.mark.slow
 def test_loss_falls(lora_run):
     out, _ = lora_run
     with open(out / "train_log.jsonl") as f:
@@ -192,6 +193,7 @@ def test_loss_falls(lora_run):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
 
+@pytest.mark.slow
 def test_resume_reproduces_adapter(workdir, lora_run):
     out, _ = lora_run
     resumed = workdir / "resumed"
@@ -217,6 +219,7 @@ def merged_dir(workdir, lora_run):
     return merged
 
 
+@pytest.mark.slow
 def test_merged_logits_match_adapter_model(workdir, lora_run, merged_dir):
     out, _ = lora_run
     with_adapter = logits(loaded_model(workdir / "base", out / "adapter"), IDS)
@@ -228,12 +231,14 @@ def test_merged_logits_match_adapter_model(workdir, lora_run, merged_dir):
         assert (merged_dir / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_merge_errors(workdir, tmp_path):
     proc = subprocess.run([sys.executable, MERGE, "--base", str(workdir / "base"), "--adapter", str(tmp_path),
                            "--output_path", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no LoRA adapter" in proc.stderr
 
 
+@pytest.mark.slow
 def test_merged_dir_serves_through_openmind(workdir, lora_run, merged_dir, tmp_path):
     """The model card's call on the merged directory; its greedy tokens are those of base + adapter."""
     from baichuan2 import openmind_compat

@@ -1,11 +1,11 @@
 """The full-finetune memory budget against hand computations for MindFormers' published Baichuan2 settings, the
 README showing the script's output, and the LoRA table unchanged."""
 import os
-import sys
+import runpy
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.memory_budget import GIB, budget, fits
 from baichuan2.training.parallel import ParallelRecipeError
@@ -106,9 +106,7 @@ def test_layouts_that_do_not_split_the_model_are_refused():
 
 
 def script_output(module_name, argv):
-    sys.path.insert(0, os.path.join(REPO, "example"))
-    module = __import__(module_name)
-    module.main(argv)
+    runpy.run_path(os.path.join(REPO, "example", f"{module_name}.py"))["main"](argv)  # main(), not as __main__
 
 
 def test_readme_shows_the_scripts_tables(capsys):

@@ -12,8 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from baichuan2 import openmind_compat
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES, REPO
+from helpers import FIXTURES, REPO
 
 PARITY = os.path.join(FIXTURES, "parity", "baichuan2_7b")
 PROMPT = "<reserved_106>你是谁?<reserved_107>"
@@ -43,10 +42,8 @@ print("CHECK " + json.dumps({
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("openmind") / "baichuan2_7b_tiny")
-    convert(PARITY, out, show_progress=False)
-    return out
+def model_dir(parity_model_dir):
+    return parity_model_dir("baichuan2_7b")
 
 
 def test_model_dir_is_servable(model_dir):
@@ -72,6 +69,7 @@ def test_task_alias_and_relaxed_pins():
     assert openmind_compat._requirement_name("mindspore>=2.4") == "mindspore"  # pylint: disable=W0212
 
 
+@pytest.mark.slow
 def test_model_card_call_matches_reference(model_dir, tmp_path):
     if not openmind_compat.is_installed():
         pytest.fail("openmind compatibility hook not installed (see test_compat_hook_is_installed_in_this_environment)")

@@ -117,6 +117,7 @@ def loss_and_grads(recompute):
     return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(step.weights, grads)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recompute", [{"recompute": True}, {"select_recompute": True}])
 def test_recompute_keeps_loss_and_gradients(recompute):
     try:

@@ -12,22 +12,18 @@ import pytest
 from safetensors.numpy import load_file
 
 from baichuan2 import BaichuanForCausalLM
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES
+from helpers import PARITY
 
-PARITY = os.path.join(FIXTURES, "parity")
 FAMILIES = ["baichuan2_7b", "baichuan_7b", "baichuan2_13b", "xverse_7b"]
 TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(parity_model_dir):
     """family -> (our model directory made by convert_weight.py, reference tensors)."""
     out = {}
     for family in FAMILIES:
-        model_dir = tmp_path_factory.mktemp("parity") / family
-        convert(os.path.join(PARITY, family), str(model_dir), show_progress=False)
-        out[family] = (str(model_dir), load_file(os.path.join(PARITY, family, "reference.safetensors")))
+        out[family] = (parity_model_dir(family), load_file(os.path.join(PARITY, family, "reference.safetensors")))
     return out
 
 

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from baichuan2.lora import LORA_A, LORA_B, adapter_params, apply_lora, load_adapter, merge_into_weights, \
     read_adapter, save_adapter
-from conftest import REPO
+from helpers import REPO
 
 PREFIX = "base_model.model.model.layers"
 
@@ -227,6 +227,7 @@ def test_loaded_adapter_gives_the_saved_models_logits(pynative, tmp_path):
     np.testing.assert_array_equal(fresh(ids).asnumpy(), expected)
 
 
+@pytest.mark.slow
 def test_merge_lora_py_merges_a_peft_directory(pynative, tmp_path):
     import mindspore as ms
     from baichuan2.model_dir import finish_model_dir

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import baichuan2.data as bp
-from conftest import REPO
+from helpers import REPO
 
 MODEL = os.path.join(REPO, "dataset", "tokenizer.model")
 U, A, EOS, PAD, M = 3, 4, 2, 0, -100  # role tokens, eos, pad of the bundled tokenizer; M: no target

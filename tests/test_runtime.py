@@ -12,8 +12,7 @@ import mindspore as ms
 import pytest
 
 from baichuan2 import runtime
-from baichuan2.convert_weight import convert
-from conftest import FIXTURES, run_module
+from helpers import run_module
 
 NO_ASCEND = runtime.ascend_unavailable_reason()
 needs_no_ascend = pytest.mark.skipif(NO_ASCEND is None, reason="this host has a usable Ascend NPU")
@@ -29,10 +28,8 @@ def clean_env(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("runtime") / "baichuan2_tiny")
-    convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), out, show_progress=False)
-    return out
+def model_dir(parity_model_dir):
+    return parity_model_dir("baichuan2_7b")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +55,7 @@ ENTRY_POINTS = {
 }
 
 
+@pytest.mark.slow
 @needs_no_ascend
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_device_ascend_fails_cleanly_before_loading(name, tmp_path):
@@ -77,6 +75,7 @@ def test_device_ascend_fails_cleanly_before_loading(name, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- a real run
+@pytest.mark.slow
 def test_inference_prints_its_device_and_keeps_cwd_and_console_clean(model_dir, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -95,6 +94,7 @@ def test_inference_prints_its_device_and_keeps_cwd_and_console_clean(model_dir, 
     assert os.path.isdir(logs), "mindformers' log folder should be under the temp directory"
 
 
+@pytest.mark.slow
 @needs_no_ascend
 def test_auto_chooses_cpu_here(model_dir, tmp_path):
     proc = subprocess.run(run_module("example/inference.py", "--model_dir", model_dir, "--prompt", "a",

@@ -18,11 +18,10 @@ import requests
 
 from baichuan2 import BaichuanForCausalLM
 from baichuan2.chat import build_chat_input
-from baichuan2.convert_weight import convert
 from baichuan2.generation import Generator
 from baichuan2.server import create_app
 from baichuan2.tokenization_baichuan import BaichuanTokenizer
-from conftest import FIXTURES, REPO
+from helpers import REPO
 
 openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
 uvicorn = pytest.importorskip("uvicorn")
@@ -48,10 +47,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(parity_model_dir):
     ms.set_context(mode=ms.GRAPH_MODE)
-    model_dir = str(tmp_path_factory.mktemp("serve") / "baichuan2_7b_tiny")
-    convert(os.path.join(FIXTURES, "parity", "baichuan2_7b"), model_dir, show_progress=False)
+    model_dir = parity_model_dir("baichuan2_7b")
     generator = Generator(BaichuanForCausalLM.from_pretrained(model_dir))
     tokenizer = BaichuanTokenizer.from_pretrained(model_dir)
     app = create_app(generator, tokenizer=tokenizer, model_name=MODEL, max_batch=8)
@@ -86,6 +84,7 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
+@pytest.mark.slow
 def test_openai_client_plain_and_streaming_match_direct_greedy(served):
     client = served.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -115,6 +114,7 @@ def test_openai_client_plain_and_streaming_match_direct_greedy(served):
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_reply(served):
     messages = user("Tell me a story")
     full = served.direct_chat(messages, 16)
@@ -129,6 +129,7 @@ def test_stop_strings_cut_the_reply(served):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[:full.index(stop)]
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
     prompts = [f"question {i}: {'why ' * (i % 5)}tell me about number {i * 7}" for i in range(16)]
     expected = [served.direct_chat(user(p), 10) for p in prompts]
@@ -150,6 +151,7 @@ def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
     assert sum(sizes) == 16 and max(sizes) > 1, f"requests were not batched: {sizes}"
 
 
+@pytest.mark.slow
 def test_sampling_and_greedy_requests_side_by_side(served):
     """Different sampling settings cannot share a batch: each group runs on its own and greedy stays exact; a
     seeded request runs alone, so it repeats."""
@@ -191,6 +193,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(served):
     for name, path, body, status in BAD_REQUESTS:
         if isinstance(body, bytes):
@@ -232,6 +235,7 @@ def test_a_client_leaving_mid_stream_frees_the_server(served, monkeypatch):
     assert reply.choices[0].message.content == served.direct_chat(user("next"), 4)
 
 
+@pytest.mark.slow
 def test_chat_page_in_headless_chromium(served, tmp_path, monkeypatch):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"the browser test needs Debian's chromium at {CHROMIUM}: run scripts/setup_env.sh as root "

@@ -6,8 +6,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import baichuan2.data as bp
-from conftest import REPO
-from test_belle_preprocess import read_rows, record, write_json
+from helpers import REPO, read_rows, record, write_json
 
 TOKENIZER_JSON = os.path.join(REPO, "dataset", "xverse", "tokenizer.json")
 EOS, PAD = 3, 1

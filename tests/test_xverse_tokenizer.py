@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from baichuan2.tokenization_xverse import XverseTokenizer, write_tokenizer_files
-from conftest import REPO
+from helpers import REPO
 
 TOKENIZER_JSON = os.path.join(REPO, "dataset", "xverse", "tokenizer.json")
 CHAT_PROMPT = "Human: 你是谁?\n\nAssistant: "
