@@ -4,10 +4,11 @@ import os
 
 import pytest
 
-# re-exported for test modules that still import them from here
-from helpers import FIXTURES, PARITY, REPO, free_port, oppo_checkpoint, run_module  # noqa: F401
+from baichuan2.runtime import setup_logs
+from helpers import PARITY, oppo_checkpoint
 
 os.environ.setdefault("OPENMIND_HIDE_STACKTRACE", "FALSE")  # keep tracebacks visible when openmind is imported
+setup_logs()  # as every entry point does: mindformers' log folder outside the directory pytest runs in
 
 import mindspore as ms  # noqa: E402
 

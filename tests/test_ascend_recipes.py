@@ -8,7 +8,7 @@ import runpy
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.memory_budget import budget, fits
 from baichuan2.training import FinetuneError, load_recipe

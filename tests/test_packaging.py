@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = os.path.join(REPO, "research", "baichuan2")
 # warnings about the environment, not this project's configuration: the wheel package's bdist_wheel notice under the

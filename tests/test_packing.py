@@ -18,7 +18,7 @@ from baichuan2.chat_format import IGNORE
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.data.packing import first_fit_decreasing, pack_block, pack_width
 from baichuan2.modeling_baichuan import BaichuanForCausalLM, segments_from_ends
-from conftest import REPO, free_port
+from helpers import REPO, free_port
 
 MODEL = os.path.join(REPO, "dataset", "tokenizer.model")
 SAMPLE = os.path.join(REPO, "dataset", "belle_sample.json")

@@ -27,7 +27,7 @@ from baichuan2.generation import Generator
 from baichuan2.quantization import (bf16_bits, dequantize, from_bf16_bits, l2_normalize_rows, pack_int4,
                                     quantize, unpack_int4)
 from baichuan2.safetensors_io import SafetensorsFile, save_tensors
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 PARITY = os.path.join(FIXTURES, "parity")
 FAMILIES = ["baichuan2_7b", "baichuan_7b", "baichuan2_13b", "xverse_7b"]

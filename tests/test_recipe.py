@@ -12,7 +12,7 @@ from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.training import DEFAULTS, FinetuneError, apply_overrides, load_recipe
 from baichuan2.training.monitor import Progress, format_duration
 from baichuan2.training.recipe import ADJUSTABLE_FIELDS, apply_set, dataset_hint, model_config
-from conftest import REPO
+from helpers import REPO
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 
