@@ -30,7 +30,7 @@ def adapter_file(path):
 def merge(base_dir, adapter_path, output_path):
     """Writes the merged model directory; returns its path."""
     from baichuan2.configuration_baichuan import BaichuanConfig
-    from baichuan2.lora import merge_into_weights, read_adapter
+    from baichuan2.lora import ADAPTER_FILE, merge_into_weights, read_adapter
     from baichuan2.model_dir import atomic_dir, finish_model_dir
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
     from baichuan2.weights_check import check_model_dir, check_safetensors, load_weights_checked
@@ -42,7 +42,7 @@ def merge(base_dir, adapter_path, output_path):
         raise FileNotFoundError(f"--base {base_dir} is not a model directory (no config.json)")
     check_model_dir(base_dir)  # a damaged config.json or weights file: WeightsFileError naming it
     adapter_path = adapter_file(adapter_path)
-    check_safetensors(adapter_path)
+    check_safetensors(os.path.join(adapter_path, ADAPTER_FILE) if os.path.isdir(adapter_path) else adapter_path)
     adapter, lora = read_adapter(adapter_path)
     config = BaichuanConfig.from_hf_config(base_dir)
     model = BaichuanForCausalLM(config)
