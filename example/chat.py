@@ -28,11 +28,7 @@ def main(argv=None):
     runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="chat.py")
     from baichuan2.chat import chat  # pylint: disable=import-outside-toplevel
 
-    try:
-        model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        print(f"chat.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
-        return 2
+    model, tokenizer, _ = runtime.load_model_dir_or_exit(args.model_dir, "chat.py")
     options = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.greedy:
         options.update(do_sample=False, repetition_penalty=1.0)

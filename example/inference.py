@@ -37,11 +37,7 @@ def main(argv=None):
     from baichuan2.chat import build_chat_input  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
-    try:
-        model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        print(f"inference.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
-        return 2
+    model, tokenizer, _ = runtime.load_model_dir_or_exit(args.model_dir, "inference.py")
     if args.chat:
         prompts = [build_chat_input(model.config, tokenizer.encode, [{"role": "user", "content": p}],
                                     args.max_new_tokens) for p in args.prompt]

@@ -217,6 +217,15 @@ class LoadedModel(NamedTuple):
     generation: dict    # generation_config.json of the directory (the variant's defaults)
 
 
+def load_model_dir_or_exit(model_dir, prog):
+    """load_model_dir for a command-line tool: a directory that cannot be loaded is one line on stderr, exit 2."""
+    try:
+        return load_model_dir(model_dir)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"{prog}: error: cannot load {model_dir}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def load_model_dir(model_dir, compute_dtype=None):
     """Model, tokenizer and generation defaults of a model directory, ready for inference on the current device
     (set by setup_inference; compute dtype from `inference_dtype` unless given). Raises FileNotFoundError /
