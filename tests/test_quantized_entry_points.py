@@ -204,3 +204,12 @@ def test_merge_onto_a_quantised_base_is_refused_clearly(dirs, adapter, fmt, tmp_
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"holds {fmt} weights" in err and "--dtype bfloat16" in err, err
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_training_on_a_quantised_base_is_refused_in_one_line(dirs, fmt):
+    from baichuan2.training.recipe import FinetuneError, model_config  # pylint: disable=import-outside-toplevel
+    with pytest.raises(FinetuneError) as refused:
+        model_config({"preset": "tiny", "overrides": {}, "load_checkpoint": dirs[fmt]})
+    message = str(refused.value)
+    assert "\n" not in message and f"holds {fmt} weights" in message and "LoRA included" in message, message
