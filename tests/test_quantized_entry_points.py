@@ -213,3 +213,34 @@ def test_training_on_a_quantised_base_is_refused_in_one_line(dirs, fmt):
         model_config({"preset": "tiny", "overrides": {}, "load_checkpoint": dirs[fmt]})
     message = str(refused.value)
     assert "\n" not in message and f"holds {fmt} weights" in message and "LoRA included" in message, message
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_one_of_our_directories_converts_like_its_hugging_face_source(dirs, fmt, tmp_path):
+    """convert_weight.py --input_path <our float32 dir> --quantize: what the Hugging Face source converts to."""
+    from baichuan2.convert_weight import main as convert_main  # pylint: disable=import-outside-toplevel
+    out = tmp_path / fmt
+    convert_main(["--input_path", dirs["float32"], "--output_path", str(out), "--quantize", fmt])
+    ours, direct = json.loads((out / "config.json").read_text(encoding="utf-8")), json.loads(
+        open(os.path.join(dirs[fmt], "config.json"), encoding="utf-8").read())
+    assert ours == direct  # format, chat format and role ids alike
+    mine, theirs = stored_tensors(str(out)), stored_tensors(dirs[fmt])
+    assert sorted(mine) == sorted(theirs)
+    for name, (dtype, rows) in mine.items():
+        assert dtype == theirs[name][0] and np.array_equal(rows, theirs[name][1]), name
+
+
+def stored_tensors(model_dir):
+    """name -> (safetensors dtype, array as stored) of a model directory, sharded or not."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for file_name in files:
+        shard = SafetensorsFile(os.path.join(model_dir, file_name))
+        for name in shard.keys():
+            tensors[name] = (shard.dtype(name), shard.read_rows(name, 0, shard.shape(name)[0]))
+    return tensors
