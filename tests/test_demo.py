@@ -79,8 +79,8 @@ def test_make_demo_learns_the_sample_and_answers_through_openmind(demo_run):
 
 
 
-# Our model directory -> Hugging Face layout (--reverse) -> the stored format (the direct path, --input_path <our
-# directory> --quantize, is checked against this one in test_quantized_entry_points.py).
+# Our model directory -> Hugging Face layout (--reverse) -> the stored format. (The direct path, --input_path <our
+# directory> --quantize, is tested in test_quantized_entry_points.py.)
 CONVERSIONS = {"bfloat16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
 ANSWER_WITH_DEMO = """
 import json, runpy, sys
