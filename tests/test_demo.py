@@ -7,6 +7,7 @@ start like the training answers.
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,12 +32,25 @@ def unigram_entropy(mindrecord):
     return float(-(p * np.log(p)).sum())
 
 
-@pytest.mark.slow
-def test_make_demo_learns_the_sample_and_answers_through_openmind(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `make demo` run shared by the tests below (it takes minutes): (output dir, finished process)."""
+    out = tmp_path_factory.mktemp("make_demo") / "demo"
     proc = subprocess.run(["make", "-s", "-C", REPO, "demo",
                            f"DEMO_ARGS=--output_dir {out} --master_port {free_port()}"],
                           capture_output=True, text=True, timeout=900)
+    return out, proc
+
+
+def starts_like_the_training_answers(answers, expected):
+    """The demo's criterion: at least two of the three replies start with their training answer's first 10 chars."""
+    starts_right = [answer.startswith(truth[:10]) for answer, truth in zip(answers, expected)]
+    return sum(starts_right) >= 2
+
+
+@pytest.mark.slow
+def test_make_demo_learns_the_sample_and_answers_through_openmind(demo_run):
+    out, proc = demo_run
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     for number, title in enumerate(STAGES, start=1):
         assert f"=== [{number}/5] {title}: done in" in proc.stdout, title
@@ -50,8 +64,7 @@ def test_make_demo_learns_the_sample_and_answers_through_openmind(tmp_path):
 
     answers, expected = summary["answers"], summary["training_answers"]
     assert len(answers) == 4 and len(expected) == 3
-    starts_right = [answer.startswith(truth[:10]) for answer, truth in zip(answers, expected)]
-    assert sum(starts_right) >= 2, list(zip(answers, expected))
+    assert starts_like_the_training_answers(answers, expected), list(zip(answers, expected))
     for prompt, answer in zip(summary["prompts"], answers):
         assert f"Q: {prompt}\nA: {answer}" in proc.stdout
 
@@ -63,6 +76,46 @@ def test_make_demo_learns_the_sample_and_answers_through_openmind(tmp_path):
         assert (train / "model" / name).is_file(), name
     for path in (train / "loss_curve.png", train / "tensorboard", train / "checkpoints", train / "model"):
         assert str(path) in proc.stdout and f"{path}  (missing!)" not in proc.stdout
+
+
+# Our model directory -> Hugging Face layout (--reverse) -> the stored format. (The direct path, --input_path <our
+# directory> --quantize, is tested in test_quantized_entry_points.py.)
+CONVERSIONS = {"bfloat16": ["--dtype", "bfloat16"], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
+ANSWER_WITH_DEMO = """
+import json, runpy, sys
+answer = runpy.run_path(sys.argv[1])["answer"]
+prompts = json.loads(sys.argv[2])
+print(json.dumps({d: answer(d, prompts) for d in sys.argv[3:]}, ensure_ascii=False))
+"""
+
+
+@pytest.mark.slow
+def test_the_demo_model_converted_to_bf16_int8_and_int4_still_gives_the_training_answers(demo_run, tmp_path):
+    out, proc = demo_run
+    assert proc.returncode == 0, f"the demo failed: {proc.stderr[-2000:]}"
+    summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
+    prompts, expected = summary["prompts"][:3], summary["training_answers"]
+    hf_dir = tmp_path / "hf"
+    convert = run_module("research/baichuan2/convert_weight.py", "--input_path", out / "finetune" / "model",
+                         "--output_path", hf_dir, "--reverse")
+    subprocess.run(convert, check=True, capture_output=True, timeout=300)
+    dirs = {}
+    for fmt, flags in CONVERSIONS.items():
+        dirs[fmt] = tmp_path / fmt
+        subprocess.run(run_module("research/baichuan2/convert_weight.py", "--input_path", hf_dir,
+                                  "--output_path", dirs[fmt], *flags), check=True, capture_output=True, timeout=300)
+        config = json.loads((dirs[fmt] / "config.json").read_text(encoding="utf-8"))
+        assert (config.get("quantization_config") or {}).get("bits", config["torch_dtype"]) == \
+            {"bfloat16": "bfloat16", "int8": 8, "int4": 4}[fmt], config
+    answering = subprocess.run([sys.executable, "-c", ANSWER_WITH_DEMO, os.path.join(REPO, "example", "demo.py"),
+                                json.dumps(prompts, ensure_ascii=False), *map(str, dirs.values())],
+                               capture_output=True, text=True, timeout=600)
+    assert answering.returncode == 0, answering.stderr[-4000:]
+    replies = json.loads(answering.stdout.strip().splitlines()[-1])
+    for fmt, model_dir in dirs.items():
+        answers = replies[str(model_dir)]
+        print(fmt, answers)
+        assert starts_like_the_training_answers(answers, expected), (fmt, list(zip(answers, expected)))
 
 
 @pytest.mark.slow

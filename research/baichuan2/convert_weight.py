@@ -23,6 +23,8 @@ becoming one output shard, so memory stays at a few hundred MB whatever the mode
 
 The output directory is servable: config.json, weights, tokenizer files and model code (see model_dir.py).
 --reverse packs q/k/v back into W_pack and writes the Hugging Face config.json; HF -> ours -> HF is bit-exact.
+--input_path may also be one of our float32 / bfloat16 directories (e.g. a finetuned or merged model): the forward
+conversion then re-stores it in --dtype / --quantize, keeping its chat settings (--variant auto).
 --reverse refuses a quantised directory (exit status 2): the original weights cannot be recovered from it.
 
 Base vs Chat (--variant, Baichuan2 / oppo checkpoints only; the two variants share config.json and weights layout):
@@ -324,10 +326,11 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
     if reverse and quantize:
         raise ConversionError("--quantize applies to the forward conversion only, not with --reverse")
     out_format = _OutputFormat(dtype, quantize, group_size, config)
-    if not reverse:
+    ours = is_our_model_dir(input_path)  # forward from one of ours: q/k/v already split, chat settings kept
+    if not reverse and (not ours or variant != "auto"):
         _apply_variant(config, input_path, variant)
     shards = checkpoint_shards(input_path)
-    checker = _Checker(expected_shapes(config, hf_layout=not reverse), input_path)
+    checker = _Checker(expected_shapes(config, hf_layout=not reverse and not ours), input_path)
     with atomic_dir(output_path, replace=overwrite) as tmp_dir:
         weight_map, pending_qkv = {}, {}
         for number, (shard_path, reader) in enumerate(
@@ -360,6 +363,13 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
             out_format.describe(config)
             finish_model_dir(tmp_dir, config, tokenizer_dir=input_path)
     return config
+
+
+def is_our_model_dir(model_dir):
+    """True for a model directory this suite wrote (its config.json names the family), False for a Hugging Face
+    checkpoint."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return "family" in json.load(f)
 
 
 def _source_generation_config(model_dir):

@@ -8,6 +8,10 @@ adapter_model.safetensors, or a PEFT LoRA directory trained elsewhere (PEFT, LLa
 adapted projection becomes W + B A * alpha/r (q/k/v are separate projections in our model, so a W_pack adapter lands
 in each of them: its B split into three row blocks). The result is written with save_pretrained + finish_model_dir,
 with the tokenizer copied from the base directory, so openmind / mindformers pipelines can serve it.
+
+The merged directory keeps the base's weight format: a float32 base gives float32, a bfloat16 base (convert_weight.py
+--dtype bfloat16) gives bfloat16 (the sum is computed in float32, then rounded to bfloat16 once). A quantised base
+(int8 / int4) is refused: its original weights are gone; merge onto the bfloat16 directory, then quantise.
 """
 import argparse
 import os
@@ -41,10 +45,16 @@ def merge(base_dir, adapter_path, output_path):
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise FileNotFoundError(f"--base {base_dir} is not a model directory (no config.json)")
     check_model_dir(base_dir)  # a damaged config.json or weights file: WeightsFileError naming it
-    adapter_path = adapter_file(adapter_path)
-    check_safetensors(os.path.join(adapter_path, ADAPTER_FILE) if os.path.isdir(adapter_path) else adapter_path)
-    adapter, lora = read_adapter(adapter_path)
     config = BaichuanConfig.from_hf_config(base_dir)
+    if config.quantization_config is not None:
+        raise ValueError(f"--base {base_dir} holds {config.weight_format()} weights: LoRA merges onto float32 or "
+                         "bfloat16 weights only; convert the original checkpoint with --dtype bfloat16, merge onto "
+                         "that, then quantise the merged directory (convert_weight.py --reverse, then --quantize)")
+    adapter_path = adapter_file(adapter_path)
+    weights = adapter_path if os.path.isfile(adapter_path) else os.path.join(adapter_path, ADAPTER_FILE)
+    if os.path.isfile(weights):  # a PEFT directory without it: read_adapter says what is missing
+        check_safetensors(weights)
+    adapter, lora = read_adapter(adapter_path)
     model = BaichuanForCausalLM(config)
     load_weights_checked(model, base_dir)  # checks names and shapes against the config
     params = {p.name: p for p in model.get_parameters()}

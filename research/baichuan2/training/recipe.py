@@ -219,6 +219,10 @@ def model_config(model_section, device="CPU"):
                 base = BaichuanConfig.from_hf_config(source)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise FinetuneError(f"model.load_checkpoint: cannot read {source}: {e}") from e
+            if base.quantization_config is not None:  # qweight/scales have no gradient; the originals are gone
+                raise FinetuneError(f"model.load_checkpoint {model_section['load_checkpoint']} holds "
+                                    f"{base.weight_format()} weights, which cannot be trained (LoRA included): "
+                                    "train on the float32 or bfloat16 conversion of the checkpoint instead")
             fields = {name: getattr(base, name) for name in _config_defaults()}
             clashes = [f"{k}: {v!r} (config.json: {fields[k]!r})" for k, v in overrides.items()
                        if k not in ADJUSTABLE_FIELDS and k in fields and v != fields[k]]
