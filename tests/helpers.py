@@ -5,13 +5,17 @@ import contextlib
 import io
 import json
 import os
+import pty
 import random
 import runpy
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -158,3 +162,50 @@ def losses(output_dir):
     with open(os.path.join(output_dir, "train_log.jsonl")) as f:
         by_step = {r["step"]: r["loss"] for r in map(json.loads, f)}
     return [by_step[s] for s in sorted(by_step)]
+
+
+class Terminal:
+    """A child process on a pseudo-terminal: write lines, read until a marker shows up."""
+
+    def __init__(self, argv, cwd):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True)
+        os.close(slave)
+        self.buffer = ""
+
+    def read_until(self, marker, timeout=240):
+        deadline = time.time() + timeout
+        while marker not in self.buffer:
+            if time.time() > deadline or (self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]):
+                raise AssertionError(f"no {marker!r} in the chat output:\n{self.buffer[-3000:]}")
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.buffer += os.read(self.master, 65536).decode("utf-8", errors="replace")
+                except OSError:  # child closed the terminal
+                    break
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    def send(self, line):
+        os.write(self.master, (line + "\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def running(app):
+    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

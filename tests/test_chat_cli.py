@@ -1,10 +1,6 @@
 """Chat prompt building (hand-computed token lists) and the interactive chat CLI driven through a pseudo-terminal."""
 import os
-import pty
-import select
-import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -14,7 +10,7 @@ from baichuan2 import BaichuanForCausalLM
 from baichuan2.chat import build_chat_input, chat, chat_options
 from baichuan2.chat_format import CHAT_DEFAULTS
 from baichuan2.model_dir import load_tokenizer
-from helpers import REPO
+from helpers import REPO, Terminal
 
 U, A = 3, 4  # role tokens in these tests
 
@@ -81,32 +77,6 @@ def test_chat_defaults():
 def model_dir(parity_model_dir, request):
     """A converted tiny checkpoint: Baichuan2 (role tokens, SentencePiece) or XVERSE (plain-text roles, BPE)."""
     return parity_model_dir(request.param)
-
-
-class Terminal:
-    """A child process on a pseudo-terminal: write lines, read until a marker shows up."""
-
-    def __init__(self, argv, cwd):
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, close_fds=True)
-        os.close(slave)
-        self.buffer = ""
-
-    def read_until(self, marker, timeout=240):
-        deadline = time.time() + timeout
-        while marker not in self.buffer:
-            if time.time() > deadline or (self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]):
-                raise AssertionError(f"no {marker!r} in the chat output:\n{self.buffer[-3000:]}")
-            if select.select([self.master], [], [], 0.2)[0]:
-                try:
-                    self.buffer += os.read(self.master, 65536).decode("utf-8", errors="replace")
-                except OSError:  # child closed the terminal
-                    break
-        head, _, self.buffer = self.buffer.partition(marker)
-        return head
-
-    def send(self, line):
-        os.write(self.master, (line + "\n").encode("utf-8"))
 
 
 def expected_replies(model_dir):

@@ -24,7 +24,7 @@ from baichuan2.merge_lora import main as merge_main
 from baichuan2.quantization import bf16_bits
 from baichuan2.runtime import load_model_dir
 from baichuan2.safetensors_io import SafetensorsFile
-from conftest import FIXTURES, REPO, run_module
+from helpers import FIXTURES, REPO, Terminal, run_module, running
 
 FORMATS = {"bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"), "int4": dict(quantize="int4")}
 PROMPT = "你好"
@@ -71,7 +71,6 @@ def test_inference_script(dirs, fmt, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_chat_script_one_turn(dirs, fmt, tmp_path):
-    from test_chat_cli import Terminal  # pylint: disable=import-outside-toplevel
     expected = greedy_reply(dirs[fmt], 4)
     term = Terminal([sys.executable, os.path.join(REPO, "example", "chat.py"), "--model_dir", dirs[fmt], "--greedy",
                      "--max_new_tokens", "4", "--mode", "pynative"], cwd=str(tmp_path))
@@ -89,7 +88,6 @@ def test_chat_script_one_turn(dirs, fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_server_app_on_a_directory(dirs, fmt):
-    from test_server import running  # pylint: disable=import-outside-toplevel
     from baichuan2.server import create_app  # pylint: disable=import-outside-toplevel
     expected = greedy_reply(dirs[fmt], 3)
     ms.set_context(mode=ms.GRAPH_MODE)

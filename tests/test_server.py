@@ -4,11 +4,9 @@
 One server for the whole module: uvicorn in a thread on a free loopback port, serving the tiny parity model in
 GRAPH mode. The test's own Generator is the server's too (generation runs only while the server is idle)."""
 import concurrent.futures
-import contextlib
 import importlib.util
 import json
 import os
-import socket
 import threading
 import time
 
@@ -21,7 +19,7 @@ from baichuan2.chat import build_chat_input
 from baichuan2.generation import Generator
 from baichuan2.server import create_app
 from baichuan2.tokenization_baichuan import BaichuanTokenizer
-from helpers import REPO
+from helpers import REPO, running
 
 openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,26 +56,6 @@ def served(parity_model_dir):
             yield Served(url, generator, tokenizer, app)
     finally:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-
-
-@contextlib.contextmanager
-def running(app):
-    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def user(text):
