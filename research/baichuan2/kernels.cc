@@ -4,17 +4,25 @@
 //   float32 [N, K] | bfloat16 [N, K] | int8 [N, K] + float16 scales [N, ceil(K/group)]
 //   | int4 uint8 [N, ceil(K/32)*16] (q4_0-style blocks of 32, stored q + 8) + float16 scales [N, ceil(K/group)]
 // M <= 4 (decode): matrix-vector, R rows of W at a time against all M rows of x, so each weight byte is read once
-//   and the loop streams W at memory speed. M > 4 (prefill): a tile of W is dequantised to float32 once and reused
+//   and the loop streams W at memory speed. int8 / int4: x is quantised once per call to int8 per 32-element chunk
+//   (scale absmax / 127, so |x - x_q| <= scale / 2) and each chunk is an integer dot product (VNNI vpdpbusd, else
+//   maddubs + madd: unsigned x signed bytes, so int8 weights go in as |w| against x_q with w's sign, int4 as their
+//   stored q + 8 with 8 s sum(x_q) taken off at the end), scaled by weight scale x activation scale in float32.
+//   bfloat16 with AVX512-BF16: x rounded to bfloat16 once per call and vdpbf16ps (|x - x_bf16| <= 2^-8 |x|). M > 4 (prefill): a tile of W is dequantised to float32 once and reused
 //   by every row of x (x repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k).
-// Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled twice
-// (AVX2+FMA+F16C and AVX-512) by including this file into itself under `#pragma GCC target`, and the path is picked
-// at run time from cpuid; BAICHUAN_KERNEL_ISA=avx2|avx512 forces one (for tests). Threads: see kernel_threads().
+// Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled four
+// times (avx2: AVX2+FMA+F16C; avxvnni: + AVX-VNNI; avx512: F/BW/VL/DQ; avx512vnni: + AVX512-VNNI + AVX512-BF16) by
+// including this file into itself under `#pragma GCC target`, and the best path is picked at run time from cpuid;
+// BAICHUAN_KERNEL_ISA=<path> forces one the CPU has (for tests). Threads: see kernel_threads().
 #ifndef BAICHUAN_KERNEL_BODY
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -105,6 +113,30 @@ KI void ld_i4(const uint8_t *p, F out[4]) {
   out[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
   out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
+// Integer decode primitives: I = one vector of bytes (32 = one chunk here); lane i of a dot sums bytes 4i..4i+3.
+using I = __m256i;
+constexpr bool kBF16Dot = false;
+KI I iload(const void *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+KI F icvt(I v) { return _mm256_cvtepi32_ps(v); }
+// sum of unsigned a x signed b per 4 bytes; |a| <= 128, |b| <= 127 keeps maddubs' int16 pairs from saturating
+KI I dot_us(I a, I b) { return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)); }
+KI I iabs8(I w) { return _mm256_sign_epi8(w, w); }  // -128 -> 0x80, read as unsigned 128: still |w|
+KI I sign8(I x, I w) { return _mm256_sign_epi8(x, w); }
+// a . b + c . d with small unsigned a, c (int4 values 0..15: the int16 sums stay far from saturation)
+KI I dot_us2(I a, I b, I c, I d) {
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a, b), _mm256_maddubs_epi16(c, d)),
+                           _mm256_set1_epi16(1));
+}
+KI I lo_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xF)); }
+KI I hi_nibbles(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF)); }
+// The weight scales of the chunks one integer vector covers, spread over their lanes: idx[lane] picks p[idx].
+KI F spread(const float *p, I idx) { return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), idx); }
+KI I lane_index(int lanes_per_chunk, int gshift) {
+  alignas(32) int32_t t[8];
+  for (int l = 0; l < 8; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  return _mm256_load_si256(reinterpret_cast<const __m256i *>(t));
+}
+KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }  // unused: no BF16 dot on this path
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {  // bandwidth probe: 4 x 32 B loads per step
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   for (size_t i = 0; i + 128 <= bytes; i += 128) {
@@ -119,6 +151,19 @@ static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t byte
 #include __FILE__
 #undef KI
 }  // namespace isa_avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX2 + AVX-VNNI: as AVX2, the byte dot in one op
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace isa_avxvnni {
+using namespace isa_avx2;  // every primitive but the dot (names defined here hide those)
+#define KI static inline __attribute__((always_inline))
+KI I dot_us(I a, I b) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b); }
+KI I dot_us2(I a, I b, I c, I d) { return _mm256_dpbusd_avx_epi32(dot_us(a, b), c, d); }
+#include __FILE__
+#undef KI
+}  // namespace isa_avxvnni
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------- AVX-512 (F, BW, VL, DQ): 16 floats per vector
@@ -147,6 +192,26 @@ KI void ld_i4(const uint8_t *p, F out[2]) {
   out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0xF)));
   out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
 }
+using I = __m512i;  // 64 bytes = two chunks: lanes 0-7 chunk c, lanes 8-15 chunk c + 1
+constexpr bool kBF16Dot = false;
+KI I dot_us(I a, I b) { return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)); }
+KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }
+KI I iload(const void *p) { return _mm512_loadu_si512(p); }
+KI F icvt(I v) { return _mm512_cvtepi32_ps(v); }
+KI I iabs8(I w) { return _mm512_abs_epi8(w); }
+KI I sign8(I x, I w) { return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x); }
+KI I dot_us2(I a, I b, I c, I d) {
+  return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(a, b), _mm512_maddubs_epi16(c, d)),
+                           _mm512_set1_epi16(1));
+}
+KI I lo_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0xF)); }
+KI I hi_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0xF)); }
+KI F spread(const float *p, I idx) { return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p))); }
+KI I lane_index(int lanes_per_chunk, int gshift) {
+  alignas(64) int32_t t[16];
+  for (int l = 0; l < 16; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  return _mm512_load_si512(t);
+}
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   for (size_t i = 0; i + 256 <= bytes; i += 256) {
@@ -162,17 +227,52 @@ static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t byte
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
+// ---------------------------------------------------------------- AVX-512 + VNNI + BF16: the same, dot products in one op
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
+namespace isa_avx512vnni {
+using namespace isa_avx512;  // every primitive but the dot products (names defined here hide those)
+#define KI static inline __attribute__((always_inline))
+constexpr bool kBF16Dot = true;
+KI I dot_us(I a, I b) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b); }
+KI I dot_us2(I a, I b, I c, I d) { return _mm512_dpbusd_epi32(dot_us(a, b), c, d); }
+// acc += w . x over 32 bfloat16 (lane i: elements 2i and 2i + 1); the products are exact in float32
+KI F dot_bf16(F acc, const uint16_t *w, const uint16_t *x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+}
+#include __FILE__
+#undef KI
+}  // namespace isa_avx512vnni
+#pragma GCC pop_options
+
 // ---------------------------------------------------------------- run-time choice and the exported entry points
 namespace {
 
-enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa { kNone = 0, kAvx2, kAvxVnni, kAvx512, kAvx512Vnni };
+const char *const kIsaNames[] = {"none", "avx2", "avxvnni", "avx512", "avx512vnni"};
+
+// Which paths this CPU can run (cpuid leaf 7: VNNI = sub-leaf 0 ECX bit 11; AVX-VNNI, AVX512-BF16 = sub-leaf 1 EAX
+// bits 4, 5).
+bool cpu_has(Isa isa) {
+  static const unsigned mask = [] {
+    __builtin_cpu_init();
+    bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    unsigned a0 = 0, b0 = 0, c0 = 0, d0 = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+    __get_cpuid_count(7, 0, &a0, &b0, &c0, &d0);
+    if (a0 >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    bool vnni512 = (c0 >> 11) & 1, avxvnni = (a1 >> 4) & 1, bf16 = (a1 >> 5) & 1;
+    return (avx2 ? 1u << kAvx2 : 0) | (avx2 && avxvnni ? 1u << kAvxVnni : 0) | (avx512 ? 1u << kAvx512 : 0) |
+           (avx512 && vnni512 && bf16 ? 1u << kAvx512Vnni : 0);
+  }();
+  return (mask >> isa) & 1;
+}
 
 Isa best_isa() {
-  __builtin_cpu_init();
-  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? kAvx512 : avx2 ? kAvx2 : kNone;
+  for (Isa isa : {kAvx512Vnni, kAvx512, kAvxVnni, kAvx2})
+    if (cpu_has(isa)) return isa;
+  return kNone;
 }
 
 // Read on every call (a getenv is nothing next to a projection) so a test can switch paths inside one process.
@@ -180,12 +280,13 @@ Isa best_isa() {
 Isa chosen_isa() {
   static const Isa best = best_isa();
   const char *force = getenv("BAICHUAN_KERNEL_ISA");
-  if (force && strcmp(force, "avx2") == 0 && best >= kAvx2) return kAvx2;
-  if (force && strcmp(force, "avx512") == 0 && best >= kAvx512) return kAvx512;
+  if (force)
+    for (int i = kAvx2; i <= kAvx512Vnni; ++i)
+      if (strcmp(force, kIsaNames[i]) == 0 && cpu_has(static_cast<Isa>(i))) return static_cast<Isa>(i);
   return best;
 }
 
-const char *isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "none"; }
+const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
 // Shapes and dtypes as MindSpore hands them over; a mismatch returns non-zero, which MindSpore raises as an error.
 int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
@@ -218,7 +319,9 @@ int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_
   }
   const int nt = kernel_threads();
   switch (chosen_isa()) {
+    case kAvx512Vnni: return isa_avx512vnni::run(fmt, p, nt);
     case kAvx512: return isa_avx512::run(fmt, p, nt);
+    case kAvxVnni: return isa_avxvnni::run(fmt, p, nt);
     case kAvx2: return isa_avx2::run(fmt, p, nt);
     default: return 6;
   }
@@ -248,6 +351,12 @@ QUANT_ENTRIES(8192)
 QUANT_ENTRIES(16384)
 
 const char *KernelIsa() { return isa_name(chosen_isa()); }
+// Whether this CPU can run the path `name` (avx2, avxvnni, avx512, avx512vnni).
+int KernelHasIsa(const char *name) {
+  for (int i = kAvx2; i <= kAvx512Vnni; ++i)
+    if (strcmp(name, kIsaNames[i]) == 0) return cpu_has(static_cast<Isa>(i));
+  return 0;
+}
 int KernelThreads() { return kernel_threads(); }
 
 // Memory read bandwidth in GB/s (1e9 bytes/s): `gigabytes` of buffer, first touched by the threads that read it,
@@ -275,7 +384,7 @@ double ReadBandwidth(double gigabytes, int reps) {
       thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
       const uint8_t *p = buf + b * 4096;
       size_t len = (e - b) * 4096;
-      total += isa == kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
+      total += isa >= kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
     }
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + total;
@@ -324,6 +433,15 @@ struct I8 {
     raw(p, out);
     for (int v = 0; v < kChunk / W; ++v) out[v] = fmul(out[v], sv);
   }
+  // Decode: one integer vector of weights covers CPV chunks; x_q is in element order.
+  static constexpr int CPV = W / 8;
+  KI int64_t xq_pos(int64_t k) { return k; }
+  // Integer dots of one vector of weights with each row of x_q: |w| (unsigned) against x_q carrying w's sign.
+  template <int MX>
+  KI void idot(const T *src, const int8_t *xq, int64_t kp, I d[MX]) {
+    I w = iload(src), a = iabs8(w);
+    for (int m = 0; m < MX; ++m) d[m] = dot_us(a, sign8(iload(xq + m * kp), w));
+  }
 };
 struct I4 {
   using T = uint8_t;
@@ -335,6 +453,19 @@ struct I4 {
     F sv = fset1(s), off = fset1(-8.0f * s);
     ld_i4(p, out);
     for (int v = 0; v < kChunk / W; ++v) out[v] = ffma(out[v], sv, off);
+  }
+  // Decode: one integer vector of packed bytes covers CPV blocks. Rather than reorder the nibbles, x_q is stored
+  // in their order: per CPV blocks, first every block's elements 0..15 (the low nibbles), then every 16..31.
+  static constexpr int CPV = W / 4;
+  KI int64_t xq_pos(int64_t k) {
+    const int64_t c = k / kChunk, t = k % kChunk;
+    return (c / CPV) * (CPV * kChunk) + (t / 16) * (CPV * 16) + (c % CPV) * 16 + t % 16;
+  }
+  // The stored q + 8 (unsigned) against x_q; the 8 sum(x_q) this adds is taken off per row at the end (corr).
+  template <int MX>
+  KI void idot(const T *src, const int8_t *xq, int64_t kp, I d[MX]) {
+    I v = iload(src), lo = lo_nibbles(v), hi = hi_nibbles(v);
+    for (int m = 0; m < MX; ++m) d[m] = dot_us2(lo, iload(xq + m * kp), hi, iload(xq + m * kp + CPV * 16));
   }
 };
 
@@ -455,6 +586,155 @@ static int gemv(const Problem &p, int nt) {
   return failed ? 7 : 0;
 }
 
+// ---- decode, int8 / int4: x quantised to int8 per chunk once per call (xq [MX][kp], kp = K padded to whole steps
+// of CPV chunks, in Fm::xq_pos order; dxe [MX][steps][W] = each chunk's scale repeated over the lanes its dot fills;
+// xg [MX][G] = sums of the dequantised x_q per group, for int4's offset). Per step: one integer vector of weights,
+// its dots with each x_q, then acc += dot x (s_w s_x) in float32.
+template <class Fm, int R, int MX>
+static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dxe, int64_t kp, int64_t ne,
+                                const float *xg, float *sc, I idx, int gshift, int64_t n0) {
+  using T = typename Fm::T;
+  constexpr int VU = 4 * W;                     // weight bytes per integer vector
+  constexpr int EPS = Fm::CPV * kChunk;         // elements per step
+  const T *rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
+  float corr[R][MX] = {};
+  for (int r = 0; r < R; ++r) row_scales<MX, (Fm::offset != 0)>(p, n0 + r, xg, sc + r * p.G, corr[r]);
+  F acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
+  const int64_t nv = kp / EPS, fullv = p.row_units / VU;
+  auto step = [&](int r, const T *src, int64_t v) __attribute__((always_inline)) {
+    I d[MX];
+    Fm::template idot<MX>(src, xq + v * EPS, kp, d);
+    F sw = spread(sc + r * p.G + ((v * Fm::CPV) >> gshift), idx);
+    for (int m = 0; m < MX; ++m) acc[r][m] = ffma(icvt(d[m]), fmul(sw, fload(dxe + m * ne + v * W)), acc[r][m]);
+  };
+  for (int64_t v = 0; v < fullv; ++v)
+    for (int r = 0; r < R; ++r) step(r, rows[r] + v * VU, v);
+  if (fullv < nv) {  // the last, partial vector: zero-filled (x_q is zero there too)
+    alignas(64) T buf[VU];
+    for (int r = 0; r < R; ++r) {
+      memset(buf, 0, sizeof(buf));
+      memcpy(buf, rows[r] + fullv * VU, sizeof(T) * (p.row_units - fullv * VU));
+      step(r, buf, fullv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
+}
+
+template <class Fm, int MX>
+static int gemv_q(const Problem &p, int nt) {
+  constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
+  constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
+  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, ne = kp / EPS * W;
+  int8_t *xq = static_cast<int8_t *>(aligned_buffer(MX * kp));
+  float *dxe = static_cast<float *>(aligned_buffer(sizeof(float) * MX * (ne + p.G)));
+  if (!xq || !dxe) {
+    free(xq);
+    free(dxe);
+    return 7;
+  }
+  float *xg = dxe + MX * ne;
+  memset(xq, 0, MX * kp);
+  memset(dxe, 0, sizeof(float) * MX * (ne + p.G));
+  for (int m = 0; m < MX; ++m) {
+    const float *x = p.x + m * p.K;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, kl = std::min<int64_t>(kChunk, p.K - k0);
+      float amax = 0;
+      for (int64_t j = 0; j < kl; ++j) amax = std::max(amax, std::fabs(x[k0 + j]));
+      const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      int sum = 0;
+      for (int64_t j = 0; j < kl; ++j) {
+        int q = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(x[k0 + j] * inv))));
+        xq[m * kp + Fm::xq_pos(k0 + j)] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      for (int l = 0; l < LPC; ++l) dxe[m * ne + (c / Fm::CPV) * W + (c % Fm::CPV) * LPC + l] = dx;
+      xg[m * p.G + k0 / p.group] += dx * static_cast<float>(sum);
+    }
+  }
+  const int gshift = __builtin_ctzll(p.group / kChunk);
+  const I idx = lane_index(LPC, gshift);
+  int failed = 0;
+#pragma omp parallel num_threads(nt) reduction(| : failed)
+  {
+    // + 8: a step past the last chunk reads (finite, zero) scales there, multiplied by a zero dot
+    float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (p.G + 8)));
+    failed |= sc == nullptr;
+    if (sc) memset(sc, 0, sizeof(float) * R * (p.G + 8));
+    int64_t b, e;
+    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    int64_t n = sc ? b : e;
+    for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(p, xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+    for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(p, xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+    free(sc);
+  }
+  free(xq);
+  free(dxe);
+  return failed ? 7 : 0;
+}
+
+// ---- decode, bfloat16 where the CPU has a bfloat16 dot (kBF16Dot): x rounded to bfloat16 (nearest even) once.
+template <int R, int MX>
+static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t kp, int64_t n0) {
+  const uint16_t *rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const uint16_t *>(p.w) + (n0 + r) * p.K;
+  F acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
+  const int64_t full = p.K / kChunk;
+  for (int64_t c = 0; c < full; ++c)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) acc[r][m] = dot_bf16(acc[r][m], rows[r] + c * kChunk, xb + m * kp + c * kChunk);
+  if (full * kChunk < p.K) {
+    alignas(64) uint16_t buf[kChunk];
+    for (int r = 0; r < R; ++r) {
+      const uint16_t *src = tail_chunk<BF16>(rows[r], full, p.K, buf);
+      for (int m = 0; m < MX; ++m) acc[r][m] = dot_bf16(acc[r][m], src, xb + m * kp + full * kChunk);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]);
+}
+
+template <int MX>
+static int gemv_bf16(const Problem &p, int nt) {
+  constexpr int R = 4;
+  const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
+  uint16_t *xb = static_cast<uint16_t *>(aligned_buffer(sizeof(uint16_t) * MX * kp));
+  if (!xb) return 7;
+  memset(xb, 0, sizeof(uint16_t) * MX * kp);
+  for (int m = 0; m < MX; ++m)
+    for (int64_t k = 0; k < p.K; ++k) {
+      uint32_t bits;
+      memcpy(&bits, p.x + m * p.K + k, 4);
+      xb[m * kp + k] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t b, e;
+    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    int64_t n = b;
+    for (; n + R <= e; n += R) gemv_bf16_block<R, MX>(p, xb, kp, n);
+    for (; n < e; ++n) gemv_bf16_block<1, MX>(p, xb, kp, n);
+  }
+  free(xb);
+  return 0;
+}
+
+template <class Fm, int MX>
+static int decode(const Problem &p, int nt) {
+  if constexpr (Fm::quant)
+    return gemv_q<Fm, MX>(p, nt);
+  else if constexpr (kBF16Dot && std::is_same<Fm, BF16>::value)
+    return gemv_bf16<MX>(p, nt);
+  else
+    return gemv<Fm, MX>(p, nt);
+}
+
 // ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
 // multiplied into every row of x. x is repacked per block of MB = 2W rows as xb[k][MB] (zero rows past M), so the
 // micro-kernel updates an NR x MB block of y^T with 2 vector loads, NR broadcasts and 2 NR FMAs per k.
@@ -545,10 +825,10 @@ static int gemm(const Problem &p, int nt) {
 template <class Fm>
 static int run_fmt(const Problem &p, int nt) {
   switch (p.M) {
-    case 1: return gemv<Fm, 1>(p, nt);
-    case 2: return gemv<Fm, 2>(p, nt);
-    case 3: return gemv<Fm, 3>(p, nt);
-    case 4: return gemv<Fm, 4>(p, nt);
+    case 1: return decode<Fm, 1>(p, nt);
+    case 2: return decode<Fm, 2>(p, nt);
+    case 3: return decode<Fm, 3>(p, nt);
+    case 4: return decode<Fm, 4>(p, nt);
     default: return gemm<Fm>(p, nt);
   }
 }

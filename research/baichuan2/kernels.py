@@ -12,7 +12,8 @@ keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.ca
 temporary file and renamed into place so concurrent processes never load half a library. `python -m
 baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). Environment:
     BAICHUAN_KERNELS=0          never use the kernels (linear_op returns None)
-    BAICHUAN_KERNEL_ISA=avx2    force the AVX2 path on an AVX-512 machine (tests); default: the best the CPU has
+    BAICHUAN_KERNEL_ISA=PATH    force one of ISA_PATHS the CPU has (tests); default: the best it has, in the order
+                                avx512vnni (+ VNNI and BF16 dot products), avx512, avxvnni, avx2
     BAICHUAN_KERNEL_THREADS=N   OpenMP threads; default: the CPUs in the process's affinity mask (not
                                 OMP_NUM_THREADS, which importing mindspore sets to 1)
 This module is copied into model directories with modeling_baichuan.py, so it imports only the standard library,
@@ -30,6 +31,7 @@ import sys
 import tempfile
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
+ISA_PATHS = ("avx2", "avxvnni", "avx512", "avx512vnni")  # the instruction-set paths kernels.cc is compiled for
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # one exported symbol each in kernels.cc
 
 
@@ -121,6 +123,8 @@ def _lib():
         lib = ctypes.CDLL(path)
         lib.KernelIsa.restype = ctypes.c_char_p
         lib.KernelThreads.restype = ctypes.c_int
+        lib.KernelHasIsa.restype = ctypes.c_int
+        lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
         lib.ReadBandwidth.restype = ctypes.c_double
         lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
         _state.update(path=path, lib=lib)
@@ -128,12 +132,18 @@ def _lib():
 
 
 def isa():
-    """The instruction-set path the kernels run now ("avx512" or "avx2"), or None when they cannot run."""
+    """The instruction-set path the kernels run now (one of ISA_PATHS), or None when they cannot run."""
     lib = _lib()
     if lib is None:
         return None
     name = lib.KernelIsa().decode()
     return None if name == "none" else name
+
+
+def available_isas():
+    """The paths of ISA_PATHS this CPU can run (empty when the kernels cannot run here)."""
+    lib = _lib()
+    return () if lib is None else tuple(name for name in ISA_PATHS if lib.KernelHasIsa(name.encode()))
 
 
 def threads():
