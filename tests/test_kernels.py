@@ -180,3 +180,20 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 def test_memory_bandwidth_probe_is_plausible():
     gbs = kernels.read_bandwidth(0.25, 1)
     assert 0.5 < gbs < 2000
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_several_weights_in_one_call_equal_separate_calls(fmt, m, graph):
+    """q/k/v (3) and gate/up (2) in one call: the same numbers, bit for bit, as one call per weight (the rows of
+    every weight are split over the threads separately; x is prepared once)."""
+    rng = np.random.default_rng(m)
+    k, group = 100, 32
+    x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
+    weights = [weights_for(fmt, group, rng.standard_normal((n, k), dtype=np.float32))[0] for n in (7, 64, 3)]
+    single = Projection(kernels.linear_op(fmt, group))
+    for count in (2, 3):
+        outs = Projection(kernels.linear_op(fmt, group, weights=count))(x, sum(weights[:count], ()))
+        assert len(outs) == count
+        for out, w in zip(outs, weights):
+            assert np.array_equal(out.asnumpy(), single(x, w).asnumpy())

@@ -288,41 +288,48 @@ Isa chosen_isa() {
 
 const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
-// Shapes and dtypes as MindSpore hands them over; a mismatch returns non-zero, which MindSpore raises as an error.
-int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+// Shapes and dtypes as MindSpore hands them over: x, then per weight its tensors (weight, or qweight + scales),
+// then one output per weight. A mismatch returns non-zero, which MindSpore raises as an error.
+int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims, int64_t **shapes,
+           const char **dtypes) {
   const bool quant = fmt == kI8 || fmt == kI4;
-  const int nin = quant ? 3 : 2;
-  if (nparam != nin + 1) return 1;
-  for (int i = 0; i <= nin; ++i)
+  const int per = quant ? 2 : 1, nin = 1 + per * nw;
+  if (nparam != nin + nw) return 1;
+  for (int i = 0; i < nparam; ++i)
     if (ndims[i] != 2) return 2;
+  if (strcmp(dtypes[0], "float32") != 0) return 3;
   static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
-  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[1], wtype[fmt]) != 0 || strcmp(dtypes[nin], "float32") != 0)
-    return 3;
-  Problem p;
-  p.x = static_cast<const float *>(params[0]);
-  p.w = params[1];
-  p.s = quant ? static_cast<const uint16_t *>(params[2]) : nullptr;
-  p.y = static_cast<float *>(params[nin]);
-  p.M = shapes[0][0];
-  p.K = shapes[0][1];
-  p.N = shapes[1][0];
-  p.group = group;
-  p.row_units = shapes[1][1];
-  p.G = quant ? ceil_div(p.K, group) : 0;
-  int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
-  if (p.row_units != want_units || shapes[nin][0] != p.M || shapes[nin][1] != p.N) return 4;
-  if (quant && (strcmp(dtypes[2], "float16") != 0 || shapes[2][0] != p.N || shapes[2][1] != p.G)) return 5;
-  if (p.M == 0 || p.N == 0) return 0;
-  if (p.K == 0) {
-    memset(p.y, 0, sizeof(float) * p.M * p.N);
+  Problem ps[3];
+  for (int i = 0; i < nw; ++i) {
+    const int wi = 1 + per * i, yi = nin + i;
+    if (strcmp(dtypes[wi], wtype[fmt]) != 0 || strcmp(dtypes[yi], "float32") != 0) return 3;
+    Problem &p = ps[i];
+    p.x = static_cast<const float *>(params[0]);
+    p.w = params[wi];
+    p.s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
+    p.y = static_cast<float *>(params[yi]);
+    p.M = shapes[0][0];
+    p.K = shapes[0][1];
+    p.N = shapes[wi][0];
+    p.group = group;
+    p.row_units = shapes[wi][1];
+    p.G = quant ? ceil_div(p.K, group) : 0;
+    int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
+    if (p.row_units != want_units || shapes[yi][0] != p.M || shapes[yi][1] != p.N) return 4;
+    if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || shapes[wi + 1][0] != p.N || shapes[wi + 1][1] != p.G))
+      return 5;
+  }
+  if (ps[0].M == 0) return 0;
+  if (ps[0].K == 0) {
+    for (int i = 0; i < nw; ++i) memset(ps[i].y, 0, sizeof(float) * ps[i].M * ps[i].N);
     return 0;
   }
   const int nt = kernel_threads();
   switch (chosen_isa()) {
-    case kAvx512Vnni: return isa_avx512vnni::run(fmt, p, nt);
-    case kAvx512: return isa_avx512::run(fmt, p, nt);
-    case kAvxVnni: return isa_avxvnni::run(fmt, p, nt);
-    case kAvx2: return isa_avx2::run(fmt, p, nt);
+    case kAvx512Vnni: return isa_avx512vnni::run(fmt, ps, nw, nt);
+    case kAvx512: return isa_avx512::run(fmt, ps, nw, nt);
+    case kAvxVnni: return isa_avxvnni::run(fmt, ps, nw, nt);
+    case kAvx2: return isa_avx2::run(fmt, ps, nw, nt);
     default: return 6;
   }
 }
@@ -333,12 +340,17 @@ int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_
 #define AOT_FWD nparam, params, ndims, shapes, dtypes
 
 extern "C" {
-int LinearF32(AOT_ARGS) { return linear(kF32, 0, AOT_FWD); }
-int LinearBF16(AOT_ARGS) { return linear(kBF16, 0, AOT_FWD); }
-// One symbol per supported group size (kernels.py GROUP_SIZES): the aot interface passes no attributes.
-#define QUANT_ENTRIES(g)                                                         \
-  int LinearInt8G##g(AOT_ARGS) { return linear(kI8, g, AOT_FWD); }               \
-  int LinearInt4G##g(AOT_ARGS) { return linear(kI4, g, AOT_FWD); }
+// One symbol per format, group size (kernels.py GROUP_SIZES) and number of weights sharing x (1, 2: gate/up,
+// 3: q/k/v; suffix x2 / x3): the aot interface passes no attributes.
+#define ENTRIES(name, fmt, g)                                                     \
+  int name(AOT_ARGS) { return linear(fmt, g, 1, AOT_FWD); }                       \
+  int name##x2(AOT_ARGS) { return linear(fmt, g, 2, AOT_FWD); }                   \
+  int name##x3(AOT_ARGS) { return linear(fmt, g, 3, AOT_FWD); }
+ENTRIES(LinearF32, kF32, 0)
+ENTRIES(LinearBF16, kBF16, 0)
+#define QUANT_ENTRIES(g)              \
+  ENTRIES(LinearInt8G##g, kI8, g)     \
+  ENTRIES(LinearInt4G##g, kI4, g)
 QUANT_ENTRIES(32)
 QUANT_ENTRIES(64)
 QUANT_ENTRIES(128)
@@ -551,8 +563,11 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, con
     for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
 }
 
+// Decode runs every weight of a call (nw of them, same x) in one parallel region: each thread takes its share of
+// every weight's rows, so a fused q/k/v or gate/up call costs one thread fork/join and one preparation of x.
 template <class Fm, int MX>
-static int gemv(const Problem &p, int nt) {
+static int gemv(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
   // Rows of W per register block: all of AVX-512's 32 registers hold 4 x MX accumulators; AVX2 has 16.
   constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
   const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
@@ -575,11 +590,13 @@ static int gemv(const Problem &p, int nt) {
   {
     float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (gp + 8)));
     failed |= sc == nullptr;
-    int64_t b, e;
-    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-    int64_t n = sc ? b : e;
-    for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(p, xp, kp, xg, sc, gshift, n);
-    for (; n < e; ++n) gemv_block<Fm, 1, MX>(p, xp, kp, xg, sc, gshift, n);
+    for (int i = 0; i < nw && sc; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(ps[i], xp, kp, xg, sc, gshift, n);
+      for (; n < e; ++n) gemv_block<Fm, 1, MX>(ps[i], xp, kp, xg, sc, gshift, n);
+    }
     free(sc);
   }
   free(xp);
@@ -625,7 +642,8 @@ static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float 
 }
 
 template <class Fm, int MX>
-static int gemv_q(const Problem &p, int nt) {
+static int gemv_q(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
   constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
   constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
   const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, ne = kp / EPS * W;
@@ -665,11 +683,13 @@ static int gemv_q(const Problem &p, int nt) {
     float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (p.G + 8)));
     failed |= sc == nullptr;
     if (sc) memset(sc, 0, sizeof(float) * R * (p.G + 8));
-    int64_t b, e;
-    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-    int64_t n = sc ? b : e;
-    for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(p, xq, dxe, kp, ne, xg, sc, idx, gshift, n);
-    for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(p, xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+    for (int i = 0; i < nw && sc; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+    }
     free(sc);
   }
   free(xq);
@@ -701,7 +721,8 @@ static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t
 }
 
 template <int MX>
-static int gemv_bf16(const Problem &p, int nt) {
+static int gemv_bf16(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
   constexpr int R = 4;
   const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
   uint16_t *xb = static_cast<uint16_t *>(aligned_buffer(sizeof(uint16_t) * MX * kp));
@@ -715,24 +736,26 @@ static int gemv_bf16(const Problem &p, int nt) {
     }
 #pragma omp parallel num_threads(nt)
   {
-    int64_t b, e;
-    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-    int64_t n = b;
-    for (; n + R <= e; n += R) gemv_bf16_block<R, MX>(p, xb, kp, n);
-    for (; n < e; ++n) gemv_bf16_block<1, MX>(p, xb, kp, n);
+    for (int i = 0; i < nw; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_bf16_block<R, MX>(ps[i], xb, kp, n);
+      for (; n < e; ++n) gemv_bf16_block<1, MX>(ps[i], xb, kp, n);
+    }
   }
   free(xb);
   return 0;
 }
 
 template <class Fm, int MX>
-static int decode(const Problem &p, int nt) {
+static int decode(const Problem *ps, int nw, int nt) {
   if constexpr (Fm::quant)
-    return gemv_q<Fm, MX>(p, nt);
+    return gemv_q<Fm, MX>(ps, nw, nt);
   else if constexpr (kBF16Dot && std::is_same<Fm, BF16>::value)
-    return gemv_bf16<MX>(p, nt);
+    return gemv_bf16<MX>(ps, nw, nt);
   else
-    return gemv<Fm, MX>(p, nt);
+    return gemv<Fm, MX>(ps, nw, nt);
 }
 
 // ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
@@ -823,22 +846,25 @@ static int gemm(const Problem &p, int nt) {
 }
 
 template <class Fm>
-static int run_fmt(const Problem &p, int nt) {
-  switch (p.M) {
-    case 1: return decode<Fm, 1>(p, nt);
-    case 2: return decode<Fm, 2>(p, nt);
-    case 3: return decode<Fm, 3>(p, nt);
-    case 4: return decode<Fm, 4>(p, nt);
-    default: return gemm<Fm>(p, nt);
+static int run_fmt(const Problem *ps, int nw, int nt) {
+  switch (ps[0].M) {
+    case 1: return decode<Fm, 1>(ps, nw, nt);
+    case 2: return decode<Fm, 2>(ps, nw, nt);
+    case 3: return decode<Fm, 3>(ps, nw, nt);
+    case 4: return decode<Fm, 4>(ps, nw, nt);
   }
+  for (int i = 0; i < nw; ++i)
+    if (ps[i].N > 0)
+      if (int err = gemm<Fm>(ps[i], nt)) return err;
+  return 0;
 }
 
-static int run(Fmt fmt, const Problem &p, int nt) {
+static int run(Fmt fmt, const Problem *ps, int nw, int nt) {
   switch (fmt) {
-    case kF32: return run_fmt<F32>(p, nt);
-    case kBF16: return run_fmt<BF16>(p, nt);
-    case kI8: return run_fmt<I8>(p, nt);
-    case kI4: return run_fmt<I4>(p, nt);
+    case kF32: return run_fmt<F32>(ps, nw, nt);
+    case kBF16: return run_fmt<BF16>(ps, nw, nt);
+    case kI8: return run_fmt<I8>(ps, nw, nt);
+    case kI4: return run_fmt<I4>(ps, nw, nt);
   }
   return 8;
 }

@@ -162,31 +162,43 @@ def read_bandwidth(gigabytes=2.0, reps=3):
     return gbs
 
 
-def symbol(fmt, group_size=None):
+def symbol(fmt, group_size=None, weights=1):
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if weights not in (1, 2, 3):
+        raise ValueError(f"a kernel call takes 1, 2 or 3 weights, not {weights!r}")
+    suffix = "" if weights == 1 else f"x{weights}"
     if fmt == "float32":
-        return "LinearF32"
+        return "LinearF32" + suffix
     if fmt == "bfloat16":
-        return "LinearBF16"
+        return "LinearBF16" + suffix
     if group_size not in GROUP_SIZES:
         return None
-    return f"LinearInt{fmt[3:]}G{group_size}"
+    return f"LinearInt{fmt[3:]}G{group_size}{suffix}"
 
 
-def linear_op(fmt, group_size=None):
+def linear_op(fmt, group_size=None, weights=1):
     """The projection op for weights in `fmt` ("float32", "bfloat16", "int8", "int4"; `group_size` for the last two),
     or None when the kernels cannot run here (no compiler, not x86-64, no AVX2, BAICHUAN_KERNELS=0) or the group
     size has no kernel (GROUP_SIZES): the caller then uses stock MindSpore ops.
         float32 / bfloat16:  op(x, weight)          int8 / int4:  op(x, qweight, scales)
-    x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode)."""
-    name = symbol(fmt, group_size)
+    x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode).
+    `weights` = 2 or 3: one call projects the same x with that many weights of the same format and K (q/k/v,
+    gate/up), op(x, w1, w2[, w3]) or op(x, q1, s1, q2, s2[, q3, s3]) -> a tuple of outputs, in one thread region
+    (decode: one preparation of x, no weight copied or concatenated)."""
+    name = symbol(fmt, group_size, weights)
     if name is None or isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    return ops.Custom(f"{_state['path']}:{name}", out_shape=lambda x, w, *scales: [x[0], w[0]],
-                      out_dtype=lambda x, *rest: ms.float32, func_type="aot")
+    per = 2 if fmt.startswith("int") else 1
+    if weights == 1:
+        out_shape = lambda x, w, *scales: [x[0], w[0]]  # noqa: E731
+        out_dtype = lambda x, *rest: ms.float32  # noqa: E731
+    else:
+        out_shape = lambda x, *ws: tuple([x[0], w[0]] for w in ws[::per])  # noqa: E731
+        out_dtype = lambda x, *rest: (ms.float32,) * weights  # noqa: E731
+    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
 def main(argv=None):
