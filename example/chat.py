@@ -32,7 +32,7 @@ def main(argv=None):
         model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"chat.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     options = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.greedy:
         options.update(do_sample=False, repetition_penalty=1.0)

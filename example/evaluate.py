@@ -50,7 +50,7 @@ def main(argv=None):
         report = evaluate(args.task, args.data_dir, scorer, split=args.split, shots=args.shots,
                           subjects=args.subjects, limit=args.limit, output=output, batch_size=args.batch_size,
                           model_id=model_fingerprint(args.model_dir))
-    except (DataLayoutError, FileNotFoundError) as e:
+    except (DataLayoutError, FileNotFoundError, ValueError) as e:  # ValueError: a damaged model directory
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))

@@ -41,7 +41,7 @@ def main(argv=None):
         model, tokenizer, _ = runtime.load_model_dir(args.model_dir)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"inference.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if args.chat:
         prompts = [build_chat_input(model.config, tokenizer.encode, [{"role": "user", "content": p}],
                                     args.max_new_tokens) for p in args.prompt]

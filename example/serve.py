@@ -38,7 +38,7 @@ def main(argv=None):
                          api_key=args.api_key)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"serve.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

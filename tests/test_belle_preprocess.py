@@ -84,9 +84,10 @@ def test_build_row_truncates_on_the_right():
     assert (length, truncated) == (5, False)
 
 
-def test_system_turn_prefixes_first_user_turn():
+def test_system_turn_comes_first():
+    # laid out by the chat format (Baichuan2: plain text before the first user token), never a target
     turns = bp.validate_record({"conversations": [{"from": "system", "value": "Be brief."}] + conv("Hi", "Yo")}, "x")
-    assert turns == [("user", "Be brief.\nHi"), ("assistant", "Yo")]
+    assert turns == [("system", "Be brief."), ("user", "Hi"), ("assistant", "Yo")]
     assert bp.validate_record({"conversations": conv("a", "b", roles=("user", "assistant"))}, "x") == [
         ("user", "a"), ("assistant", "b")]
 
@@ -213,7 +214,7 @@ def test_missing_tokenizer(tmp_path, capsys):
 
 def test_zero_valid_records(tmp_path, capsys):
     path = write_json(tmp_path / "a.json", [{"id": 1}])
-    code, _ = run(tmp_path, path)
+    code, _ = run(tmp_path, path, "--format", "belle")  # (--format auto stops earlier: no format has such records)
     assert code == 2 and "no valid record" in capsys.readouterr().err
     assert_nothing_written(tmp_path)
 

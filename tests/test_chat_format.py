@@ -31,18 +31,55 @@ def changed(namespace, **fields):
 
 
 @pytest.mark.parametrize("name", ["baichuan2", "xverse"])
-def test_training_rows_are_the_chat_prompt(name):
+def test_training_rows_teach_what_chat_asks_for(name):
     fmt, ids = chat_format.for_config(config(name))
     encode = ENCODERS[name]
     inputs, labels = fmt.label_turns(TURNS, encode, ids)
-    prompt = build_chat_input(config(name), encode, [{"role": r, "content": t} for r, t in TURNS], 8)
-    closing = [ids["eos"]] if name == "baichuan2" else []
-    assert inputs == prompt + closing  # the model is trained on exactly what chat feeds it
     # targets (labels shifted by one): every answer token, then eos right after it; nothing else
     answers = [encode(text) + [ids["eos"]] for role, text in TURNS if role == "assistant"]
     assert [t for t in labels[1:] if t != IGNORE] == answers[0] + answers[1]
     # eos is the target exactly after each answer's last token
     assert [inputs[i] for i, t in enumerate(labels[1:]) if t == ids["eos"]] == [a[-2] for a in answers]
+    # the row up to the first answer is exactly the first round's chat prompt
+    first = build_chat_input(config(name), encode, [{"role": r, "content": t} for r, t in TURNS[:1]], 8)
+    assert inputs[:len(first)] == first and inputs[len(first):len(first) + len(answers[0]) - 1] == encode(TURNS[1][1])
+
+
+def test_baichuan2_rows_are_the_whole_chat_prompt():
+    # role tokens end every text run: the row is the prompt of the whole history, plus the closing eos
+    fmt, ids = chat_format.for_config(config("baichuan2"))
+    inputs, _ = fmt.label_turns(TURNS, SP.encode, ids)
+    assert inputs == build_chat_input(config("baichuan2"), SP.encode, [{"role": r, "content": t} for r, t in TURNS],
+                                      8) + [ids["eos"]]
+
+
+def test_xverse_rows_keep_answers_as_generated_where_prompts_reread_them_merged():
+    # a prompt is the rendered text tokenised whole: "Assistant: " + an earlier answer merges the space into the
+    # answer's first token; a row encodes each answer alone, as the model generates it after the prompt's space
+    encode = ENCODERS["xverse"]
+    fmt, ids = chat_format.for_config(config("xverse"))
+    eos = ids["eos"]
+    inputs, _ = fmt.label_turns(TURNS, encode, ids)
+    assert inputs == (encode("Human: 你好 Hello!\n\nAssistant: ") + encode("不客气") + [eos]
+                      + encode("Human: 谢谢\n\nAssistant: ") + encode("Yo") + [eos])
+    prompt = build_chat_input(config("xverse"), encode, [{"role": r, "content": t} for r, t in TURNS[:3]], 8)
+    assert prompt == (encode("Human: 你好 Hello!\n\nAssistant: 不客气") + [eos]
+                      + encode("Human: 谢谢\n\nAssistant: "))
+    assert encode("Assistant: 不客气") != encode("Assistant: ") + encode("不客气")  # the merge this is about
+
+
+def test_system_text_layout_and_labels():
+    # Baichuan2: plain text before the first user token; XVERSE: text and a blank line before "Human: ".
+    # Never a target, and (Baichuan2) the user token after it is not labelled eos: nothing to stop after
+    turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Yo")]
+    ids = {"user": 3, "assistant": 4, "eos": 2}
+    char = lambda text: [ord(c) for c in text]  # noqa: E731  (one id per character)
+    inputs, labels = BAICHUAN2.label_turns(turns, char, ids)
+    assert inputs == char("Be brief.") + [3] + char("Hi") + [4] + char("Yo") + [2]
+    assert labels == [IGNORE] * 9 + [IGNORE, IGNORE, IGNORE, IGNORE] + char("Yo") + [2]
+    inputs, labels = XVERSE.label_turns(turns, char, {"eos": 2})
+    assert inputs == char("Be brief.\n\nHuman: Hi\n\nAssistant: ") + char("Yo") + [2]
+    assert labels == [IGNORE] * len(char("Be brief.\n\nHuman: Hi\n\nAssistant: ")) + char("Yo") + [2]
 
 
 def test_render_text_is_what_the_tokenizer_reads():

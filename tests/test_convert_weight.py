@@ -101,17 +101,29 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     make_hf_checkpoint(tmp_path / "hf", BaichuanConfig.from_preset("tiny"))
     (tmp_path / "ms").mkdir()
     (tmp_path / "ms" / "keep.txt").write_text("mine")
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "ms" / "keep.txt").read_text() == "mine"
     assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms"), "--overwrite"]) == 0
     assert not (tmp_path / "ms" / "keep.txt").exists()
 
 
+def test_reversed_is_an_alias_of_reverse(tmp_path):
+    make_hf_checkpoint(tmp_path / "hf", BaichuanConfig.from_preset("tiny"))
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 0
+    assert main(["--reversed", "--input_path", str(tmp_path / "ms"), "--output_path", str(tmp_path / "a")]) == 0
+    assert main(["--reverse", "--input_path", str(tmp_path / "ms"), "--output_path", str(tmp_path / "b")]) == 0
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert "model.layers.0.self_attn.W_pack.weight" in a  # the Hugging Face layout, not ours
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[n], b[n]) for n in a)
+    assert json.loads((tmp_path / "a" / "config.json").read_text()) == \
+        json.loads((tmp_path / "b" / "config.json").read_text())
+
+
 def test_missing_weights_and_bin_without_torch_are_explained(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(to_hf_config(BaichuanConfig.from_preset("tiny"))))
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "no weights found" in capsys.readouterr().err
     (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not a real pickle")
     try:
@@ -119,7 +131,7 @@ def test_missing_weights_and_bin_without_torch_are_explained(tmp_path, capsys):
         pytest.skip("torch is installed here; the message is for machines without it")
     except ImportError:
         pass
-    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 1
+    assert main(["--input_path", str(tmp_path / "hf"), "--output_path", str(tmp_path / "ms")]) == 2
     assert "torch is not installed" in capsys.readouterr().err
     assert not (tmp_path / "ms").exists()
 

@@ -173,13 +173,27 @@ def test_bad_inputs(workdir, tmp_path, call_main):
 
     wrong_len = write_rows(str(tmp_path / "len.mindrecord"), 8, 16)
     err = call_main(*base, "--train_dataset", wrong_len)
-    assert "seq_length + 1 = 33" in err and "(17,)" in err
+    assert "seq_length + 1 = 33" in err and "(17,)" in err and "pass --seq_length 16 for these rows" in err
 
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
     BaichuanForCausalLM(BaichuanConfig.from_preset("tiny", hidden_size=32)).save_pretrained(str(tmp_path / "other"))
-    err = call_main(*base, "--train_dataset", workdir / "rows.mindrecord", "--load_checkpoint", tmp_path / "other")
+    # a bare weights file has no config.json: the preset's shape applies and the mismatch is named
+    err = call_main(*base, "--train_dataset", workdir / "rows.mindrecord", "--load_checkpoint",
+                    tmp_path / "other" / "model.safetensors")
     assert "--load_checkpoint" in err and "mis-shaped" in err and "model.norm.weight" in err
+    # the directory's config.json is the architecture: a recipe shape that differs is one clear error
+    err = call_main(*base, "--train_dataset", workdir / "rows.mindrecord", "--load_checkpoint", tmp_path / "other",
+                    "--set", "model.overrides.hidden_size=64")
+    error = err.strip().splitlines()[-1]  # after the [runtime] start-up line
+    assert error.startswith("finetune.py: error: model.overrides contradict")
+    assert "hidden_size: 64 (config.json: 32)" in error
+
+    records = tmp_path / "belle.json"
+    records.write_text("[]")
+    err = call_main(*base, "--train_dataset", records)
+    error = err.strip().splitlines()[-1]
+    assert error.startswith(f"finetune.py: error: train dataset {records}") and "belle_preprocess.py" in error
 
     bad_recipe = tmp_path / "bad.yaml"
     bad_recipe.write_text(RECIPE.replace("weight_decay: 0.1", "weight_decay: 0.1, wieght_decay: 0.1"))
@@ -204,7 +218,7 @@ def test_single_process_run_and_export(workdir, tmp_path):
     assert "step 4/6 loss" in proc.stdout and "tokens/s" in proc.stdout
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000004", "step_000006"]  # keep_checkpoints: 2
     ckpt = out / "checkpoints" / "step_000004"
-    assert sorted(os.listdir(ckpt)) == ["config.json", "model.safetensors", "optimizer.safetensors",
+    assert sorted(os.listdir(ckpt)) == ["config.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
                                         "trainer_state.json"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["samples_seen"] == 16

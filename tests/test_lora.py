@@ -148,7 +148,9 @@ def test_only_adapters_train_and_are_saved(workdir, lora_run):
     step = out / "checkpoints" / f"step_{STEPS:06d}"
     from baichuan2.lora import read_adapter
     for directory in (step, out / "adapter"):  # PEFT's layout (tests/test_peft_adapter.py), read back exactly
-        assert json.loads((directory / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        adapter_config = json.loads((directory / "adapter_config.json").read_text())
+        assert adapter_config["peft_type"] == "LORA"
+        assert adapter_config["base_model_name_or_path"] == str(workdir / "base")  # --load_checkpoint
         saved, lora = read_adapter(str(directory))
         assert sorted(saved) == sorted(adapters) and (lora["rank"], lora["alpha"]) == (RANK, 16.0)
         assert not (directory / "model.safetensors").exists()

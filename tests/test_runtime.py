@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 
 import mindspore as ms
 import pytest
@@ -199,3 +200,87 @@ def test_default_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     cores = len(os.sched_getaffinity(0))
     assert runtime.default_threads() == cores and runtime.default_threads(workers=cores * 2) == 1
+
+
+# ---------------------------------------------------------------------------------------------- quiet, cwd untouched
+def assert_quiet(*streams):
+    for stream in streams:  # mindformers logs to stdout, MindSpore to stderr
+        assert " INFO " not in stream and "[INFO]" not in stream, stream[-3000:]
+
+
+def test_chat_cli_keeps_cwd_and_stderr_clean(model_dir, tmp_path):
+    # a terminal as the user has it (pseudo-terminals, as in test_chat_cli.py), stderr on its own one to check it;
+    # input() writes its "User: " prompt to stderr when stdin and stdout are terminals
+    import pty  # pylint: disable=import-outside-toplevel
+    import select  # pylint: disable=import-outside-toplevel
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (out_master, out_slave), (err_master, err_slave) = pty.openpty(), pty.openpty()
+    proc = subprocess.Popen(run_module("example/chat.py", "--model_dir", model_dir, "--greedy", "--max_new_tokens",
+                                       "3", "--mode", "pynative", "--threads", "1"),
+                            stdin=out_slave, stdout=out_slave, stderr=err_slave, cwd=cwd, env=clean_env(tmp_path))
+    os.close(out_slave)
+    os.close(err_slave)
+    shown = {out_master: "", err_master: ""}
+
+    def read_until(marker, count, timeout=180):
+        deadline = time.time() + timeout
+        while "".join(shown.values()).count(marker) < count:
+            assert time.time() < deadline and proc.poll() is None, shown
+            for fd in select.select(list(shown), [], [], 0.2)[0]:
+                shown[fd] += os.read(fd, 65536).decode("utf-8", errors="replace")
+
+    try:
+        read_until("User: ", 1)
+        os.write(out_master, "你好\n".encode("utf-8"))
+        read_until("User: ", 2)
+        os.write(out_master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0
+        for fd in list(shown):  # what the process wrote before it exited
+            while select.select([fd], [], [], 0.2)[0]:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # the terminal closed with the process
+                    break
+                if not data:
+                    break
+                shown[fd] += data.decode("utf-8", errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(out_master)
+        os.close(err_master)
+    stdout, stderr = shown.values()
+    assert "Assistant: " in stdout and "bye" in stdout, shown
+    lines = [line for line in stderr.replace("\r", "").splitlines() if line.strip() and line.strip() != "User:"]
+    assert len(lines) == 1 and lines[0].startswith("[runtime] device CPU"), stderr[-3000:]
+    assert_quiet(stdout, stderr)
+    assert os.listdir(cwd) == [], "the chat CLI wrote into the current directory"
+
+
+def test_preprocess_then_finetune_keep_cwd_and_console_clean(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = clean_env(tmp_path)
+    env.pop("RANK_SIZE", None)
+    env.pop("MS_WORKER_NUM", None)  # one process started by hand: no msrun
+    rows = tmp_path / "rows.mindrecord"
+    proc = subprocess.run(run_module("example/dataset/belle_preprocess.py", "--input_glob",
+                                     os.path.join(FIXTURES, "..", "..", "dataset", "belle_sample.json"),
+                                     "--model_file", os.path.join(FIXTURES, "..", "..", "dataset", "tokenizer.model"),
+                                     "--output_file", rows, "--seq_length", 32, "--quiet"),
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_quiet(proc.stdout, proc.stderr)
+    assert os.listdir(cwd) == [], "belle_preprocess.py wrote into the current directory"
+
+    proc = subprocess.run(run_module("example/finetune.py", "--train_dataset", rows, "--seq_length", 32,
+                                     "--output_dir", tmp_path / "out", "--max_steps", 2, "--set", "train.batch_size=1",
+                                     "--device", "cpu", "--threads", "1"),
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_quiet(proc.stdout, proc.stderr)
+    assert os.listdir(cwd) == [], "finetune.py wrote into the current directory"
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert steps[0].startswith("step 1/2 loss") and steps[0].endswith("| 50% epoch 1/1 ETA --"), proc.stdout
+    assert steps[1].endswith("| 100% epoch 1/1 ETA 0:00:00"), proc.stdout

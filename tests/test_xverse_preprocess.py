@@ -70,9 +70,9 @@ def test_end_to_end_mindrecord_defaults_to_xverse_for_json(tmp_path):
     assert code == 0
     rows = read_rows(out)
     assert rows[0] == (PROMPT_HI + YO + [EOS] + [PAD] * 4, [X] * 9 + YO + [EOS] + [X] * 4)
-    # the system text is glued in front of the first user text: "Human: S\nHi\n\nAssistant: "
+    # the system text and a blank line come before "Human: ", encoded with it as the chat prompt encodes them
     tok = Tokenizer.from_file(TOKENIZER_JSON)
-    prompt = tok.encode("Human: S\nHi\n\nAssistant: ", add_special_tokens=False).ids
+    prompt = tok.encode("S\n\nHuman: Hi\n\nAssistant: ", add_special_tokens=False).ids
     assert rows[1][0][:len(prompt) + 3] == prompt + YO + [EOS]
     assert rows[1][1][:len(prompt) + 3] == [X] * len(prompt) + YO + [EOS]
 

@@ -10,8 +10,9 @@ History rule (as Baichuan2-Chat): whole rounds are added newest-first while they
 model_max_length - max_new_tokens (the newest round is always kept), then the prompt ends with the assistant turn
 marker and is cut from the left to that budget.
 
-The layout (role tokens or role text, reply start, stop ids, defaults) comes from `config.chat_format`, defined in
-chat_format.py.
+The layout (role tokens or role text, system text, reply start, stop ids, defaults) comes from `config.chat_format`,
+defined in chat_format.py, which also writes it as the chat_template of tokenizer_config.json: the prompt is the
+tokenised text that template renders for the kept messages.
 """
 import warnings
 
@@ -48,7 +49,9 @@ def fit_max_new_tokens(config, max_new_tokens):
 
 
 def build_chat_input(config, encode, messages, max_new_tokens=formats.CHAT_DEFAULTS["max_new_tokens"]):
-    """Prompt token ids for `messages` ({"role": "system"|"user"|"assistant", "content": str}, oldest first)."""
+    """Prompt token ids for `messages` ({"role": "system"|"user"|"assistant", "content": str}, oldest first): the
+    ids of the kept messages rendered by the format's chat_template (`ChatFormat.prompt_ids`), so a client using
+    tokenizer.apply_chat_template(messages, add_generation_prompt=True) sends the same ids."""
     if not messages:
         raise ValueError("messages is empty")
     fmt, ids = formats.for_config(config)
@@ -57,20 +60,17 @@ def build_chat_input(config, encode, messages, max_new_tokens=formats.CHAT_DEFAU
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for input in model_max_length "
                          f"{config.model_max_length}")
     system, rounds = _rounds(messages)
-    system_tokens = fmt.message_ids("system", system, encode, ids) if system else []
-    history_budget = max_input - len(system_tokens)
-    history = []
-    for round_messages in reversed(rounds):  # newest first
-        round_tokens = [t for message in round_messages
-                        for t in fmt.message_ids(message["role"], message["content"], encode, ids)]
-        if history and len(history) + len(round_tokens) > history_budget:
+    head = [{"role": "system", "content": system}] if system else []
+    history_budget = max_input - len(fmt.prompt_ids(head, encode, ids, add_reply_start=False))
+    kept, used = [], 0
+    for round_messages in reversed(rounds):  # newest first, each round measured alone
+        size = len(fmt.prompt_ids(round_messages, encode, ids, add_reply_start=False))
+        if kept and used + size > history_budget:
             break
-        history = round_tokens + history
-        if len(history) >= history_budget:
+        kept, used = round_messages + kept, used + size
+        if used >= history_budget:
             break
-    tokens = system_tokens + history
-    if messages[-1]["role"] != "assistant":
-        tokens += fmt.reply_start_ids(encode, ids)
+    tokens = fmt.prompt_ids(head + kept, encode, ids)  # encoded whole, as the chat_template renders it
     return tokens[-max_input:]  # cut from the left
 
 

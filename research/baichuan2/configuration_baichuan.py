@@ -37,6 +37,11 @@ class BaichuanConfig(PretrainedConfig):
         user_token_id / assistant_token_id: chat role tokens (`<reserved_106>`/`<reserved_107>` in Baichuan2).
         chat_format: "baichuan2" (reserved role tokens), "xverse" ("Human: ...\\n\\nAssistant: ") or None (base model).
         compute_dtype / param_dtype: "float32" | "float16" | "bfloat16". CPU has no bf16 MatMul: keep float32 there.
+        torch_dtype: how the weights of a model directory are stored (Hugging Face's field): "float32" (default,
+            parameters in param_dtype) or "bfloat16" (projections, embedding and lm_head kept in bfloat16 in memory).
+        quantization_config: None, or weight-only round-to-nearest quantisation in the Hugging Face style,
+            {"quant_method": "rtn", "bits": 8 | 4, "group_size": 32, "sym": true, "embed_tokens": true,
+            "lm_head": true} (see quantization.py); modules not quantised stay bfloat16.
     """
 
     model_type = "baichuan"
@@ -66,6 +71,8 @@ class BaichuanConfig(PretrainedConfig):
                  compute_dtype="float32",
                  param_dtype="float32",
                  tie_word_embeddings=False,
+                 torch_dtype="float32",
+                 quantization_config=None,
                  **kwargs):
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          **kwargs)
@@ -90,6 +97,8 @@ class BaichuanConfig(PretrainedConfig):
         self.compute_dtype = compute_dtype
         self.param_dtype = param_dtype
         self.tie_word_embeddings = bool(tie_word_embeddings)
+        self.torch_dtype = str(torch_dtype).replace("torch.", "")
+        self.quantization_config = None if quantization_config is None else dict(quantization_config)
         self.validate()
 
     def validate(self):
@@ -111,6 +120,30 @@ class BaichuanConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
         if self.chat_format not in ("baichuan2", "xverse", None):
             raise ValueError(f"chat_format must be 'baichuan2', 'xverse' or null, got {self.chat_format!r}")
+        if self.torch_dtype not in _DTYPES:
+            raise ValueError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
+        quant = self.quantization_config
+        if quant is not None:
+            if quant.get("quant_method") != "rtn" or quant.get("bits") not in (8, 4) or not quant.get("sym", True):
+                raise ValueError("quantization_config must be {'quant_method': 'rtn', 'bits': 8 or 4, "
+                                 "'group_size': N, 'sym': true} (as convert_weight.py --quantize writes it), "
+                                 f"got {quant!r}")
+            group = quant.get("group_size")
+            if not isinstance(group, int) or group <= 0 or (quant["bits"] == 4 and group % 32):
+                raise ValueError(f"quantization_config group_size must be a positive integer (a multiple of 32 for "
+                                 f"4 bits), got {group!r}")
+
+    def weight_format(self, module="linear"):
+        """Storage format of one kind of module ("linear", "embed_tokens" or "lm_head"): "dense" (param_dtype,
+        trainable), "bfloat16", "int8" or "int4"."""
+        quant = self.quantization_config
+        if quant is not None:
+            return f"int{quant['bits']}" if module == "linear" or quant.get(module, True) else "bfloat16"
+        return "bfloat16" if self.torch_dtype == "bfloat16" else "dense"
+
+    @property
+    def group_size(self):
+        return None if self.quantization_config is None else self.quantization_config["group_size"]
 
     @property
     def head_dim(self):

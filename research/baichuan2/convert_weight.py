@@ -1,6 +1,8 @@
 """Converts a Hugging Face Baichuan-family checkpoint into our MindSpore model directory, and back.
 
     python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <model dir>
+    python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <dir> --dtype bfloat16
+    python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <dir> --quantize int4
     python research/baichuan2/convert_weight.py --reverse --input_path <model dir> --output_path <HF dir>
 
 Forward: reads config.json (Baichuan2-7B/13B, Baichuan-7B, XVERSE-7B or oppo-experiemental-7B), then the weights
@@ -11,8 +13,17 @@ shard, so a 7B conversion holds one shard in memory, never two copies of the mod
 against the config: every missing, unexpected or mis-shaped tensor is reported by name. The output is written to
 a temporary directory and renamed at the end, so a failed run leaves nothing at --output_path.
 
+Weight formats (config.json says which; layouts in quantization.py): float32 (the default and the reference;
+bfloat16 sources are widened exactly), --dtype bfloat16 (the published weights as they are, no float32 detour),
+--quantize int8|int4 [--group_size 32] (weight-only, round-to-nearest, symmetric per-group float16 scales; every
+projection, the embedding and lm_head are quantised, tensors that are not projections follow --dtype). Baichuan2's
+NormHead rows are stored already L2-normalised in bfloat16 and quantised directories (normalised in float32, then
+rounded). Safetensors input is streamed: tensors are read and written a block of rows at a time, each input shard
+becoming one output shard, so memory stays at a few hundred MB whatever the model size.
+
 The output directory is servable: config.json, weights, tokenizer files and model code (see model_dir.py).
 --reverse packs q/k/v back into W_pack and writes the Hugging Face config.json; HF -> ours -> HF is bit-exact.
+--reverse refuses a quantised directory (exit status 2): the original weights cannot be recovered from it.
 
 Base vs Chat (--variant, Baichuan2 / oppo checkpoints only; the two variants share config.json and weights layout):
   chat   chat_format "baichuan2", role ids from the source's generation_config.json (else `<reserved_106>`/
@@ -34,11 +45,17 @@ import numpy as np
 
 from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config
 from baichuan2.model_dir import atomic_dir, finish_model_dir, write_generation_config
+from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits
+from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows
+from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
                        "I64": np.int64, "I32": np.int32}
 _WPACK = re.compile(r"^(model\.layers\.\d+\.self_attn\.)W_pack\.weight$")
 _QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)([qkv])_proj\.weight$")
+# Weights stored quantised by --quantize: every projection, the embedding and lm_head.
+_QUANTIZED = re.compile(r"^(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|model\.embed_tokens|lm_head)\.weight$")
+_CHUNK_ELEMENTS = 16 * 1024 * 1024  # rows converted at a time: at most 64 MB of float32 per block
 # Buffers some Baichuan-7B .bin checkpoints carry; recomputed by the model, so skipped.
 _DERIVED = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -121,11 +138,12 @@ class _Checker:
         self.expected, self.source = expected, source
         self.seen, self.problems = set(), []
 
-    def check(self, name, array):
+    def check(self, name, shape):
+        shape = tuple(shape)
         if name not in self.expected:
-            self.problems.append(f"unexpected tensor {name} {tuple(array.shape)}")
-        elif tuple(array.shape) != self.expected[name]:
-            self.problems.append(f"mis-shaped tensor {name}: expected {self.expected[name]}, found {tuple(array.shape)}")
+            self.problems.append(f"unexpected tensor {name} {shape}")
+        elif shape != self.expected[name]:
+            self.problems.append(f"mis-shaped tensor {name}: expected {self.expected[name]}, found {shape}")
         self.seen.add(name)
 
     def finish(self):
@@ -150,16 +168,147 @@ def hf_to_ours(name, array, config):
 def _cast(array, dtype):
     if dtype == "keep":
         return np.ascontiguousarray(array)
+    if dtype == "bfloat16":
+        return bf16_bits(array)
     return np.ascontiguousarray(array.astype(dtype))
 
 
 VARIANTS = ("auto", "chat", "base")
+DTYPES = ("keep", "float32", "float16", "bfloat16")
+QUANTIZE = ("int8", "int4")
+_NUMPY = {"F32": np.float32, "F16": np.float16}
+
+
+class _ArraySource:
+    """Tensors already in memory (a torch .bin shard) behind SafetensorsFile's reading interface."""
+
+    def __init__(self, pairs):
+        self.arrays = dict(pairs)
+
+    def keys(self):
+        return list(self.arrays)
+
+    def shape(self, name):
+        return tuple(self.arrays[name].shape)
+
+    def dtype(self, name):
+        return {np.dtype(np.float16): "F16"}.get(self.arrays[name].dtype, "F32")
+
+    def read_rows(self, name, start, stop):
+        array = self.arrays[name]
+        return array[start:stop] if array.dtype in (np.float16, np.float32) else array[start:stop].astype(np.float32)
+
+
+class _OutputFormat:
+    """What each output tensor becomes: a float dtype (--dtype), or qweight + scales (--quantize)."""
+
+    def __init__(self, dtype, quantize, group_size, config):
+        if dtype not in DTYPES:
+            raise ConversionError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if quantize not in (None,) + QUANTIZE:
+            raise ConversionError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        self.dtype, self.bits, self.group_size, self.config = dtype, None, group_size, config
+        if quantize:
+            self.bits = 8 if quantize == "int8" else 4
+            try:
+                check_group_size(self.bits, group_size)
+            except ValueError as exc:
+                raise ConversionError(f"--group_size: {exc}") from exc
+
+    def quantized(self, name, shape):
+        return self.bits is not None and len(shape) == 2 and _QUANTIZED.match(name) is not None
+
+    def float_dtype(self, stored):
+        if self.dtype == "keep":
+            return stored if stored in _NUMPY else "F32"  # bfloat16 sources are widened to float32 exactly
+        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[self.dtype]
+
+    def normalized(self, name):
+        """Baichuan2's lm_head rows are stored L2-normalised in bfloat16 and quantised directories."""
+        return (name == "lm_head.weight" and self.config.norm_head
+                and (self.bits is not None or self.dtype == "bfloat16"))
+
+    def entries(self, name, stored, shape):
+        if self.quantized(name, shape):
+            from baichuan2.quantization import qweight_shape, scales_shape  # pylint: disable=import-outside-toplevel
+            prefix = name[:-len(".weight")]
+            return [(prefix + ".qweight", "I8" if self.bits == 8 else "U8", qweight_shape(*shape, self.bits)),
+                    (prefix + ".scales", "F16", scales_shape(*shape, self.group_size))]
+        return [(name, self.float_dtype(stored), shape)]
+
+    def write(self, writer, name, source, source_name, start, stop):
+        """Streams rows [start, stop) of `source_name` into `writer` as the tensor(s) of `name`."""
+        stored, shape = source.dtype(source_name), (stop - start,) + source.shape(source_name)[1:]
+        quantized, normalized = self.quantized(name, shape), self.normalized(name)
+        out = self.float_dtype(stored)
+        step = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+        scales = []
+        for first in range(start, stop, step):
+            block = source.read_rows(source_name, first, min(stop, first + step))
+            if stored == out and not quantized and not normalized:
+                writer.write(block)  # same dtype: bytes copied as they are (bfloat16 never goes through float32)
+                continue
+            block = from_bf16_bits(block) if stored == "BF16" else block.astype(np.float32)
+            if normalized:
+                block = l2_normalize_rows(block)
+            if quantized:
+                qweight, block_scales = quantize_rows(block, self.bits, self.group_size)
+                writer.write(qweight)
+                scales.append(block_scales)
+            else:
+                writer.write(bf16_bits(block) if out == "BF16" else block.astype(_NUMPY[out]))
+        if quantized:
+            writer.write(np.concatenate(scales) if scales else np.zeros((0,), np.float16))
+
+    def describe(self, config):
+        """Sets the config fields that tell the model how its weights are stored."""
+        config.torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(self.dtype, "float32")
+        config.quantization_config = None if self.bits is None else {
+            "quant_method": "rtn", "bits": self.bits, "group_size": self.group_size, "sym": True,
+            "embed_tokens": True, "lm_head": True}
+
+
+def _forward_shard(shard_path, reader, target, config, checker, out_format):
+    """One Hugging Face shard -> one output shard, tensor by tensor and block by block; returns the names written."""
+    source = SafetensorsFile(shard_path) if reader is read_safetensors else _ArraySource(reader(shard_path))
+    h, jobs = config.hidden_size, []  # (our name, source name, first row, end row)
+    for name in source.keys():
+        if _DERIVED.search(name):
+            continue
+        shape = source.shape(name)
+        checker.check(name, shape)  # input names against the input layout
+        match = _WPACK.match(name)
+        if match and shape == (3 * h, h):
+            jobs += [(match.group(1) + f"{x}_proj.weight", name, j * h, (j + 1) * h) for j, x in enumerate("qkv")]
+        elif shape:
+            jobs.append((name, name, 0, shape[0]))
+    entries = []
+    for out_name, name, first, end in jobs:
+        entries += out_format.entries(out_name, source.dtype(name), (end - first,) + source.shape(name)[1:])
+    if not entries:
+        return []
+    with SafetensorsWriter(target, entries, {"format": "np"}) as writer:
+        for out_name, name, first, end in jobs:
+            out_format.write(writer, out_name, source, name, first, end)
+    return [entry[0] for entry in entries]
+
+
+def _reverse_shard(shard_path, reader, target, config, checker, pending_qkv, dtype):
+    out_tensors = {}
+    for name, array in reader(shard_path):
+        if _DERIVED.search(name):
+            continue
+        checker.check(name, array.shape)  # input names against the input layout
+        for out_name, out_array in _ours_to_hf(name, array, config, pending_qkv):
+            out_tensors[out_name] = _cast(out_array, dtype)
+    if out_tensors:
+        save_tensors(target, out_tensors, {"format": "pt"}, bf16_names=out_tensors if dtype == "bfloat16" else ())
+    return list(out_tensors)
 
 
 def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=False, show_progress=True,
-            variant="auto"):
+            variant="auto", quantize=None, group_size=DEFAULT_GROUP_SIZE):
     """Converts a checkpoint directory; returns the config. See the module docstring."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     if not os.path.isfile(os.path.join(input_path, "config.json")):
@@ -169,6 +318,12 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
     if variant not in VARIANTS:
         raise ConversionError(f"variant must be one of {VARIANTS}, got {variant!r}")
     config = BaichuanConfig.from_hf_config(input_path)
+    if config.quantization_config is not None:
+        raise ConversionError(f"{input_path} holds quantised weights ({config.weight_format()}); the original "
+                              "weights cannot be recovered from it: convert from the Hugging Face checkpoint instead")
+    if reverse and quantize:
+        raise ConversionError("--quantize applies to the forward conversion only, not with --reverse")
+    out_format = _OutputFormat(dtype, quantize, group_size, config)
     if not reverse:
         _apply_variant(config, input_path, variant)
     shards = checkpoint_shards(input_path)
@@ -177,19 +332,13 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         weight_map, pending_qkv = {}, {}
         for number, (shard_path, reader) in enumerate(
                 tqdm(shards, desc="converting shards", unit="shard", disable=not show_progress), start=1):
-            out_tensors = {}
-            for name, array in reader(shard_path):
-                if _DERIVED.search(name):
-                    continue
-                checker.check(name, array)  # input names against the input layout
-                items = _ours_to_hf(name, array, config, pending_qkv) if reverse else hf_to_ours(name, array, config)
-                for out_name, out_array in items:
-                    out_tensors[out_name] = _cast(out_array, dtype)
-            if not out_tensors:
-                continue
             file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(out_tensors, os.path.join(tmp_dir, file_name), metadata={"format": "pt" if reverse else "np"})
-            weight_map.update({name: file_name for name in out_tensors})
+            target = os.path.join(tmp_dir, file_name)
+            if reverse:
+                written = _reverse_shard(shard_path, reader, target, config, checker, pending_qkv, dtype)
+            else:
+                written = _forward_shard(shard_path, reader, target, config, checker, out_format)
+            weight_map.update({name: file_name for name in written})
         if pending_qkv:
             checker.problems += [f"incomplete q/k/v for {p}: only {sorted(v)}" for p, v in pending_qkv.items()]
         checker.finish()
@@ -199,12 +348,16 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                           indent=2)
         if reverse:
+            hf_config = to_hf_config(config)
+            if dtype in ("bfloat16", "float16"):
+                hf_config["torch_dtype"] = dtype
             with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(to_hf_config(config), f, indent=2)
+                json.dump(hf_config, f, indent=2)
             if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
                 write_generation_config(tmp_dir, config)
             _copy_tokenizer(input_path, tmp_dir)
         else:
+            out_format.describe(config)
             finish_model_dir(tmp_dir, config, tokenizer_dir=input_path)
     return config
 
@@ -275,9 +428,14 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input_path", required=True, help="checkpoint directory to read")
     parser.add_argument("--output_path", required=True, help="directory to create")
-    parser.add_argument("--reverse", action="store_true", help="our model directory -> Hugging Face layout")
-    parser.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16"],
-                        help="weight dtype to write (bfloat16 sources are read as float32)")
+    parser.add_argument("--reverse", "--reversed", action="store_true", dest="reverse",
+                        help="our model directory -> Hugging Face layout (--reversed: MindFormers' spelling)")
+    parser.add_argument("--dtype", default="keep", choices=DTYPES,
+                        help="weight dtype to write (keep: as the source, bfloat16 sources widened to float32)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default=None,
+                        help="weight-only round-to-nearest quantisation of projections, embedding and lm_head")
+    parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help="input elements sharing one scale with --quantize (int4: a multiple of 32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
     parser.add_argument("--variant", default="auto", choices=VARIANTS,
                         help="Baichuan2 Chat or Base defaults (auto: chat when the source's generation_config.json "
@@ -285,10 +443,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         config = convert(args.input_path, args.output_path, reverse=args.reverse, dtype=args.dtype,
-                         overwrite=args.overwrite, variant=args.variant)
+                         overwrite=args.overwrite, variant=args.variant, quantize=args.quantize,
+                         group_size=args.group_size)
     except (ConversionError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
         print(f"convert_weight.py: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     kind = "" if args.reverse else (", chat" if config.chat_format else ", base")
     print(f"wrote {args.output_path} ({config.family}{kind}, {config.num_parameters():,} parameters)")
     return 0

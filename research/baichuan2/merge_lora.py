@@ -32,17 +32,21 @@ def merge(base_dir, adapter_path, output_path):
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.lora import merge_into_weights, read_adapter
     from baichuan2.model_dir import atomic_dir, finish_model_dir
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.weights_check import check_model_dir, check_safetensors, load_weights_checked
     from mindspore import Tensor
 
     if os.path.exists(output_path):
         raise FileExistsError(f"--output_path {output_path} already exists; choose a new directory")
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
         raise FileNotFoundError(f"--base {base_dir} is not a model directory (no config.json)")
-    adapter, lora = read_adapter(adapter_file(adapter_path))
+    check_model_dir(base_dir)  # a damaged config.json or weights file: WeightsFileError naming it
+    adapter_path = adapter_file(adapter_path)
+    check_safetensors(adapter_path)
+    adapter, lora = read_adapter(adapter_path)
     config = BaichuanConfig.from_hf_config(base_dir)
     model = BaichuanForCausalLM(config)
-    load_safetensors_into(model, base_dir)  # checks names and shapes against the config
+    load_weights_checked(model, base_dir)  # checks names and shapes against the config
     params = {p.name: p for p in model.get_parameters()}
     merged = merge_into_weights({name: p.asnumpy() for name, p in params.items()}, adapter, lora)
     for name, array in merged.items():

@@ -2,10 +2,11 @@
 
     config.json              our BaichuanConfig fields + auto_map + tokenizer_class
     model*.safetensors       weights under our parameter names
-    tokenizer.model          + tokenizer_config.json (SentencePiece families)
-    tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer)
+    tokenizer.model          + tokenizer_config.json (SentencePiece families; with the chat_template of chat models)
+    tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
-    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py   the model code
+    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py,
+    quantization.py, safetensors_io.py, kernels.py, kernels.cc                           the model code
 
 mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
 they import relatively (modeling_baichuan -> generation for `model.generate`), so all four must be there.
@@ -22,7 +23,7 @@ from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py", "kernels.py", "kernels.cc")
+                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "kernels.py", "kernels.cc")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
@@ -73,6 +74,22 @@ def write_config(model_dir, config: BaichuanConfig):
         json.dump(data, f, indent=2, ensure_ascii=False)
 
 
+def set_chat_template(model_dir, template):
+    """Writes `template` as the chat_template of model_dir's tokenizer_config.json (if there is one); None (a
+    base model) leaves the file as it is. Ours replaces any other: chat.py and the server build prompts from it."""
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if template is None or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if data.get("chat_template") == template:
+        return
+    data["chat_template"] = template
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def finish_model_dir(model_dir, config, tokenizer_dir=None):
     """Adds everything but the weights to `model_dir`."""
     write_config(model_dir, config)
@@ -81,6 +98,7 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
         if os.path.isfile(os.path.join(here, name)):
             shutil.copy2(os.path.join(here, name), os.path.join(model_dir, name))
     write_generation_config(model_dir, config)
+    template = chat_format.get(config.chat_format).chat_template()
     if tokenizer_dir:
         for name in _TOKENIZER_FILES:
             src = os.path.join(tokenizer_dir, name)
@@ -89,13 +107,14 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
     sp_model = os.path.join(model_dir, "tokenizer.model")
     if os.path.isfile(sp_model) and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json")):
         from .tokenization_baichuan import write_tokenizer_files  # pylint: disable=import-outside-toplevel
-        write_tokenizer_files(model_dir, sp_model, model_max_length=config.model_max_length)
+        write_tokenizer_files(model_dir, sp_model, model_max_length=config.model_max_length, chat_template=template)
     hf_tokenizer = os.path.join(model_dir, "tokenizer.json")
     if (config.chat_format == "xverse" and os.path.isfile(hf_tokenizer)
             and not os.path.isfile(os.path.join(model_dir, "tokenizer_config.json"))):
         # pylint: disable-next=import-outside-toplevel
         from .tokenization_xverse import write_tokenizer_files as write_xverse
-        write_xverse(model_dir, hf_tokenizer, model_max_length=config.model_max_length)
+        write_xverse(model_dir, hf_tokenizer, model_max_length=config.model_max_length, chat_template=template)
+    set_chat_template(model_dir, template)  # a tokenizer_config.json copied from tokenizer_dir gets it too
 
 
 @contextlib.contextmanager

@@ -16,12 +16,16 @@ import os
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import np_dtype
 from mindspore.common.initializer import Normal, initializer
+from mindspore.nn.utils import no_init_parameters
 
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from .configuration_baichuan import BaichuanConfig
+from .quantization import bf16_bits, from_bf16_bits, qweight_shape, scales_shape
+from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _MASKED = -1e9  # added to masked attention scores (computed in float32); finite so fully padded rows stay finite
@@ -113,25 +117,138 @@ def normal_weight(shape, config):
     return Parameter(initializer(Normal(config.initializer_range), shape, _DTYPES[config.param_dtype]), name="weight")
 
 
-class Linear(nn.Cell):
-    """Bias-free projection; weight [out, in] so checkpoints map one to one."""
+# ------------------------------------------------------------------ stored weight formats (bf16, int8, int4)
+# A module's format comes from config.weight_format(module): "dense" (param_dtype, trainable; the reference),
+# "bfloat16", "int8" or "int4" (inference only; layouts in quantization.py / QUANT_FORMAT.md). The weights stay in
+# that format in memory. Stock MindSpore ops dequantise them per call (CPU MatMul has no bf16 kernel, so bf16 is
+# cast to float32 and int8/int4 are unpacked and scaled to float32 just before the MatMul); `project` is the one
+# place where a faster kernel (kernels.linear_op, when kernels.py ships) replaces that.
+_STOCK_CHUNK_ROWS = 16384  # stock dequantisation materialises at most this many float32 weight rows at a time
+_BF16_TO_F32 = from_bf16_bits(np.arange(65536, dtype=np.uint16))  # lookup table: CPU Gather has no bf16 kernel
+_UINT8_16, _UINT8_8 = Tensor(16, ms.uint8), Tensor(8, ms.uint8)
 
-    def __init__(self, in_features, out_features, config):
+
+def kernel_linear_op(fmt, group_size):
+    """The fast projection op for `fmt` from kernels.py, or None: stock ops then (kernels.py missing or unusable).
+    Looked up once per projection at construction."""
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
+        return None
+    from . import kernels  # pylint: disable=import-outside-toplevel
+    return kernels.linear_op(fmt, group_size)
+
+
+def dequantize(qweight, scales, bits, group_size, in_features):
+    """Stock-op dequantisation of int8 / packed int4 rows -> float32 [rows, in_features] (see quantization.py)."""
+    rows = qweight.shape[0]
+    if bits == 4:  # byte 16b + j holds element 32b + j (low nibble) and 32b + j + 16 (high nibble), each q + 8
+        packed = qweight.reshape(rows, -1, 16)
+        high = ops.floor_div(packed, _UINT8_16)
+        # still one byte per element: q + 8 - 8 wraps around in uint8 and reads back as int8 q
+        qweight = (ops.concat((packed - high * _UINT8_16, high), 2).reshape(rows, -1) - _UINT8_8).astype(ms.int8)
+    q = qweight.astype(ms.float32)
+    groups = scales.shape[1]
+    width = groups * group_size
+    if q.shape[1] < width:
+        q = ops.concat((q, ops.zeros((rows, width - q.shape[1]), ms.float32)), 1)
+    w = (q.reshape(rows, groups, group_size) * scales.astype(ms.float32).reshape(rows, groups, 1)).reshape(rows, width)
+    return w if width == in_features else w[:, :in_features]
+
+
+def _float_weight(weights, fmt, group_size, in_features):
+    if fmt == "bfloat16":
+        return weights[0].astype(ms.float32)
+    return dequantize(weights[0], weights[1], 8 if fmt == "int8" else 4, group_size, in_features)
+
+
+def project(x, weights, fmt, group_size, in_features, kernel=None):
+    """x W^T for a stored-format weight: `weights` is (weight,) for bfloat16, (qweight, scales) for int8/int4.
+    Float32 out [..., out_features]. `kernel` (from kernel_linear_op) computes straight from the stored weights;
+    without it the weight is dequantised by stock ops, a chunk of rows at a time so that a large output layer
+    (lm_head: 125696 rows) never holds a whole float32 copy."""
+    x2d = x.reshape(-1, in_features).astype(ms.float32)
+    out_features = weights[0].shape[0]
+    if kernel is not None:
+        y = kernel(x2d, *weights)
+    elif out_features <= _STOCK_CHUNK_ROWS:
+        y = _MATMUL_NT(x2d, _float_weight(weights, fmt, group_size, in_features))
+    else:
+        pieces = []
+        for start in range(0, out_features, _STOCK_CHUNK_ROWS):
+            rows = min(_STOCK_CHUNK_ROWS, out_features - start)
+            # ops.slice, not w[a:b]: GRAPH mode's StridedSlice has no bf16 CPU kernel, Slice has
+            part = tuple(ops.slice(w, (start, 0), (rows, w.shape[1])) for w in weights)
+            pieces.append(_MATMUL_NT(x2d, _float_weight(part, fmt, group_size, in_features)))
+        y = ops.concat(pieces, 1)
+    return y.reshape(x.shape[:-1] + (out_features,))
+
+
+def add_stored_weights(cell, out_features, in_features, fmt, group_size):
+    """Creates the (uninitialised) parameters of a bf16 / int8 / int4 weight on `cell`; returns their tuple."""
+    if fmt == "bfloat16":
+        cell.weight = Parameter(initializer("zeros", [out_features, in_features], ms.bfloat16), name="weight",
+                                requires_grad=False)
+        return (cell.weight,)
+    bits = 8 if fmt == "int8" else 4
+    cell.qweight = Parameter(initializer("zeros", list(qweight_shape(out_features, in_features, bits)),
+                                         ms.int8 if bits == 8 else ms.uint8), name="qweight", requires_grad=False)
+    cell.scales = Parameter(initializer("zeros", list(scales_shape(out_features, in_features, group_size)),
+                                        ms.float16), name="scales", requires_grad=False)
+    return (cell.qweight, cell.scales)
+
+
+class Linear(nn.Cell):
+    """Bias-free projection; weight [out, in] so checkpoints map one to one. Dense (trainable) or a stored format
+    (see above): then `weight` is bfloat16, or `qweight` + `scales` hold int8 / int4."""
+
+    def __init__(self, in_features, out_features, config, module="linear"):
         super().__init__()
         self.compute_dtype = _DTYPES[config.compute_dtype]
-        self.weight = normal_weight([out_features, in_features], config)
+        self.in_features = in_features
+        self.format = config.weight_format(module)
+        self.group_size = config.group_size
+        if self.format == "dense":
+            self.weight = normal_weight([out_features, in_features], config)
+        else:
+            add_stored_weights(self, out_features, in_features, self.format, self.group_size)
+            self.kernel = kernel_linear_op(self.format, self.group_size)
 
     def construct(self, x):
-        return linear(x, self.weight, self.compute_dtype)
+        if self.format == "dense":
+            return linear(x, self.weight, self.compute_dtype)
+        weights = (self.weight,) if self.format == "bfloat16" else (self.qweight, self.scales)
+        return project(x, weights, self.format, self.group_size, self.in_features, self.kernel).astype(
+            self.compute_dtype)
 
 
 class Embedding(nn.Cell):
+    """Token embedding. Stored formats gather the rows first, then widen only those: bfloat16 is kept as its uint16
+    bit patterns (CPU Gather has no bf16 kernel) and widened through a 65536-entry table; int8 / int4 rows are
+    dequantised like a projection's."""
+
     def __init__(self, config):
         super().__init__()
-        self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+        self.hidden_size = config.hidden_size
+        self.format = config.weight_format("embed_tokens")
+        self.group_size = config.group_size
+        shape = [config.vocab_size, config.hidden_size]
+        if self.format == "dense":
+            self.weight = normal_weight(shape, config)
+        elif self.format == "bfloat16":
+            self.weight = Parameter(initializer("zeros", shape, ms.uint16), name="weight", requires_grad=False)
+            self.bf16_table = Tensor(_BF16_TO_F32)
+        else:
+            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
 
     def construct(self, input_ids):
-        return ops.gather(self.weight, input_ids, 0)
+        if self.format == "dense":
+            return ops.gather(self.weight, input_ids, 0)
+        ids = input_ids.reshape(-1)
+        if self.format == "bfloat16":
+            rows = ops.gather(self.bf16_table, ops.gather(self.weight, ids, 0).astype(ms.int32), 0)
+        else:
+            rows = dequantize(ops.gather(self.qweight, ids, 0), ops.gather(self.scales, ids, 0),
+                              8 if self.format == "int8" else 4, self.group_size, self.hidden_size)
+        return rows.reshape(input_ids.shape + (self.hidden_size,))
 
 
 class RMSNorm(nn.Cell):
@@ -308,14 +425,24 @@ class NormHead(nn.Cell):
 
     In training the rows are normalised every step (gradients flow through the normalisation); for inference
     `normalize_once()` stores the normalised rows in place so decoding does not recompute them per token.
+    bfloat16 / int8 / int4 lm_heads are stored with their rows already normalised (convert_weight.py normalises
+    in float32 before rounding), so they are used as they are.
     """
 
     def __init__(self, config):
         super().__init__()
         self.norm = config.norm_head
-        self.normalized = False
         self.compute_dtype = _DTYPES[config.compute_dtype]
-        self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+        self.in_features = config.hidden_size
+        self.format = config.weight_format("lm_head")
+        self.group_size = config.group_size
+        if self.format == "dense":
+            self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+            self.normalized = False
+        else:
+            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
+            self.kernel = kernel_linear_op(self.format, self.group_size)
+            self.normalized = True
 
     @staticmethod
     def l2_normalize(w):
@@ -328,6 +455,10 @@ class NormHead(nn.Cell):
             self.normalized = True
 
     def construct(self, x):
+        if self.format != "dense":
+            weights = (self.weight,) if self.format == "bfloat16" else (self.qweight, self.scales)
+            return project(x, weights, self.format, self.group_size, self.in_features, self.kernel).astype(
+                self.compute_dtype)
         w = self.weight
         if self.norm and (self.training or not self.normalized):
             w = self.l2_normalize(w)
@@ -398,22 +529,30 @@ class BaichuanForCausalLM(PreTrainedModel):
 
     def load_weights(self, model_dir_or_file, strict=True):
         load_safetensors_into(self, model_dir_or_file, strict=strict)
-        self.lm_head.normalized = False
+        if self.lm_head.format == "dense":
+            self.lm_head.normalized = False
         return self
 
     def save_pretrained(self, save_directory, **kwargs):  # pylint: disable=arguments-differ
-        """config.json + model.safetensors (our parameter names)."""
-        from safetensors.numpy import save_file
+        """config.json + model.safetensors (our parameter names, each weight in its stored format), written one
+        tensor at a time."""
         os.makedirs(save_directory, exist_ok=True)
         self.config.to_json_file(os.path.join(save_directory, "config.json"))
-        tensors = {p.name: p.asnumpy() for p in self.get_parameters()}
-        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "np"})
+        params = list(self.get_parameters())
+        entries = [(p.name, _SAFETENSORS_DTYPE[p.dtype], tuple(p.shape)) for p in params]
+        with SafetensorsWriter(os.path.join(save_directory, WEIGHTS_NAME), entries, {"format": "np"}) as writer:
+            for p in params:
+                array = p.asnumpy()
+                writer.write(array.view(np.uint16) if p.dtype == ms.bfloat16 else array)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_dir, **kwargs):  # pylint: disable=arguments-differ
         """Builds the model from a directory with config.json + model.safetensors, ready for inference.
 
-        Keyword arguments that are config fields (e.g. compute_dtype) override the saved config.
+        Keyword arguments that are config fields (e.g. compute_dtype) override the saved config. The model is
+        built without initialising its parameters (MindSpore's `no_init_parameters`), then each one is set from
+        the checkpoint in its stored format, tensor by tensor: no random weights and no float32 copy of
+        bfloat16 / int8 / int4 weights ever exist.
         """
         model_dir = pretrained_model_name_or_dir
         if not os.path.isdir(model_dir):
@@ -424,7 +563,8 @@ class BaichuanForCausalLM(PreTrainedModel):
             if hasattr(config, key) and key != "name_or_path":
                 setattr(config, key, kwargs.pop(key))
         config.name_or_path = model_dir
-        model = cls(config)
+        with no_init_parameters():
+            model = cls(config)
         model.load_weights(model_dir)
         return model.prepare_for_inference()
 
@@ -497,27 +637,49 @@ def weight_files(path):
                             "(convert a Hugging Face checkpoint with convert_weight.py first)")
 
 
+_SAFETENSORS_DTYPE = {ms.float32: "F32", ms.float16: "F16", ms.bfloat16: "BF16", ms.uint16: "BF16",
+                      ms.int8: "I8", ms.uint8: "U8"}  # uint16 parameters hold bfloat16 bits (Embedding)
+
+
+def _parameter_tensor(array, stored, param):
+    """A numpy tensor read from a file (dtype `stored`, BF16 as uint16 bits) as a Tensor of `param`'s dtype, or
+    None when it cannot be (an int8/int4 tensor needs exactly the parameter's integer dtype)."""
+    if param.dtype in (ms.bfloat16, ms.uint16):  # bfloat16 bits, exactly as stored when stored as BF16
+        bits = array if stored == "BF16" else bf16_bits(array.astype(np.float32))
+        return Tensor(bits.view(np_dtype.bfloat16)) if param.dtype == ms.bfloat16 else Tensor(bits)
+    if param.dtype in (ms.int8, ms.uint8):
+        return Tensor(array) if _SAFETENSORS_DTYPE[param.dtype] == stored else None
+    if stored == "BF16":
+        array = from_bf16_bits(array)
+    return Tensor(array).astype(param.dtype)
+
+
 def load_safetensors_into(model, path, strict=True):
-    """Copies safetensors tensors into the model's parameters one by one, checking names and shapes.
+    """Copies safetensors tensors into the model's parameters one by one, checking names, shapes and (for
+    quantised weights) dtypes. bfloat16 tensors go into bfloat16 parameters bit for bit.
 
     Raises ValueError listing every missing, unexpected or mis-shaped tensor (with expected and found shapes).
     """
-    from safetensors import safe_open
     params = {p.name: p for p in model.get_parameters()}
     seen, unexpected, wrong_shape = set(), [], []
     for file in weight_files(path):
-        with safe_open(file, framework="np") as f:
-            for name in f.keys():
-                if name not in params:
-                    unexpected.append(name)
-                    continue
-                array = f.get_tensor(name)
-                param = params[name]
-                if tuple(array.shape) != tuple(param.shape):
-                    wrong_shape.append(f"{name}: expected {tuple(param.shape)}, found {tuple(array.shape)}")
-                    continue
-                param.set_data(Tensor(array).astype(param.dtype))
-                seen.add(name)
+        reader = SafetensorsFile(file)
+        for name in reader.keys():
+            if name not in params:
+                unexpected.append(name)
+                continue
+            param = params[name]
+            if reader.shape(name) != tuple(param.shape):
+                wrong_shape.append(f"{name}: expected {tuple(param.shape)}, found {reader.shape(name)}")
+                continue
+            tensor = _parameter_tensor(reader.read(name), reader.dtype(name), param)
+            if tensor is None:
+                wrong_shape.append(f"{name}: expected dtype {_SAFETENSORS_DTYPE[param.dtype]}, found "
+                                   f"{reader.dtype(name)} (is config.json's quantization_config the one the "
+                                   "weights were made with?)")
+                continue
+            param.set_data(tensor)
+            seen.add(name)
     missing = sorted(set(params) - seen - {w.split(":")[0] for w in wrong_shape})
     problems = []
     if wrong_shape:

@@ -149,11 +149,11 @@ class BaichuanTokenizer(PreTrainedTokenizer):
         return (out_file,)
 
 
-def write_tokenizer_files(out_dir, model_file, model_max_length=None):
+def write_tokenizer_files(out_dir, model_file, model_max_length=None, chat_template=None):
     """Makes `out_dir` loadable by `BaichuanTokenizer.from_pretrained(out_dir)` and by mindformers'
     `AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)`: copies the SentencePiece model to
     tokenizer.model, this file to tokenization_baichuan.py (the `auto_map` target, as in Hugging Face's Baichuan2
-    directories) and writes tokenizer_config.json. Returns the config dict."""
+    directories) and writes tokenizer_config.json (with `chat_template` when given). Returns the config dict."""
     if not os.path.isfile(model_file):
         raise FileNotFoundError(f"write_tokenizer_files: SentencePiece model {model_file!r} not found "
                                 f"(the bundled one is dataset/tokenizer.model)")
@@ -170,6 +170,8 @@ def write_tokenizer_files(out_dir, model_file, model_max_length=None):
               **SPECIAL_TOKENS, "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}}
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
+    if chat_template is not None:  # the Jinja template apply_chat_template renders (chat_format.py writes it)
+        config["chat_template"] = chat_template
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

@@ -140,10 +140,11 @@ class XverseTokenizer(PreTrainedTokenizer):
         return (out_file,)
 
 
-def write_tokenizer_files(out_dir, tokenizer_file, model_max_length=None):
+def write_tokenizer_files(out_dir, tokenizer_file, model_max_length=None, chat_template=None):
     """Makes `out_dir` loadable by `XverseTokenizer.from_pretrained(out_dir)` and by mindformers'
     `AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)`: copies tokenizer.json and this file
-    (tokenization_xverse.py, the `auto_map` target) and writes tokenizer_config.json. Returns the config dict."""
+    (tokenization_xverse.py, the `auto_map` target) and writes tokenizer_config.json (with `chat_template` when
+    given). Returns the config dict."""
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"write_tokenizer_files: tokenizer file {tokenizer_file!r} not found "
                                 f"(the bundled one is dataset/xverse/tokenizer.json)")
@@ -160,6 +161,8 @@ def write_tokenizer_files(out_dir, tokenizer_file, model_max_length=None):
               "clean_up_tokenization_spaces": False}
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
+    if chat_template is not None:  # the Jinja template apply_chat_template renders (chat_format.py writes it)
+        config["chat_template"] = chat_template
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
         f.write("\n")

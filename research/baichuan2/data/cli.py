@@ -7,15 +7,19 @@ from ..chat_format import ASSISTANT_TOKEN, USER_TOKEN
 from .errors import DataError
 from .labelling import TEMPLATES
 from .preprocess import preprocess
+from .records import FORMAT_NAMES, FORMATS_HELP
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="BELLE-format chat data -> MindRecord rows for Baichuan2 finetuning")
+    p = argparse.ArgumentParser(description="Chat data (BELLE/ShareGPT, Alpaca, OpenAI messages) -> MindRecord "
+                                             "rows for finetuning")
     p.add_argument("--input_glob", required=True, help="glob of .json (array) / .jsonl files, read in sorted order")
     p.add_argument("--model_file", required=True,
                    help="SentencePiece tokenizer.model, or tokenizer.json (Hugging Face tokenizers, XVERSE)")
     p.add_argument("--template", choices=sorted(TEMPLATES),
                    help="chat layout and labelling (default: xverse for a .json tokenizer, else baichuan2)")
+    p.add_argument("--format", default="auto", choices=("auto",) + FORMAT_NAMES,
+                   help=f"record format: {FORMATS_HELP}; auto: each file's from its first record")
     p.add_argument("--output_file", required=True, help="output .mindrecord (its .db index is written beside it)")
     p.add_argument("--seq_length", type=int, default=512, help="rows are seq_length + 1 tokens")
     p.add_argument("--num_workers", type=int, default=1, help="tokenisation processes (output does not change)")

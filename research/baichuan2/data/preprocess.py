@@ -17,8 +17,8 @@ from collections import Counter
 from ..chat_format import IGNORE
 from .errors import DataError
 from .mindrecord import RowWriter, check_output
-from .readers import read_records
-from .records import record_turns
+from .readers import read_file
+from .records import detect_format, record_turns
 from .tokens import default_template, template_ids
 from .workers import Labeller
 
@@ -27,8 +27,8 @@ BLOCK = 2048  # records labelled per batch (bounds memory whatever the input siz
 
 def preprocess(args):
     """Runs the conversion described by `args` (the attributes of belle_preprocess.py's flags: input_glob,
-    model_file, template, output_file, seq_length, num_workers, strict, overwrite, user_token, assistant_token,
-    quiet); returns the stats dict. Raises DataError for anything that must stop the run."""
+    model_file, template, format, output_file, seq_length, num_workers, strict, overwrite, user_token,
+    assistant_token, quiet); returns the stats dict. Raises DataError for anything that must stop the run."""
     start = time.time()
     paths = sorted(glob.glob(args.input_glob))
     if not paths:
@@ -61,21 +61,28 @@ def preprocess(args):
 
 
 def _valid_turns(paths, args, stats, skipped):
-    """Turns of every good record in order; a bad one is skipped and counted, or (strict) stops the run."""
+    """Turns of every good record in order; a bad one is skipped and counted, or (strict) stops the run. With
+    --format auto each file's format comes from its first record; a first record of no known format stops the run.
+    Progress: bytes read of all files, on stderr when it is a terminal (as tqdm does by default), never --quiet."""
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-    bar = tqdm(read_records(paths), unit=" rec", disable=args.quiet, file=sys.stderr, desc="records")
-    for where, record in bar:
-        stats["read"] += 1
-        try:
-            if isinstance(record, DataError):
-                raise record
-            yield record_turns(record, where)
-        except DataError as e:
-            if args.strict:
-                raise DataError(e.reason, f"{e} (--strict: stopping; nothing was written)") from None
-            skipped[e.reason] += 1
-            print(f"skipped: {e}", file=sys.stderr)
+    bar = tqdm(total=sum(os.path.getsize(p) for p in paths), unit="B", unit_scale=True, unit_divisor=1024,
+               desc="reading", file=sys.stderr, disable=True if args.quiet else None)
+    for path in paths:
+        record_format = None if args.format == "auto" else args.format
+        for where, record in read_file(path, bar.update):
+            stats["read"] += 1
+            if record_format is None and not isinstance(record, DataError):
+                record_format = detect_format(record, where)  # not one bad record: the file cannot be read
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                yield record_turns(record, where, record_format)
+            except DataError as e:
+                if args.strict:
+                    raise DataError(e.reason, f"{e} (--strict: stopping; nothing was written)") from None
+                skipped[e.reason] += 1
+                print(f"skipped: {e}", file=sys.stderr)
     bar.close()
 
 

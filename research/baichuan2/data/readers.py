@@ -13,13 +13,16 @@ from .errors import DataError
 CHUNK_BYTES = 1 << 20  # streaming read size
 
 
-def _decoded_chunks(path):
-    """Non-empty text chunks, then the end; DataError (with the byte offset) on bytes that are not UTF-8."""
+def _decoded_chunks(path, progress=None):
+    """Non-empty text chunks, then the end; DataError (with the byte offset) on bytes that are not UTF-8.
+    progress(n) is called with the number of bytes of each read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
         while True:
             raw = f.read(CHUNK_BYTES)
+            if progress:
+                progress(len(raw))
             try:
                 text = decoder.decode(raw, final=not raw)
             except UnicodeDecodeError as e:
@@ -38,10 +41,10 @@ def is_json_array(path):
     return head.startswith(b"[")
 
 
-def read_json_array(path):
+def read_json_array(path, progress=None):
     """Streams the elements of a top-level JSON array with JSONDecoder.raw_decode over growing chunks."""
     decoder = json.JSONDecoder()
-    chunks = _decoded_chunks(path)
+    chunks = _decoded_chunks(path, progress)
     buf, pos, eof = "", 0, False
     cursor = [0, 1]  # (index in buf, its line number), moved forward only so line counting stays linear
 
@@ -107,10 +110,12 @@ def read_json_array(path):
                                               f"got {got}; the rest of this file was not read")
 
 
-def read_json_lines(path):
+def read_json_lines(path, progress=None):
     """One record per non-blank line; a bad line is yielded as a DataError and reading goes on."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if progress:
+                progress(len(raw))
             where = f"{path}:{lineno}"
             try:
                 text = raw.decode("utf-8")
@@ -126,11 +131,16 @@ def read_json_lines(path):
                 yield where, DataError("malformed_json", f"{where}: malformed JSON at column {e.colno} ({e.msg})")
 
 
-def read_records(paths):
+def read_file(path, progress=None):
+    """The records of one file in order: (where, record | DataError); progress(n) gets each read's byte count."""
+    try:
+        reader = read_json_array(path, progress) if is_json_array(path) else read_json_lines(path, progress)
+        yield from reader
+    except DataError as e:  # file-level stop (JSON array syntax, non-UTF-8)
+        yield path, e
+
+
+def read_records(paths, progress=None):
     """All records of all files in order: (where, record | DataError)."""
     for path in paths:
-        try:
-            reader = read_json_array(path) if is_json_array(path) else read_json_lines(path)
-            yield from reader
-        except DataError as e:  # file-level stop (JSON array syntax, non-UTF-8)
-            yield path, e
+        yield from read_file(path, progress)

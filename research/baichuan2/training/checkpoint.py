@@ -1,22 +1,36 @@
 """What a training run writes and reads back.
 
     checkpoints/step_XXXXXX/   config.json + model.safetensors (or adapter_model.safetensors under LoRA),
-                               optimizer.safetensors, trainer_state.json (step, data position)
+                               optimizer.safetensors, trainer_state.json (step, data position),
+                               manifest.json (size and sha256 of each of the other files)
+    checkpoints/step_XXXXXX.damaged-N/   a checkpoint that failed verification on --resume, moved aside (kept)
     model/                     the final weights as a servable model directory
     adapter/                   the final LoRA adapters (config.json + adapter_model.safetensors)
-Every directory is written through model_dir.atomic_dir: a crash leaves a `.tmp_*` directory, never a partial one.
+Every directory is written through model_dir.atomic_dir (files and directory fsynced, then renamed): a crash leaves a
+`.tmp_*` directory, never a partial one.
+
+Verification (verify_checkpoint): every file listed in manifest.json has its recorded size and sha256. Checkpoints
+written before manifests existed (no "manifest" key in trainer_state.json) are verified by reading them: the JSON
+files parse and every safetensors file passes weights_check.check_safetensors (header, offsets, exact size). That
+catches truncated, zeroed and missing files, not flipped bits inside a tensor.
 """
 import json
 import os
+import re
 import shutil
+import time
 
+from baichuan2.lora import ADAPTER_FILE
 from baichuan2.model_dir import atomic_dir, finish_model_dir
+from baichuan2.weights_check import WeightsFileError, check_safetensors, load_weights_checked, sha256_file
 
 from .recipe import FinetuneError
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def checkpoint_root(output_dir):
@@ -24,16 +38,131 @@ def checkpoint_root(output_dir):
 
 
 def checkpoint_dirs(output_dir):
-    """Complete checkpoints, oldest first. Only renamed dirs with a state file count (temp dirs never do)."""
+    """Checkpoint directories (step_XXXXXX), oldest first. Temp dirs of an interrupted save and checkpoints moved
+    aside as damaged never count; whether a listed one is intact is verify_checkpoint's job."""
     root = checkpoint_root(output_dir)
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
-        path = os.path.join(root, name)
-        if name.startswith("step_") and os.path.isfile(os.path.join(path, STATE_FILE)):
-            found.append((int(name[len("step_"):]), path))
+        match = _STEP_DIR.match(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
     return [p for _, p in sorted(found)]
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint that does not verify; str() is one line: which file and why."""
+
+    def __init__(self, checkpoint, file, problem):
+        self.checkpoint, self.file, self.problem = checkpoint, file, problem
+        super().__init__(f"{file}: {problem}")
+
+
+def _read_json(checkpoint, name):
+    path = os.path.join(checkpoint, name)
+    if not os.path.isfile(path):
+        raise CheckpointDamaged(checkpoint, name, "is missing")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointDamaged(checkpoint, name, f"is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointDamaged(checkpoint, name, "is not a JSON object")
+    return data
+
+
+def _file_record(path):
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def write_manifest(directory):
+    """manifest.json: size and sha256 of every other file in `directory` (read back from disk after writing)."""
+    files = {name: _file_record(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+             if name != MANIFEST_FILE and os.path.isfile(os.path.join(directory, name))}
+    with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
+        json.dump({"format": 1, "files": files}, f, indent=2)
+
+
+def verify_checkpoint(checkpoint, files=None, checksums=True):
+    """Raises CheckpointDamaged naming the first file that is missing, truncated or altered; returns the parsed
+    trainer_state.json. `files`: only these (plus the state file); checksums=False: sizes only (cheap)."""
+    state = _read_json(checkpoint, STATE_FILE)
+    for key in ("step", "global_batch", "num_samples"):
+        if not isinstance(state.get(key), int):
+            raise CheckpointDamaged(checkpoint, STATE_FILE, f"has no integer {key!r}")
+    if "manifest" not in state:  # written before manifests existed: verify by reading the files
+        weights = ADAPTER_FILE if os.path.exists(os.path.join(checkpoint, ADAPTER_FILE)) else WEIGHTS_FILE
+        for name in files or ("config.json", weights, OPTIMIZER_FILE):
+            if name.endswith(".json"):
+                _read_json(checkpoint, name)
+                continue
+            try:
+                check_safetensors(os.path.join(checkpoint, name))
+            except WeightsFileError as e:
+                raise CheckpointDamaged(checkpoint, name, e.problem) from e
+        return state
+    manifest = _read_json(checkpoint, MANIFEST_FILE)
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict) or STATE_FILE not in recorded or not all(
+            isinstance(r, dict) and isinstance(r.get("size"), int) for r in recorded.values()):
+        raise CheckpointDamaged(checkpoint, MANIFEST_FILE, "does not list each file with its size and sha256")
+    for name in [STATE_FILE] + [n for n in sorted(recorded) if n != STATE_FILE and (files is None or n in files)]:
+        path, want = os.path.join(checkpoint, name), recorded[name]
+        if not os.path.isfile(path):
+            raise CheckpointDamaged(checkpoint, name, "is missing")
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise CheckpointDamaged(checkpoint, name, f"is {size} bytes, the manifest records {want['size']} "
+                                                      f"({'truncated' if size < want['size'] else 'altered'})")
+        if checksums and sha256_file(path) != want.get("sha256"):
+            raise CheckpointDamaged(checkpoint, name, "sha256 differs from the manifest (the contents changed)")
+    for name in files or ():
+        if name not in recorded:
+            raise CheckpointDamaged(checkpoint, name, "is not listed in the manifest")
+    return state
+
+
+def move_aside(checkpoint):
+    """Renames a damaged checkpoint to step_XXXXXX.damaged-N (the first free N); never deletes it."""
+    n = 1
+    while os.path.exists(f"{checkpoint}.damaged-{n}"):
+        n += 1
+    os.rename(checkpoint, f"{checkpoint}.damaged-{n}")
+    return f"{checkpoint}.damaged-{n}"
+
+
+def checkpoint_to_resume(output_dir, rank):
+    """The newest checkpoint that verifies, or None when there are none.
+
+    Newer ones that do not verify are reported (one line each: which file and why) and moved aside by rank 0;
+    other ranks verify for themselves and reach the same choice. When checkpoints exist but none verifies,
+    FinetuneError (one line) and nothing is moved.
+    """
+    candidates = checkpoint_dirs(output_dir)
+    damaged = []
+    for path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+        except CheckpointDamaged as e:
+            damaged.append((path, e))
+            continue
+        except FileNotFoundError:  # rank 0 moved it aside while this rank was reading it
+            damaged.append((path, None))
+            continue
+        if rank == 0:
+            for bad, why in damaged:
+                if why is not None and os.path.isdir(bad):
+                    aside = move_aside(bad)
+                    print(f"warning: checkpoint {os.path.basename(bad)} is damaged ({why}); moved aside to "
+                          f"{os.path.basename(aside)}, resuming from {os.path.basename(path)}", flush=True)
+        return path
+    if candidates:
+        reasons = "; ".join(f"{os.path.basename(p)}: {e}" for p, e in damaged if e is not None)
+        raise FinetuneError(f"--resume: no checkpoint under {checkpoint_root(output_dir)} verifies ({reasons}); "
+                            "nothing was moved: restore the files, or train into a new --output_dir")
+    return None
 
 
 def remove_partial_checkpoints(output_dir):
@@ -53,7 +182,7 @@ def train_cell_state(train_cell, model):
 
 def save_weights(model, directory):
     """config.json + the trainable weights: model.safetensors, or only the adapters under LoRA."""
-    from baichuan2.lora import ADAPTER_FILE, has_lora, save_adapter  # pylint: disable=import-outside-toplevel
+    from baichuan2.lora import has_lora, save_adapter  # pylint: disable=import-outside-toplevel
     if not has_lora(model):
         model.save_pretrained(directory)
         return
@@ -63,35 +192,71 @@ def save_weights(model, directory):
 
 
 def save_checkpoint(output_dir, model, train_cell, state, keep):
-    """Writes checkpoints/step_XXXXXX atomically and keeps only the newest `keep`."""
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    """Writes checkpoints/step_XXXXXX atomically (with its manifest) and keeps only the newest `keep`.
+
+    Older checkpoints are removed only once the new one is in place with every file at its recorded size, so the
+    rotation never removes the last good checkpoint; directories moved aside as damaged are never touched.
+    """
+    # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
     final = os.path.join(checkpoint_root(output_dir), f"step_{state['step']:06d}")
     if os.path.isdir(final):
         return final
-    with atomic_dir(final) as tmp:
-        save_weights(model, tmp)
-        opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
-        save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=2)
+    try:
+        with atomic_dir(final) as tmp:
+            save_weights(model, tmp)
+            _debug_pause_between_files(output_dir, state["step"])
+            opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
+            save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(dict(state, manifest=MANIFEST_FILE), f, indent=2)
+            for name in os.listdir(tmp):  # what was written must read back whole before it is checksummed
+                if name.endswith(".safetensors"):
+                    check_safetensors(os.path.join(tmp, name))
+            write_manifest(tmp)
+    except (OSError, SafetensorError, WeightsFileError) as e:  # a full disk, a lost mount: the temp dir is gone
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise FinetuneError(f"cannot write checkpoint {final} ({why}); the older checkpoints are kept: fix the "
+                            "cause and rerun with --resume") from e
+    try:
+        verify_checkpoint(final, checksums=False)
+    except CheckpointDamaged as e:
+        print(f"warning: checkpoint {final} does not verify right after writing ({e}); older checkpoints kept",
+              flush=True)
+        return final
     for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _debug_pause_between_files(output_dir, step):
+    """Fault-injection hook (tests only): with BAICHUAN_FINETUNE_DEBUG=1 and BAICHUAN_FINETUNE_PAUSE_IN_SAVE=<step>,
+    the save of that step stops after its first file, writes debug/saving_step_<step> and sleeps, so a test can kill
+    the process mid-checkpoint."""
+    if os.environ.get("BAICHUAN_FINETUNE_DEBUG") != "1" or os.environ.get("BAICHUAN_FINETUNE_PAUSE_IN_SAVE") != str(
+            step):
+        return
+    with open(os.path.join(output_dir, "debug", f"saving_step_{step}"), "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
 def restore_checkpoint(path, model, train_cell):
-    """Loads a checkpoint's weights (or adapters) and optimizer state; returns its trainer_state.json."""
+    """Loads a checkpoint's weights (or adapters) and optimizer state; returns its trainer_state.json.
+    A damaged file raises WeightsFileError (a ValueError) naming it."""
     # pylint: disable=import-outside-toplevel
     from mindspore import Tensor
     from safetensors.numpy import load_file
-    from baichuan2.lora import ADAPTER_FILE, has_lora, load_adapter
-    from baichuan2.modeling_baichuan import load_safetensors_into
+    from baichuan2.lora import has_lora, load_adapter
     if has_lora(model):  # the frozen base came from load_checkpoint; the checkpoint holds the adapters
         if not os.path.isfile(os.path.join(path, ADAPTER_FILE)):
             raise ValueError(f"{path} holds no {ADAPTER_FILE}: it is not a LoRA checkpoint")
+        check_safetensors(os.path.join(path, ADAPTER_FILE))
         load_adapter(model, os.path.join(path, ADAPTER_FILE))
     else:
-        load_safetensors_into(model, os.path.join(path, WEIGHTS_FILE))
+        load_weights_checked(model, os.path.join(path, WEIGHTS_FILE))
+    check_safetensors(os.path.join(path, OPTIMIZER_FILE))
     saved = load_file(os.path.join(path, OPTIMIZER_FILE))
     params = train_cell_state(train_cell, model)
     if set(saved) != set(params):
@@ -135,17 +300,22 @@ def export_checkpoint(checkpoint, output_path, tokenizer_dir):
     """
     # pylint: disable=import-outside-toplevel
     from baichuan2.configuration_baichuan import BaichuanConfig
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
     for name in ("config.json", WEIGHTS_FILE):
         if not os.path.isfile(os.path.join(checkpoint, name)):
             raise FinetuneError(f"{checkpoint} is not a finetune checkpoint: {name} is missing (expected a "
                                 "<output_dir>/checkpoints/step_XXXXXX directory)")
     if os.path.exists(output_path):
         raise FinetuneError(f"--output_path {output_path} already exists; choose a new directory")
-    config = BaichuanConfig.from_hf_config(checkpoint)
-    model = BaichuanForCausalLM(config)
+    if os.path.isfile(os.path.join(checkpoint, STATE_FILE)):  # a finetune checkpoint: check what export reads
+        try:
+            verify_checkpoint(checkpoint, files=["config.json", WEIGHTS_FILE])
+        except CheckpointDamaged as e:
+            raise FinetuneError(f"checkpoint {checkpoint} is damaged: {e}; export another checkpoint") from e
     try:
-        load_safetensors_into(model, os.path.join(checkpoint, WEIGHTS_FILE))
-    except ValueError as e:
+        config = BaichuanConfig.from_hf_config(checkpoint)
+        model = BaichuanForCausalLM(config)
+        load_weights_checked(model, os.path.join(checkpoint, WEIGHTS_FILE))
+    except ValueError as e:  # WeightsFileError included
         raise FinetuneError(str(e)) from e
     return write_servable_dir(output_path, model, config, tokenizer_dir)

@@ -15,8 +15,9 @@ class TrainMonitor(Callback):
     """
 
     def __init__(self, *, rank, world_size, output_dir, plan, lrs, first_step, total_steps, tokens_per_step,
-                 log_steps, save_steps, save, writer=None, debug_dir=None):
+                 log_steps, save_steps, save, writer=None, debug_dir=None, steps_per_epoch=None):
         super().__init__()
+        self.progress = Progress(total_steps, steps_per_epoch)
         self.rank, self.world_size, self.output_dir = rank, world_size, output_dir
         self.plan, self.lrs, self.first_step, self.total_steps = plan, lrs, first_step, total_steps
         self.tokens_per_step, self.log_steps, self.save_steps = tokens_per_step, log_steps, save_steps
@@ -32,6 +33,7 @@ class TrainMonitor(Callback):
         step = self.step
         now = time.time()
         elapsed, self.last_time = now - self.last_time, now
+        self.progress.update(step, now)
         if self.debug_dir:
             with open(os.path.join(self.debug_dir, f"samples_rank{self.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, "indices": self.plan[step - 1 - self.first_step]}) + "\n")
@@ -51,7 +53,8 @@ class TrainMonitor(Callback):
         if step % self.log_steps == 0 or step == self.total_steps:
             print(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
                   f"tokens/s {tokens_per_s:.0f} ({tokens_per_s / self.world_size:.0f} per device)"
-                  + (" [skipped: non-finite gradients]" if overflow else ""), flush=True)
+                  + (" [skipped: non-finite gradients]" if overflow else "") + f" | {self.progress.describe(step)}",
+                  flush=True)
         if step % self.save_steps == 0 or step == self.total_steps:
             print(f"saved checkpoint {self.save(step)}", flush=True)
 
@@ -60,6 +63,45 @@ class TrainMonitor(Callback):
             f.write(json.dumps(record) + "\n")
         for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
             self.writer.add_scalar(f"train/{name}", record[name], step)
+
+
+class Progress:
+    """Where a run stands: percent of all steps, epoch, and the time left at the pace of this process's steps so
+    far (the first step, which includes graph compilation, is left out of the pace once there are others)."""
+
+    def __init__(self, total_steps, steps_per_epoch=None):
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.start = self.latest = None  # (step, time it ended): this process's first step and its latest
+
+    def update(self, step, now):
+        self.latest = (step, now)
+        if self.start is None:
+            self.start = self.latest
+
+    def eta_seconds(self, step):
+        """Seconds until the last step, or None before two steps have ended (no pace yet)."""
+        if step >= self.total_steps:
+            return 0.0
+        if self.latest is None or self.latest[0] <= self.start[0]:
+            return None
+        pace = (self.latest[1] - self.start[1]) / (self.latest[0] - self.start[0])
+        return pace * (self.total_steps - step)
+
+    def describe(self, step):
+        """e.g. "42% epoch 2/3 ETA 0:01:05"."""
+        parts = [f"{100.0 * step / max(self.total_steps, 1):.0f}%"]
+        if self.steps_per_epoch:
+            epochs = -(-self.total_steps // self.steps_per_epoch)
+            parts.append(f"epoch {min((step - 1) // self.steps_per_epoch + 1, epochs)}/{epochs}")
+        eta = self.eta_seconds(step)
+        parts.append("ETA " + ("--" if eta is None else format_duration(eta)))
+        return " ".join(parts)
+
+
+def format_duration(seconds):
+    """H:MM:SS (days as hours: 27:00:00)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def write_loss_curve(output_dir):

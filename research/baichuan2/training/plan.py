@@ -35,7 +35,7 @@ def inspect_dataset(path, seq_length):
         if row[name].shape != (seq_length + 1,):
             raise FinetuneError(f"train dataset {path}: column {name!r} has shape {row[name].shape}, the recipe wants "
                                 f"rows of seq_length + 1 = {seq_length + 1} tokens (data.seq_length {seq_length}); "
-                                "re-make the data or set data.seq_length")
+                                f"pass --seq_length {row[name].shape[0] - 1} for these rows, or re-make the data")
     return count
 
 

@@ -6,10 +6,10 @@ import dataclasses
 import os
 
 from ..runtime import setup_training
-from .checkpoint import (checkpoint_dirs, remove_partial_checkpoints, restore_checkpoint, save_checkpoint,
-                         write_adapter_dir, write_model_dir)
+from .checkpoint import (checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints, restore_checkpoint,
+                         save_checkpoint, write_adapter_dir, write_model_dir)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
-from .recipe import FinetuneError
+from .recipe import FinetuneError, dataset_hint, model_config, model_dir_config
 from .schedule import lr_schedule
 
 
@@ -66,24 +66,20 @@ def run(recipe, resume, device="auto", threads=None):
 # ---------------------------------------------------------------------------------------------- validate
 def validate(recipe, rank, world_size, device, resume):
     """Checks the model config, data, batch sizes, checkpoints and LoRA settings; returns the run's shape."""
-    from baichuan2.configuration_baichuan import BaichuanConfig  # pylint: disable=import-outside-toplevel
     mcfg, dcfg, tcfg = recipe["model"], recipe["data"], recipe["train"]
     seq_length = int(dcfg["seq_length"])
-    overrides = dict(mcfg["overrides"] or {})
-    if device == "CPU" and overrides.get("compute_dtype", "float32") != "float32":
-        print(f"note: compute_dtype {overrides['compute_dtype']} has no CPU kernels; training in float32")
-        overrides["compute_dtype"] = "float32"
-    try:
-        config = BaichuanConfig.from_preset(mcfg["preset"], **overrides)
-    except (ValueError, TypeError) as e:
-        raise FinetuneError(f"model config (preset {mcfg['preset']!r}, overrides {overrides}): {e}") from e
+    config, note = model_config(mcfg, device)  # the load_checkpoint directory's architecture, else the preset's
+    if note and rank == 0:
+        print(f"note: {note}")
     if seq_length > config.max_context:
-        raise FinetuneError(f"data.seq_length {seq_length} exceeds the model's context {config.max_context}; "
-                            "raise model.overrides.max_position_embeddings or shorten the rows")
+        fix = ("shorten the rows" if model_dir_config(mcfg["load_checkpoint"]) else
+               "raise model.overrides.max_position_embeddings or shorten the rows")
+        raise FinetuneError(f"data.seq_length {seq_length} exceeds the model's context {config.max_context}; {fix}")
+    dataset_hint(dcfg["train_dataset"])
     num_samples = inspect_dataset(dcfg["train_dataset"], seq_length)
     shape = RunShape(rank=rank, world_size=world_size, device=device, config=config, seq_length=seq_length,
                      num_samples=num_samples, batch=int(tcfg["batch_size"]), accum=int(tcfg["grad_accum_steps"]),
-                     total_steps=0, lora_rank=int(recipe["lora"]["rank"] or 0))
+                     total_steps=0, lora_rank=adapter_rank(recipe["lora"], rank))
     if num_samples < shape.global_batch:
         raise FinetuneError(f"train dataset {dcfg['train_dataset']} has {num_samples} rows, fewer than one global "
                             f"batch ({shape.batch} x {shape.accum} accumulation x {world_size} devices = "
@@ -98,16 +94,39 @@ def validate(recipe, rank, world_size, device, resume):
 
 
 def _checkpoint_to_resume(output_dir, resume, rank):
-    """The newest complete checkpoint with --resume; refuses to train over existing checkpoints without it."""
-    complete = checkpoint_dirs(output_dir)
+    """With --resume, the newest checkpoint that verifies (damaged newer ones are moved aside); refuses to train
+    over existing checkpoints without it."""
     if not resume:
-        if complete:
+        if checkpoint_dirs(output_dir):
             raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
                                 "choose another --output_dir (nothing was overwritten)")
         return None
-    if not complete and rank == 0:
+    found = checkpoint_to_resume(output_dir, rank)
+    if not found and rank == 0:
         print(f"--resume: no complete checkpoint under {output_dir}/checkpoints; starting from the beginning")
-    return complete[-1] if complete else None
+    return found
+
+
+def adapter_rank(lora, rank=0):
+    """The LoRA rank of the run: lora.rank, or the rank of lora.load_adapter (which then also supplies alpha and
+    targets; a different non-zero lora.rank is a contradiction)."""
+    if not lora.get("load_adapter"):
+        return int(lora["rank"] or 0)
+    # pylint: disable=import-outside-toplevel
+    from safetensors import SafetensorError
+    from baichuan2.lora import read_adapter
+    try:
+        _, found = read_adapter(lora["load_adapter"])
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise FinetuneError(f"--load_adapter {lora['load_adapter']}: {e}") from e
+    if lora["rank"] and int(lora["rank"]) != found["rank"]:
+        raise FinetuneError(f"lora.rank {lora['rank']} contradicts the rank {found['rank']} of the adapter "
+                            f"{lora['load_adapter']} to continue from; drop --lora_rank (or set it to {found['rank']})")
+    if rank == 0:
+        print(f"continuing the adapter {lora['load_adapter']}: rank {found['rank']}, alpha {found['alpha']}, "
+              f"targets {found['targets']} (from the adapter)")
+    lora.update(rank=found["rank"], alpha=found["alpha"], targets=found["targets"])
+    return found["rank"]
 
 
 def _validate_lora(lora, load_checkpoint, rank):
@@ -127,19 +146,28 @@ def build_model(recipe, shape):
     """The model with its starting weights (and LoRA adapters), in training mode."""
     # pylint: disable=import-outside-toplevel
     import mindspore as ms
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.weights_check import load_weights_checked
     ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
     model = BaichuanForCausalLM(shape.config)
     load_checkpoint, lora = recipe["model"]["load_checkpoint"], recipe["lora"]
     # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
     if load_checkpoint and (not shape.resume_from or shape.lora_rank > 0):
         try:
-            load_safetensors_into(model, load_checkpoint)
-        except (ValueError, FileNotFoundError) as e:
+            load_weights_checked(model, load_checkpoint)
+        except (ValueError, FileNotFoundError) as e:  # WeightsFileError (a damaged file) or mismatched shapes
             raise FinetuneError(f"--load_checkpoint {load_checkpoint}: {e}") from e
-    if shape.lora_rank > 0:
+    if lora.get("load_adapter"):  # continue an adapter (ours or PEFT's): its rank, alpha and targets
+        from baichuan2.lora import load_adapter
+        try:
+            load_adapter(model, lora["load_adapter"], dropout=float(lora["dropout"]))
+        except (OSError, ValueError) as e:
+            raise FinetuneError(f"--load_adapter {lora['load_adapter']}: {e}") from e
+    elif shape.lora_rank > 0:
         from baichuan2.lora import apply_lora
         apply_lora(model, shape.lora_rank, float(lora["alpha"]), float(lora["dropout"]), lora["targets"])
+    if shape.lora_rank > 0:
+        model.lora_config["base_model"] = load_checkpoint  # adapter_config.json's base_model_name_or_path
     model.set_train(True)
     return model
 
@@ -229,7 +257,8 @@ def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
     monitor = TrainMonitor(rank=shape.rank, world_size=shape.world_size, output_dir=ocfg["output_dir"], plan=plan,
                            lrs=lrs, first_step=first_step, total_steps=shape.total_steps,
                            tokens_per_step=shape.global_batch * shape.seq_length, log_steps=int(ocfg["log_steps"]),
-                           save_steps=int(ocfg["save_steps"]), save=save, writer=writer, debug_dir=debug_dir)
+                           save_steps=int(ocfg["save_steps"]), save=save, writer=writer, debug_dir=debug_dir,
+                           steps_per_epoch=shape.steps_per_epoch)
     if plan:
         dataset = build_dataset(recipe["data"]["train_dataset"], plan, shape.local_batch)
         Model(train_cell).train(1, dataset, callbacks=[monitor], dataset_sink_mode=False)

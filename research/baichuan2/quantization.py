@@ -1,0 +1,123 @@
+"""Weight formats in numpy: bfloat16 bits and round-to-nearest int8 / int4 with per-group scales.
+
+The layouts are the contract in QUANT_FORMAT.md (shared with the C++ kernels); in short, for a weight w [out, in]:
+  int8  qweight int8 [out, in],                        scales float16 [out, ceil(in / group)]
+  int4  qweight uint8 [out, ceil(in / 32) * 16] packed, scales float16 [out, ceil(in / group)]
+  w[o, i] ~= float(scales[o, i // group]) * q[o, i]    (symmetric: no zero point)
+int4 packing follows llama.cpp's q4_0 block: the input dimension is cut into blocks of 32; byte 16b + j of a row
+holds element 32b + j in its low nibble and element 32b + j + 16 in its high nibble, each stored as q + 8.
+
+Quantising a group: scale = float16(absmax / qmax) with qmax 127 (int8) or 7 (int4), then q = round(w / scale)
+with that float16 scale (so dequantisation reproduces exactly what was rounded), ties to even, clipped to
+[-qmax, qmax]. An all-zero group (or one whose scale underflows float16) gets scale 0 and q 0.
+
+numpy has no bfloat16: bfloat16 tensors travel as their uint16 bit patterns.
+
+Pure numpy, no MindSpore: the converter and the tests use it, and the model code imports it (it is copied into
+model directories with modeling_baichuan.py).
+"""
+import numpy as np
+
+BITS = (8, 4)
+DEFAULT_GROUP_SIZE = 32
+INT4_BLOCK = 32  # elements per packed int4 block (16 bytes)
+_QMAX = {8: 127, 4: 7}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_group_size(bits, group_size):
+    """Raises ValueError unless (bits, group_size) is a valid format."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if bits == 4 and group_size % INT4_BLOCK:
+        raise ValueError(f"int4 needs a group_size that is a multiple of {INT4_BLOCK} (the packing block), "
+                         f"got {group_size}")
+
+
+def num_groups(in_features, group_size):
+    return -(-in_features // group_size)
+
+
+def qweight_shape(out_features, in_features, bits):
+    if bits == 8:
+        return (out_features, in_features)
+    return (out_features, num_groups(in_features, INT4_BLOCK) * INT4_BLOCK // 2)
+
+
+def scales_shape(out_features, in_features, group_size):
+    return (out_features, num_groups(in_features, group_size))
+
+
+# ---------------------------------------------------------------------------------------------- bfloat16 bits
+def bf16_bits(w):
+    """float32 (or float16/float64) -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    nan = np.isnan(w)
+    if nan.any():  # rounding could carry a NaN's payload into the exponent: keep it a quiet NaN
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def from_bf16_bits(bits):
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- int4 packing
+def pack_int4(q):
+    """int q in [-8, 7], [out, in] -> uint8 [out, ceil(in / 32) * 16] (see the module docstring)."""
+    out_features, in_features = q.shape
+    blocks = num_groups(in_features, INT4_BLOCK)
+    stored = np.full((out_features, blocks * INT4_BLOCK), 8, np.uint8)  # padding: q = 0
+    stored[:, :in_features] = (q.astype(np.int16) + 8).astype(np.uint8)
+    stored = stored.reshape(out_features, blocks, 2, INT4_BLOCK // 2)  # [.., low half / high half, 16]
+    return (stored[:, :, 0] | (stored[:, :, 1] << 4)).reshape(out_features, blocks * INT4_BLOCK // 2)
+
+
+def unpack_int4(packed, in_features):
+    """uint8 packed [out, blocks * 16] -> int8 q [out, in_features]."""
+    out_features = packed.shape[0]
+    blocks = packed.reshape(out_features, -1, INT4_BLOCK // 2)
+    q = np.stack([blocks & 0x0F, blocks >> 4], axis=2).reshape(out_features, -1)
+    return (q[:, :in_features].astype(np.int16) - 8).astype(np.int8)
+
+
+# ---------------------------------------------------------------------------------------------- quantisation
+def quantize(w, bits, group_size=DEFAULT_GROUP_SIZE):
+    """w [out, in] (float) -> (qweight, float16 scales) in the format of `bits` (see the module docstring)."""
+    check_group_size(bits, group_size)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize expects a 2-D weight [out, in], got shape {w.shape}")
+    out_features, in_features = w.shape
+    groups = num_groups(in_features, group_size)
+    padded = np.zeros((out_features, groups * group_size), np.float32)
+    padded[:, :in_features] = w
+    padded = padded.reshape(out_features, groups, group_size)
+    qmax = _QMAX[bits]
+    absmax = np.abs(padded).max(axis=2)
+    if not np.isfinite(absmax).all() or absmax.max(initial=0.0) / qmax > _FLOAT16_MAX:
+        raise ValueError(f"weight holds values ({absmax.max()}) that float16 scales cannot represent")
+    scales = (absmax / qmax).astype(np.float16)
+    scale = scales.astype(np.float32)[:, :, None]
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.where(scale > 0, np.clip(np.rint(padded / safe), -qmax, qmax), 0.0)
+    q = q.reshape(out_features, groups * group_size)[:, :in_features].astype(np.int8)
+    return (q if bits == 8 else pack_int4(q)), scales
+
+
+def dequantize(qweight, scales, bits, group_size, in_features):
+    """(qweight, scales) -> float32 w [out, in_features]: w[o, i] = scales[o, i // group] * q[o, i]."""
+    check_group_size(bits, group_size)
+    q = np.asarray(qweight, np.int8) if bits == 8 else unpack_int4(qweight, in_features)
+    scale = np.repeat(np.asarray(scales, np.float32), group_size, axis=1)[:, :in_features]
+    return q[:, :in_features].astype(np.float32) * scale
+
+
+def l2_normalize_rows(w):
+    """Each row divided by its L2 norm (NormHead), in float32; the model's NormHead uses the same 1e-12 floor."""
+    w = np.asarray(w, np.float32)
+    return w / np.maximum(np.sqrt((w * w).sum(axis=-1, keepdims=True)), 1e-12)
