@@ -197,3 +197,44 @@ def test_several_weights_in_one_call_equal_separate_calls(fmt, m, graph):
         assert len(outs) == count
         for out, w in zip(outs, weights):
             assert np.array_equal(out.asnumpy(), single(x, w).asnumpy())
+
+
+# ---------------------------------------------------------------------------------------------- in the model
+MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352,
+                   vocab_size=300, max_position_embeddings=128, model_max_length=128)
+
+
+def random_model(weights):
+    """A small model in `weights` format with random weights (example/bench_generate.py's builder)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example", "bench_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.build_model(MODEL_SHAPE, weights, "float32")
+
+
+@pytest.mark.parametrize("weights", kernels.FORMATS)
+def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
+    """Every projection and the lm_head through the kernels (q/k/v and gate/up fused) gives the stock ops' logits
+    for a 12-token forward (the prefill path: x is not quantised, float32 accumulation in another order only)."""
+    ids = Tensor(np.arange(3, 15, dtype=np.int32).reshape(1, 12))
+    fast = random_model(weights)
+    attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
+    assert attn.qkv_op is not None and mlp.gate_up_op is not None and fast.lm_head.kernel is not None
+    monkeypatch.setenv("BAICHUAN_KERNELS", "0")
+    stock = random_model(weights)
+    assert stock.model.layers[0].self_attn.qkv_op is None and stock.lm_head.kernel is None
+    want = stock(ids).asnumpy()
+    got = fast(ids).asnumpy()
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_lora_wrapped_projections_are_not_fused(graph):
+    """A LoRA wrapper computes more than its weight: q/k/v stay separate calls once it is in (gate/up still fuse)."""
+    from baichuan2.lora import apply_lora  # pylint: disable=import-outside-toplevel
+    model = random_model("float32")
+    apply_lora(model, rank=2, alpha=4, targets=("W_pack",))
+    model.prepare_for_inference()
+    assert model.model.layers[0].self_attn.qkv_op is None and model.model.layers[0].mlp.gate_up_op is not None
+    model(Tensor(np.arange(3, 9, dtype=np.int32).reshape(1, 6))).asnumpy()
