@@ -16,10 +16,13 @@ Then per shape and format:
   of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
   prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
   peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB
+Each shape and format runs in its own child process (this script again, with --worker), so memory is measured
+per model and one model's memory is gone before the next is built.
 The machine may be shared: re-measure on a quiet one before quoting numbers. Compilation is excluded (one warm-up
 run of each shape first). --no_cache_steps N adds the no-cache decode (recomputing a fixed buffer each step).
 """
 import argparse
+import json
 import math
 import os
 import resource
@@ -51,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32, help="decode steps timed per batch size")
     parser.add_argument("--no_cache_steps", type=int, default=0,
                         help="also time this many no-cache decode steps per batch size (0: skip)")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "WEIGHTS", "BANDWIDTH"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.new_tokens < 2:
@@ -240,8 +244,26 @@ def print_row(row, header=False):
     print(" | ".join(cells), flush=True)
 
 
+def run_worker(args):
+    """Child process: one shape and format; prints its row as one JSON line."""
+    name, weights, bandwidth = args.worker
+    rt = runtime.setup_inference(args.device, mode="graph", threads=args.threads, prog="bench_generate.py")
+    row = bench(name, weights, args, rt, float(bandwidth))
+    print("ROW " + json.dumps(row), flush=True)
+    return 0
+
+
+def child_argv(args, name, weights, bandwidth):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", name, weights, repr(bandwidth),
+            "--prefill_tokens", str(args.prefill_tokens), "--new_tokens", str(args.new_tokens),
+            "--no_cache_steps", str(args.no_cache_steps), "--device", args.device]
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.worker:
+        return run_worker(args)
     rt = runtime.setup_inference(args.device, mode="graph", threads=args.threads, prog="bench_generate.py")
     from baichuan2 import BaichuanConfig, kernels  # pylint: disable=import-outside-toplevel
 
@@ -256,7 +278,7 @@ def main(argv=None):
           f"{kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s (the machine may be shared: "
           "figures are noisy)", flush=True)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    first = True
+    first, failed = True, False
     for name in args.configs:
         for weights in args.weights:
             params = BaichuanConfig.from_preset("baichuan2_7b", **CONFIGS[name]).num_parameters()
@@ -264,9 +286,16 @@ def main(argv=None):
                 print(f"{name} {weights}: skipped ({params * 4 / GIB:.0f} GiB of float32 weights do not fit next to "
                       f"the run in this machine's {memory / GIB:.0f} GiB)", flush=True)
                 continue
-            print_row(bench(name, weights, args, rt, bandwidth), header=first)
+            proc = subprocess.run(child_argv(args, name, weights, bandwidth), stdout=subprocess.PIPE, text=True,
+                                  check=False)
+            rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode != 0 or not rows:
+                print(f"{name} {weights}: failed (exit status {proc.returncode}; its messages are above)", flush=True)
+                failed = True
+                continue
+            print_row(json.loads(rows[-1]), header=first)
             first = False
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,10 +17,15 @@
 #ifndef BAICHUAN_KERNEL_BODY
 #include <cpuid.h>
 #include <immintrin.h>
-#include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
 #include <cmath>
 #include <type_traits>
 #include <chrono>
@@ -54,9 +59,71 @@ int kernel_threads() {
     if (v && atoi(v) > 0) return atoi(v);
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-    return omp_get_num_procs();
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }();
   return n;
+}
+
+// The kernels' threads: a small persistent pool rather than OpenMP. libgomp's idle threads spin after every
+// parallel region, and on a 2-core machine they took the cores MindSpore's own threads needed between our calls
+// (measured: a decode step 20-30x slower). These workers block on a condition variable between calls instead.
+// parallel(nt, fn) runs fn(t, nt) for t = 0..nt-1 (t = 0 on the calling thread) and returns when all are done.
+class Pool {
+ public:
+  void run(int nt, const std::function<void(int, int)> &fn) {
+    std::lock_guard<std::mutex> one_job(job_mu_);  // MindSpore may launch kernels from several threads
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &fn;
+      nt_ = nt;
+      ++generation_;
+      // a new worker first takes mu_ after this job is posted, so it starts with it
+      while (static_cast<int>(workers_) < nt - 1) std::thread(&Pool::work, this, ++workers_).detach();
+      pending_ = workers_;
+    }
+    wake_.notify_all();
+    fn(0, nt);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+  }
+
+ private:
+  void work(int id) {
+    uint64_t seen;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      seen = generation_ - 1;  // started inside run(): the job posted there is ours too
+    }
+    for (;;) {
+      const std::function<void(int, int)> *fn;
+      int nt;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        fn = job_;
+        nt = nt_;
+      }
+      if (id < nt) (*fn)(id, nt);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex job_mu_, mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int, int)> *job_ = nullptr;
+  int nt_ = 0, pending_ = 0;
+  unsigned workers_ = 0;
+  uint64_t generation_ = 1;
+};
+
+void parallel(int nt, const std::function<void(int, int)> &fn) {
+  if (nt <= 1) {
+    fn(0, 1);
+    return;
+  }
+  static Pool *pool = new Pool;  // never destroyed: its detached workers outlive static destructors
+  pool->run(nt, fn);
 }
 
 // Contiguous row ranges per thread, aligned to `align` rows so every thread runs whole register blocks.
@@ -379,25 +446,23 @@ double ReadBandwidth(double gigabytes, int reps) {
   if (!buf) return -1;
   const int nt = kernel_threads();
   const Isa isa = chosen_isa();
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&](int tid, int tcount) {
     int64_t b, e;
-    thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
     memset(buf + b * 4096, 1, (e - b) * 4096);
-  }
+  });
   double best = 0;
   volatile uint64_t sink = 0;
   for (int r = 0; r < reps; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-    uint64_t total = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : total)
-    {
+    std::atomic<uint64_t> total{0};
+    parallel(nt, [&](int tid, int tcount) {
       int64_t b, e;
-      thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
       const uint8_t *p = buf + b * 4096;
       size_t len = (e - b) * 4096;
       total += isa >= kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
-    }
+    });
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + total;
     best = std::max(best, bytes / s / 1e9);
@@ -585,20 +650,19 @@ static int gemv(const Problem *ps, int nw, int nt) {
     }
   }
   const int gshift = Fm::quant ? __builtin_ctzll(p.group / kChunk) : 0;
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
+  std::atomic<int> failed{0};
+  parallel(nt, [&](int tid, int tcount) {
     float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (gp + 8)));
     failed |= sc == nullptr;
     for (int i = 0; i < nw && sc; ++i) {
       int64_t b, e;
-      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
       for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(ps[i], xp, kp, xg, sc, gshift, n);
       for (; n < e; ++n) gemv_block<Fm, 1, MX>(ps[i], xp, kp, xg, sc, gshift, n);
     }
     free(sc);
-  }
+  });
   free(xp);
   return failed ? 7 : 0;
 }
@@ -676,22 +740,21 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
   }
   const int gshift = __builtin_ctzll(p.group / kChunk);
   const I idx = lane_index(LPC, gshift);
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
+  std::atomic<int> failed{0};
+  parallel(nt, [&](int tid, int tcount) {
     // + 8: a step past the last chunk reads (finite, zero) scales there, multiplied by a zero dot
     float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (p.G + 8)));
     failed |= sc == nullptr;
     if (sc) memset(sc, 0, sizeof(float) * R * (p.G + 8));
     for (int i = 0; i < nw && sc; ++i) {
       int64_t b, e;
-      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
       for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
       for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
     }
     free(sc);
-  }
+  });
   free(xq);
   free(dxe);
   return failed ? 7 : 0;
@@ -734,16 +797,15 @@ static int gemv_bf16(const Problem *ps, int nw, int nt) {
       memcpy(&bits, p.x + m * p.K + k, 4);
       xb[m * kp + k] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
     }
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&](int tid, int tcount) {
     for (int i = 0; i < nw; ++i) {
       int64_t b, e;
-      thread_range(ps[i].N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
       for (; n + R <= e; n += R) gemv_bf16_block<R, MX>(ps[i], xb, kp, n);
       for (; n < e; ++n) gemv_bf16_block<1, MX>(ps[i], xb, kp, n);
     }
-  }
+  });
   free(xb);
   return 0;
 }
@@ -788,20 +850,18 @@ static int gemm(const Problem &p, int nt) {
   const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;
   float *xb = static_cast<float *>(aligned_buffer(sizeof(float) * mblocks * p.K * MB));
   if (!xb) return 7;
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
-#pragma omp for schedule(static)
-    for (int64_t mb = 0; mb < mblocks; ++mb)
-      for (int64_t k = 0; k < p.K; ++k)
-        for (int j = 0; j < MB; ++j) {
-          int64_t m = mb * MB + j;
-          xb[(mb * p.K + k) * MB + j] = m < p.M ? p.x[m * p.K + k] : 0.0f;
-        }
+  std::atomic<int> failed{0};
+  for (int64_t mb = 0; mb < mblocks; ++mb)  // one pass over x: nothing next to the product
+    for (int64_t k = 0; k < p.K; ++k)
+      for (int j = 0; j < MB; ++j) {
+        int64_t m = mb * MB + j;
+        xb[(mb * p.K + k) * MB + j] = m < p.M ? p.x[m * p.K + k] : 0.0f;
+      }
+  parallel(nt, [&](int tid, int tcount) {
     float *tile = static_cast<float *>(aligned_buffer(sizeof(float) * NB * KB));
     failed |= tile == nullptr;
     int64_t b, e;
-    thread_range(p.N, NR, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    thread_range(p.N, NR, tid, tcount, &b, &e);
     alignas(64) float out[NR][MB];
     alignas(64) T buf[Fm::units];
     for (int64_t n0 = b; n0 < e && tile; n0 += NB) {
@@ -840,7 +900,7 @@ static int gemm(const Problem &p, int nt) {
       }
     }
     free(tile);
-  }
+  });
   free(xb);
   return failed ? 7 : 0;
 }

@@ -52,7 +52,7 @@ def _find_source():
 SOURCE = _find_source()
 # Baseline x86-64 code generation: the AVX2 / AVX-512 bodies get their instructions from function-level target
 # pragmas, so one library runs on every x86-64 machine and picks its path at run time.
-CXXFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w")
+CXXFLAGS = ("-O3", "-std=c++17", "-pthread", "-fPIC", "-shared", "-w")
 
 _state = {}  # path of the built library, or the reason there is none
 
