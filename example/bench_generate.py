@@ -1,83 +1,184 @@
-"""Generation speed, with and without the static KV cache, side by side.
+"""Generation speed per model shape and weight format, against the machine's memory-bandwidth roofline.
 
-    python example/bench_generate.py                 # configs S and M, on --device auto
-    python example/bench_generate.py --configs S --threads 2
+    python example/bench_generate.py                                   # shapes S and M, float32 weights
+    python example/bench_generate.py --configs S M --weights float32 bfloat16 int8 int4
+    python example/bench_generate.py --configs 7B --weights bfloat16 int8 int4 --prefill_tokens 64
 
-For each Baichuan2-shaped config (random weights, the device's inference dtype: float32 on CPU, GRAPH mode):
-  prefill  batch 1, 512-token prompt: the cached prefill graph (fills the caches, logits of the last position only)
-           and the plain forward (logits of every position, what a no-cache step costs)
-  decode   32-token prompt, 64 new tokens, batch 1 and 4: tokens/s after the first token, with the cache and
-           without (the no-cache step recomputes a fixed 128-slot buffer, so its cost is the same every step:
-           it is timed over --no_cache_steps steps to keep the run short; --no_cache_steps 64 times them all)
-Compilation is excluded (one warm-up run of each shape first).
+Each model is built directly in its weight format (random weights, never a float32 copy of a bf16 / int8 / int4
+model: the parameters are created uninitialised and each is filled in its stored dtype), on the device's
+inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model, the projection kernel path
+(baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the kernels' vector loads).
+Then per shape and format:
+  bytes/token  weights read per decoded token (every projection and the lm_head; one embedding row; norms) plus
+               the key/value cache buffer the attention reads (batch 1)
+  roofline     bandwidth / bytes per token: the decode tokens/s that streaming those bytes at full speed allows
+  decode       batch 1 and 4, 32-token prompts, tokens/s after the first token (--new_tokens steps, cached)
+  of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
+  prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
+  peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB
+Each shape and format runs in its own child process (this script again, with --worker), so memory is measured
+per model and one model's memory is gone before the next is built.
+The machine may be shared: re-measure on a quiet one before quoting numbers. Compilation is excluded (one warm-up
+run of each shape first). --no_cache_steps N adds the no-cache decode (recomputing a fixed buffer each step).
 """
 import argparse
+import json
+import math
+import os
+import resource
+import subprocess
 import sys
 import time
 
 from baichuan2 import runtime
-
 
 CONFIGS = {
     "S": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376, vocab_size=32000,
               max_position_embeddings=1024, model_max_length=1024),
     "M": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, intermediate_size=2816,
               vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
+    "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+               vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
 }
+WEIGHTS = ("float32", "bfloat16", "int8", "int4")
+GROUP_SIZE = 32
+GIB = 1024 ** 3
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["S", "M"], choices=sorted(CONFIGS))
-    parser.add_argument("--no_cache_steps", type=int, default=16)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--configs", nargs="+", default=["S", "M"], choices=list(CONFIGS))
+    parser.add_argument("--weights", nargs="+", default=["float32"], choices=WEIGHTS,
+                        help="weight formats to build each shape in (int8 / int4: group size 32)")
+    parser.add_argument("--prefill_tokens", type=int, default=512, help="prompt length of the prefill measurement")
+    parser.add_argument("--new_tokens", type=int, default=32, help="decode steps timed per batch size")
+    parser.add_argument("--no_cache_steps", type=int, default=0,
+                        help="also time this many no-cache decode steps per batch size (0: skip)")
+    parser.add_argument("--mode", choices=["graph", "pynative"], default="graph",
+                        help="MindSpore execution mode; pynative is far slower per step (op by op from Python) but "
+                             "holds less memory: GRAPH mode's compiled graphs add ~0.2 GiB per 7B layer")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "WEIGHTS", "BANDWIDTH"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prefill_tokens < 1 or args.new_tokens < 2:
+        parser.error("--prefill_tokens must be >= 1 and --new_tokens >= 2")
+    return args
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no lscpu)"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    extras = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(extras)}"
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes():
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_fields(weights):
+    if weights == "bfloat16":
+        return {"torch_dtype": "bfloat16"}
+    if weights in ("int8", "int4"):
+        return {"quantization_config": {"quant_method": "rtn", "bits": int(weights[3:]), "group_size": GROUP_SIZE,
+                                        "sym": True}}
+    return {}
+
+
+def random_array(param, rng, block_rows=8192):
+    """Random values in `param`'s stored dtype and shape, made block by block (no float32 copy of a big tensor):
+    float32 ~ N(0, 0.02) (norm weights 1); bfloat16 bit patterns of +-[2^-8, 2^-4); int8 q in [-127, 127];
+    int4 packed bytes (any value is valid); float16 scales that give the dequantised weights ~0.02 magnitude."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    shape = tuple(param.shape)
+    if param.dtype == ms.float32:
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        out = rng.standard_normal(shape, dtype=np.float32)
+        out *= 0.02
+        return out
+    if param.dtype in (ms.bfloat16, ms.uint16):
+        out = np.empty(shape, np.uint16)
+        for start in range(0, shape[0], block_rows):
+            part = out[start:start + block_rows]
+            part[...] = rng.integers(0, 2, part.shape, dtype=np.uint16) << 15
+            part |= rng.integers(119, 123, part.shape, dtype=np.uint16) << 7
+            part |= rng.integers(0, 128, part.shape, dtype=np.uint16)
+        return out
+    if param.dtype == ms.int8:
+        return rng.integers(-127, 128, shape, dtype=np.int8)
+    if param.dtype == ms.uint8:
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    if param.dtype == ms.float16:  # int8 q ~ 73 rms, int4 q ~ 4.6: either way weights of ~0.02 are fine
+        return (rng.random(shape, dtype=np.float32) * 2e-3 + 1e-4).astype(np.float16)
+    raise TypeError(f"no random fill for parameter {param.name} of dtype {param.dtype}")
+
+
+def build_model(fields, weights, compute_dtype, seed=0):
+    """BaichuanForCausalLM of shape `fields` with random weights stored in format `weights`."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindspore.common import np_dtype  # pylint: disable=import-outside-toplevel
+    from mindspore.nn.utils import no_init_parameters  # pylint: disable=import-outside-toplevel
+    from baichuan2 import BaichuanConfig, BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
+
+    config = BaichuanConfig.from_preset("baichuan2_7b", compute_dtype=compute_dtype, **fields,
+                                        **format_fields(weights))
+    with no_init_parameters():
+        model = BaichuanForCausalLM(config)
+    rng = np.random.default_rng(seed)
+    for param in model.get_parameters():
+        array = random_array(param, rng)
+        tensor = ms.Tensor(array.view(np_dtype.bfloat16)) if param.dtype == ms.bfloat16 else ms.Tensor(array)
+        param.set_data(tensor)
+        del array, tensor
+    return model.prepare_for_inference()
+
+
+def bytes_per_token(model, batch, slots):
+    """Bytes a decode step reads: every parameter but the embedding table (one row of it), plus the k/v caches."""
+    config = model.config
+    total = 0
+    for param in model.get_parameters():
+        nbytes = param.nbytes
+        if "embed_tokens" in param.name:
+            nbytes = nbytes // config.vocab_size * batch
+        total += nbytes
+    cache = 2 * config.num_hidden_layers * batch * config.num_attention_heads * slots * config.head_dim * 4
+    return total, cache
 
 
 def timed_decode(generator, prompts, new_tokens, use_cache, steps=None):
-    """Tokens/s of the steps after the first token (the first one includes the prefill)."""
+    """Seconds per step after the first token (the first one includes the prefill)."""
     stream = generator.stream(prompts, max_new_tokens=new_tokens, eos_token_id=(), use_cache=use_cache)
     next(stream)
     start, count = time.perf_counter(), 0
     for count, _ in enumerate(stream, start=1):
         if steps and count >= steps:
             break
-    return len(prompts) * count / (time.perf_counter() - start)
-
-
-def bench_config(name, fields, args, compute_dtype):
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from baichuan2 import BaichuanConfig, BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
-    from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
-
-    config = BaichuanConfig.from_preset("baichuan2_7b", compute_dtype=compute_dtype, **fields)
-    ms.set_seed(0)
-    model = BaichuanForCausalLM(config)
-    generator = Generator(model)
-    rng = np.random.default_rng(0)
-    row = {"config": name, "params": config.num_parameters()}
-
-    # prefill, batch 1 x 512 tokens (warm-up compiles; then the best of 2)
-    ids = rng.integers(3, config.vocab_size, size=(1, 512)).astype(np.int32)
-    mask = np.ones_like(ids)
-    k, v = model.empty_caches(1, 512 + 64)
-    generator.prefill(ms.Tensor(ids), ms.Tensor(mask), k, v)[0].asnumpy()
-    best = min(_seconds(lambda: generator.prefill(ms.Tensor(ids), ms.Tensor(mask), *model.empty_caches(1, 576))[0]
-                        .asnumpy()) for _ in range(2))
-    row["prefill_cache"] = 512 / best
-    model(ms.Tensor(ids), attention_mask=ms.Tensor(mask)).asnumpy()
-    best = min(_seconds(lambda: model(ms.Tensor(ids), attention_mask=ms.Tensor(mask)).asnumpy()) for _ in range(2))
-    row["prefill_forward"] = 512 / best
-
-    for batch in (1, 4):
-        prompts = rng.integers(3, config.vocab_size, size=(batch, 32)).tolist()
-        for use_cache in (True, False):
-            steps = None if use_cache else args.no_cache_steps
-            timed_decode(generator, prompts, 64, use_cache, steps=2)  # warm-up: compiles this shape
-            row[f"decode_b{batch}_{'cache' if use_cache else 'nocache'}"] = timed_decode(
-                generator, prompts, 64, use_cache, steps=steps)
-    return row
+    return (time.perf_counter() - start) / count
 
 
 def _seconds(fn):
@@ -86,25 +187,118 @@ def _seconds(fn):
     return time.perf_counter() - start
 
 
+def bench(name, weights, args, rt, bandwidth):
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
+
+    fields = CONFIGS[name]
+    model = build_model(fields, weights, rt.compute_dtype)
+    reset_peak_rss()
+    generator = Generator(model)
+    config = model.config
+    rng = np.random.default_rng(0)
+    row = {"config": name, "weights": weights, "params": config.num_parameters()}
+
+    # prefill, batch 1 (warm-up compiles; then the best of 2)
+    length = args.prefill_tokens
+    ids = ms.Tensor(rng.integers(3, config.vocab_size, size=(1, length)).astype(np.int32))
+    mask = ms.Tensor(np.ones((1, length), np.int32))
+    generator.prefill(ids, mask, *model.empty_caches(1, length))[0].asnumpy()
+    best = min(_seconds(lambda: generator.prefill(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
+               for _ in range(2))
+    row["prefill"] = length / best
+
+    for batch in (1, 4):
+        prompts = rng.integers(3, config.vocab_size, size=(batch, 32)).tolist()
+        timed_decode(generator, prompts, 3, True)  # warm-up: compiles this shape
+        step = timed_decode(generator, prompts, args.new_tokens + 1, True)
+        row[f"decode_b{batch}"] = batch / step
+        if batch == 1:
+            slots = math.ceil((32 + args.new_tokens + 1) / generator.bucket) * generator.bucket
+            weight_bytes, cache_bytes = bytes_per_token(model, 1, slots)
+            row["bytes"] = weight_bytes + cache_bytes
+            row["roofline"] = bandwidth * 1e9 / row["bytes"]
+            row["overhead_ms"] = 1e3 * (step - row["bytes"] / (bandwidth * 1e9))
+        if args.no_cache_steps:
+            timed_decode(generator, prompts, 64, False, steps=2)
+            row[f"nocache_b{batch}"] = batch / timed_decode(generator, prompts, 64, False,
+                                                            steps=args.no_cache_steps)
+    row["peak_rss"] = peak_rss_bytes()
+    return row
+
+
+COLUMNS = [("config", "{}", "config"), ("weights", "{}", "weights"), ("params", "{:.0f}M", "params"),
+           ("bytes", "{:.0f} MB", "bytes/token"), ("roofline", "{:.2f}", "roofline tok/s"),
+           ("decode_b1", "{:.2f}", "decode b1 tok/s"), ("fraction", "{:.0%}", "of roofline"),
+           ("overhead_ms", "{:.1f}", "overhead ms/step"), ("decode_b4", "{:.2f}", "decode b4 tok/s"),
+           ("prefill", "{:.1f}", "prefill tok/s"), ("peak_rss", "{:.2f}", "peak RSS GiB")]
+
+
+def print_row(row, header=False):
+    if header:
+        print(" | ".join(title for _, _, title in COLUMNS) + (" | no-cache b1 | no-cache b4" if "nocache_b1" in row
+                                                               else ""), flush=True)
+    values = dict(row, params=row["params"] / 1e6, bytes=row["bytes"] / 1e6, peak_rss=row["peak_rss"] / GIB,
+                  fraction=row["decode_b1"] / row["roofline"])
+    cells = [fmt.format(values[key]) for key, fmt, _ in COLUMNS]
+    if "nocache_b1" in row:
+        cells += [f"{row['nocache_b1']:.2f}", f"{row['nocache_b4']:.2f}"]
+    print(" | ".join(cells), flush=True)
+
+
+def run_worker(args):
+    """Child process: one shape and format; prints its row as one JSON line."""
+    name, weights, bandwidth = args.worker
+    rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
+    row = bench(name, weights, args, rt, float(bandwidth))
+    print("ROW " + json.dumps(row), flush=True)
+    return 0
+
+
+def child_argv(args, name, weights, bandwidth):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", name, weights, repr(bandwidth),
+            "--prefill_tokens", str(args.prefill_tokens), "--new_tokens", str(args.new_tokens),
+            "--no_cache_steps", str(args.no_cache_steps), "--device", args.device, "--mode", args.mode]
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rt = runtime.setup_inference(args.device, mode="graph", threads=args.threads, prog="bench_generate.py")
-    rows = [bench_config(name, CONFIGS[name], args, rt.compute_dtype) for name in args.configs]
+    if args.worker:
+        return run_worker(args)
+    rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
+    from baichuan2 import BaichuanConfig, kernels  # pylint: disable=import-outside-toplevel
 
-    print(f"\n{rt.device}, {rt.compute_dtype}, random weights, GRAPH mode, {rt.threads} threads; "
-          "tokens/s (compile excluded)")
-    header = ["config", "params", "prefill 512 (cache)", "prefill 512 (forward)", "decode b1 cache",
-              "decode b1 no-cache", "decode b4 cache", "decode b4 no-cache"]
-    keys = ["prefill_cache", "prefill_forward", "decode_b1_cache", "decode_b1_nocache", "decode_b4_cache",
-            "decode_b4_nocache"]
-    print(" | ".join(header))
-    for row in rows:
-        cells = [row["config"], f"{row['params'] / 1e6:.0f}M"] + [f"{row[k]:.1f}" for k in keys]
-        print(" | ".join(cells))
-    for row in rows:
-        print(f"{row['config']}: cache speed-up in decode x{row['decode_b1_cache'] / row['decode_b1_nocache']:.1f} "
-              f"(batch 1), x{row['decode_b4_cache'] / row['decode_b4_nocache']:.1f} (batch 4)")
-    return 0
+    print(f"CPU: {cpu_model()}")
+    path = kernels.isa()
+    bandwidth = kernels.read_bandwidth(2.0, 3) if path else None
+    if bandwidth is None:
+        print(f"projection kernels unavailable ({kernels.unavailable_reason()}): stock ops; no bandwidth probe, "
+              "so no roofline figures")
+        return 1
+    print(f"{rt.device}, {rt.compute_dtype} compute, {args.mode} mode, {rt.threads} threads; kernels: path {path}, "
+          f"{kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s (the machine may be shared: "
+          "figures are noisy)", flush=True)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    first, failed = True, False
+    for name in args.configs:
+        for weights in args.weights:
+            params = BaichuanConfig.from_preset("baichuan2_7b", **CONFIGS[name]).num_parameters()
+            if weights == "float32" and params * 4 > 0.6 * memory:
+                print(f"{name} {weights}: skipped ({params * 4 / GIB:.0f} GiB of float32 weights do not fit next to "
+                      f"the run in this machine's {memory / GIB:.0f} GiB)", flush=True)
+                continue
+            proc = subprocess.run(child_argv(args, name, weights, bandwidth), stdout=subprocess.PIPE, text=True,
+                                  check=False)
+            rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode != 0 or not rows:
+                print(f"{name} {weights}: failed (exit status {proc.returncode}; its messages are above)", flush=True)
+                failed = True
+                continue
+            print_row(json.loads(rows[-1]), header=first)
+            first = False
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

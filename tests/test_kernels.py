@@ -1,13 +1,19 @@
-"""The projection kernels (baichuan2.kernels) against numpy, every format, both instruction-set paths, GRAPH mode.
+"""The projection kernels (baichuan2.kernels) against numpy, every format, every instruction-set path, GRAPH mode.
 
-Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float(scale) * q) and multiplied in
-float64. Tolerance, per output element: |y - y_ref| <= (K + 2 group + 8) u sum_k |x_k| a_k, u = 2^-24, a_k = |w_k|
-(float32, bfloat16, int8) or s_k (q_k + 16) (int4). Why: the kernels accumulate in float32 (per-lane sums, a tree over
-the lanes, chunk sums scaled once, K blocks added into y); any such order of K products puts at most K + 3 roundings
-on each term (products, sums, the scale, forming w; bf16 -> f32 and int -> f32 are exact), the classic bound
-gamma_n sum |terms|. The int4 decode path sums the stored q + 8 and subtracts 8 s (sum of x over the group) at the
-end, so its terms are s (q + 8) x and 8 s x (sums of up to `group` and G = K / group terms): hence a_k and the
-2 group. The test fails on a wrong block/nibble/group index, a dropped tail or a wrong row: those errors are O(|y|).
+Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float(scale) * q) and multiplied with the
+float32 x in float64. Tolerance, per output element: |y - y_ref| <= sum_k |w_k| e_k + (K + 2 group + 16) u
+sum_k (|x_k| + e_k) a_k, u = 2^-24, a_k = |w_k| (float32, bfloat16, int8) or s_k (q_k + 16) (int4), where e_k bounds
+what the kernel does to x before multiplying:
+- decode (M <= 4) of int8 / int4: x is quantised per 32-element chunk to x_q = scale round(x / scale), scale =
+  absmax(chunk) / 127, so |x - x_q| <= scale / 2; float32 rounding of the scale and of x / scale moves that by at
+  most ~3 * 127 u relative to the scale, hence e_k = (1 + 2^-12) scale / 2. The integer dots are exact.
+- decode of bfloat16 on the avx512vnni path: x rounded to bfloat16 (8 significant bits, nearest even), e_k =
+  2^-8 |x_k|; the bfloat16 products are exact in float32.
+- otherwise e_k = 0.
+The second term is float32 accumulation: any order of K products puts at most K + few roundings on each term (the
+classic gamma_n sum |terms|); the int4 paths sum the stored q + 8 and take off 8 s (sum of x over the group) at the
+end, so their terms are s (q + 8) x and 8 s x (sums of up to `group` and G = K / group terms): hence a_k and the
+2 group. The test fails on a wrong block/nibble/group index, a dropped tail, a wrong scale or row: those are O(|y|).
 """
 import math
 import os
@@ -61,6 +67,20 @@ def quantize(w, bits, group):
     return packed, scales, q.astype(np.float64), dequant
 
 
+def x_error(fmt, x, isa):
+    """e_k of the docstring: what the kernel may change x by before multiplying."""
+    m, k = x.shape
+    if m <= 4 and fmt.startswith("int"):
+        chunks = math.ceil(k / 32)
+        padded = np.zeros((m, chunks * 32))
+        padded[:, :k] = np.abs(x)
+        scale = padded.reshape(m, chunks, 32).max(-1) / 127
+        return np.repeat(scale, 32, axis=1)[:, :k] * (1 + 2.0 ** -12) / 2
+    if m <= 4 and fmt == "bfloat16" and isa == "avx512vnni":
+        return np.abs(x) * 2.0 ** -8
+    return np.zeros_like(x)
+
+
 def weights_for(fmt, group, w):
     """(weight tensors for the op, the weight the kernel should use in float64, the magnitudes a_k of the bound)."""
     if fmt == "float32":
@@ -79,10 +99,10 @@ def weights_for(fmt, group, w):
 _cells = {}  # one compiled graph per case, shared by both instruction-set paths
 
 
-@pytest.fixture(params=["avx2", "avx512"])
+@pytest.fixture(params=kernels.ISA_PATHS)
 def forced_isa(request, monkeypatch):
-    if request.param == "avx512" and kernels.isa() != "avx512":
-        pytest.skip(f"this CPU has no AVX-512 (best path: {kernels.isa()})")
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path (it has {', '.join(kernels.available_isas())})")
     monkeypatch.setenv("BAICHUAN_KERNEL_ISA", request.param)
     assert kernels.isa() == request.param
     return request.param
@@ -105,9 +125,32 @@ def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
     assert y.shape == (m, n) and y.dtype == np.float32
     x64 = x.astype(np.float64)
     want = x64 @ w64.T
-    bound = (k + 2 * (group or 0) + 8) * U * (np.abs(x64) @ magnitude.T)
+    err = x_error(fmt, x64, forced_isa)
+    bound = err @ np.abs(w64).T + (k + 2 * (group or 0) + 16) * U * ((np.abs(x64) + err) @ magnitude.T)
     worst = np.max(np.abs(y - want) - bound)
     assert worst <= 0, f"{fmt} {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
+
+
+def test_decode_quantises_x_within_half_a_step(graph):
+    """The int8 decode path really quantises x (a float32 product would be ~1e-6 close), and by no more than the
+    half step per element the bound allows."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 256), dtype=np.float32)
+    w = rng.standard_normal((64, 256), dtype=np.float32)
+    weights, w64, _ = weights_for("int8", 32, w)
+    y = Projection(kernels.linear_op("int8", 32))(Tensor(x), weights).asnumpy().astype(np.float64)
+    x64 = x.astype(np.float64)
+    error = np.abs(y - x64 @ w64.T)
+    assert np.max(error) > 1e-4 * np.max(np.abs(x64 @ w64.T))
+    assert np.all(error <= x_error("int8", x64, None) @ np.abs(w64).T * 1.01)
+
+
+def test_paths_are_reported(monkeypatch):
+    available = kernels.available_isas()
+    assert "avx2" in available and set(available) <= set(kernels.ISA_PATHS)
+    for path in available:
+        monkeypatch.setenv("BAICHUAN_KERNEL_ISA", path)
+        assert kernels.isa() == path
 
 
 def test_wrong_shapes_raise(graph):
@@ -138,3 +181,61 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 def test_memory_bandwidth_probe_is_plausible():
     gbs = kernels.read_bandwidth(0.25, 1)
     assert 0.5 < gbs < 2000
+
+
+@pytest.mark.parametrize("fmt", kernels.FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_several_weights_in_one_call_equal_separate_calls(fmt, m, graph):
+    """q/k/v (3) and gate/up (2) in one call: the same numbers, bit for bit, as one call per weight (the rows of
+    every weight are split over the threads separately; x is prepared once)."""
+    rng = np.random.default_rng(m)
+    k, group = 100, 32
+    x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
+    weights = [weights_for(fmt, group, rng.standard_normal((n, k), dtype=np.float32))[0] for n in (7, 64, 3)]
+    single = Projection(kernels.linear_op(fmt, group))
+    for count in (2, 3):
+        outs = Projection(kernels.linear_op(fmt, group, weights=count))(x, sum(weights[:count], ()))
+        assert len(outs) == count
+        for out, w in zip(outs, weights):
+            assert np.array_equal(out.asnumpy(), single(x, w).asnumpy())
+
+
+# ---------------------------------------------------------------------------------------------- in the model
+MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352,
+                   vocab_size=300, max_position_embeddings=128, model_max_length=128)
+
+
+def random_model(weights):
+    """A small model in `weights` format with random weights (example/bench_generate.py's builder)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example", "bench_generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.build_model(MODEL_SHAPE, weights, "float32")
+
+
+@pytest.mark.parametrize("weights", kernels.FORMATS)
+def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
+    """Every projection and the lm_head through the kernels (q/k/v and gate/up fused) gives the stock ops' logits
+    for a 12-token forward (the prefill path: x is not quantised, float32 accumulation in another order only)."""
+    ids = Tensor(np.arange(3, 15, dtype=np.int32).reshape(1, 12))
+    fast = random_model(weights)
+    attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
+    assert attn.qkv_op is not None and mlp.gate_up_op is not None and fast.lm_head.kernel is not None
+    monkeypatch.setenv("BAICHUAN_KERNELS", "0")
+    stock = random_model(weights)
+    assert stock.model.layers[0].self_attn.qkv_op is None and stock.lm_head.kernel is None
+    want = stock(ids).asnumpy()
+    got = fast(ids).asnumpy()
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_lora_wrapped_projections_are_not_fused(graph):
+    """A LoRA wrapper computes more than its weight: q/k/v stay separate calls once it is in (gate/up still fuse)."""
+    from baichuan2.lora import apply_lora  # pylint: disable=import-outside-toplevel
+    model = random_model("float32")
+    apply_lora(model, rank=2, alpha=4, targets=("W_pack",))
+    model.prepare_for_inference()
+    assert model.model.layers[0].self_attn.qkv_op is None and model.model.layers[0].mlp.gate_up_op is not None
+    model(Tensor(np.arange(3, 9, dtype=np.int32).reshape(1, 6))).asnumpy()

@@ -4,17 +4,30 @@
 //   float32 [N, K] | bfloat16 [N, K] | int8 [N, K] + float16 scales [N, ceil(K/group)]
 //   | int4 uint8 [N, ceil(K/32)*16] (q4_0-style blocks of 32, stored q + 8) + float16 scales [N, ceil(K/group)]
 // M <= 4 (decode): matrix-vector, R rows of W at a time against all M rows of x, so each weight byte is read once
-//   and the loop streams W at memory speed. M > 4 (prefill): a tile of W is dequantised to float32 once and reused
+//   and the loop streams W at memory speed. int8 / int4: x is quantised once per call to int8 per 32-element chunk
+//   (scale absmax / 127, so |x - x_q| <= scale / 2) and each chunk is an integer dot product (VNNI vpdpbusd, else
+//   maddubs + madd: unsigned x signed bytes, so int8 weights go in as |w| against x_q with w's sign, int4 as their
+//   stored q + 8 with 8 s sum(x_q) taken off at the end), scaled by weight scale x activation scale in float32.
+//   bfloat16 with AVX512-BF16: x rounded to bfloat16 once per call and vdpbf16ps (|x - x_bf16| <= 2^-8 |x|). M > 4 (prefill): a tile of W is dequantised to float32 once and reused
 //   by every row of x (x repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k).
-// Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled twice
-// (AVX2+FMA+F16C and AVX-512) by including this file into itself under `#pragma GCC target`, and the path is picked
-// at run time from cpuid; BAICHUAN_KERNEL_ISA=avx2|avx512 forces one (for tests). Threads: see kernel_threads().
+// Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled four
+// times (avx2: AVX2+FMA+F16C; avxvnni: + AVX-VNNI; avx512: F/BW/VL/DQ; avx512vnni: + AVX512-VNNI + AVX512-BF16) by
+// including this file into itself under `#pragma GCC target`, and the best path is picked at run time from cpuid;
+// BAICHUAN_KERNEL_ISA=<path> forces one the CPU has (for tests). Threads: see kernel_threads().
 #ifndef BAICHUAN_KERNEL_BODY
+#include <cpuid.h>
 #include <immintrin.h>
-#include <omp.h>
 #include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <cmath>
+#include <type_traits>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -46,9 +59,71 @@ int kernel_threads() {
     if (v && atoi(v) > 0) return atoi(v);
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
-    return omp_get_num_procs();
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   }();
   return n;
+}
+
+// The kernels' threads: a small persistent pool rather than OpenMP. libgomp's idle threads spin after every
+// parallel region, and on a 2-core machine they took the cores MindSpore's own threads needed between our calls
+// (measured: a decode step 20-30x slower). These workers block on a condition variable between calls instead.
+// parallel(nt, fn) runs fn(t, nt) for t = 0..nt-1 (t = 0 on the calling thread) and returns when all are done.
+class Pool {
+ public:
+  void run(int nt, const std::function<void(int, int)> &fn) {
+    std::lock_guard<std::mutex> one_job(job_mu_);  // MindSpore may launch kernels from several threads
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &fn;
+      nt_ = nt;
+      ++generation_;
+      // a new worker first takes mu_ after this job is posted, so it starts with it
+      while (static_cast<int>(workers_) < nt - 1) std::thread(&Pool::work, this, ++workers_).detach();
+      pending_ = workers_;
+    }
+    wake_.notify_all();
+    fn(0, nt);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+  }
+
+ private:
+  void work(int id) {
+    uint64_t seen;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      seen = generation_ - 1;  // started inside run(): the job posted there is ours too
+    }
+    for (;;) {
+      const std::function<void(int, int)> *fn;
+      int nt;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        fn = job_;
+        nt = nt_;
+      }
+      if (id < nt) (*fn)(id, nt);
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex job_mu_, mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int, int)> *job_ = nullptr;
+  int nt_ = 0, pending_ = 0;
+  unsigned workers_ = 0;
+  uint64_t generation_ = 1;
+};
+
+void parallel(int nt, const std::function<void(int, int)> &fn) {
+  if (nt <= 1) {
+    fn(0, 1);
+    return;
+  }
+  static Pool *pool = new Pool;  // never destroyed: its detached workers outlive static destructors
+  pool->run(nt, fn);
 }
 
 // Contiguous row ranges per thread, aligned to `align` rows so every thread runs whole register blocks.
@@ -105,6 +180,30 @@ KI void ld_i4(const uint8_t *p, F out[4]) {
   out[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
   out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
+// Integer decode primitives: I = one vector of bytes (32 = one chunk here); lane i of a dot sums bytes 4i..4i+3.
+using I = __m256i;
+constexpr bool kBF16Dot = false;
+KI I iload(const void *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+KI F icvt(I v) { return _mm256_cvtepi32_ps(v); }
+// sum of unsigned a x signed b per 4 bytes; |a| <= 128, |b| <= 127 keeps maddubs' int16 pairs from saturating
+KI I dot_us(I a, I b) { return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)); }
+KI I iabs8(I w) { return _mm256_sign_epi8(w, w); }  // -128 -> 0x80, read as unsigned 128: still |w|
+KI I sign8(I x, I w) { return _mm256_sign_epi8(x, w); }
+// a . b + c . d with small unsigned a, c (int4 values 0..15: the int16 sums stay far from saturation)
+KI I dot_us2(I a, I b, I c, I d) {
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a, b), _mm256_maddubs_epi16(c, d)),
+                           _mm256_set1_epi16(1));
+}
+KI I lo_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xF)); }
+KI I hi_nibbles(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF)); }
+// The weight scales of the chunks one integer vector covers, spread over their lanes: idx[lane] picks p[idx].
+KI F spread(const float *p, I idx) { return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), idx); }
+KI I lane_index(int lanes_per_chunk, int gshift) {
+  alignas(32) int32_t t[8];
+  for (int l = 0; l < 8; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  return _mm256_load_si256(reinterpret_cast<const __m256i *>(t));
+}
+KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }  // unused: no BF16 dot on this path
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {  // bandwidth probe: 4 x 32 B loads per step
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   for (size_t i = 0; i + 128 <= bytes; i += 128) {
@@ -119,6 +218,19 @@ static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t byte
 #include __FILE__
 #undef KI
 }  // namespace isa_avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------- AVX2 + AVX-VNNI: as AVX2, the byte dot in one op
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+namespace isa_avxvnni {
+using namespace isa_avx2;  // every primitive but the dot (names defined here hide those)
+#define KI static inline __attribute__((always_inline))
+KI I dot_us(I a, I b) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b); }
+KI I dot_us2(I a, I b, I c, I d) { return _mm256_dpbusd_avx_epi32(dot_us(a, b), c, d); }
+#include __FILE__
+#undef KI
+}  // namespace isa_avxvnni
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------- AVX-512 (F, BW, VL, DQ): 16 floats per vector
@@ -147,6 +259,26 @@ KI void ld_i4(const uint8_t *p, F out[2]) {
   out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(a, _mm512_set1_epi32(0xF)));
   out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
 }
+using I = __m512i;  // 64 bytes = two chunks: lanes 0-7 chunk c, lanes 8-15 chunk c + 1
+constexpr bool kBF16Dot = false;
+KI I dot_us(I a, I b) { return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)); }
+KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }
+KI I iload(const void *p) { return _mm512_loadu_si512(p); }
+KI F icvt(I v) { return _mm512_cvtepi32_ps(v); }
+KI I iabs8(I w) { return _mm512_abs_epi8(w); }
+KI I sign8(I x, I w) { return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x); }
+KI I dot_us2(I a, I b, I c, I d) {
+  return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(a, b), _mm512_maddubs_epi16(c, d)),
+                           _mm512_set1_epi16(1));
+}
+KI I lo_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0xF)); }
+KI I hi_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0xF)); }
+KI F spread(const float *p, I idx) { return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p))); }
+KI I lane_index(int lanes_per_chunk, int gshift) {
+  alignas(64) int32_t t[16];
+  for (int l = 0; l < 16; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  return _mm512_load_si512(t);
+}
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {
   __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
   for (size_t i = 0; i + 256 <= bytes; i += 256) {
@@ -162,17 +294,52 @@ static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t byte
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
+// ---------------------------------------------------------------- AVX-512 + VNNI + BF16: the same, dot products in one op
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c")
+namespace isa_avx512vnni {
+using namespace isa_avx512;  // every primitive but the dot products (names defined here hide those)
+#define KI static inline __attribute__((always_inline))
+constexpr bool kBF16Dot = true;
+KI I dot_us(I a, I b) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), a, b); }
+KI I dot_us2(I a, I b, I c, I d) { return _mm512_dpbusd_epi32(dot_us(a, b), c, d); }
+// acc += w . x over 32 bfloat16 (lane i: elements 2i and 2i + 1); the products are exact in float32
+KI F dot_bf16(F acc, const uint16_t *w, const uint16_t *x) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+}
+#include __FILE__
+#undef KI
+}  // namespace isa_avx512vnni
+#pragma GCC pop_options
+
 // ---------------------------------------------------------------- run-time choice and the exported entry points
 namespace {
 
-enum Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa { kNone = 0, kAvx2, kAvxVnni, kAvx512, kAvx512Vnni };
+const char *const kIsaNames[] = {"none", "avx2", "avxvnni", "avx512", "avx512vnni"};
+
+// Which paths this CPU can run (cpuid leaf 7: VNNI = sub-leaf 0 ECX bit 11; AVX-VNNI, AVX512-BF16 = sub-leaf 1 EAX
+// bits 4, 5).
+bool cpu_has(Isa isa) {
+  static const unsigned mask = [] {
+    __builtin_cpu_init();
+    bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    unsigned a0 = 0, b0 = 0, c0 = 0, d0 = 0, a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+    __get_cpuid_count(7, 0, &a0, &b0, &c0, &d0);
+    if (a0 >= 1) __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+    bool vnni512 = (c0 >> 11) & 1, avxvnni = (a1 >> 4) & 1, bf16 = (a1 >> 5) & 1;
+    return (avx2 ? 1u << kAvx2 : 0) | (avx2 && avxvnni ? 1u << kAvxVnni : 0) | (avx512 ? 1u << kAvx512 : 0) |
+           (avx512 && vnni512 && bf16 ? 1u << kAvx512Vnni : 0);
+  }();
+  return (mask >> isa) & 1;
+}
 
 Isa best_isa() {
-  __builtin_cpu_init();
-  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return avx512 ? kAvx512 : avx2 ? kAvx2 : kNone;
+  for (Isa isa : {kAvx512Vnni, kAvx512, kAvxVnni, kAvx2})
+    if (cpu_has(isa)) return isa;
+  return kNone;
 }
 
 // Read on every call (a getenv is nothing next to a projection) so a test can switch paths inside one process.
@@ -180,46 +347,56 @@ Isa best_isa() {
 Isa chosen_isa() {
   static const Isa best = best_isa();
   const char *force = getenv("BAICHUAN_KERNEL_ISA");
-  if (force && strcmp(force, "avx2") == 0 && best >= kAvx2) return kAvx2;
-  if (force && strcmp(force, "avx512") == 0 && best >= kAvx512) return kAvx512;
+  if (force)
+    for (int i = kAvx2; i <= kAvx512Vnni; ++i)
+      if (strcmp(force, kIsaNames[i]) == 0 && cpu_has(static_cast<Isa>(i))) return static_cast<Isa>(i);
   return best;
 }
 
-const char *isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "none"; }
+const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
-// Shapes and dtypes as MindSpore hands them over; a mismatch returns non-zero, which MindSpore raises as an error.
-int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+// Shapes and dtypes as MindSpore hands them over: x, then per weight its tensors (weight, or qweight + scales),
+// then one output per weight. A mismatch returns non-zero, which MindSpore raises as an error.
+int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims, int64_t **shapes,
+           const char **dtypes) {
   const bool quant = fmt == kI8 || fmt == kI4;
-  const int nin = quant ? 3 : 2;
-  if (nparam != nin + 1) return 1;
-  for (int i = 0; i <= nin; ++i)
+  const int per = quant ? 2 : 1, nin = 1 + per * nw;
+  if (nparam != nin + nw) return 1;
+  for (int i = 0; i < nparam; ++i)
     if (ndims[i] != 2) return 2;
+  if (strcmp(dtypes[0], "float32") != 0) return 3;
   static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
-  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[1], wtype[fmt]) != 0 || strcmp(dtypes[nin], "float32") != 0)
-    return 3;
-  Problem p;
-  p.x = static_cast<const float *>(params[0]);
-  p.w = params[1];
-  p.s = quant ? static_cast<const uint16_t *>(params[2]) : nullptr;
-  p.y = static_cast<float *>(params[nin]);
-  p.M = shapes[0][0];
-  p.K = shapes[0][1];
-  p.N = shapes[1][0];
-  p.group = group;
-  p.row_units = shapes[1][1];
-  p.G = quant ? ceil_div(p.K, group) : 0;
-  int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
-  if (p.row_units != want_units || shapes[nin][0] != p.M || shapes[nin][1] != p.N) return 4;
-  if (quant && (strcmp(dtypes[2], "float16") != 0 || shapes[2][0] != p.N || shapes[2][1] != p.G)) return 5;
-  if (p.M == 0 || p.N == 0) return 0;
-  if (p.K == 0) {
-    memset(p.y, 0, sizeof(float) * p.M * p.N);
+  Problem ps[3];
+  for (int i = 0; i < nw; ++i) {
+    const int wi = 1 + per * i, yi = nin + i;
+    if (strcmp(dtypes[wi], wtype[fmt]) != 0 || strcmp(dtypes[yi], "float32") != 0) return 3;
+    Problem &p = ps[i];
+    p.x = static_cast<const float *>(params[0]);
+    p.w = params[wi];
+    p.s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
+    p.y = static_cast<float *>(params[yi]);
+    p.M = shapes[0][0];
+    p.K = shapes[0][1];
+    p.N = shapes[wi][0];
+    p.group = group;
+    p.row_units = shapes[wi][1];
+    p.G = quant ? ceil_div(p.K, group) : 0;
+    int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
+    if (p.row_units != want_units || shapes[yi][0] != p.M || shapes[yi][1] != p.N) return 4;
+    if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || shapes[wi + 1][0] != p.N || shapes[wi + 1][1] != p.G))
+      return 5;
+  }
+  if (ps[0].M == 0) return 0;
+  if (ps[0].K == 0) {
+    for (int i = 0; i < nw; ++i) memset(ps[i].y, 0, sizeof(float) * ps[i].M * ps[i].N);
     return 0;
   }
   const int nt = kernel_threads();
   switch (chosen_isa()) {
-    case kAvx512: return isa_avx512::run(fmt, p, nt);
-    case kAvx2: return isa_avx2::run(fmt, p, nt);
+    case kAvx512Vnni: return isa_avx512vnni::run(fmt, ps, nw, nt);
+    case kAvx512: return isa_avx512::run(fmt, ps, nw, nt);
+    case kAvxVnni: return isa_avxvnni::run(fmt, ps, nw, nt);
+    case kAvx2: return isa_avx2::run(fmt, ps, nw, nt);
     default: return 6;
   }
 }
@@ -230,12 +407,17 @@ int linear(Fmt fmt, int64_t group, int nparam, void **params, int *ndims, int64_
 #define AOT_FWD nparam, params, ndims, shapes, dtypes
 
 extern "C" {
-int LinearF32(AOT_ARGS) { return linear(kF32, 0, AOT_FWD); }
-int LinearBF16(AOT_ARGS) { return linear(kBF16, 0, AOT_FWD); }
-// One symbol per supported group size (kernels.py GROUP_SIZES): the aot interface passes no attributes.
-#define QUANT_ENTRIES(g)                                                         \
-  int LinearInt8G##g(AOT_ARGS) { return linear(kI8, g, AOT_FWD); }               \
-  int LinearInt4G##g(AOT_ARGS) { return linear(kI4, g, AOT_FWD); }
+// One symbol per format, group size (kernels.py GROUP_SIZES) and number of weights sharing x (1, 2: gate/up,
+// 3: q/k/v; suffix x2 / x3): the aot interface passes no attributes.
+#define ENTRIES(name, fmt, g)                                                     \
+  int name(AOT_ARGS) { return linear(fmt, g, 1, AOT_FWD); }                       \
+  int name##x2(AOT_ARGS) { return linear(fmt, g, 2, AOT_FWD); }                   \
+  int name##x3(AOT_ARGS) { return linear(fmt, g, 3, AOT_FWD); }
+ENTRIES(LinearF32, kF32, 0)
+ENTRIES(LinearBF16, kBF16, 0)
+#define QUANT_ENTRIES(g)              \
+  ENTRIES(LinearInt8G##g, kI8, g)     \
+  ENTRIES(LinearInt4G##g, kI4, g)
 QUANT_ENTRIES(32)
 QUANT_ENTRIES(64)
 QUANT_ENTRIES(128)
@@ -248,6 +430,12 @@ QUANT_ENTRIES(8192)
 QUANT_ENTRIES(16384)
 
 const char *KernelIsa() { return isa_name(chosen_isa()); }
+// Whether this CPU can run the path `name` (avx2, avxvnni, avx512, avx512vnni).
+int KernelHasIsa(const char *name) {
+  for (int i = kAvx2; i <= kAvx512Vnni; ++i)
+    if (strcmp(name, kIsaNames[i]) == 0) return cpu_has(static_cast<Isa>(i));
+  return 0;
+}
 int KernelThreads() { return kernel_threads(); }
 
 // Memory read bandwidth in GB/s (1e9 bytes/s): `gigabytes` of buffer, first touched by the threads that read it,
@@ -258,25 +446,23 @@ double ReadBandwidth(double gigabytes, int reps) {
   if (!buf) return -1;
   const int nt = kernel_threads();
   const Isa isa = chosen_isa();
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&](int tid, int tcount) {
     int64_t b, e;
-    thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
     memset(buf + b * 4096, 1, (e - b) * 4096);
-  }
+  });
   double best = 0;
   volatile uint64_t sink = 0;
   for (int r = 0; r < reps; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-    uint64_t total = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : total)
-    {
+    std::atomic<uint64_t> total{0};
+    parallel(nt, [&](int tid, int tcount) {
       int64_t b, e;
-      thread_range(bytes / 4096, 1, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+      thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
       const uint8_t *p = buf + b * 4096;
       size_t len = (e - b) * 4096;
-      total += isa == kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
-    }
+      total += isa >= kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
+    });
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + total;
     best = std::max(best, bytes / s / 1e9);
@@ -324,6 +510,15 @@ struct I8 {
     raw(p, out);
     for (int v = 0; v < kChunk / W; ++v) out[v] = fmul(out[v], sv);
   }
+  // Decode: one integer vector of weights covers CPV chunks; x_q is in element order.
+  static constexpr int CPV = W / 8;
+  KI int64_t xq_pos(int64_t k) { return k; }
+  // Integer dots of one vector of weights with each row of x_q: |w| (unsigned) against x_q carrying w's sign.
+  template <int MX>
+  KI void idot(const T *src, const int8_t *xq, int64_t kp, I d[MX]) {
+    I w = iload(src), a = iabs8(w);
+    for (int m = 0; m < MX; ++m) d[m] = dot_us(a, sign8(iload(xq + m * kp), w));
+  }
 };
 struct I4 {
   using T = uint8_t;
@@ -335,6 +530,19 @@ struct I4 {
     F sv = fset1(s), off = fset1(-8.0f * s);
     ld_i4(p, out);
     for (int v = 0; v < kChunk / W; ++v) out[v] = ffma(out[v], sv, off);
+  }
+  // Decode: one integer vector of packed bytes covers CPV blocks. Rather than reorder the nibbles, x_q is stored
+  // in their order: per CPV blocks, first every block's elements 0..15 (the low nibbles), then every 16..31.
+  static constexpr int CPV = W / 4;
+  KI int64_t xq_pos(int64_t k) {
+    const int64_t c = k / kChunk, t = k % kChunk;
+    return (c / CPV) * (CPV * kChunk) + (t / 16) * (CPV * 16) + (c % CPV) * 16 + t % 16;
+  }
+  // The stored q + 8 (unsigned) against x_q; the 8 sum(x_q) this adds is taken off per row at the end (corr).
+  template <int MX>
+  KI void idot(const T *src, const int8_t *xq, int64_t kp, I d[MX]) {
+    I v = iload(src), lo = lo_nibbles(v), hi = hi_nibbles(v);
+    for (int m = 0; m < MX; ++m) d[m] = dot_us2(lo, iload(xq + m * kp), hi, iload(xq + m * kp + CPV * 16));
   }
 };
 
@@ -420,8 +628,11 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, con
     for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
 }
 
+// Decode runs every weight of a call (nw of them, same x) in one parallel region: each thread takes its share of
+// every weight's rows, so a fused q/k/v or gate/up call costs one thread fork/join and one preparation of x.
 template <class Fm, int MX>
-static int gemv(const Problem &p, int nt) {
+static int gemv(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
   // Rows of W per register block: all of AVX-512's 32 registers hold 4 x MX accumulators; AVX2 has 16.
   constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
   const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
@@ -439,20 +650,174 @@ static int gemv(const Problem &p, int nt) {
     }
   }
   const int gshift = Fm::quant ? __builtin_ctzll(p.group / kChunk) : 0;
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
+  std::atomic<int> failed{0};
+  parallel(nt, [&](int tid, int tcount) {
     float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (gp + 8)));
     failed |= sc == nullptr;
-    int64_t b, e;
-    thread_range(p.N, R, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
-    int64_t n = sc ? b : e;
-    for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(p, xp, kp, xg, sc, gshift, n);
-    for (; n < e; ++n) gemv_block<Fm, 1, MX>(p, xp, kp, xg, sc, gshift, n);
+    for (int i = 0; i < nw && sc; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_block<Fm, R, MX>(ps[i], xp, kp, xg, sc, gshift, n);
+      for (; n < e; ++n) gemv_block<Fm, 1, MX>(ps[i], xp, kp, xg, sc, gshift, n);
+    }
     free(sc);
-  }
+  });
   free(xp);
   return failed ? 7 : 0;
+}
+
+// ---- decode, int8 / int4: x quantised to int8 per chunk once per call (xq [MX][kp], kp = K padded to whole steps
+// of CPV chunks, in Fm::xq_pos order; dxe [MX][steps][W] = each chunk's scale repeated over the lanes its dot fills;
+// xg [MX][G] = sums of the dequantised x_q per group, for int4's offset). Per step: one integer vector of weights,
+// its dots with each x_q, then acc += dot x (s_w s_x) in float32.
+template <class Fm, int R, int MX>
+static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dxe, int64_t kp, int64_t ne,
+                                const float *xg, float *sc, I idx, int gshift, int64_t n0) {
+  using T = typename Fm::T;
+  constexpr int VU = 4 * W;                     // weight bytes per integer vector
+  constexpr int EPS = Fm::CPV * kChunk;         // elements per step
+  const T *rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
+  float corr[R][MX] = {};
+  for (int r = 0; r < R; ++r) row_scales<MX, (Fm::offset != 0)>(p, n0 + r, xg, sc + r * p.G, corr[r]);
+  F acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
+  const int64_t nv = kp / EPS, fullv = p.row_units / VU;
+  auto step = [&](int r, const T *src, int64_t v) __attribute__((always_inline)) {
+    I d[MX];
+    Fm::template idot<MX>(src, xq + v * EPS, kp, d);
+    F sw = spread(sc + r * p.G + ((v * Fm::CPV) >> gshift), idx);
+    for (int m = 0; m < MX; ++m) acc[r][m] = ffma(icvt(d[m]), fmul(sw, fload(dxe + m * ne + v * W)), acc[r][m]);
+  };
+  for (int64_t v = 0; v < fullv; ++v)
+    for (int r = 0; r < R; ++r) step(r, rows[r] + v * VU, v);
+  if (fullv < nv) {  // the last, partial vector: zero-filled (x_q is zero there too)
+    alignas(64) T buf[VU];
+    for (int r = 0; r < R; ++r) {
+      memset(buf, 0, sizeof(buf));
+      memcpy(buf, rows[r] + fullv * VU, sizeof(T) * (p.row_units - fullv * VU));
+      step(r, buf, fullv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
+}
+
+template <class Fm, int MX>
+static int gemv_q(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
+  constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
+  constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
+  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, ne = kp / EPS * W;
+  int8_t *xq = static_cast<int8_t *>(aligned_buffer(MX * kp));
+  float *dxe = static_cast<float *>(aligned_buffer(sizeof(float) * MX * (ne + p.G)));
+  if (!xq || !dxe) {
+    free(xq);
+    free(dxe);
+    return 7;
+  }
+  float *xg = dxe + MX * ne;
+  memset(xq, 0, MX * kp);
+  memset(dxe, 0, sizeof(float) * MX * (ne + p.G));
+  for (int m = 0; m < MX; ++m) {
+    const float *x = p.x + m * p.K;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k0 = c * kChunk, kl = std::min<int64_t>(kChunk, p.K - k0);
+      float amax = 0;
+      for (int64_t j = 0; j < kl; ++j) amax = std::max(amax, std::fabs(x[k0 + j]));
+      const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      int sum = 0;
+      for (int64_t j = 0; j < kl; ++j) {
+        int q = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(x[k0 + j] * inv))));
+        xq[m * kp + Fm::xq_pos(k0 + j)] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      for (int l = 0; l < LPC; ++l) dxe[m * ne + (c / Fm::CPV) * W + (c % Fm::CPV) * LPC + l] = dx;
+      xg[m * p.G + k0 / p.group] += dx * static_cast<float>(sum);
+    }
+  }
+  const int gshift = __builtin_ctzll(p.group / kChunk);
+  const I idx = lane_index(LPC, gshift);
+  std::atomic<int> failed{0};
+  parallel(nt, [&](int tid, int tcount) {
+    // + 8: a step past the last chunk reads (finite, zero) scales there, multiplied by a zero dot
+    float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (p.G + 8)));
+    failed |= sc == nullptr;
+    if (sc) memset(sc, 0, sizeof(float) * R * (p.G + 8));
+    for (int i = 0; i < nw && sc; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+    }
+    free(sc);
+  });
+  free(xq);
+  free(dxe);
+  return failed ? 7 : 0;
+}
+
+// ---- decode, bfloat16 where the CPU has a bfloat16 dot (kBF16Dot): x rounded to bfloat16 (nearest even) once.
+template <int R, int MX>
+static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t kp, int64_t n0) {
+  const uint16_t *rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = static_cast<const uint16_t *>(p.w) + (n0 + r) * p.K;
+  F acc[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
+  const int64_t full = p.K / kChunk;
+  for (int64_t c = 0; c < full; ++c)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) acc[r][m] = dot_bf16(acc[r][m], rows[r] + c * kChunk, xb + m * kp + c * kChunk);
+  if (full * kChunk < p.K) {
+    alignas(64) uint16_t buf[kChunk];
+    for (int r = 0; r < R; ++r) {
+      const uint16_t *src = tail_chunk<BF16>(rows[r], full, p.K, buf);
+      for (int m = 0; m < MX; ++m) acc[r][m] = dot_bf16(acc[r][m], src, xb + m * kp + full * kChunk);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]);
+}
+
+template <int MX>
+static int gemv_bf16(const Problem *ps, int nw, int nt) {
+  const Problem &p = ps[0];
+  constexpr int R = 4;
+  const int64_t kp = ceil_div(p.K, kChunk) * kChunk;
+  uint16_t *xb = static_cast<uint16_t *>(aligned_buffer(sizeof(uint16_t) * MX * kp));
+  if (!xb) return 7;
+  memset(xb, 0, sizeof(uint16_t) * MX * kp);
+  for (int m = 0; m < MX; ++m)
+    for (int64_t k = 0; k < p.K; ++k) {
+      uint32_t bits;
+      memcpy(&bits, p.x + m * p.K + k, 4);
+      xb[m * kp + k] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+  parallel(nt, [&](int tid, int tcount) {
+    for (int i = 0; i < nw; ++i) {
+      int64_t b, e;
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
+      int64_t n = b;
+      for (; n + R <= e; n += R) gemv_bf16_block<R, MX>(ps[i], xb, kp, n);
+      for (; n < e; ++n) gemv_bf16_block<1, MX>(ps[i], xb, kp, n);
+    }
+  });
+  free(xb);
+  return 0;
+}
+
+template <class Fm, int MX>
+static int decode(const Problem *ps, int nw, int nt) {
+  if constexpr (Fm::quant)
+    return gemv_q<Fm, MX>(ps, nw, nt);
+  else if constexpr (kBF16Dot && std::is_same<Fm, BF16>::value)
+    return gemv_bf16<MX>(ps, nw, nt);
+  else
+    return gemv<Fm, MX>(ps, nw, nt);
 }
 
 // ---- prefill: per thread, tiles of NB rows x KB columns of W dequantised to float32 (row-major, ld KB) and
@@ -485,20 +850,18 @@ static int gemm(const Problem &p, int nt) {
   const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;
   float *xb = static_cast<float *>(aligned_buffer(sizeof(float) * mblocks * p.K * MB));
   if (!xb) return 7;
-  int failed = 0;
-#pragma omp parallel num_threads(nt) reduction(| : failed)
-  {
-#pragma omp for schedule(static)
-    for (int64_t mb = 0; mb < mblocks; ++mb)
-      for (int64_t k = 0; k < p.K; ++k)
-        for (int j = 0; j < MB; ++j) {
-          int64_t m = mb * MB + j;
-          xb[(mb * p.K + k) * MB + j] = m < p.M ? p.x[m * p.K + k] : 0.0f;
-        }
+  std::atomic<int> failed{0};
+  for (int64_t mb = 0; mb < mblocks; ++mb)  // one pass over x: nothing next to the product
+    for (int64_t k = 0; k < p.K; ++k)
+      for (int j = 0; j < MB; ++j) {
+        int64_t m = mb * MB + j;
+        xb[(mb * p.K + k) * MB + j] = m < p.M ? p.x[m * p.K + k] : 0.0f;
+      }
+  parallel(nt, [&](int tid, int tcount) {
     float *tile = static_cast<float *>(aligned_buffer(sizeof(float) * NB * KB));
     failed |= tile == nullptr;
     int64_t b, e;
-    thread_range(p.N, NR, omp_get_thread_num(), omp_get_num_threads(), &b, &e);
+    thread_range(p.N, NR, tid, tcount, &b, &e);
     alignas(64) float out[NR][MB];
     alignas(64) T buf[Fm::units];
     for (int64_t n0 = b; n0 < e && tile; n0 += NB) {
@@ -537,28 +900,31 @@ static int gemm(const Problem &p, int nt) {
       }
     }
     free(tile);
-  }
+  });
   free(xb);
   return failed ? 7 : 0;
 }
 
 template <class Fm>
-static int run_fmt(const Problem &p, int nt) {
-  switch (p.M) {
-    case 1: return gemv<Fm, 1>(p, nt);
-    case 2: return gemv<Fm, 2>(p, nt);
-    case 3: return gemv<Fm, 3>(p, nt);
-    case 4: return gemv<Fm, 4>(p, nt);
-    default: return gemm<Fm>(p, nt);
+static int run_fmt(const Problem *ps, int nw, int nt) {
+  switch (ps[0].M) {
+    case 1: return decode<Fm, 1>(ps, nw, nt);
+    case 2: return decode<Fm, 2>(ps, nw, nt);
+    case 3: return decode<Fm, 3>(ps, nw, nt);
+    case 4: return decode<Fm, 4>(ps, nw, nt);
   }
+  for (int i = 0; i < nw; ++i)
+    if (ps[i].N > 0)
+      if (int err = gemm<Fm>(ps[i], nt)) return err;
+  return 0;
 }
 
-static int run(Fmt fmt, const Problem &p, int nt) {
+static int run(Fmt fmt, const Problem *ps, int nw, int nt) {
   switch (fmt) {
-    case kF32: return run_fmt<F32>(p, nt);
-    case kBF16: return run_fmt<BF16>(p, nt);
-    case kI8: return run_fmt<I8>(p, nt);
-    case kI4: return run_fmt<I4>(p, nt);
+    case kF32: return run_fmt<F32>(ps, nw, nt);
+    case kBF16: return run_fmt<BF16>(ps, nw, nt);
+    case kI8: return run_fmt<I8>(ps, nw, nt);
+    case kI4: return run_fmt<I4>(ps, nw, nt);
   }
   return 8;
 }

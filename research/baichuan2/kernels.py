@@ -12,7 +12,8 @@ keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.ca
 temporary file and renamed into place so concurrent processes never load half a library. `python -m
 baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). Environment:
     BAICHUAN_KERNELS=0          never use the kernels (linear_op returns None)
-    BAICHUAN_KERNEL_ISA=avx2    force the AVX2 path on an AVX-512 machine (tests); default: the best the CPU has
+    BAICHUAN_KERNEL_ISA=PATH    force one of ISA_PATHS the CPU has (tests); default: the best it has, in the order
+                                avx512vnni (+ VNNI and BF16 dot products), avx512, avxvnni, avx2
     BAICHUAN_KERNEL_THREADS=N   OpenMP threads; default: the CPUs in the process's affinity mask (not
                                 OMP_NUM_THREADS, which importing mindspore sets to 1)
 This module is copied into model directories with modeling_baichuan.py, so it imports only the standard library,
@@ -30,6 +31,7 @@ import sys
 import tempfile
 
 FORMATS = ("float32", "bfloat16", "int8", "int4")
+ISA_PATHS = ("avx2", "avxvnni", "avx512", "avx512vnni")  # the instruction-set paths kernels.cc is compiled for
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # one exported symbol each in kernels.cc
 
 
@@ -50,7 +52,7 @@ def _find_source():
 SOURCE = _find_source()
 # Baseline x86-64 code generation: the AVX2 / AVX-512 bodies get their instructions from function-level target
 # pragmas, so one library runs on every x86-64 machine and picks its path at run time.
-CXXFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared", "-w")
+CXXFLAGS = ("-O3", "-std=c++17", "-pthread", "-fPIC", "-shared", "-w")
 
 _state = {}  # path of the built library, or the reason there is none
 
@@ -121,6 +123,8 @@ def _lib():
         lib = ctypes.CDLL(path)
         lib.KernelIsa.restype = ctypes.c_char_p
         lib.KernelThreads.restype = ctypes.c_int
+        lib.KernelHasIsa.restype = ctypes.c_int
+        lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
         lib.ReadBandwidth.restype = ctypes.c_double
         lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
         _state.update(path=path, lib=lib)
@@ -128,12 +132,18 @@ def _lib():
 
 
 def isa():
-    """The instruction-set path the kernels run now ("avx512" or "avx2"), or None when they cannot run."""
+    """The instruction-set path the kernels run now (one of ISA_PATHS), or None when they cannot run."""
     lib = _lib()
     if lib is None:
         return None
     name = lib.KernelIsa().decode()
     return None if name == "none" else name
+
+
+def available_isas():
+    """The paths of ISA_PATHS this CPU can run (empty when the kernels cannot run here)."""
+    lib = _lib()
+    return () if lib is None else tuple(name for name in ISA_PATHS if lib.KernelHasIsa(name.encode()))
 
 
 def threads():
@@ -152,31 +162,43 @@ def read_bandwidth(gigabytes=2.0, reps=3):
     return gbs
 
 
-def symbol(fmt, group_size=None):
+def symbol(fmt, group_size=None, weights=1):
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if weights not in (1, 2, 3):
+        raise ValueError(f"a kernel call takes 1, 2 or 3 weights, not {weights!r}")
+    suffix = "" if weights == 1 else f"x{weights}"
     if fmt == "float32":
-        return "LinearF32"
+        return "LinearF32" + suffix
     if fmt == "bfloat16":
-        return "LinearBF16"
+        return "LinearBF16" + suffix
     if group_size not in GROUP_SIZES:
         return None
-    return f"LinearInt{fmt[3:]}G{group_size}"
+    return f"LinearInt{fmt[3:]}G{group_size}{suffix}"
 
 
-def linear_op(fmt, group_size=None):
+def linear_op(fmt, group_size=None, weights=1):
     """The projection op for weights in `fmt` ("float32", "bfloat16", "int8", "int4"; `group_size` for the last two),
     or None when the kernels cannot run here (no compiler, not x86-64, no AVX2, BAICHUAN_KERNELS=0) or the group
     size has no kernel (GROUP_SIZES): the caller then uses stock MindSpore ops.
         float32 / bfloat16:  op(x, weight)          int8 / int4:  op(x, qweight, scales)
-    x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode)."""
-    name = symbol(fmt, group_size)
+    x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode).
+    `weights` = 2 or 3: one call projects the same x with that many weights of the same format and K (q/k/v,
+    gate/up), op(x, w1, w2[, w3]) or op(x, q1, s1, q2, s2[, q3, s3]) -> a tuple of outputs, in one thread region
+    (decode: one preparation of x, no weight copied or concatenated)."""
+    name = symbol(fmt, group_size, weights)
     if name is None or isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    return ops.Custom(f"{_state['path']}:{name}", out_shape=lambda x, w, *scales: [x[0], w[0]],
-                      out_dtype=lambda x, *rest: ms.float32, func_type="aot")
+    per = 2 if fmt.startswith("int") else 1
+    if weights == 1:
+        out_shape = lambda x, w, *scales: [x[0], w[0]]  # noqa: E731
+        out_dtype = lambda x, *rest: ms.float32  # noqa: E731
+    else:
+        out_shape = lambda x, *ws: tuple([x[0], w[0]] for w in ws[::per])  # noqa: E731
+        out_dtype = lambda x, *rest: (ms.float32,) * weights  # noqa: E731
+    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
 def main(argv=None):

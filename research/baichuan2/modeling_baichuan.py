@@ -128,13 +128,24 @@ _BF16_TO_F32 = from_bf16_bits(np.arange(65536, dtype=np.uint16))  # lookup table
 _UINT8_16, _UINT8_8 = Tensor(16, ms.uint8), Tensor(8, ms.uint8)
 
 
-def kernel_linear_op(fmt, group_size):
+def kernel_linear_op(fmt, group_size, weights=1):
     """The fast projection op for `fmt` from kernels.py, or None: stock ops then (kernels.py missing or unusable).
-    Looked up once per projection at construction."""
+    Looked up once per projection at construction; `weights` = 2 or 3: one call for that many projections of the
+    same x (see fuse_projections)."""
     if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
         return None
     from . import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.linear_op(fmt, group_size)
+    return kernels.linear_op(fmt, group_size, weights)
+
+
+def dense_kernel_op(config):
+    """The float32 kernel for dense projections at inference, or None (half-precision dense weights, or no
+    kernels). Measured side by side (example/bench_kernels.py), it beats the stock MatMul at every Baichuan shape
+    on these CPUs, decode and prefill, so it is used wherever it can run; training keeps the stock MatMul (the
+    kernel has no gradient)."""
+    if config.param_dtype != "float32" or config.compute_dtype != "float32":
+        return None
+    return kernel_linear_op("float32", None)
 
 
 def dequantize(qweight, scales, bits, group_size, in_features):
@@ -208,16 +219,34 @@ class Linear(nn.Cell):
         self.group_size = config.group_size
         if self.format == "dense":
             self.weight = normal_weight([out_features, in_features], config)
+            self.kernel = dense_kernel_op(config)
         else:
             add_stored_weights(self, out_features, in_features, self.format, self.group_size)
             self.kernel = kernel_linear_op(self.format, self.group_size)
 
+    def stored_weights(self):
+        return (self.qweight, self.scales) if self.format in ("int8", "int4") else (self.weight,)
+
     def construct(self, x):
-        if self.format == "dense":
+        if self.format == "dense" and (self.kernel is None or self.training):
             return linear(x, self.weight, self.compute_dtype)
-        weights = (self.weight,) if self.format == "bfloat16" else (self.qweight, self.scales)
-        return project(x, weights, self.format, self.group_size, self.in_features, self.kernel).astype(
+        return project(x, self.stored_weights(), self.format, self.group_size, self.in_features, self.kernel).astype(
             self.compute_dtype)
+
+
+def fused_op(linears):
+    """One kernel call for projections of the same x (q/k/v, gate/up), or None: every one must be a plain Linear
+    (a LoRA wrapper computes more than its weight) with a kernel, all in one format."""
+    first = linears[0]
+    if any(type(cell) is not Linear or cell.kernel is None or cell.format != first.format for cell in linears):
+        return None
+    return kernel_linear_op("float32" if first.format == "dense" else first.format, first.group_size, len(linears))
+
+
+def project_fused(x, weights, op, in_features, dtype):
+    """Outputs of `op` (from fused_op) on x [..., in_features], one per projection, each [..., out] in `dtype`."""
+    outs = op(x.reshape(-1, in_features).astype(ms.float32), *weights)
+    return tuple(y.reshape(x.shape[:-1] + (y.shape[1],)).astype(dtype) for y in outs)
 
 
 class Embedding(nn.Cell):
@@ -288,6 +317,10 @@ class Attention(nn.Cell):
         self.k_proj = Linear(h, h, config)
         self.v_proj = Linear(h, h, config)
         self.o_proj = Linear(h, h, config)
+        self.qkv_op = None  # one kernel call for q, k and v at inference: set by fuse_projections()
+
+    def fuse_projections(self):
+        self.qkv_op = fused_op((self.q_proj, self.k_proj, self.v_proj))
 
     def _heads(self, x):
         b, s, _ = x.shape
@@ -296,7 +329,13 @@ class Attention(nn.Cell):
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
         """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window) of
         BaichuanModel.cache_writes. Returns (output [B, S, H], the updated cache or None)."""
-        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if self.qkv_op is not None and not self.training:
+            q, k, v = project_fused(x, self.q_proj.stored_weights() + self.k_proj.stored_weights() +
+                                    self.v_proj.stored_weights(), self.qkv_op, self.q_proj.in_features,
+                                    self.q_proj.compute_dtype)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if rope is not None:
             q = self.rotary(q, rope[0], rope[1])
             k = self.rotary(k, rope[0], rope[1])
@@ -317,9 +356,18 @@ class MLP(nn.Cell):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, config)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, config)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, config)
+        self.gate_up_op = None  # one kernel call for gate and up at inference: set by fuse_projections()
+
+    def fuse_projections(self):
+        self.gate_up_op = fused_op((self.gate_proj, self.up_proj))
 
     def construct(self, x):
-        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_op is not None and not self.training:
+            gate, up = project_fused(x, self.gate_proj.stored_weights() + self.up_proj.stored_weights(),
+                                     self.gate_up_op, self.gate_proj.in_features, self.gate_proj.compute_dtype)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.silu(gate) * up)
 
 
 class DecoderLayer(nn.Cell):
@@ -448,6 +496,7 @@ class NormHead(nn.Cell):
         self.group_size = config.group_size
         if self.format == "dense":
             self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
+            self.kernel = dense_kernel_op(config)
             self.normalized = False
         else:
             add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
@@ -472,6 +521,8 @@ class NormHead(nn.Cell):
         w = self.weight
         if self.norm and (self.training or not self.normalized):
             w = self.l2_normalize(w)
+        elif self.kernel is not None and not self.training:
+            return project(x, (w,), "float32", None, self.in_features, self.kernel)
         return linear(x, w, self.compute_dtype)
 
 
@@ -540,9 +591,13 @@ class BaichuanForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ inference preparation and weights
     def prepare_for_inference(self):
-        """Eval mode with NormHead rows normalised once."""
+        """Eval mode with NormHead rows normalised once, and q/k/v and gate/up each projected in one kernel call
+        where the kernels run (after any LoRA wrapping: wrapped projections stay separate)."""
         self.set_train(False)
         self.lm_head.normalize_once()
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
         return self
 
     def load_weights(self, model_dir_or_file, strict=True):
