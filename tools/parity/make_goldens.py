@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
@@ -31,8 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 from transformers.models.llama import modeling_llama
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import numpy_reference  # noqa: E402
+import numpy_reference  # a sibling module: a script's own directory is first on the import path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT_ROOT = os.path.join(REPO, "tests", "fixtures", "parity")
