@@ -12,7 +12,7 @@ import mindspore as ms
 import pytest
 
 from baichuan2 import runtime
-from helpers import run_module
+from helpers import REPO, run_module
 
 NO_ASCEND = runtime.ascend_unavailable_reason()
 needs_no_ascend = pytest.mark.skipif(NO_ASCEND is None, reason="this host has a usable Ascend NPU")
@@ -266,8 +266,8 @@ def test_preprocess_then_finetune_keep_cwd_and_console_clean(tmp_path):
     env.pop("MS_WORKER_NUM", None)  # one process started by hand: no msrun
     rows = tmp_path / "rows.mindrecord"
     proc = subprocess.run(run_module("example/dataset/belle_preprocess.py", "--input_glob",
-                                     os.path.join(FIXTURES, "..", "..", "dataset", "belle_sample.json"),
-                                     "--model_file", os.path.join(FIXTURES, "..", "..", "dataset", "tokenizer.model"),
+                                     os.path.join(REPO, "dataset", "belle_sample.json"),
+                                     "--model_file", os.path.join(REPO, "dataset", "tokenizer.model"),
                                      "--output_file", rows, "--seq_length", 32, "--quiet"),
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
