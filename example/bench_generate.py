@@ -65,17 +65,6 @@ def parse_args(argv=None):
     return args
 
 
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    extras = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(extras)}"
-
-
 def reset_peak_rss():
     """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM); False where that is not possible."""
     try:
@@ -270,7 +259,7 @@ def main(argv=None):
     rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
     from baichuan2 import BaichuanConfig, kernels  # pylint: disable=import-outside-toplevel
 
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {runtime.cpu_model()}")
     path = kernels.isa()
     bandwidth = kernels.read_bandwidth(2.0, 3) if path else None
     if bandwidth is None:

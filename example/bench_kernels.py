@@ -14,7 +14,6 @@ scales + MatMul; int4 nibble unpack (FloorDiv, Sub, Concat) + the same. Random w
 """
 import argparse
 import math
-import subprocess
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from baichuan2 import kernels
+from baichuan2 import kernels, runtime
 
 SHAPES = ("4096x4096", "11008x4096", "4096x11008", "125696x4096")
 GROUP = 32
@@ -37,17 +36,6 @@ def parse_args(argv=None):
     parser.add_argument("--no_stock", action="store_true", help="skip the stock MindSpore paths")
     parser.add_argument("--seconds", type=float, default=0.5, help="least time per measurement")
     return parser.parse_args(argv)
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(fields.get("Flags", "").split())
-    extras = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(extras)}"
 
 
 def make_weights(fmt, n, k, rng):
@@ -119,7 +107,7 @@ def main(argv=None):
     args = parse_args(argv)
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    print(f"CPU: {cpu_model()}")
+    print(f"CPU: {runtime.cpu_model()}")
     path = kernels.isa()
     if path is None:
         print(f"kernels unavailable: {kernels.unavailable_reason()}")

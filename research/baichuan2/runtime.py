@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -40,6 +41,18 @@ def add_device_argument(parser):
                         help="host CPU threads for MindSpore's kernels (default: $OMP_NUM_THREADS, else the cores "
                              "this process may use)")
     return parser
+
+
+def cpu_model():
+    """The CPU as every benchmark prints it: model, CPU count and the vector extensions the kernels can use."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no lscpu)"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    extras = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
+    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, {' '.join(extras)}"
 
 
 # ---------------------------------------------------------------------------------------------- logs
