@@ -12,8 +12,11 @@ import argparse
 import os
 import sys
 
-from baichuan2.training import DEFAULT_CONFIG, FinetuneError, load_recipe, resolve_config_path
-from baichuan2.training.checkpoint import export_checkpoint
+from baichuan2.runtime import setup_logs
+
+setup_logs()  # before mindformers loads: its log folder and INFO lines stay out of the cwd and the console
+from baichuan2.training import DEFAULT_CONFIG, FinetuneError, load_recipe, resolve_config_path  # noqa: E402
+from baichuan2.training.checkpoint import export_checkpoint  # noqa: E402
 
 
 def main(argv=None):

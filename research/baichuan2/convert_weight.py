@@ -45,11 +45,14 @@ import sys
 
 import numpy as np
 
-from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config
-from baichuan2.model_dir import atomic_dir, finish_model_dir, write_generation_config
-from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits
-from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows
-from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors
+from baichuan2.runtime import setup_logs
+
+setup_logs()  # before mindformers loads: its log folder and INFO lines stay out of the cwd and the console
+from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config  # noqa: E402
+from baichuan2.model_dir import atomic_dir, finish_model_dir, write_generation_config  # noqa: E402
+from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits  # noqa: E402
+from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows  # noqa: E402
+from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors  # noqa: E402
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
                        "I64": np.int64, "I32": np.int32}
