@@ -194,7 +194,7 @@ def test_fused_kernels_take_the_recipes_dtypes(pynative, monkeypatch):
     assert y.dtype == ms.float16 and np.abs(y.astype(ms.float32).asnumpy() - want).max() < 1e-2
     q = _t((1, 4, 3, 16))
     visible = Tensor(np.tril(np.ones((3, 3), bool)).reshape(1, 1, 3, 3))
-    out = mb.fused_attention(q, q, q, mb.fused_attention_inputs(visible, None, 0.25, ms.float32), 0.25)
-    want = mb.attention(q, q, q, mb.attention_bias(visible, None, 0.25, ms.float32), 0.25).asnumpy()
+    out = mb.fused_attention(q, q, q, mb.fused_attention_inputs(visible, None, 0.25, ms.float32, 4), 0.25)
+    want = mb.attention(q, q, q, mb.attention_bias(visible, None, 0.25, ms.float32, 4), 0.25).asnumpy()
     assert out.dtype == ms.float32 and np.abs(out.asnumpy() - want).max() < 0.05
     assert emu.CALLS["RmsNorm"] == 1 and emu.CALLS["FlashAttentionScore"] == 1

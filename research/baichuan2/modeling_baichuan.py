@@ -38,18 +38,31 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # when they are built: the composed ops below run everywhere; the Ascend fused kernels (see the Ascend section at
 # the end of this file) run where `use_fused_kernels()` says so.
 #   rms_norm(x, weight, eps)                       -> x's shape and dtype
-#   rotary(x, cos, sin)                            x [B, N, S, D]; cos/sin [B, 1, S, D], x's dtype
-#   attention_inputs(visible, alibi, scale, dtype) -> what `attention` takes; built ONCE per forward
+#   rope_inputs(cos, sin, num_heads)               -> what `rotary` takes; built ONCE per forward
+#       cos/sin [B, 1, S, D] in the compute dtype
+#   rotary(x, cos, sin)                            x [B, N, S, D]; cos/sin from rope_inputs -> x's shape and dtype
+#   attention_inputs(visible, alibi, scale, dtype, num_heads) -> what `attention` takes; built ONCE per forward
 #       visible: bool [B, 1, S, Sk] (True = query may see key); alibi: float32 [B, N, S, Sk] or None
 #   attention(q, k, v, inputs, scale)              q [B, N, S, D], k/v [B, N, Sk, D] -> [B, N, S, D]
+# No implicit broadcasting between tensors in the composed ops: MindSpore's CPU kernels for a binary op whose
+# operands differ in shape keep index tables of ~5-8x the output's size per op instance, for the life of the
+# compiled graph (measured: a [1, 512, 4096] RMSNorm holds 66 MB; a broadcast Select of 2 MB, 13 MB), which at 7B
+# size added ~0.13 GiB per layer to inference. So operands are brought to one shape first (`expand`, ~no cost),
+# and per-head inputs are built at their full shape once per forward, not in every layer.
 def use_fused_kernels():
     return ms.get_context("device_target") == "Ascend"
 
 
+def expand(x, like):
+    """x broadcast to like's shape, explicitly (see the note on broadcasting above)."""
+    return ops.broadcast_to(x, like.shape)
+
+
 def rms_norm(x, weight, eps):
     x32 = x.astype(ms.float32)
-    x32 = x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps)
-    return weight * x32.astype(x.dtype)
+    x32 = x32 * expand(ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + eps), x32)
+    x = x32.astype(x.dtype)
+    return expand(weight, x) * x
 
 
 def apply_rotary(x, cos, sin):
@@ -59,21 +72,33 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def attention_bias(visible, alibi, scale, dtype):  # pylint: disable=unused-argument
-    """The composed form of the attention inputs: one float32 additive bias, _MASKED on hidden keys."""
+def per_head(x, num_heads):
+    """x [B, 1, ...] broadcast to [B, num_heads, ...] (a real copy: see the note on broadcasting above)."""
+    return ops.broadcast_to(x, (x.shape[0], num_heads) + x.shape[2:])
+
+
+def rope_tables_per_head(cos, sin, num_heads):
+    return per_head(cos, num_heads), per_head(sin, num_heads)
+
+
+def attention_bias(visible, alibi, scale, dtype, num_heads):  # pylint: disable=unused-argument
+    """The composed form of the attention inputs: one float32 additive bias [B, N, S, Sk], _MASKED on hidden keys."""
     bias = (1.0 - visible.astype(ms.float32)) * _MASKED
-    return bias if alibi is None else bias + alibi
+    return per_head(bias, num_heads) if alibi is None else bias + alibi
+
+
+_BATCH_MATMUL_NT = ops.BatchMatMul(transpose_b=True)  # q k^T without materialising k^T
 
 
 def attention(q, k, v, bias, scale):
     """softmax(q k^T * scale + bias) v, scores in float32."""
-    scores = ops.matmul(q, k.swapaxes(-1, -2)).astype(ms.float32) * scale + bias
+    scores = _BATCH_MATMUL_NT(q, k).astype(ms.float32) * scale + bias
     probs = ops.softmax(scores, -1).astype(v.dtype)
     return ops.matmul(probs, v)
 
 
-COMPOSED_KERNELS = {"rms_norm": rms_norm, "rotary": apply_rotary, "attention_inputs": attention_bias,
-                    "attention": attention}
+COMPOSED_KERNELS = {"rms_norm": rms_norm, "rope_inputs": rope_tables_per_head, "rotary": apply_rotary,
+                    "attention_inputs": attention_bias, "attention": attention}
 
 
 def select_kernels():
@@ -161,7 +186,8 @@ def dequantize(qweight, scales, bits, group_size, in_features):
     width = groups * group_size
     if q.shape[1] < width:
         q = ops.concat((q, ops.zeros((rows, width - q.shape[1]), ms.float32)), 1)
-    w = (q.reshape(rows, groups, group_size) * scales.astype(ms.float32).reshape(rows, groups, 1)).reshape(rows, width)
+    q = q.reshape(rows, groups, group_size)
+    w = (q * expand(scales.astype(ms.float32).reshape(rows, groups, 1), q)).reshape(rows, width)
     return w if width == in_features else w[:, :in_features]
 
 
@@ -404,6 +430,7 @@ class BaichuanModel(nn.Cell):
         self.head_scale = 1.0 / math.sqrt(config.head_dim)
         kernels = select_kernels()  # the one backend choice
         self.attention_inputs = kernels["attention_inputs"]
+        self.rope_inputs = kernels["rope_inputs"]
         self.embed_tokens = Embedding(config)
         self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
@@ -438,19 +465,21 @@ class BaichuanModel(nn.Cell):
         if self.use_rope:
             cos = ops.gather(self.cos_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
             sin = ops.gather(self.sin_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
-            rope = (cos.astype(self.compute_dtype), sin.astype(self.compute_dtype))
-            return rope, self.attention_inputs(visible, None, self.head_scale, self.compute_dtype)
+            rope = self.rope_inputs(cos.astype(self.compute_dtype), sin.astype(self.compute_dtype), self.num_heads)
+            return rope, self.attention_inputs(visible, None, self.head_scale, self.compute_dtype, self.num_heads)
         # ALiBi as slope * (key position - query position): relative, so it stays small in half precision
         distance = key_positions.reshape(batch, 1, 1, keys) - query_positions.reshape(batch, 1, seq_len, 1)
         alibi = self.slopes * distance.astype(ms.float32)  # [B, N, S, Sk]
-        return None, self.attention_inputs(visible, alibi, self.head_scale, self.compute_dtype)
+        return None, self.attention_inputs(visible, alibi, self.head_scale, self.compute_dtype, self.num_heads)
 
     @staticmethod
-    def cache_writes(cache_slot, new_tokens, slots):
-        """(index [L], window bool [1, 1, L, 1]) that put new row j - p at cache slot j for j in [p, p + S)."""
+    def cache_writes(cache_slot, new_tokens, cache_shape):
+        """(index [L], window bool at the cache's shape [B, N, L, D]) that put new row j - p at cache slot j for j in
+        [p, p + S). The window is broadcast here, once for all layers (see the note on broadcasting above)."""
+        slots = cache_shape[2]
         offset = ops.arange(0, slots, dtype=ms.int32) - cache_slot
         window = ((offset >= 0) & (offset < new_tokens)).reshape(1, 1, slots, 1)
-        return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), window
+        return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), ops.broadcast_to(window, cache_shape)
 
     def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
         """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
@@ -463,7 +492,7 @@ class BaichuanModel(nn.Cell):
         if k_caches is not None:
             cache_slot = 0 if cache_slot is None else cache_slot
             query_slots = query_slots + cache_slot
-            write = self.cache_writes(cache_slot, seq_len, k_caches[0].shape[2])
+            write = self.cache_writes(cache_slot, seq_len, k_caches[0].shape)
         rope, attn_inputs = self.position_inputs(attention_mask, query_slots, segment_ids)
         x = self.embed_tokens(input_ids).astype(self.compute_dtype)
         new_k, new_v = (), ()
@@ -506,7 +535,7 @@ class NormHead(nn.Cell):
     @staticmethod
     def l2_normalize(w):
         w32 = w.astype(ms.float32)
-        return (w32 / ops.maximum(ops.sqrt((w32 * w32).sum(-1, keepdims=True)), 1e-12)).astype(w.dtype)
+        return (w32 / expand(ops.maximum(ops.sqrt((w32 * w32).sum(-1, keepdims=True)), 1e-12), w32)).astype(w.dtype)
 
     def normalize_once(self):
         if self.norm and not self.normalized:
@@ -799,7 +828,7 @@ def fused_rotary(x, cos, sin):
     return ops.rotary_position_embedding(x, cos.astype(x.dtype), sin.astype(x.dtype), 0)
 
 
-def fused_attention_inputs(visible, alibi, scale, dtype):
+def fused_attention_inputs(visible, alibi, scale, dtype, num_heads):  # pylint: disable=unused-argument
     """(discard mask uint8 [B, 1, S, Sk] with 1 = hidden key, real_shift [B, N, S, Sk] or None). The kernel computes
     softmax(scale * (real_shift + q k^T)), so the ALiBi term is divided by the scale here; it is relative
     (slope * (key - query position)) so half precision holds it at long context.
@@ -824,5 +853,5 @@ def fused_attention(q, k, v, inputs, scale):
 
 
 def ascend_kernels():
-    return {"rms_norm": fused_rms_norm, "rotary": fused_rotary, "attention_inputs": fused_attention_inputs,
-            "attention": fused_attention}
+    return {"rms_norm": fused_rms_norm, "rope_inputs": lambda cos, sin, num_heads: (cos, sin),
+            "rotary": fused_rotary, "attention_inputs": fused_attention_inputs, "attention": fused_attention}
