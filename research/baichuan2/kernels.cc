@@ -429,6 +429,23 @@ QUANT_ENTRIES(4096)
 QUANT_ENTRIES(8192)
 QUANT_ENTRIES(16384)
 
+// x [A, B, C, D] -> y [A, C, B, D], float32: attention's head transposes at inference ([B, S, N, D] <-> [B, N, S, D]).
+// MindSpore's CPU Transpose keeps one 64-bit source offset per element for the life of the compiled graph (~2x the
+// tensor per op instance, 4 per layer); this copies rows of D floats and keeps nothing.
+int SwapAxes12(AOT_ARGS) {
+  if (nparam != 2 || ndims[0] != 4 || ndims[1] != 4) return 1;
+  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[1], "float32") != 0) return 3;
+  const int64_t A = shapes[0][0], B = shapes[0][1], C = shapes[0][2], D = shapes[0][3];
+  if (shapes[1][0] != A || shapes[1][1] != C || shapes[1][2] != B || shapes[1][3] != D) return 4;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c)
+        memcpy(y + ((a * C + c) * B + b) * D, x + ((a * B + b) * C + c) * D, sizeof(float) * D);
+  return 0;
+}
+
 const char *KernelIsa() { return isa_name(chosen_isa()); }
 // Whether this CPU can run the path `name` (avx2, avxvnni, avx512, avx512vnni).
 int KernelHasIsa(const char *name) {

@@ -201,6 +201,17 @@ def linear_op(fmt, group_size=None, weights=1):
     return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
+def swap_axes12_op():
+    """op(x) = x.swapaxes(1, 2) for float32 4D x, without the per-element index table MindSpore's CPU Transpose
+    keeps (see SwapAxes12 in kernels.cc); None when the kernels cannot run here. No gradient: inference only."""
+    if isa() is None:
+        return None
+    from mindspore import ops  # pylint: disable=import-outside-toplevel
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    return ops.Custom(f"{_state['path']}:SwapAxes12", out_shape=lambda x: [x[0], x[2], x[1], x[3]],
+                      out_dtype=lambda x: ms.float32, func_type="aot")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m baichuan2.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", action="store_true", help="compile the kernel library into the cache now")

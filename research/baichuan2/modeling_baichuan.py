@@ -163,6 +163,14 @@ def kernel_linear_op(fmt, group_size, weights=1):
     return kernels.linear_op(fmt, group_size, weights)
 
 
+def swap_heads_op():
+    """The inference op for attention's head transposes (x.swapaxes(1, 2), float32) from kernels.py, or None."""
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
+        return None
+    from . import kernels  # pylint: disable=import-outside-toplevel
+    return kernels.swap_axes12_op()
+
+
 def dense_kernel_op(config):
     """The float32 kernel for dense projections at inference, or None (half-precision dense weights, or no
     kernels). Measured side by side (example/bench_kernels.py), it beats the stock MatMul at every Baichuan shape
@@ -344,13 +352,22 @@ class Attention(nn.Cell):
         self.v_proj = Linear(h, h, config)
         self.o_proj = Linear(h, h, config)
         self.qkv_op = None  # one kernel call for q, k and v at inference: set by fuse_projections()
+        self.swap_op = None  # the head transposes at inference, float32 (kernels.py): set by fuse_projections()
 
     def fuse_projections(self):
         self.qkv_op = fused_op((self.q_proj, self.k_proj, self.v_proj))
+        if self.q_proj.compute_dtype == ms.float32 and not use_fused_kernels():
+            self.swap_op = swap_heads_op()
+
+    def _swap_heads(self, x):
+        """[B, S, N, D] <-> [B, N, S, D]."""
+        if self.swap_op is not None and not self.training:
+            return self.swap_op(x)
+        return x.swapaxes(1, 2)
 
     def _heads(self, x):
         b, s, _ = x.shape
-        return x.reshape(b, s, self.num_heads, self.head_dim).swapaxes(1, 2)
+        return self._swap_heads(x.reshape(b, s, self.num_heads, self.head_dim))
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
         """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window) of
@@ -371,7 +388,7 @@ class Attention(nn.Cell):
             cache = (k, v)
         out = self.attend(q, k, v, attn_inputs, self.scale)
         b, _, s, _ = q.shape
-        return self.o_proj(out.swapaxes(1, 2).reshape(b, s, self.num_heads * self.head_dim)), cache
+        return self.o_proj(self._swap_heads(out).reshape(b, s, self.num_heads * self.head_dim)), cache
 
 
 class MLP(nn.Cell):
