@@ -8,24 +8,18 @@ Each mode runs in its own fresh process (peak RSS cannot be reset inside one), w
 the model is built, its peak RSS (graph compilation included) and the step time. The parent prints them side by side
 with the ratios, and the CPU it ran on.
 
-Measured with mindspore 2.7.2 on a 2-core AMD EPYC (defaults, three runs): recomputation did NOT lower the peak on
-CPU. Full recomputation raised it by ~18-29% (e.g. 5669 -> 6722 MiB), select (MLP) changed it by -3%..+2%, with
-memory_optimize_level O0 and O1 alike; losses were identical. Step times on a shared 2-core machine were too noisy
-to read. The saving memory_budget.py counts is the device one, which only an Ascend run can confirm.
-
-Why, as far as a layer sweep shows (2026-12-02, same machine kind, seq 1024, batch 2, O0; peak RSS MiB):
+Measured with mindspore 2.7.2 on a 2-core Intel Xeon (2026-12-02, seq 1024, batch 2, memory_optimize_level O0,
+peak RSS MiB, losses identical in every mode):
 
     layers        4      8     12    per layer
-    off        3188   5681   8191    ~625
-    full       3753   6722   9694    ~743   (+~118)
+    off        2121   3566   5002    ~360
+    select     2028   3376   4721    ~337
+    full       1914   3014   4143    ~279   (-~81, about one layer's forward activations)
 
-A layer's forward keeps about 70-100 MiB for its backward pass here (the [2, 4, 1024, 1024] float32 attention
-probabilities alone are 32 MiB; the hidden-size and MLP tensors add ~40), yet each layer adds ~625 MiB to the
-peak: the CPU graph holds nearly every intermediate of the forward AND the backward pass until the step ends,
-instead of freeing each one after its last use. Recomputation then cannot free the forward tensors it was meant
-to drop, and only adds its recomputed copies: ~118 MiB a layer, about one layer's forward. That is an inference
-from the slopes, not a reading of MindSpore's CPU allocator; on Ascend, memory reuse by tensor lifetime (SOMAS)
-is what turns recomputation into a saving, and the dry run's peak (docs/ASCEND_TRAINING.md) is the place to see it.
+Before the model avoided implicit broadcasting (modeling_baichuan.py, "No implicit broadcasting"), each layer cost
+~625 MiB (2-core AMD EPYC, same day) and full recomputation RAISED the peak (5681 -> 6722 MiB at 8 layers): MindSpore's CPU kernels for
+broadcasting binary ops keep per-element index tables for the life of the graph, which recomputation only
+duplicated. The saving memory_budget.py counts is the device one, which only an Ascend run can confirm.
 """
 import argparse
 import json
