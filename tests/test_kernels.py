@@ -200,6 +200,37 @@ def test_several_weights_in_one_call_equal_separate_calls(fmt, m, graph):
             assert np.array_equal(out.asnumpy(), single(x, w).asnumpy())
 
 
+class Call(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, *args):
+        return self.op(*args)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], -1)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 3, 10), (2, 1, 5, 128), (3, 4, 1, 2)], ids=str)
+def test_layout_ops_match_numpy(shape, graph):
+    """The head transposes (with RoPE for q/k) and RMSNorm that replace several stock ops at inference."""
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape, dtype=np.float32)
+    swapped = x.swapaxes(1, 2)
+    assert np.array_equal(Call(kernels.swap_axes12_op())(Tensor(x)).asnumpy(), swapped)
+    cos, sin = (rng.standard_normal(swapped.shape, dtype=np.float32) for _ in range(2))
+    got = Call(kernels.rope_swap_axes12_op())(Tensor(x), Tensor(cos), Tensor(sin)).asnumpy()
+    np.testing.assert_allclose(got, swapped * cos + rotate_half(swapped) * sin, rtol=1e-6, atol=1e-6)
+    rows = x.reshape(-1, shape[-1])
+    w = rng.standard_normal(shape[-1], dtype=np.float32)
+    got = Call(kernels.rms_norm_op())(Tensor(rows), Tensor(w), Tensor([1e-6], ms.float32)).asnumpy()
+    want = w * rows / np.sqrt((rows.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- in the model
 MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352,
                    vocab_size=300, max_position_embeddings=128, model_max_length=128)
@@ -223,9 +254,12 @@ def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
     fast = random_model(weights)
     attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
     assert attn.qkv_op is not None and mlp.gate_up_op is not None and fast.lm_head.kernel is not None
+    assert None not in (attn.swap_op, attn.rope_swap_op, fast.model.layers[0].input_layernorm.op, fast.model.norm.op)
     monkeypatch.setenv("BAICHUAN_KERNELS", "0")
     stock = random_model(weights)
-    assert stock.model.layers[0].self_attn.qkv_op is None and stock.lm_head.kernel is None
+    stock_attn = stock.model.layers[0].self_attn
+    assert stock_attn.qkv_op is None and stock.lm_head.kernel is None
+    assert stock_attn.swap_op is None and stock_attn.rope_swap_op is None and stock.model.norm.op is None
     want = stock(ids).asnumpy()
     got = fast(ids).asnumpy()
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

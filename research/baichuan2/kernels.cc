@@ -20,6 +20,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <functional>
@@ -443,6 +444,52 @@ int SwapAxes12(AOT_ARGS) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c)
         memcpy(y + ((a * C + c) * B + b) * D, x + ((a * B + b) * C + c) * D, sizeof(float) * D);
+  return 0;
+}
+
+// y = x.swapaxes(1, 2) with RoPE applied (half rotation, as Hugging Face Llama): x [A, B, C, D], cos / sin and
+// y [A, C, B, D], float32. One op for what takes seven (slices, negation, concatenation, products) plus a transpose.
+int RopeSwapAxes12(AOT_ARGS) {
+  if (nparam != 4) return 1;
+  for (int i = 0; i < 4; ++i)
+    if (ndims[i] != 4 || strcmp(dtypes[i], "float32") != 0) return 3;
+  const int64_t A = shapes[0][0], B = shapes[0][1], C = shapes[0][2], D = shapes[0][3], h = D / 2;
+  for (int i = 1; i < 4; ++i)
+    if (shapes[i][0] != A || shapes[i][1] != C || shapes[i][2] != B || shapes[i][3] != D) return 4;
+  if (D % 2) return 4;
+  const float *x = static_cast<const float *>(params[0]), *cs = static_cast<const float *>(params[1]),
+              *sn = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) {
+        const float *xr = x + ((a * B + b) * C + c) * D;
+        const int64_t o = ((a * C + c) * B + b) * D;
+        for (int64_t i = 0; i < h; ++i) {
+          y[o + i] = xr[i] * cs[o + i] - xr[i + h] * sn[o + i];
+          y[o + h + i] = xr[h + i] * cs[o + h + i] + xr[i] * sn[o + h + i];
+        }
+      }
+  return 0;
+}
+
+// RMSNorm over the last axis: y = w * x / sqrt(mean(x^2) + eps); x and y [M, H], w [H], eps [1], float32.
+int RmsNormF32(AOT_ARGS) {
+  if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
+  for (int i = 0; i < 4; ++i)
+    if (strcmp(dtypes[i], "float32") != 0) return 3;
+  const int64_t M = shapes[0][0], H = shapes[0][1];
+  if (shapes[1][0] != H || shapes[2][0] != 1 || shapes[3][0] != M || shapes[3][1] != H) return 4;
+  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xr = x + m * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = w[i] * (xr[i] * r);
+  }
   return 0;
 }
 

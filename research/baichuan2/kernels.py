@@ -201,15 +201,32 @@ def linear_op(fmt, group_size=None, weights=1):
     return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def swap_axes12_op():
-    """op(x) = x.swapaxes(1, 2) for float32 4D x, without the per-element index table MindSpore's CPU Transpose
-    keeps (see SwapAxes12 in kernels.cc); None when the kernels cannot run here. No gradient: inference only."""
+def _layout_op(name, out_shape):
+    """A float32 custom op of kernels.cc that needs no instruction-set path, or None when the kernels cannot run."""
     if isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    return ops.Custom(f"{_state['path']}:SwapAxes12", out_shape=lambda x: [x[0], x[2], x[1], x[3]],
-                      out_dtype=lambda x: ms.float32, func_type="aot")
+    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=lambda *args: ms.float32,
+                      func_type="aot")
+
+
+def swap_axes12_op():
+    """op(x) = x.swapaxes(1, 2) for float32 4D x, without the per-element index table MindSpore's CPU Transpose
+    keeps (see SwapAxes12 in kernels.cc); None when the kernels cannot run here. No gradient: inference only.
+    Attention's head transposes, [B, S, N, D] <-> [B, N, S, D]."""
+    return _layout_op("SwapAxes12", lambda x: [x[0], x[2], x[1], x[3]])
+
+
+def rope_swap_axes12_op():
+    """op(x, cos, sin) = RoPE (half rotation) of x.swapaxes(1, 2); x [B, S, N, D], cos / sin [B, N, S, D], float32.
+    One op for the query / key heads at inference; None when the kernels cannot run here."""
+    return _layout_op("RopeSwapAxes12", lambda x, cos, sin: [x[0], x[2], x[1], x[3]])
+
+
+def rms_norm_op():
+    """op(x, weight, eps) = RMSNorm of x [M, H] over H; weight [H], eps [1]; float32. None when unavailable."""
+    return _layout_op("RmsNormF32", lambda x, w, eps: x)
 
 
 def main(argv=None):

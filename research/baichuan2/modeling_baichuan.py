@@ -163,12 +163,13 @@ def kernel_linear_op(fmt, group_size, weights=1):
     return kernels.linear_op(fmt, group_size, weights)
 
 
-def swap_heads_op():
-    """The inference op for attention's head transposes (x.swapaxes(1, 2), float32) from kernels.py, or None."""
+def layout_op(name):
+    """kernels.<name>() (swap_axes12_op, rope_swap_axes12_op, rms_norm_op: float32 inference ops that replace several
+    stock ones, each of which costs per-op memory and launch time in a compiled graph), or None."""
     if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
         return None
     from . import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.swap_axes12_op()
+    return getattr(kernels, name)()
 
 
 def dense_kernel_op(config):
@@ -320,8 +321,16 @@ class RMSNorm(nn.Cell):
         self.eps = eps
         self.rms_norm = (kernels or COMPOSED_KERNELS)["rms_norm"]
         self.weight = Parameter(initializer("ones", [hidden_size], _DTYPES[config.param_dtype]), name="weight")
+        self.op = None  # one kernels.py op at float32 inference: set by use_kernel()
+        self.eps_tensor = Tensor([eps], ms.float32)
+
+    def use_kernel(self):
+        if self.weight.dtype == ms.float32 and not use_fused_kernels():
+            self.op = layout_op("rms_norm_op")
 
     def construct(self, x):
+        if self.op is not None and not self.training and x.dtype == ms.float32:
+            return self.op(x.reshape(-1, x.shape[-1]), self.weight, self.eps_tensor).reshape(x.shape)
         return self.rms_norm(x, self.weight, self.eps)
 
 
@@ -352,12 +361,13 @@ class Attention(nn.Cell):
         self.v_proj = Linear(h, h, config)
         self.o_proj = Linear(h, h, config)
         self.qkv_op = None  # one kernel call for q, k and v at inference: set by fuse_projections()
-        self.swap_op = None  # the head transposes at inference, float32 (kernels.py): set by fuse_projections()
+        # the head transposes (with RoPE for q and k) in one kernels.py op each at float32 inference
+        self.swap_op = self.rope_swap_op = None  # set by fuse_projections()
 
     def fuse_projections(self):
         self.qkv_op = fused_op((self.q_proj, self.k_proj, self.v_proj))
         if self.q_proj.compute_dtype == ms.float32 and not use_fused_kernels():
-            self.swap_op = swap_heads_op()
+            self.swap_op, self.rope_swap_op = layout_op("swap_axes12_op"), layout_op("rope_swap_axes12_op")
 
     def _swap_heads(self, x):
         """[B, S, N, D] <-> [B, N, S, D]."""
@@ -365,9 +375,14 @@ class Attention(nn.Cell):
             return self.swap_op(x)
         return x.swapaxes(1, 2)
 
-    def _heads(self, x):
+    def _heads(self, x, rope=None):
+        """[B, S, H] -> [B, N, S, D], with RoPE applied when `rope` (cos, sin) is given."""
         b, s, _ = x.shape
-        return self._swap_heads(x.reshape(b, s, self.num_heads, self.head_dim))
+        x = x.reshape(b, s, self.num_heads, self.head_dim)
+        if rope is not None and self.rope_swap_op is not None and not self.training:
+            return self.rope_swap_op(x, rope[0], rope[1])
+        x = self._swap_heads(x)
+        return x if rope is None else self.rotary(x, rope[0], rope[1])
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
         """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window) of
@@ -378,10 +393,7 @@ class Attention(nn.Cell):
                                     self.q_proj.compute_dtype)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if rope is not None:
-            q = self.rotary(q, rope[0], rope[1])
-            k = self.rotary(k, rope[0], rope[1])
+        q, k, v = self._heads(q, rope), self._heads(k, rope), self._heads(v)
         if cache is not None:
             k = write_cache(cache[0], k, write[0], write[1])
             v = write_cache(cache[1], v, write[0], write[1])
@@ -644,6 +656,9 @@ class BaichuanForCausalLM(PreTrainedModel):
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+            layer.input_layernorm.use_kernel()
+            layer.post_attention_layernorm.use_kernel()
+        self.model.norm.use_kernel()
         return self
 
     def load_weights(self, model_dir_or_file, strict=True):
