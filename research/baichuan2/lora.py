@@ -134,13 +134,16 @@ def lora_parameter_count(config, rank, targets):
     return config.num_hidden_layers * per_layer
 
 
-def save_adapter(model, path, base_model_name_or_path=None):
+def save_adapter(model, path, base_model_name_or_path=None, tensors=None):
     """Writes the adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors in `path` (a directory,
     or the adapter_model.safetensors file inside one). base_model_name_or_path defaults to the directory the model
-    was loaded from."""
+    was loaded from. `tensors` (our names -> arrays): the adapter's values when the model's own parameters hold only
+    this rank's slices (a sharded run's gathered copy)."""
     cfg = model.lora_config
     directory = os.path.dirname(path) if path.endswith(".safetensors") else path
-    tensors = {p.name: p.asnumpy().astype(np.float32) for p in adapter_params(model)}
+    if tensors is None:
+        tensors = {p.name: p.asnumpy() for p in adapter_params(model)}
+    tensors = {name: np.asarray(a).astype(np.float32) for name, a in tensors.items()}
     fused = bool(getattr(model.config, "fused_qkv", True))
     peft_tensors, fields, metadata = peft_adapter.to_peft(tensors, cfg, fused, LORA_A, LORA_B)
     base = base_model_name_or_path or cfg.get("base_model") or getattr(model.config, "name_or_path", None)

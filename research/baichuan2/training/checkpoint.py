@@ -9,11 +9,16 @@
 Every directory is written through model_dir.atomic_dir (files and directory fsynced, then renamed): a crash leaves a
 `.tmp_*` directory, never a partial one.
 
+A sharded run (Ascend semi-auto parallel: each rank holds slices of the parameters) saves through Sharding: every
+rank takes part in MindSpore's gathering save and rank 0 writes the same directory, with the same names and
+formats, as an unsharded run (gather_to_files).
+
 Verification (verify_checkpoint): every file listed in manifest.json has its recorded size and sha256. Checkpoints
 written before manifests existed (no "manifest" key in trainer_state.json) are verified by reading them: the JSON
 files parse and every safetensors file passes weights_check.check_safetensors (header, offsets, exact size). That
 catches truncated, zeroed and missing files, not flipped bits inside a tensor.
 """
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +36,21 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+GATHER_TIMEOUT_S = 1800  # how long rank 0 waits for another pipeline stage's gathered files
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """Where this rank stands in a sharded run. `stage_leaders`: the first rank of each pipeline stage (just rank 0
+    without pipeline stages); their gathered files together hold every parameter."""
+    rank: int
+    stage_leaders: tuple = (0,)
+
+    @classmethod
+    def of_run(cls, rank, world_size, pipeline_stages):
+        """MindSpore puts ranks [s * n, (s + 1) * n) on stage s, n = world_size / pipeline_stages."""
+        per_stage = world_size // max(1, pipeline_stages)
+        return cls(rank, tuple(range(0, world_size, per_stage)))
 
 
 def checkpoint_root(output_dir):
@@ -191,24 +211,35 @@ def save_weights(model, directory):
     save_adapter(model, os.path.join(directory, ADAPTER_FILE))
 
 
-def save_checkpoint(output_dir, model, train_cell, state, keep):
+def save_checkpoint(output_dir, model, train_cell, state, keep, sharding=None):
     """Writes checkpoints/step_XXXXXX atomically (with its manifest) and keeps only the newest `keep`.
 
     Older checkpoints are removed only once the new one is in place with every file at its recorded size, so the
     rotation never removes the last good checkpoint; directories moved aside as damaged are never touched.
+
+    sharding None: the parameters are whole on this process; call on rank 0 only. A Sharding: call on EVERY rank
+    at the same step (the gather is a collective); only rank 0 writes the directory (others return None).
     """
     # pylint: disable=import-outside-toplevel
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
     final = os.path.join(checkpoint_root(output_dir), f"step_{state['step']:06d}")
-    if os.path.isdir(final):
-        return final
+    if os.path.isdir(final):  # every rank sees the same answer: only an earlier run could have written it
+        return final if sharding is None or sharding.rank == 0 else None
+    gathered = None
+    if sharding is not None:
+        gathered = gather_to_files(model, train_cell, checkpoint_root(output_dir), state["step"], sharding)
+        if sharding.rank != 0:
+            return None
     try:
         with atomic_dir(final) as tmp:
-            save_weights(model, tmp)
-            _debug_pause_between_files(output_dir, state["step"])
-            opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
-            save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
+            if gathered:
+                place_gathered(model, gathered, tmp)
+            else:
+                save_weights(model, tmp)
+                _debug_pause_between_files(output_dir, state["step"])
+                opt = {name: p.asnumpy() for name, p in train_cell_state(train_cell, model).items()}
+                save_file(opt, os.path.join(tmp, OPTIMIZER_FILE), metadata={"format": "np"})
             with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
                 json.dump(dict(state, manifest=MANIFEST_FILE), f, indent=2)
             for name in os.listdir(tmp):  # what was written must read back whole before it is checksummed
@@ -219,6 +250,9 @@ def save_checkpoint(output_dir, model, train_cell, state, keep):
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise FinetuneError(f"cannot write checkpoint {final} ({why}); the older checkpoints are kept: fix the "
                             "cause and rerun with --resume") from e
+    finally:
+        if gathered:
+            shutil.rmtree(gathered["dir"], ignore_errors=True)
     try:
         verify_checkpoint(final, checksums=False)
     except CheckpointDamaged as e:
@@ -228,6 +262,108 @@ def save_checkpoint(output_dir, model, train_cell, state, keep):
     for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def weight_names(model):
+    """Names of what a checkpoint's weights file holds: every parameter, or only the adapters under LoRA."""
+    from baichuan2.lora import adapter_params, has_lora  # pylint: disable=import-outside-toplevel
+    return {p.name for p in (adapter_params(model) if has_lora(model) else model.get_parameters())}
+
+
+def gather_to_files(model, train_cell, root, step, sharding):  # pragma: no cover - the gather runs on Ascend only
+    """ASCEND ONLY, NOT RUN HERE: every rank's share of saving a sharded run's checkpoint of `step`.
+
+    Each rank calls mindspore.save_checkpoint(cell, file, integrated_save=True, format="safetensors",
+    choice_func=...) twice: the model's weights (the adapters only under LoRA), then the train cell's optimizer
+    state (train_cell_state's names). In (semi-)auto parallel mode that call all-gathers every sliced parameter
+    (model-parallel slices and parallel-optimizer shards) into the whole tensor on every rank, so all ranks must
+    call it, at the same point, for the same parameters; returning from it means the gather is done everywhere.
+    The names it writes are Parameter.name, the names model.save_pretrained writes (checked on CPU for the model
+    and the train cell); dtypes stay the parameters' own. Files go to a rank-private pair under
+    <root>/.tmp_gather_step_XXXXXX/ (MindSpore writes <name>.tmp and renames it, so a visible file is whole).
+    Ranks that are not a stage leader delete theirs at once; rank 0 waits for the other stage leaders' files
+    (pipeline ranks gather only their own stage's parameters) and returns {"dir", "weights": [paths],
+    "optimizer": [paths]} (rank 0's first); other ranks return None.
+
+    How it is checked: not by MindSpore's dry run on a CANN host (it mocks the collectives, so nothing is gathered).
+    The first 8-device run (docs/ascend-first-run.md) must save a checkpoint, export it with example/export_model.py
+    and compare a sliced parameter's shape and values (e.g. model.layers.0.mlp.down_proj.weight) against the
+    model's own parameters (CPU tests cover everything around it with this function's effect faked).
+    Resume: restore_checkpoint loads these whole tensors into the freshly built, not yet compiled network; MindSpore
+    slices each to the rank's layout when the graph compiles (not verifiable here either).
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    directory = os.path.join(root, f".tmp_gather_step_{step:06d}")  # .tmp_*: a crash leftover is cleaned at start
+    os.makedirs(directory, exist_ok=True)
+    weights, state = weight_names(model), set(train_cell_state(train_cell, model))
+    mine = {"weights": os.path.join(directory, f"rank{sharding.rank}_{WEIGHTS_FILE}"),
+            "optimizer": os.path.join(directory, f"rank{sharding.rank}_{OPTIMIZER_FILE}")}
+    ms.save_checkpoint(model, mine["weights"], integrated_save=True, format="safetensors",
+                       choice_func=lambda name: name in weights)
+    ms.save_checkpoint(train_cell, mine["optimizer"], integrated_save=True, format="safetensors",
+                       choice_func=lambda name: name in state)
+    if sharding.rank != 0:
+        if sharding.rank not in sharding.stage_leaders:  # rank 0 reads only the stage leaders' files
+            for path in mine.values():
+                os.remove(path)
+        return None
+    found = {"dir": directory, "weights": [], "optimizer": []}
+    for leader in sharding.stage_leaders:
+        for kind, name in (("weights", WEIGHTS_FILE), ("optimizer", OPTIMIZER_FILE)):
+            path = os.path.join(directory, f"rank{leader}_{name}")
+            _wait_for(path, GATHER_TIMEOUT_S)
+            found[kind].append(path)
+    return found
+
+
+def _wait_for(path, timeout):
+    """Another rank's gathered file appears whole (renamed into place) on the shared output directory."""
+    deadline = time.time() + timeout
+    while not os.path.isfile(path):
+        if time.time() > deadline:
+            raise FinetuneError(f"{path} did not appear within {timeout} s: another pipeline stage's rank failed to "
+                                "save (its log says why), or the output directory is not shared between nodes")
+        time.sleep(1)
+
+
+def place_gathered(model, gathered, directory):
+    """Rank 0: the gathered files as a checkpoint's config.json, weights (or adapter) file and optimizer file."""
+    from baichuan2.lora import has_lora, save_adapter  # pylint: disable=import-outside-toplevel
+    from baichuan2.safetensors_io import SafetensorsFile  # pylint: disable=import-outside-toplevel
+    model.config.to_json_file(os.path.join(directory, "config.json"))
+    weights = os.path.join(directory, ADAPTER_FILE if has_lora(model) else WEIGHTS_FILE)
+    combine_safetensors(gathered["weights"], weights)
+    combine_safetensors(gathered["optimizer"], os.path.join(directory, OPTIMIZER_FILE))
+    found = set(SafetensorsFile(weights).keys())
+    if found != weight_names(model):  # a parameter the gather skipped (not in any rank's graph) would be lost
+        want = weight_names(model)
+        raise FinetuneError(f"the gathered weights do not match the model: missing {sorted(want - found)[:5]}, "
+                            f"unexpected {sorted(found - want)[:5]}")
+    if has_lora(model):  # PEFT's layout and names, as save_adapter writes them (adapters are small)
+        adapter = SafetensorsFile(weights)
+        tensors = {name: adapter.read(name) for name in adapter.keys()}
+        os.remove(weights)
+        save_adapter(model, weights, tensors=tensors)
+
+
+def combine_safetensors(paths, target):
+    """One safetensors file at `target` from the per-stage files (the first holding a name wins: every stage has
+    its own copy of global_step and the loss scale). A single file is moved, not copied."""
+    from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter  # pylint: disable=import-outside-toplevel
+    if len(paths) == 1:
+        os.replace(paths[0], target)
+        os.chmod(target, 0o644)  # MindSpore leaves its files read-only
+        return
+    sources, entries = {}, []
+    for path in paths:
+        f = SafetensorsFile(path)
+        for name in f.keys():
+            if name not in sources:
+                sources[name] = f
+                entries.append((name, f.dtype(name), tuple(f.shape(name))))
+    with SafetensorsWriter(target, entries, {"format": "np"}) as writer:
+        for name, _, _ in entries:  # one tensor in memory at a time
+            writer.write(sources[name].read(name))
 
 
 def _debug_pause_between_files(output_dir, step):
@@ -290,6 +426,20 @@ def write_servable_dir(path, model, config, tokenizer_dir, replace=False):
 def write_model_dir(output_dir, model, config, tokenizer_dir):
     """<output_dir>/model: the final weights as a servable model directory (replaced atomically)."""
     return write_servable_dir(os.path.join(output_dir, "model"), model, config, tokenizer_dir, replace=True)
+
+
+def write_outputs_from_checkpoint(output_dir, checkpoint, config, tokenizer_dir, lora):
+    """A sharded run's final <output_dir>/model (or /adapter) directory, copied from its last checkpoint: rank 0's
+    parameters hold only its slices, the checkpoint holds them gathered. Same files as write_model_dir /
+    write_adapter_dir write (replaced atomically)."""
+    final = os.path.join(output_dir, "adapter" if lora else "model")
+    with atomic_dir(final, replace=True) as tmp:
+        for name in os.listdir(checkpoint):
+            if name not in (OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE):
+                shutil.copyfile(os.path.join(checkpoint, name), os.path.join(tmp, name))
+        if not lora:
+            finish_model_dir(tmp, config, tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
+    return final
 
 
 def export_checkpoint(checkpoint, output_path, tokenizer_dir):

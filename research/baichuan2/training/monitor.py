@@ -10,7 +10,8 @@ from mindspore.train import Callback
 class TrainMonitor(Callback):
     """Per optimizer step: logs (rank 0), TensorBoard, NaN stop, periodic checkpoints, debug sample log.
 
-    `save(step)` writes the checkpoint of that step and returns its path; `writer` is rank 0's SummaryWriter.
+    `save(step)` is called on every rank; it writes the checkpoint of that step and returns its path (None on ranks
+    that write nothing); `writer` is rank 0's SummaryWriter.
     After training, `failed` holds the message of a non-finite-loss stop, else None.
     """
 
@@ -44,8 +45,14 @@ class TrainMonitor(Callback):
                            f"check the data, then rerun with --resume")
             run_context.request_stop()
             return
-        if self.rank != 0:
-            return
+        if self.rank == 0:
+            self._log(step, loss, norm, overflow, scale, elapsed)
+        if step % self.save_steps == 0 or step == self.total_steps:
+            saved = self.save(step)  # every rank calls it: a sharded run's save is a collective
+            if saved:
+                print(f"saved checkpoint {saved}", flush=True)
+
+    def _log(self, step, loss, norm, overflow, scale, elapsed):
         lr = self.lrs[min(step - 1, len(self.lrs) - 1)]
         tokens_per_s = self.tokens_per_step / max(elapsed, 1e-9)
         self._record(step, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_per_s,
@@ -55,8 +62,6 @@ class TrainMonitor(Callback):
                   f"tokens/s {tokens_per_s:.0f} ({tokens_per_s / self.world_size:.0f} per device)"
                   + (" [skipped: non-finite gradients]" if overflow else "") + f" | {self.progress.describe(step)}",
                   flush=True)
-        if step % self.save_steps == 0 or step == self.total_steps:
-            print(f"saved checkpoint {self.save(step)}", flush=True)
 
     def _record(self, step, record):
         with open(os.path.join(self.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:

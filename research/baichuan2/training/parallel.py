@@ -195,8 +195,9 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     the step adds no DistributedGradReducer (the parent's is nn.Identity in that mode) and no loss all-reduce; the
     pipeline's wrapper and reducer come from ascend_train_network. Open points a dry run / device must settle: the
     step's global-norm (sum of squares over the gradients as the single-device program sees them) relies on the
-    framework completing sums over sharded tensors; checkpoints of a sharded run are NOT gathered yet (they would
-    hold rank 0's slices; docs/ASCEND_TRAINING.md says what is missing).
+    framework completing sums over sharded tensors; checkpoints of a sharded run are gathered whole on save by
+    every rank (training/checkpoint.py gather_to_files; not yet run on a device: docs/ASCEND_TRAINING.md says what
+    the first run must check).
     """
     p = parallel_settings(parallel)
     set_ascend_parallel_context(p)

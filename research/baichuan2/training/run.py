@@ -8,8 +8,9 @@ import os
 from ..runtime import setup_training
 from .parallel import ParallelRecipeError, needs_semi_auto
 from .parallel import validate as validate_parallel
-from .checkpoint import (checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints, restore_checkpoint,
-                         save_checkpoint, write_adapter_dir, write_model_dir)
+from .checkpoint import (Sharding, checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints,
+                         restore_checkpoint, save_checkpoint, write_adapter_dir, write_model_dir,
+                         write_outputs_from_checkpoint)
 from .plan import build_dataset, inspect_dataset, rank_sample_plan
 from .recipe import FinetuneError, dataset_hint, model_config, model_dir_config
 from .schedule import lr_schedule
@@ -32,6 +33,13 @@ class RunShape:
     parallel: dict = None  # checked parallel:/recompute: sections (training/parallel.py)
     recompute: dict = None
     semi_auto: bool = False  # Ascend semi-auto parallel: every rank feeds the whole global batch (full_batch)
+
+    @property
+    def sharding(self):
+        """Every semi-auto layout here slices parameters across ranks: checkpoints are gathered (None: whole)."""
+        if not self.semi_auto:
+            return None
+        return Sharding.of_run(self.rank, self.world_size, self.parallel["pipeline_stage"] if self.parallel else 1)
 
     @property
     def micro_batches(self):
@@ -72,7 +80,7 @@ def run(recipe, resume, device="auto", threads=None):
     first_step = restore(shape, model, train_cell)
     writer, debug_dir = prepare_outputs(recipe, shape, model, first_step)
     train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir)
-    finish(recipe, shape, model, train_cell, writer, debug_dir)
+    finish(recipe, shape, model, train_cell, writer, debug_dir, first_step)
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -104,9 +112,6 @@ def validate(recipe, rank, world_size, device, resume):
     shape.resume_from = _checkpoint_to_resume(recipe["output"]["output_dir"], resume, rank)
     if shape.lora_rank > 0:
         _validate_lora(recipe["lora"], mcfg["load_checkpoint"], rank)
-    if shape.semi_auto and rank == 0:  # every semi-auto layout here shards parameters
-        print("warning: this layout shards parameters across ranks and checkpoints are not yet gathered: they would "
-              "hold rank 0's slices (docs/ASCEND_TRAINING.md, 'Checkpoints of a sharded run')", flush=True)
     return shape
 
 
@@ -310,10 +315,7 @@ def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
     plan = rank_sample_plan(shape.num_samples, shape.global_batch, 0 if shape.semi_auto else shape.rank,
                             shape.local_batch, first_step, shape.total_steps, seed, bool(recipe["data"]["shuffle"]))
 
-    def save(step):
-        return save_checkpoint(ocfg["output_dir"], model, train_cell, shape.state_at(step, seed),
-                               int(ocfg["keep_checkpoints"]))
-
+    save = checkpoint_saver(recipe, shape, model, train_cell)
     monitor = TrainMonitor(rank=shape.rank, world_size=shape.world_size, output_dir=ocfg["output_dir"], plan=plan,
                            lrs=lrs, first_step=first_step, total_steps=shape.total_steps,
                            tokens_per_step=shape.global_batch * shape.seq_length, log_steps=int(ocfg["log_steps"]),
@@ -326,7 +328,21 @@ def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
         raise FinetuneError(monitor.failed)
 
 
-def finish(recipe, shape, model, train_cell, writer, debug_dir):
+def checkpoint_saver(recipe, shape, model, train_cell):
+    """save(step), to be called on every rank: rank 0 writes the checkpoint of `step` and gets its path, other
+    ranks get None. A sharded run's ranks all take part (the gather is a collective); in plain data parallelism
+    every rank holds the whole model and only rank 0 touches the output directory."""
+    ocfg, seed = recipe["output"], int(recipe["train"]["seed"])
+
+    def save(step):
+        if shape.sharding is None and shape.rank != 0:
+            return None
+        return save_checkpoint(ocfg["output_dir"], model, train_cell, shape.state_at(step, seed),
+                               int(ocfg["keep_checkpoints"]), sharding=shape.sharding)
+    return save
+
+
+def finish(recipe, shape, model, train_cell, writer, debug_dir, first_step=0):
     """The last checkpoint, then (rank 0) the final model or adapter directory and the loss curve."""
     from .monitor import write_loss_curve  # pylint: disable=import-outside-toplevel
     ocfg = recipe["output"]
@@ -335,19 +351,24 @@ def finish(recipe, shape, model, train_cell, writer, debug_dir):
         from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
         save_file({p.name: p.asnumpy() for p in model.get_parameters()},
                   os.path.join(debug_dir, f"weights_rank{shape.rank}.safetensors"))
+    # Trained steps end with the monitor's save of total_steps; otherwise (resumed at the end) check the directory,
+    # which then only an earlier run wrote: every rank decides alike, as a sharded save needs.
+    final = None if first_step < shape.total_steps else checkpoint_dirs(output_dir)
+    if final is not None and (not final or not final[-1].endswith(f"{shape.total_steps:06d}")):
+        checkpoint_saver(recipe, shape, model, train_cell)(shape.total_steps)
     if shape.rank != 0:
         return
-    complete = checkpoint_dirs(output_dir)
-    if not complete or not complete[-1].endswith(f"{shape.total_steps:06d}"):
-        save_checkpoint(output_dir, model, train_cell, shape.state_at(shape.total_steps, int(recipe["train"]["seed"])),
-                        int(ocfg["keep_checkpoints"]))
     writer.close()
-    if shape.lora_rank > 0:
+    if shape.sharding is not None:  # rank 0's parameters are slices; the checkpoint holds them whole
+        model_dir = write_outputs_from_checkpoint(output_dir, checkpoint_dirs(output_dir)[-1], shape.config,
+                                                  ocfg["tokenizer_dir"], shape.lora_rank > 0)
+    elif shape.lora_rank > 0:
         model_dir = write_adapter_dir(output_dir, model)
-        print(f"adapter written: merge it with research/baichuan2/merge_lora.py --base <base dir> "
-              f"--adapter {model_dir} --output_path <new dir>", flush=True)
     else:
         model_dir = write_model_dir(output_dir, model, shape.config, ocfg["tokenizer_dir"])
+    if shape.lora_rank > 0:
+        print(f"adapter written: merge it with research/baichuan2/merge_lora.py --base <base dir> "
+              f"--adapter {model_dir} --output_path <new dir>", flush=True)
     curve = write_loss_curve(output_dir)
     print(f"done: {'adapter' if shape.lora_rank > 0 else 'model'} directory {model_dir}, loss curve {curve}",
           flush=True)
