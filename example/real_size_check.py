@@ -22,12 +22,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+# pylint: disable=wrong-import-position
+# the children's environment as the user set it: importing mindspore (below) sets OMP_NUM_THREADS=1, which the
+# inference child would otherwise inherit as its thread count
+CHILD_ENV = dict(os.environ)
 
-from baichuan2.configuration_baichuan import PRESETS, BaichuanConfig, to_hf_config
-from baichuan2.convert_weight import expected_shapes
-from baichuan2.quantization import bf16_bits
-from baichuan2.safetensors_io import SafetensorsWriter
+import numpy as np  # noqa: E402
+
+from baichuan2.configuration_baichuan import PRESETS, BaichuanConfig, to_hf_config  # noqa: E402
+from baichuan2.convert_weight import expected_shapes  # noqa: E402
+from baichuan2.quantization import bf16_bits  # noqa: E402
+from baichuan2.safetensors_io import SafetensorsWriter  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "dataset", "tokenizer.model")
@@ -82,7 +87,7 @@ def run_measured(argv):
     """Runs a command; returns (exit status, peak RSS in bytes, seconds, output tail)."""
     start = time.perf_counter()
     # pylint: disable-next=consider-using-with
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=CHILD_ENV)
     output = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -650,6 +650,23 @@ KI void row_scales(const Problem &p, int64_t n, const float *xg, float *sc, floa
   }
 }
 
+// Decode reads R weight rows at a time, and the next block of R rows follows them in memory. Rows are short (2-8 KB
+// at 7B), so the hardware prefetcher barely ramps up on one before it ends: while a block is read, each step also
+// prefetches the line at the same offset of the next block (measured on a 2-core Xeon: int4 41% -> 64% of the
+// bandwidth roofline, int8 69% -> 84%, at 11008 x 4096).
+struct NextBlock {
+  const char *base;
+  int64_t bytes;
+  NextBlock(const void *w, int64_t row_bytes, int64_t n0, int R, int64_t N) {
+    const int64_t first = std::min<int64_t>(n0 + R, N), last = std::min<int64_t>(n0 + 2 * R, N);
+    base = static_cast<const char *>(w) + first * row_bytes;
+    bytes = (last - first) * row_bytes;
+  }
+  inline __attribute__((always_inline)) void fetch(int64_t offset) const {
+    if (offset < bytes) _mm_prefetch(base + offset, _MM_HINT_T0);
+  }
+};
+
 // ---- decode: y[m, n0:n0+R] for all M (<= 4) rows of x; xp = x zero-padded to whole chunks, row stride kp.
 // Quantised formats: per chunk and row, t = sum of raw q * x (no per-element scaling), then acc += s * t.
 template <class Fm, int R, int MX>
@@ -666,7 +683,10 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, con
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
   const int64_t chunks = ceil_div(p.K, kChunk);
   const int64_t full = Fm::units == kChunk ? p.K / kChunk : chunks;  // int4 rows are padded to whole chunks
+  const NextBlock next(p.w, p.row_units * sizeof(T), n0, R, p.N);
   auto step = [&](int r, const T *src, int64_t c) __attribute__((always_inline)) {
+    for (int64_t line = 0; line < Fm::units * static_cast<int64_t>(sizeof(T)); line += 64)
+      next.fetch((r * p.row_units + c * Fm::units) * sizeof(T) + line);
     F w[kChunk / W];
     Fm::raw(src, w);
     const float *xc = xp + c * kChunk;
@@ -749,7 +769,9 @@ static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float 
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
   const int64_t nv = kp / EPS, fullv = p.row_units / VU;
+  const NextBlock next(p.w, p.row_units * sizeof(T), n0, R, p.N);
   auto step = [&](int r, const T *src, int64_t v) __attribute__((always_inline)) {
+    next.fetch((r * p.row_units + v * VU) * sizeof(T));
     I d[MX];
     Fm::template idot<MX>(src, xq + v * EPS, kp, d);
     F sw = spread(sc + r * p.G + ((v * Fm::CPV) >> gshift), idx);
@@ -833,9 +855,12 @@ static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
   const int64_t full = p.K / kChunk;
+  const NextBlock next(p.w, p.K * 2, n0, R, p.N);
   for (int64_t c = 0; c < full; ++c)
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
+      next.fetch((r * p.K + c * kChunk) * 2);  // one 64-byte line per chunk of 32 bfloat16
       for (int m = 0; m < MX; ++m) acc[r][m] = dot_bf16(acc[r][m], rows[r] + c * kChunk, xb + m * kp + c * kChunk);
+    }
   if (full * kChunk < p.K) {
     alignas(64) uint16_t buf[kChunk];
     for (int r = 0; r < R; ++r) {
