@@ -56,7 +56,7 @@ def parse_args(argv=None):
                         help="also time this many no-cache decode steps per batch size (0: skip)")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                         help="MindSpore execution mode; pynative is far slower per step (op by op from Python) but "
-                             "holds less memory: GRAPH mode's compiled graphs add ~0.2 GiB per 7B layer")
+                             "holds a little less memory: GRAPH mode's compiled graphs hold ~30 MB per 7B layer")
     parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "WEIGHTS", "BANDWIDTH"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
