@@ -231,6 +231,26 @@ def test_layout_ops_match_numpy(shape, graph):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch,heads,slots,dim,slot", [(1, 3, 5, 8, 0), (2, 2, 7, 6, 6), (3, 1, 1, 4, 0)])
+def test_decode_attention_matches_numpy(batch, heads, slots, dim, slot, graph):
+    """One decode step: the new k/v row lands at `slot` of a copy of the caches; attention over every slot."""
+    rng = np.random.default_rng(slots + slot)
+    q, k, v = (rng.standard_normal((batch, heads, 1, dim), dtype=np.float32) for _ in range(3))
+    kc, vc = (rng.standard_normal((batch, heads, slots, dim), dtype=np.float32) for _ in range(2))
+    bias = np.where(rng.random((batch, heads, 1, slots)) < 0.3, -1e9, rng.standard_normal((batch, heads, 1, slots)))
+    bias[..., slot] = 0.0  # the new token always sees itself
+    bias = bias.astype(np.float32)
+    out, ko, vo = Call(kernels.decode_attention_op())(*map(Tensor, (q, k, v, kc, vc)), Tensor(slot, ms.int32),
+                                                       Tensor(bias))
+    want_k, want_v = kc.copy(), vc.copy()
+    want_k[:, :, slot], want_v[:, :, slot] = k[:, :, 0], v[:, :, 0]
+    assert np.array_equal(ko.asnumpy(), want_k) and np.array_equal(vo.asnumpy(), want_v)
+    scores = q @ want_k.swapaxes(-1, -2) / np.sqrt(dim) + bias
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ want_v  # [B, N, 1, D]
+    np.testing.assert_allclose(out.asnumpy(), want.swapaxes(1, 2), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- in the model
 MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352,
                    vocab_size=300, max_position_embeddings=128, model_max_length=128)
@@ -254,7 +274,8 @@ def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
     fast = random_model(weights)
     attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
     assert attn.qkv_op is not None and mlp.gate_up_op is not None and fast.lm_head.kernel is not None
-    assert None not in (attn.swap_op, attn.rope_swap_op, fast.model.layers[0].input_layernorm.op, fast.model.norm.op)
+    assert None not in (attn.swap_op, attn.rope_swap_op, attn.decode_op, fast.model.layers[0].input_layernorm.op,
+                        fast.model.norm.op)
     monkeypatch.setenv("BAICHUAN_KERNELS", "0")
     stock = random_model(weights)
     stock_attn = stock.model.layers[0].self_attn

@@ -207,8 +207,9 @@ def _layout_op(name, out_shape):
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=lambda *args: ms.float32,
-                      func_type="aot")
+    outputs = 3 if name == "DecodeAttention" else 1
+    out_dtype = (lambda *args: (ms.float32,) * outputs) if outputs > 1 else (lambda *args: ms.float32)
+    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
 def swap_axes12_op():
@@ -222,6 +223,12 @@ def rope_swap_axes12_op():
     """op(x, cos, sin) = RoPE (half rotation) of x.swapaxes(1, 2); x [B, S, N, D], cos / sin [B, N, S, D], float32.
     One op for the query / key heads at inference; None when the kernels cannot run here."""
     return _layout_op("RopeSwapAxes12", lambda x, cos, sin: [x[0], x[2], x[1], x[3]])
+
+
+def decode_attention_op():
+    """op(q, k, v, k_cache, v_cache, slot, bias) -> (out [B, 1, N, D], k_cache', v_cache'): one decode step of
+    attention with its cache writes (see DecodeAttention in kernels.cc); float32, slot int32. None when unavailable."""
+    return _layout_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc))
 
 
 def rms_norm_op():

@@ -361,13 +361,15 @@ class Attention(nn.Cell):
         self.v_proj = Linear(h, h, config)
         self.o_proj = Linear(h, h, config)
         self.qkv_op = None  # one kernel call for q, k and v at inference: set by fuse_projections()
-        # the head transposes (with RoPE for q and k) in one kernels.py op each at float32 inference
-        self.swap_op = self.rope_swap_op = None  # set by fuse_projections()
+        # at float32 inference on CPU, kernels.py ops for the head transposes (with RoPE for q and k) and for a decode
+        # step's cache writes + attention: set by fuse_projections()
+        self.swap_op = self.rope_swap_op = self.decode_op = None
 
     def fuse_projections(self):
         self.qkv_op = fused_op((self.q_proj, self.k_proj, self.v_proj))
         if self.q_proj.compute_dtype == ms.float32 and not use_fused_kernels():
             self.swap_op, self.rope_swap_op = layout_op("swap_axes12_op"), layout_op("rope_swap_axes12_op")
+            self.decode_op = layout_op("decode_attention_op")
 
     def _swap_heads(self, x):
         """[B, S, N, D] <-> [B, N, S, D]."""
@@ -385,7 +387,7 @@ class Attention(nn.Cell):
         return x if rope is None else self.rotary(x, rope[0], rope[1])
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
-        """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window) of
+        """x [B, S, H]; rope (cos, sin) or None; cache (k [B, N, L, D], v) or None; write (index, window, slot) of
         BaichuanModel.cache_writes. Returns (output [B, S, H], the updated cache or None)."""
         if self.qkv_op is not None and not self.training:
             q, k, v = project_fused(x, self.q_proj.stored_weights() + self.k_proj.stored_weights() +
@@ -394,12 +396,15 @@ class Attention(nn.Cell):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = self._heads(q, rope), self._heads(k, rope), self._heads(v)
+        b, _, s, _ = q.shape
+        if cache is not None and s == 1 and self.decode_op is not None and not self.training:
+            out, k, v = self.decode_op(q, k, v, cache[0], cache[1], write[2], attn_inputs)
+            return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), (k, v)
         if cache is not None:
             k = write_cache(cache[0], k, write[0], write[1])
             v = write_cache(cache[1], v, write[0], write[1])
             cache = (k, v)
         out = self.attend(q, k, v, attn_inputs, self.scale)
-        b, _, s, _ = q.shape
         return self.o_proj(self._swap_heads(out).reshape(b, s, self.num_heads * self.head_dim)), cache
 
 
@@ -503,12 +508,14 @@ class BaichuanModel(nn.Cell):
 
     @staticmethod
     def cache_writes(cache_slot, new_tokens, cache_shape):
-        """(index [L], window bool at the cache's shape [B, N, L, D]) that put new row j - p at cache slot j for j in
-        [p, p + S). The window is broadcast here, once for all layers (see the note on broadcasting above)."""
+        """(index [L], window bool at the cache's shape [B, N, L, D], slot p as an int32 tensor) that put new row
+        j - p at cache slot j for j in [p, p + S). The window is broadcast here, once for all layers (see the note
+        on broadcasting above)."""
         slots = cache_shape[2]
         offset = ops.arange(0, slots, dtype=ms.int32) - cache_slot
         window = ((offset >= 0) & (offset < new_tokens)).reshape(1, 1, slots, 1)
-        return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), ops.broadcast_to(window, cache_shape)
+        slot = ops.scalar_to_tensor(cache_slot, ms.int32) if isinstance(cache_slot, int) else cache_slot
+        return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), ops.broadcast_to(window, cache_shape), slot
 
     def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
         """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
