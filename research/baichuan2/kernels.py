@@ -14,7 +14,7 @@ baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). Environ
     BAICHUAN_KERNELS=0          never use the kernels (linear_op returns None)
     BAICHUAN_KERNEL_ISA=PATH    force one of ISA_PATHS the CPU has (tests); default: the best it has, in the order
                                 avx512vnni (+ VNNI and BF16 dot products), avx512, avxvnni, avx2
-    BAICHUAN_KERNEL_THREADS=N   OpenMP threads; default: the CPUs in the process's affinity mask (not
+    BAICHUAN_KERNEL_THREADS=N   the kernels' own threads; default: the CPUs in the process's affinity mask (not
                                 OMP_NUM_THREADS, which importing mindspore sets to 1)
 This module is copied into model directories with modeling_baichuan.py, so it imports only the standard library,
 numpy and mindspore.
