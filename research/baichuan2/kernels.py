@@ -201,13 +201,12 @@ def linear_op(fmt, group_size=None, weights=1):
     return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
-def _layout_op(name, out_shape):
+def _layout_op(name, out_shape, outputs=1):
     """A float32 custom op of kernels.cc that needs no instruction-set path, or None when the kernels cannot run."""
     if isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    outputs = 3 if name == "DecodeAttention" else 1
     out_dtype = (lambda *args: (ms.float32,) * outputs) if outputs > 1 else (lambda *args: ms.float32)
     return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
@@ -228,7 +227,8 @@ def rope_swap_axes12_op():
 def decode_attention_op():
     """op(q, k, v, k_cache, v_cache, slot, bias) -> (out [B, 1, N, D], k_cache', v_cache'): one decode step of
     attention with its cache writes (see DecodeAttention in kernels.cc); float32, slot int32. None when unavailable."""
-    return _layout_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc))
+    return _layout_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc),
+                      outputs=3)
 
 
 def rms_norm_op():

@@ -153,23 +153,27 @@ _BF16_TO_F32 = from_bf16_bits(np.arange(65536, dtype=np.uint16))  # lookup table
 _UINT8_16, _UINT8_8 = Tensor(16, ms.uint8), Tensor(8, ms.uint8)
 
 
+def kernels_module():
+    """kernels.py beside this file, or None where it does not ship (a model directory copied without it)."""
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
+        return None
+    from . import kernels  # pylint: disable=import-outside-toplevel
+    return kernels
+
+
 def kernel_linear_op(fmt, group_size, weights=1):
     """The fast projection op for `fmt` from kernels.py, or None: stock ops then (kernels.py missing or unusable).
     Looked up once per projection at construction; `weights` = 2 or 3: one call for that many projections of the
     same x (see fuse_projections)."""
-    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
-        return None
-    from . import kernels  # pylint: disable=import-outside-toplevel
-    return kernels.linear_op(fmt, group_size, weights)
+    kernels = kernels_module()
+    return None if kernels is None else kernels.linear_op(fmt, group_size, weights)
 
 
 def layout_op(name):
-    """kernels.<name>() (swap_axes12_op, rope_swap_axes12_op, rms_norm_op: float32 inference ops that replace several
-    stock ones, each of which costs per-op memory and launch time in a compiled graph), or None."""
-    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):
-        return None
-    from . import kernels  # pylint: disable=import-outside-toplevel
-    return getattr(kernels, name)()
+    """kernels.<name>() (swap_axes12_op, rope_swap_axes12_op, decode_attention_op, rms_norm_op: float32 inference ops
+    that replace several stock ones, each of which costs per-op memory and launch time in a compiled graph), or None."""
+    kernels = kernels_module()
+    return None if kernels is None else getattr(kernels, name)()
 
 
 def dense_kernel_op(config):
