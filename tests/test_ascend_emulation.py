@@ -65,8 +65,8 @@ def cached_logits(model, prompts, continuation, slots):
         slot = prompt_len + step
         tokens[:, slot] = column
         mask[:, slot] = 1
-        logits, k, v = decode(Tensor(tokens[:, slot:slot + 1]), Tensor(mask.copy()), Tensor(slot, ms.int32),
-                              ms.mutable(k), ms.mutable(v))
+        logits, k, v = decode.step(Tensor(tokens[:, slot:slot + 1]), Tensor(mask.copy()), Tensor(slot, ms.int32),
+                                   k, v)
         out.append(logits.asnumpy())
     return out
 

@@ -256,14 +256,14 @@ MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, 
                    vocab_size=300, max_position_embeddings=128, model_max_length=128)
 
 
-def random_model(weights):
+def random_model(weights, shape=None):
     """A small model in `weights` format with random weights (example/bench_generate.py's builder)."""
     import importlib.util  # pylint: disable=import-outside-toplevel
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example", "bench_generate.py")
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench.build_model(MODEL_SHAPE, weights, "float32")
+    return bench.build_model(shape or MODEL_SHAPE, weights, "float32")
 
 
 @pytest.mark.parametrize("weights", kernels.FORMATS)
@@ -283,6 +283,45 @@ def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
     assert stock_attn.swap_op is None and stock_attn.rope_swap_op is None and stock.model.norm.op is None
     want = stock(ids).asnumpy()
     got = fast(ids).asnumpy()
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def cached_decode_logits(model, steps=4):
+    """Logits of a left-padded batch of 3 (prompts of 5, 2 and 7 tokens): the prefill, then `steps` decode steps
+    through the model's own cells; also the key caches after the last step (the in-place ones when they are)."""
+    prefill, decode = model.cached_step_cells()
+    prompt, slots = 7, 7 + steps
+    tokens = np.arange(10, 10 + 3 * slots, dtype=np.int32).reshape(3, slots) % 290 + 3
+    mask = np.zeros((3, slots), np.int32)
+    for row, length in enumerate((5, 2, 7)):
+        mask[row, prompt - length:prompt] = 1
+    k, v = model.empty_caches(3, slots)
+    logits, k, v = prefill(Tensor(tokens[:, :prompt]), Tensor(mask), k, v)
+    out = [logits.asnumpy()]
+    for slot in range(prompt, slots):
+        mask[:, slot] = 1
+        logits, k, v = decode.step(Tensor(tokens[:, slot:slot + 1]), Tensor(mask), Tensor(slot, ms.int32), k, v)
+        out.append(logits.asnumpy())
+    return np.stack(out), k[0].asnumpy()
+
+
+@pytest.mark.parametrize("encoding", ["rope", "alibi"])
+@pytest.mark.parametrize("weights", kernels.FORMATS)
+def test_decode_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
+    """A decode step through DecodeLayer (one op a layer, caches written in place) gives the logits and caches of
+    the same kernels called op by op (projections, DecodeAttention): the same arithmetic, so float32 rounding only.
+    The caches the caller passed in hold the new rows afterwards (the op writes into the caller's buffers)."""
+    shape = dict(MODEL_SHAPE, position_encoding=encoding)
+    fused = random_model(weights, shape)
+    assert all(layer.decode_op is not None for layer in fused.model.layers) and fused.decodes_in_place()
+    split = random_model(weights, shape)
+    for layer in split.model.layers:
+        layer.decode_op = None
+    assert not split.decodes_in_place() and split.model.layers[0].self_attn.decode_op is not None
+    got, got_k = cached_decode_logits(fused)
+    want, want_k = cached_decode_logits(split)
+    assert np.abs(got_k).min(axis=(0, 1, 3))[-1] > 0  # the last step's row is there
+    np.testing.assert_allclose(got_k, want_k, rtol=1e-5, atol=1e-6)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 

@@ -202,9 +202,8 @@ class Generator:
         yield logits.asnumpy()
         for slot in range(prompt_len, slots):
             # the caller has written the chosen token into tokens[:, slot] and opened mask[:, slot]
-            logits, k_caches, v_caches = self.decode(Tensor(tokens[:, slot:slot + 1]), Tensor(mask),
-                                                     Tensor(slot, ms.int32), ms.mutable(k_caches),
-                                                     ms.mutable(v_caches))
+            logits, k_caches, v_caches = self.decode.step(Tensor(tokens[:, slot:slot + 1]), Tensor(mask),
+                                                          Tensor(slot, ms.int32), k_caches, v_caches)
             yield logits.asnumpy()
 
     def _full_logits(self, tokens, mask, prompt_len):

@@ -378,6 +378,18 @@ Isa chosen_isa() {
 
 const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
+// nw projections of one x (ps[i].x equal) on the chosen path and the kernels' threads.
+int project(Fmt fmt, const Problem *ps, int nw) {
+  const int nt = kernel_threads();
+  switch (chosen_isa()) {
+    case kAvx512Vnni: return isa_avx512vnni::run(fmt, ps, nw, nt);
+    case kAvx512: return isa_avx512::run(fmt, ps, nw, nt);
+    case kAvxVnni: return isa_avxvnni::run(fmt, ps, nw, nt);
+    case kAvx2: return isa_avx2::run(fmt, ps, nw, nt);
+    default: return 6;
+  }
+}
+
 // Shapes and dtypes as MindSpore hands them over: x, then per weight its tensors (weight, or qweight + scales),
 // then one output per weight. A mismatch returns non-zero, which MindSpore raises as an error.
 int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims, int64_t **shapes,
@@ -414,14 +426,7 @@ int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims
     for (int i = 0; i < nw; ++i) memset(ps[i].y, 0, sizeof(float) * ps[i].M * ps[i].N);
     return 0;
   }
-  const int nt = kernel_threads();
-  switch (chosen_isa()) {
-    case kAvx512Vnni: return isa_avx512vnni::run(fmt, ps, nw, nt);
-    case kAvx512: return isa_avx512::run(fmt, ps, nw, nt);
-    case kAvxVnni: return isa_avxvnni::run(fmt, ps, nw, nt);
-    case kAvx2: return isa_avx2::run(fmt, ps, nw, nt);
-    default: return 6;
-  }
+  return project(fmt, ps, nw);
 }
 
 }  // namespace
@@ -545,6 +550,161 @@ int DecodeAttention(AOT_ARGS) {
       for (int64_t d = 0; d < D; ++d) oh[d] += w * vh[l * D + d];
     }
   }
+  return 0;
+}
+
+// One whole decoder layer of a decode step in one op (float32 activations, any weight format), with the layer's
+// key/value caches updated in place:
+//   h = x + o_proj(attention(rope(q), rope(k), v));  y = h + down(silu(gate(n2)) * up(n2))
+//   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2.
+// Why: a decode step launched ~18 MindSpore ops a layer, and on these 2-core machines each launch, with the thread
+// hand-offs around it, cost 15-30 us, several times the projections' own time at small shapes (S: ~150 ops a step
+// against ~1.5 ms of weight streaming). Why in place: an op output is fresh memory, so returning the caches copied
+// all of them every step (2 x B x N x L x D floats a layer); the op instead writes the new row into the cache tensors
+// it is given, which on CPU are the caller's own buffers (tests/test_kernels.py checks that the caller sees the row).
+// Inputs: x [B, H]; ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE / 0 = none, e.g. ALiBi,
+// whose term is in the bias); cos, sin [B, *, 1, D] (the row of each sequence's position; ignored without RoPE);
+// bias [B, N, 1, L] additive (masked keys very negative, ALiBi included); slot int32 (0-d or [1]: the cache slot of
+// the new token; keys past it are never visible, so attention stops there); caches kc, vc [B, N, L, D]; then the
+// weights of q, k, v, o, gate, up, down, each (w) for float32 / bfloat16 or (qweight, scales) for int8 / int4, all
+// in one format (read from their dtypes). Output y [B, H].
+static void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xr = x + m * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = w[i] * (xr[i] * r);
+  }
+}
+
+static void rope_in_place(float *x, const float *cs, const float *sn, int64_t D) {  // half rotation, one head
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * cs[i] - b * sn[i];
+    x[i + h] = b * cs[i + h] + a * sn[i + h];
+  }
+}
+
+int DecodeLayer(AOT_ARGS) {
+  constexpr int kFixed = 11, kWeights = 7;  // x ln1 ln2 eps spec cos sin bias slot kc vc | q k v o gate up down
+  if (nparam < kFixed + kWeights + 1) return 1;
+  static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
+  int fmt = -1;
+  for (int f = 0; f < 4; ++f)
+    if (strcmp(dtypes[kFixed], wtype[f]) == 0) fmt = f;
+  if (fmt < 0) return 3;
+  const bool quant = fmt == kI8 || fmt == kI4;
+  const int per = quant ? 2 : 1;
+  if (nparam != kFixed + per * kWeights + 1) return 1;
+  for (int i : {0, 1, 2, 3, 5, 6, 7, 9, 10, nparam - 1})
+    if (strcmp(dtypes[i], "float32") != 0) return 3;
+  if (strcmp(dtypes[4], "int32") != 0 || strcmp(dtypes[8], "int32") != 0) return 3;
+  if (ndims[0] != 2 || ndims[9] != 4 || ndims[10] != 4 || ndims[7] != 4 || ndims[4] != 1 || shapes[4][0] != 2)
+    return 2;
+  const int64_t M = shapes[0][0], H = shapes[0][1];
+  const int64_t N = shapes[9][1], L = shapes[9][2], D = shapes[9][3];
+  for (int c : {9, 10})
+    if (shapes[c][0] != M || shapes[c][1] != N || shapes[c][2] != L || shapes[c][3] != D) return 4;
+  if (N * D != H || shapes[1][0] != H || shapes[2][0] != H) return 4;
+  if (shapes[7][0] != M || shapes[7][1] != N || shapes[7][2] != 1 || shapes[7][3] != L) return 4;
+  const int32_t *spec = static_cast<const int32_t *>(params[4]);
+  const int64_t group = spec[0];
+  const bool rope = spec[1] != 0;
+  if (rope && (ndims[5] != 4 || ndims[6] != 4 || shapes[5][0] != M || shapes[5][3] != D || shapes[5][2] != 1 ||
+               D % 2 != 0 || shapes[6][0] != M || shapes[6][1] != shapes[5][1] || shapes[6][3] != D))
+    return 4;
+  const int64_t slot = *static_cast<const int32_t *>(params[8]);
+  if (slot < 0 || slot >= L) return 5;
+  const int64_t I = shapes[kFixed + per * 4][0];  // gate rows
+  // Weight w (0..6 = q k v o gate up down) of shape [rows, K], checked against the format's layout.
+  Problem ps[kWeights];
+  const int64_t rows[kWeights] = {H, H, H, H, I, I, H}, cols[kWeights] = {H, H, H, H, H, H, I};
+  for (int w = 0; w < kWeights; ++w) {
+    const int wi = kFixed + per * w;
+    if (strcmp(dtypes[wi], wtype[fmt]) != 0 || ndims[wi] != 2) return 3;
+    Problem &p = ps[w];
+    p.w = params[wi];
+    p.s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
+    p.M = M;
+    p.N = rows[w];
+    p.K = cols[w];
+    p.group = group;
+    p.row_units = shapes[wi][1];
+    p.G = quant ? ceil_div(p.K, group) : 0;
+    if (quant && (group <= 0 || group % kChunk != 0)) return 5;
+    const int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
+    if (shapes[wi][0] != p.N || p.row_units != want_units) return 4;
+    if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || ndims[wi + 1] != 2 || shapes[wi + 1][0] != p.N ||
+                  shapes[wi + 1][1] != p.G))
+      return 5;
+  }
+  if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) return 4;
+  const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]),
+              *ln2 = static_cast<const float *>(params[2]), *bias = static_cast<const float *>(params[7]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *kc = static_cast<float *>(params[9]), *vc = static_cast<float *>(params[10]);
+  float *y = static_cast<float *>(params[nparam - 1]);
+  // scratch, grown once per thread: n [M, H], q k v attn h [M, H] each, gate up [M, I] each
+  static thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(M * (6 * H + 2 * I)));
+  float *n = scratch.data(), *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H, *h = att + M * H,
+        *gate = h + M * H, *up = gate + M * I;
+  const Fmt f = static_cast<Fmt>(fmt);
+  auto run = [&](int first, int count, const float *in, std::initializer_list<float *> outs) {
+    int i = 0;
+    for (float *out : outs) {
+      ps[first + i].x = in;
+      ps[first + i].y = out;
+      ++i;
+    }
+    return project(f, ps + first, count);
+  };
+  rms_norm_rows(x, ln1, eps, M, H, n);
+  if (int err = run(0, 3, n, {q, k, v})) return err;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t visible = slot + 1;
+  parallel(kernel_threads(), [&](int t, int nt) {
+    int64_t h0, h1;
+    thread_range(M * N, 1, t, nt, &h0, &h1);
+    std::vector<float> p(visible);
+    for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; q / k / v rows [b, head * D]
+      const int64_t b = bh / N, head = bh % N;
+      float *qh = q + b * H + head * D, *kh = k + b * H + head * D;
+      if (rope) {
+        const int64_t row = b * shapes[5][1] * D;  // head 0 of the [B, *, 1, D] tables
+        rope_in_place(qh, static_cast<const float *>(params[5]) + row, static_cast<const float *>(params[6]) + row, D);
+        rope_in_place(kh, static_cast<const float *>(params[5]) + row, static_cast<const float *>(params[6]) + row, D);
+      }
+      float *kcache = kc + bh * L * D, *vcache = vc + bh * L * D;
+      memcpy(kcache + slot * D, kh, sizeof(float) * D);
+      memcpy(vcache + slot * D, v + b * H + head * D, sizeof(float) * D);
+      const float *bb = bias + bh * L;
+      float top = -INFINITY;
+      for (int64_t l = 0; l < visible; ++l) {
+        float s = 0.f;
+        for (int64_t d = 0; d < D; ++d) s += qh[d] * kcache[l * D + d];
+        p[l] = s * scale + bb[l];
+        top = std::max(top, p[l]);
+      }
+      float sum = 0.f;
+      for (int64_t l = 0; l < visible; ++l) sum += (p[l] = std::exp(p[l] - top));
+      float *oh = att + b * H + head * D;
+      for (int64_t d = 0; d < D; ++d) oh[d] = 0.f;
+      for (int64_t l = 0; l < visible; ++l) {
+        const float w = p[l] / sum;
+        for (int64_t d = 0; d < D; ++d) oh[d] += w * vcache[l * D + d];
+      }
+    }
+  });
+  if (int err = run(3, 1, att, {h})) return err;
+  for (int64_t i = 0; i < M * H; ++i) h[i] += x[i];
+  rms_norm_rows(h, ln2, eps, M, H, n);
+  if (int err = run(4, 2, n, {gate, up})) return err;
+  for (int64_t i = 0; i < M * I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  if (int err = run(6, 1, gate, {y})) return err;
+  for (int64_t i = 0; i < M * H; ++i) y[i] += h[i];
   return 0;
 }
 

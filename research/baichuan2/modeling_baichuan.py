@@ -273,12 +273,18 @@ class Linear(nn.Cell):
             self.compute_dtype)
 
 
+def fusable(linears):
+    """Every one a plain Linear (a LoRA wrapper computes more than its weight) with a kernel, all in one format."""
+    first = linears[0]
+    return all(type(cell) is Linear and cell.kernel is not None and cell.format == first.format for cell in linears)
+
+
 def fused_op(linears):
     """One kernel call for projections of the same x (q/k/v, gate/up), or None: every one must be a plain Linear
     (a LoRA wrapper computes more than its weight) with a kernel, all in one format."""
-    first = linears[0]
-    if any(type(cell) is not Linear or cell.kernel is None or cell.format != first.format for cell in linears):
+    if not fusable(linears):
         return None
+    first = linears[0]
     return kernel_linear_op("float32" if first.format == "dense" else first.format, first.group_size, len(linears))
 
 
@@ -441,8 +447,37 @@ class DecoderLayer(nn.Cell):
         self.self_attn = Attention(config, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         self.mlp = MLP(config)
+        # at float32 inference on CPU, one kernels.py op for a whole decode step of this layer, caches updated in
+        # place: set by use_decode_kernel()
+        self.decode_op = None
+        self.decode_spec = Tensor([config.group_size or 0, int(config.position_encoding == "rope")], ms.int32)
+        self.no_rope = Tensor(np.zeros((1, 1, 1, 1), np.float32))
+
+    def projections(self):
+        attn, mlp = self.self_attn, self.mlp
+        return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+    def use_decode_kernel(self):
+        """Decode steps through kernels.decode_layer_op where it can run: float32 compute and norms, every
+        projection a plain Linear with a kernel (not LoRA-wrapped), all in one format."""
+        linears = self.projections()
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
+                any(w.dtype != ms.float32 for w in norms):
+            self.decode_op = None
+            return
+        self.decode_op = layout_op("decode_layer_op")
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
+        if self.decode_op is not None and cache is not None and x.shape[1] == 1 and not self.training:
+            cos, sin = (self.no_rope, self.no_rope) if rope is None else rope
+            weights = ()
+            for cell in self.projections():
+                weights += cell.stored_weights()
+            y = self.decode_op(x.reshape(x.shape[0], -1), self.input_layernorm.weight,
+                               self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor,
+                               self.decode_spec, cos, sin, attn_inputs, write[2], cache[0], cache[1], *weights)
+            return y.reshape(x.shape), cache  # the caches were written in place
         h, cache = self.self_attn(self.input_layernorm(x), rope, attn_inputs, cache, write)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -669,8 +704,13 @@ class BaichuanForCausalLM(PreTrainedModel):
             layer.mlp.fuse_projections()
             layer.input_layernorm.use_kernel()
             layer.post_attention_layernorm.use_kernel()
+            layer.use_decode_kernel()
         self.model.norm.use_kernel()
         return self
+
+    def decodes_in_place(self):
+        """Whether a decode step writes the caches in place (every layer on kernels.decode_layer_op)."""
+        return all(layer.decode_op is not None for layer in self.model.layers)
 
     def load_weights(self, model_dir_or_file, strict=True):
         load_safetensors_into(self, model_dir_or_file, strict=strict)
@@ -745,15 +785,26 @@ class CachedPrefill(nn.Cell):
 class CachedDecode(nn.Cell):
     """Graph-mode one-token step of cached generation: input_ids [B, 1] go into cache slot `slot` (an int32 scalar
     tensor, so the step number does not trigger a recompilation); attention_mask [B, L] marks every slot holding a
-    real token, the new one included. Returns (float32 logits [B, V], updated caches)."""
+    real token, the new one included. Returns (float32 logits [B, V], updated caches), or only the logits when
+    `in_place` (the model's decodes_in_place() when this cell was made): the given caches then hold the new row.
+    `step` returns (logits, caches) either way."""
 
     def __init__(self, lm):
         super().__init__(auto_prefix=False)
         self.lm = lm
+        self.in_place = lm.decodes_in_place()
 
     def construct(self, input_ids, attention_mask, slot, k_caches, v_caches):
         hidden, k_caches, v_caches = self.lm.model(input_ids, attention_mask, k_caches, v_caches, slot)
-        return self.lm.lm_head(hidden[:, -1]).astype(ms.float32), k_caches, v_caches
+        logits = self.lm.lm_head(hidden[:, -1]).astype(ms.float32)
+        if self.in_place:  # returning the input caches would copy every one of them
+            return logits
+        return logits, k_caches, v_caches
+
+    def step(self, input_ids, attention_mask, slot, k_caches, v_caches):
+        """(logits, caches) for either kind of cell: the updated caches, or the given ones written in place."""
+        out = self(input_ids, attention_mask, slot, ms.mutable(k_caches), ms.mutable(v_caches))
+        return (out, k_caches, v_caches) if self.in_place else out
 
 
 def segments_from_ends(seq_ends, length):
