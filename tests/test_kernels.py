@@ -315,8 +315,7 @@ def test_decode_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     fused = random_model(weights, shape)
     assert all(layer.decode_op is not None for layer in fused.model.layers) and fused.decodes_in_place()
     split = random_model(weights, shape)
-    for layer in split.model.layers:
-        layer.decode_op = None
+    split.model.use_decode_kernels(enabled=False)
     assert not split.decodes_in_place() and split.model.layers[0].self_attn.decode_op is not None
     got, got_k = cached_decode_logits(fused)
     want, want_k = cached_decode_logits(split)

@@ -557,17 +557,20 @@ int DecodeAttention(AOT_ARGS) {
 // key/value caches updated in place:
 //   h = x + o_proj(attention(rope(q), rope(k), v));  y = h + down(silu(gate(n2)) * up(n2))
 //   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2.
-// Why: a decode step launched ~18 MindSpore ops a layer, and on these 2-core machines each launch, with the thread
-// hand-offs around it, cost 15-30 us, several times the projections' own time at small shapes (S: ~150 ops a step
-// against ~1.5 ms of weight streaming). Why in place: an op output is fresh memory, so returning the caches copied
-// all of them every step (2 x B x N x L x D floats a layer); the op instead writes the new row into the cache tensors
-// it is given, which on CPU are the caller's own buffers (tests/test_kernels.py checks that the caller sees the row).
-// Inputs: x [B, H]; ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE / 0 = none, e.g. ALiBi,
-// whose term is in the bias); cos, sin [B, *, 1, D] (the row of each sequence's position; ignored without RoPE);
-// bias [B, N, 1, L] additive (masked keys very negative, ALiBi included); slot int32 (0-d or [1]: the cache slot of
-// the new token; keys past it are never visible, so attention stops there); caches kc, vc [B, N, L, D]; then the
-// weights of q, k, v, o, gate, up, down, each (w) for float32 / bfloat16 or (qweight, scales) for int8 / int4, all
-// in one format (read from their dtypes). Output y [B, H].
+// Why one op: a decode step launched ~18 MindSpore ops a layer plus ~25 for the positions and the attention mask,
+// and on these 2-core machines each launch cost 15-50 us, several times the projections' own time at small shapes
+// (S: ~150 ops a step against ~1.5 ms of weight streaming). Why in place: an op output is fresh memory, so returning
+// the caches copied all of them every step (2 x B x N x L x D floats a layer); the op writes the new row into the
+// cache tensors it is given instead, which on CPU are the caller's own buffers (tests/test_kernels.py checks that
+// the caller sees the row).
+// Positions and visibility come from the attention mask, as BaichuanModel.position_inputs builds them for the stock
+// ops: key positions p_l = max(cumsum(mask)_l - 1, 0), the query's p = p_slot; key l is visible when l <= slot and
+// (mask_l or l == slot); RoPE (half rotation) at position p, or ALiBi adds slope_n (p_l - p) to the scores.
+// Inputs: x [B, H]; ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE / 0 = ALiBi); mask int32
+// [B, L] (1 = a real token, the new one included); slot int32 (0-d or [1]: the new token's cache slot); cos, sin
+// float32 [P, D] (RoPE tables, one row per position) and slopes float32 [N] (ALiBi; whichever is unused may be any
+// float32 tensor); caches kc, vc [B, N, L, D]; then the weights of q, k, v, o, gate, up, down, each (w) for float32 /
+// bfloat16 or (qweight, scales) for int8 / int4, all in one format (read from their dtypes). Output y [B, H].
 static void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
   for (int64_t m = 0; m < M; ++m) {
     const float *xr = x + m * H;
@@ -588,7 +591,8 @@ static void rope_in_place(float *x, const float *cs, const float *sn, int64_t D)
 }
 
 int DecodeLayer(AOT_ARGS) {
-  constexpr int kFixed = 11, kWeights = 7;  // x ln1 ln2 eps spec cos sin bias slot kc vc | q k v o gate up down
+  // x ln1 ln2 eps spec mask slot cos sin slopes kc vc | q k v o gate up down
+  constexpr int kFixed = 12, kWeights = 7;
   if (nparam < kFixed + kWeights + 1) return 1;
   static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
   int fmt = -1;
@@ -598,24 +602,26 @@ int DecodeLayer(AOT_ARGS) {
   const bool quant = fmt == kI8 || fmt == kI4;
   const int per = quant ? 2 : 1;
   if (nparam != kFixed + per * kWeights + 1) return 1;
-  for (int i : {0, 1, 2, 3, 5, 6, 7, 9, 10, nparam - 1})
+  for (int i : {0, 1, 2, 3, 7, 8, 9, 10, 11, nparam - 1})
     if (strcmp(dtypes[i], "float32") != 0) return 3;
-  if (strcmp(dtypes[4], "int32") != 0 || strcmp(dtypes[8], "int32") != 0) return 3;
-  if (ndims[0] != 2 || ndims[9] != 4 || ndims[10] != 4 || ndims[7] != 4 || ndims[4] != 1 || shapes[4][0] != 2)
+  for (int i : {4, 5, 6})
+    if (strcmp(dtypes[i], "int32") != 0) return 3;
+  if (ndims[0] != 2 || ndims[10] != 4 || ndims[11] != 4 || ndims[5] != 2 || ndims[4] != 1 || shapes[4][0] != 2)
     return 2;
   const int64_t M = shapes[0][0], H = shapes[0][1];
-  const int64_t N = shapes[9][1], L = shapes[9][2], D = shapes[9][3];
-  for (int c : {9, 10})
+  const int64_t N = shapes[10][1], L = shapes[10][2], D = shapes[10][3];
+  for (int c : {10, 11})
     if (shapes[c][0] != M || shapes[c][1] != N || shapes[c][2] != L || shapes[c][3] != D) return 4;
-  if (N * D != H || shapes[1][0] != H || shapes[2][0] != H) return 4;
-  if (shapes[7][0] != M || shapes[7][1] != N || shapes[7][2] != 1 || shapes[7][3] != L) return 4;
+  if (N * D != H || shapes[1][0] != H || shapes[2][0] != H || shapes[5][0] != M || shapes[5][1] != L) return 4;
   const int32_t *spec = static_cast<const int32_t *>(params[4]);
   const int64_t group = spec[0];
   const bool rope = spec[1] != 0;
-  if (rope && (ndims[5] != 4 || ndims[6] != 4 || shapes[5][0] != M || shapes[5][3] != D || shapes[5][2] != 1 ||
-               D % 2 != 0 || shapes[6][0] != M || shapes[6][1] != shapes[5][1] || shapes[6][3] != D))
+  const int64_t P = rope ? shapes[7][0] : 0;
+  if (rope && (ndims[7] != 2 || ndims[8] != 2 || shapes[7][1] != D || shapes[8][0] != P || shapes[8][1] != D ||
+               D % 2 != 0))
     return 4;
-  const int64_t slot = *static_cast<const int32_t *>(params[8]);
+  if (!rope && (ndims[9] != 1 || shapes[9][0] != N)) return 4;
+  const int64_t slot = *static_cast<const int32_t *>(params[6]);
   if (slot < 0 || slot >= L) return 5;
   const int64_t I = shapes[kFixed + per * 4][0];  // gate rows
   // Weight w (0..6 = q k v o gate up down) of shape [rows, K], checked against the format's layout.
@@ -642,9 +648,25 @@ int DecodeLayer(AOT_ARGS) {
   }
   if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) return 4;
   const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]),
-              *ln2 = static_cast<const float *>(params[2]), *bias = static_cast<const float *>(params[7]);
+              *ln2 = static_cast<const float *>(params[2]), *cos_table = static_cast<const float *>(params[7]),
+              *sin_table = static_cast<const float *>(params[8]), *slopes = static_cast<const float *>(params[9]);
+  const int32_t *mask = static_cast<const int32_t *>(params[5]);
   const float eps = *static_cast<const float *>(params[3]);
-  float *kc = static_cast<float *>(params[9]), *vc = static_cast<float *>(params[10]);
+  float *kc = static_cast<float *>(params[10]), *vc = static_cast<float *>(params[11]);
+  // per sequence: key positions of the visible slots [0, slot], -1 for hidden ones, and the query's position
+  static thread_local std::vector<int64_t> key_pos;
+  key_pos.resize(static_cast<size_t>(M * (slot + 1)));
+  std::vector<int64_t> query_pos(M);
+  for (int64_t b = 0; b < M; ++b) {
+    int64_t seen = 0;
+    for (int64_t l = 0; l <= slot; ++l) {
+      const bool real = mask[b * L + l] > 0;
+      seen += real;
+      key_pos[b * (slot + 1) + l] = (real || l == slot) ? std::max<int64_t>(seen - 1, 0) : -1;
+    }
+    query_pos[b] = key_pos[b * (slot + 1) + slot];
+    if (rope && query_pos[b] >= P) return 5;  // past the RoPE tables: the caller's context check failed
+  }
   float *y = static_cast<float *>(params[nparam - 1]);
   // scratch, grown once per thread: n [M, H], q k v attn h [M, H] each, gate up [M, I] each
   static thread_local std::vector<float> scratch;
@@ -665,6 +687,7 @@ int DecodeLayer(AOT_ARGS) {
   if (int err = run(0, 3, n, {q, k, v})) return err;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t visible = slot + 1;
+  const int64_t *kpos = key_pos.data();  // thread_local: the workers must not name it (they would see their own)
   parallel(kernel_threads(), [&](int t, int nt) {
     int64_t h0, h1;
     thread_range(M * N, 1, t, nt, &h0, &h1);
@@ -672,27 +695,29 @@ int DecodeLayer(AOT_ARGS) {
     for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; q / k / v rows [b, head * D]
       const int64_t b = bh / N, head = bh % N;
       float *qh = q + b * H + head * D, *kh = k + b * H + head * D;
+      const int64_t *kp = kpos + b * visible, qp = query_pos[b];
       if (rope) {
-        const int64_t row = b * shapes[5][1] * D;  // head 0 of the [B, *, 1, D] tables
-        rope_in_place(qh, static_cast<const float *>(params[5]) + row, static_cast<const float *>(params[6]) + row, D);
-        rope_in_place(kh, static_cast<const float *>(params[5]) + row, static_cast<const float *>(params[6]) + row, D);
+        rope_in_place(qh, cos_table + qp * D, sin_table + qp * D, D);
+        rope_in_place(kh, cos_table + qp * D, sin_table + qp * D, D);
       }
       float *kcache = kc + bh * L * D, *vcache = vc + bh * L * D;
       memcpy(kcache + slot * D, kh, sizeof(float) * D);
       memcpy(vcache + slot * D, v + b * H + head * D, sizeof(float) * D);
-      const float *bb = bias + bh * L;
+      const float slope = rope ? 0.f : slopes[head];
       float top = -INFINITY;
       for (int64_t l = 0; l < visible; ++l) {
+        if (kp[l] < 0) continue;
         float s = 0.f;
         for (int64_t d = 0; d < D; ++d) s += qh[d] * kcache[l * D + d];
-        p[l] = s * scale + bb[l];
+        p[l] = s * scale + slope * static_cast<float>(kp[l] - qp);
         top = std::max(top, p[l]);
       }
       float sum = 0.f;
-      for (int64_t l = 0; l < visible; ++l) sum += (p[l] = std::exp(p[l] - top));
+      for (int64_t l = 0; l < visible; ++l) sum += kp[l] < 0 ? (p[l] = 0.f) : (p[l] = std::exp(p[l] - top));
       float *oh = att + b * H + head * D;
       for (int64_t d = 0; d < D; ++d) oh[d] = 0.f;
       for (int64_t l = 0; l < visible; ++l) {
+        if (kp[l] < 0) continue;
         const float w = p[l] / sum;
         for (int64_t d = 0; d < D; ++d) oh[d] += w * vcache[l * D + d];
       }

@@ -232,10 +232,11 @@ def decode_attention_op():
 
 
 def decode_layer_op():
-    """op(x, ln1, ln2, eps, spec, cos, sin, bias, slot, k_cache, v_cache, *weights) -> y [B, H]: one decoder layer of a
-    decode step (RMSNorm, q/k/v, RoPE, the cache writes and attention, o_proj, residual, RMSNorm, SwiGLU MLP,
-    residual) in one launch, the caches updated in place (see DecodeLayer in kernels.cc for the layout). `weights`:
-    q, k, v, o, gate, up, down, each (weight,) or (qweight, scales), one format. None when the kernels cannot run."""
+    """op(x, ln1, ln2, eps, spec, mask, slot, cos, sin, slopes, k_cache, v_cache, *weights) -> y [B, H]: one decoder
+    layer of a decode step (RMSNorm, q/k/v, positions and visibility from the mask, RoPE or ALiBi, the cache writes
+    and attention, o_proj, residual, RMSNorm, SwiGLU MLP, residual) in one launch, the caches updated in place (see
+    DecodeLayer in kernels.cc for the layout). `weights`: q, k, v, o, gate, up, down, each (weight,) or (qweight,
+    scales), one format. None when the kernels cannot run."""
     return _layout_op("DecodeLayer", lambda x, *rest: x)
 
 

@@ -451,33 +451,35 @@ class DecoderLayer(nn.Cell):
         # place: set by use_decode_kernel()
         self.decode_op = None
         self.decode_spec = Tensor([config.group_size or 0, int(config.position_encoding == "rope")], ms.int32)
-        self.no_rope = Tensor(np.zeros((1, 1, 1, 1), np.float32))
 
     def projections(self):
         attn, mlp = self.self_attn, self.mlp
         return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    def use_decode_kernel(self):
+    def use_decode_kernel(self, enabled=True):
         """Decode steps through kernels.decode_layer_op where it can run: float32 compute and norms, every
         projection a plain Linear with a kernel (not LoRA-wrapped), all in one format."""
         linears = self.projections()
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        if use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
+        if not enabled or use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
                 any(w.dtype != ms.float32 for w in norms):
             self.decode_op = None
             return
         self.decode_op = layout_op("decode_layer_op")
 
+    def decode_in_place(self, x, key_mask, slot, cache, position_tables):
+        """One decode step through decode_op: x [B, 1, H], key_mask [B, L] int32, slot int32, cache (k, v) written
+        in place, position_tables (cos, sin, slopes) of BaichuanModel. Returns the layer's output [B, 1, H]."""
+        weights = ()
+        for cell in self.projections():
+            weights += cell.stored_weights()
+        cos, sin, slopes = position_tables
+        y = self.decode_op(x.reshape(x.shape[0], -1), self.input_layernorm.weight,
+                           self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor, self.decode_spec,
+                           key_mask, slot, cos, sin, slopes, cache[0], cache[1], *weights)
+        return y.reshape(x.shape)
+
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
-        if self.decode_op is not None and cache is not None and x.shape[1] == 1 and not self.training:
-            cos, sin = (self.no_rope, self.no_rope) if rope is None else rope
-            weights = ()
-            for cell in self.projections():
-                weights += cell.stored_weights()
-            y = self.decode_op(x.reshape(x.shape[0], -1), self.input_layernorm.weight,
-                               self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor,
-                               self.decode_spec, cos, sin, attn_inputs, write[2], cache[0], cache[1], *weights)
-            return y.reshape(x.shape), cache  # the caches were written in place
         h, cache = self.self_attn(self.input_layernorm(x), rope, attn_inputs, cache, write)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -504,14 +506,26 @@ class BaichuanModel(nn.Cell):
         kernels = select_kernels()  # the one backend choice
         self.attention_inputs = kernels["attention_inputs"]
         self.rope_inputs = kernels["rope_inputs"]
+        self.in_place_decode = False  # set by use_decode_kernels()
         self.embed_tokens = Embedding(config)
         self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         if self.use_rope:
             cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
             self.cos_table, self.sin_table = Tensor(cos), Tensor(sin)
+            self.position_tables = (self.cos_table, self.sin_table, Tensor(np.zeros(1, np.float32)))
         else:
             self.slopes = Tensor(alibi_slopes(config.num_attention_heads).reshape(1, -1, 1, 1))
+            unused = Tensor(np.zeros((1, 1), np.float32))
+            self.position_tables = (unused, unused, Tensor(alibi_slopes(config.num_attention_heads)))
+
+    def use_decode_kernels(self, enabled=True):
+        """Decode steps through every layer's decode_op when each has one (see DecoderLayer.use_decode_kernel): they
+        write the caches in place and build positions and visibility from the mask themselves. enabled=False: op by
+        op (the projection and attention kernels), as when a layer cannot use it."""
+        for layer in self.layers:
+            layer.use_decode_kernel(enabled)
+        self.in_place_decode = all(layer.decode_op is not None for layer in self.layers)
 
     def position_inputs(self, key_mask, query_slots, segment_ids=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
@@ -562,6 +576,13 @@ class BaichuanModel(nn.Cell):
         belongs to; attention and positions then stay within a conversation."""
         seq_len = input_ids.shape[1]
         attention_mask = attention_mask.astype(ms.int32)
+        if self.in_place_decode and k_caches is not None and seq_len == 1 and cache_slot is not None and \
+                not isinstance(cache_slot, int):
+            x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+            for i in range(len(self.layers)):
+                x = self.layers[i].decode_in_place(x, attention_mask, cache_slot, (k_caches[i], v_caches[i]),
+                                                   self.position_tables)
+            return self.norm(x), k_caches, v_caches
         query_slots = ops.arange(0, seq_len, dtype=ms.int32)
         write = None
         if k_caches is not None:
@@ -578,7 +599,7 @@ class BaichuanModel(nn.Cell):
                 new_k += (cache[0],)
                 new_v += (cache[1],)
         if k_caches is None:
-            return self.norm(x), None, None
+            return self.norm(x), k_caches, v_caches
         return self.norm(x), new_k, new_v
 
 
@@ -704,13 +725,13 @@ class BaichuanForCausalLM(PreTrainedModel):
             layer.mlp.fuse_projections()
             layer.input_layernorm.use_kernel()
             layer.post_attention_layernorm.use_kernel()
-            layer.use_decode_kernel()
+        self.model.use_decode_kernels()
         self.model.norm.use_kernel()
         return self
 
     def decodes_in_place(self):
         """Whether a decode step writes the caches in place (every layer on kernels.decode_layer_op)."""
-        return all(layer.decode_op is not None for layer in self.model.layers)
+        return self.model.in_place_decode
 
     def load_weights(self, model_dir_or_file, strict=True):
         load_safetensors_into(self, model_dir_or_file, strict=strict)
