@@ -193,8 +193,8 @@ def bench(name, weights, args, rt, bandwidth):
     length = args.prefill_tokens
     ids = ms.Tensor(rng.integers(3, config.vocab_size, size=(1, length)).astype(np.int32))
     mask = ms.Tensor(np.ones((1, length), np.int32))
-    generator.prefill(ids, mask, *model.empty_caches(1, length))[0].asnumpy()
-    best = min(_seconds(lambda: generator.prefill(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
+    generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy()
+    best = min(_seconds(lambda: generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
                for _ in range(2))
     row["prefill"] = length / best
 

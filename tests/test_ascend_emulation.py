@@ -59,7 +59,7 @@ def cached_logits(model, prompts, continuation, slots):
         tokens[row, prompt_len - len(prompt):prompt_len] = prompt
         mask[row, prompt_len - len(prompt):prompt_len] = 1
     k, v = model.empty_caches(batch, slots)
-    logits, k, v = prefill(Tensor(tokens[:, :prompt_len]), Tensor(mask.copy()), k, v)
+    logits, k, v = prefill.step(Tensor(tokens[:, :prompt_len]), Tensor(mask.copy()), k, v)
     out = [logits.asnumpy()]
     for step, column in enumerate(continuation):
         slot = prompt_len + step

@@ -296,7 +296,7 @@ def cached_decode_logits(model, steps=4):
     for row, length in enumerate((5, 2, 7)):
         mask[row, prompt - length:prompt] = 1
     k, v = model.empty_caches(3, slots)
-    logits, k, v = prefill(Tensor(tokens[:, :prompt]), Tensor(mask), k, v)
+    logits, k, v = prefill.step(Tensor(tokens[:, :prompt]), Tensor(mask), k, v)
     out = [logits.asnumpy()]
     for slot in range(prompt, slots):
         mask[:, slot] = 1
@@ -307,20 +307,30 @@ def cached_decode_logits(model, steps=4):
 
 @pytest.mark.parametrize("encoding", ["rope", "alibi"])
 @pytest.mark.parametrize("weights", kernels.FORMATS)
-def test_decode_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
-    """A decode step through DecodeLayer (one op a layer, caches written in place) gives the logits and caches of
-    the same kernels called op by op (projections, DecodeAttention): the same arithmetic, so float32 rounding only.
-    The caches the caller passed in hold the new rows afterwards (the op writes into the caller's buffers)."""
+def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
+    """Prefill and decode steps through CachedLayer (one op a layer, caches written in place) give the logits and
+    caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
+    prefill): float32 rounding only (the decode projections quantise x the same way in both). The caches the caller
+    passed in hold the new rows afterwards (the op writes into the caller's buffers)."""
     shape = dict(MODEL_SHAPE, position_encoding=encoding)
     fused = random_model(weights, shape)
-    assert all(layer.decode_op is not None for layer in fused.model.layers) and fused.decodes_in_place()
+    assert all(layer.layer_op is not None for layer in fused.model.layers) and fused.caches_in_place()
     split = random_model(weights, shape)
-    split.model.use_decode_kernels(enabled=False)
-    assert not split.decodes_in_place() and split.model.layers[0].self_attn.decode_op is not None
+    split.model.use_layer_kernels(enabled=False)
+    assert not split.caches_in_place() and split.model.layers[0].self_attn.decode_op is not None
     got, got_k = cached_decode_logits(fused)
     want, want_k = cached_decode_logits(split)
     assert np.abs(got_k).min(axis=(0, 1, 3))[-1] > 0  # the last step's row is there
     np.testing.assert_allclose(got_k, want_k, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_cached_layer_op_on_every_isa_path(forced_isa, graph):
+    """CachedLayer's attention loop is compiled per instruction-set path like the projections: on each, prefill and
+    decode logits equal the per-op kernels' (int4 weights, RoPE)."""
+    fused, split = random_model("int4"), random_model("int4")
+    split.model.use_layer_kernels(enabled=False)
+    got, want = cached_decode_logits(fused)[0], cached_decode_logits(split)[0]
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 

@@ -198,7 +198,8 @@ class Generator:
         """Logits [B, V] for each next token: one prefill, then one decode per token the caller wrote."""
         batch, slots = tokens.shape
         k_caches, v_caches = self.model.empty_caches(batch, slots)
-        logits, k_caches, v_caches = self.prefill(Tensor(tokens[:, :prompt_len]), Tensor(mask), k_caches, v_caches)
+        logits, k_caches, v_caches = self.prefill.step(Tensor(tokens[:, :prompt_len]), Tensor(mask), k_caches,
+                                                       v_caches)
         yield logits.asnumpy()
         for slot in range(prompt_len, slots):
             # the caller has written the chosen token into tokens[:, slot] and opened mask[:, slot]

@@ -378,6 +378,16 @@ Isa chosen_isa() {
 
 const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
+void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last, const uint8_t *real,
+                  const int64_t *pos, float slope, float scale, float *p, float *out) {
+  switch (chosen_isa()) {
+    case kAvx512Vnni: return isa_avx512vnni::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
+    case kAvx512: return isa_avx512::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
+    case kAvxVnni: return isa_avxvnni::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
+    default: return isa_avx2::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
+  }
+}
+
 // nw projections of one x (ps[i].x equal) on the chosen path and the kernels' threads.
 int project(Fmt fmt, const Problem *ps, int nw) {
   const int nt = kernel_threads();
@@ -553,24 +563,26 @@ int DecodeAttention(AOT_ARGS) {
   return 0;
 }
 
-// One whole decoder layer of a decode step in one op (float32 activations, any weight format), with the layer's
-// key/value caches updated in place:
+// One whole decoder layer over S new tokens of each of B sequences, with the layer's key/value caches (prefill:
+// S = the prompt, from slot 0; decode: S = 1), float32 activations, any weight format, the caches written in place:
 //   h = x + o_proj(attention(rope(q), rope(k), v));  y = h + down(silu(gate(n2)) * up(n2))
 //   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2.
 // Why one op: a decode step launched ~18 MindSpore ops a layer plus ~25 for the positions and the attention mask,
 // and on these 2-core machines each launch cost 15-50 us, several times the projections' own time at small shapes
-// (S: ~150 ops a step against ~1.5 ms of weight streaming). Why in place: an op output is fresh memory, so returning
-// the caches copied all of them every step (2 x B x N x L x D floats a layer); the op writes the new row into the
-// cache tensors it is given instead, which on CPU are the caller's own buffers (tests/test_kernels.py checks that
-// the caller sees the row).
+// (S: ~150 ops a step against ~1.5 ms of weight streaming); and every stock op of a compiled graph keeps memory for
+// the graph's life (the prefill graph of a 7B held ~21 MB a layer). Why in place: an op output is fresh memory, so
+// returning the caches copied all of them every step (2 x B x N x L x D floats a layer); the op writes the new rows
+// into the cache tensors it is given instead, which on CPU are the caller's own buffers (tests/test_kernels.py
+// checks that the caller sees them).
 // Positions and visibility come from the attention mask, as BaichuanModel.position_inputs builds them for the stock
-// ops: key positions p_l = max(cumsum(mask)_l - 1, 0), the query's p = p_slot; key l is visible when l <= slot and
-// (mask_l or l == slot); RoPE (half rotation) at position p, or ALiBi adds slope_n (p_l - p) to the scores.
-// Inputs: x [B, H]; ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE / 0 = ALiBi); mask int32
-// [B, L] (1 = a real token, the new one included); slot int32 (0-d or [1]: the new token's cache slot); cos, sin
-// float32 [P, D] (RoPE tables, one row per position) and slopes float32 [N] (ALiBi; whichever is unused may be any
-// float32 tensor); caches kc, vc [B, N, L, D]; then the weights of q, k, v, o, gate, up, down, each (w) for float32 /
-// bfloat16 or (qweight, scales) for int8 / int4, all in one format (read from their dtypes). Output y [B, H].
+// ops: key positions p_l = max(cumsum(mask)_l - 1, 0); the query in slot j has position p_j and sees key l when
+// l <= j and (mask_l or l == j); RoPE (half rotation) at the token's position, or ALiBi adds slope_n (p_l - p_j).
+// Inputs: x [B * S, H] (sequence-major); ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE /
+// 0 = ALiBi); mask int32 [B, L] (1 = a real token, the new ones included); slot int32 (0-d or [1]: the first new
+// token's cache slot; they fill [slot, slot + S)); cos, sin float32 [P, D] (RoPE tables, a row per position) and
+// slopes float32 [N] (ALiBi; whichever is unused may be any float32 tensor); caches kc, vc [B, N, L, D]; then the
+// weights of q, k, v, o, gate, up, down, each (w) for float32 / bfloat16 or (qweight, scales) for int8 / int4, all
+// in one format (read from their dtypes). Output y [B * S, H].
 static void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
   for (int64_t m = 0; m < M; ++m) {
     const float *xr = x + m * H;
@@ -590,7 +602,7 @@ static void rope_in_place(float *x, const float *cs, const float *sn, int64_t D)
   }
 }
 
-int DecodeLayer(AOT_ARGS) {
+int CachedLayer(AOT_ARGS) {
   // x ln1 ln2 eps spec mask slot cos sin slopes kc vc | q k v o gate up down
   constexpr int kFixed = 12, kWeights = 7;
   if (nparam < kFixed + kWeights + 1) return 1;
@@ -609,10 +621,13 @@ int DecodeLayer(AOT_ARGS) {
   if (ndims[0] != 2 || ndims[10] != 4 || ndims[11] != 4 || ndims[5] != 2 || ndims[4] != 1 || shapes[4][0] != 2)
     return 2;
   const int64_t M = shapes[0][0], H = shapes[0][1];
-  const int64_t N = shapes[10][1], L = shapes[10][2], D = shapes[10][3];
+  const int64_t B = shapes[10][0], N = shapes[10][1], L = shapes[10][2], D = shapes[10][3];
   for (int c : {10, 11})
-    if (shapes[c][0] != M || shapes[c][1] != N || shapes[c][2] != L || shapes[c][3] != D) return 4;
-  if (N * D != H || shapes[1][0] != H || shapes[2][0] != H || shapes[5][0] != M || shapes[5][1] != L) return 4;
+    if (shapes[c][0] != B || shapes[c][1] != N || shapes[c][2] != L || shapes[c][3] != D) return 4;
+  if (B <= 0 || M % B != 0 || N * D != H || shapes[1][0] != H || shapes[2][0] != H || shapes[5][0] != B ||
+      shapes[5][1] != L)
+    return 4;
+  const int64_t S = M / B;
   const int32_t *spec = static_cast<const int32_t *>(params[4]);
   const int64_t group = spec[0];
   const bool rope = spec[1] != 0;
@@ -622,7 +637,7 @@ int DecodeLayer(AOT_ARGS) {
     return 4;
   if (!rope && (ndims[9] != 1 || shapes[9][0] != N)) return 4;
   const int64_t slot = *static_cast<const int32_t *>(params[6]);
-  if (slot < 0 || slot >= L) return 5;
+  if (slot < 0 || slot + S > L) return 5;
   const int64_t I = shapes[kFixed + per * 4][0];  // gate rows
   // Weight w (0..6 = q k v o gate up down) of shape [rows, K], checked against the format's layout.
   Problem ps[kWeights];
@@ -653,24 +668,22 @@ int DecodeLayer(AOT_ARGS) {
   const int32_t *mask = static_cast<const int32_t *>(params[5]);
   const float eps = *static_cast<const float *>(params[3]);
   float *kc = static_cast<float *>(params[10]), *vc = static_cast<float *>(params[11]);
-  // per sequence: key positions of the visible slots [0, slot], -1 for hidden ones, and the query's position
-  static thread_local std::vector<int64_t> key_pos;
-  key_pos.resize(static_cast<size_t>(M * (slot + 1)));
-  std::vector<int64_t> query_pos(M);
-  for (int64_t b = 0; b < M; ++b) {
-    int64_t seen = 0;
-    for (int64_t l = 0; l <= slot; ++l) {
-      const bool real = mask[b * L + l] > 0;
-      seen += real;
-      key_pos[b * (slot + 1) + l] = (real || l == slot) ? std::max<int64_t>(seen - 1, 0) : -1;
-    }
-    query_pos[b] = key_pos[b * (slot + 1) + slot];
-    if (rope && query_pos[b] >= P) return 5;  // past the RoPE tables: the caller's context check failed
-  }
   float *y = static_cast<float *>(params[nparam - 1]);
-  // scratch, grown once per thread: n [M, H], q k v attn h [M, H] each, gate up [M, I] each
-  static thread_local std::vector<float> scratch;
-  scratch.resize(static_cast<size_t>(M * (6 * H + 2 * I)));
+  const int64_t keys = slot + S;  // slots a query can see: [0, slot + S)
+  // per sequence and slot: whether it holds a real token, and its key position
+  std::vector<uint8_t> real(static_cast<size_t>(B * keys));
+  std::vector<int64_t> pos(static_cast<size_t>(B * keys));
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t seen = 0;
+    for (int64_t l = 0; l < keys; ++l) {
+      real[b * keys + l] = mask[b * L + l] > 0;
+      seen += real[b * keys + l];
+      pos[b * keys + l] = std::max<int64_t>(seen - 1, 0);
+    }
+    if (rope && pos[b * keys + keys - 1] >= P) return 5;  // past the RoPE tables: the caller's context check failed
+  }
+  // scratch: n [M, H], q k v attn h [M, H] each, gate up [M, I] each
+  std::vector<float> scratch(static_cast<size_t>(M * (6 * H + 2 * I)));
   float *n = scratch.data(), *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H, *h = att + M * H,
         *gate = h + M * H, *up = gate + M * I;
   const Fmt f = static_cast<Fmt>(fmt);
@@ -686,40 +699,29 @@ int DecodeLayer(AOT_ARGS) {
   rms_norm_rows(x, ln1, eps, M, H, n);
   if (int err = run(0, 3, n, {q, k, v})) return err;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t visible = slot + 1;
-  const int64_t *kpos = key_pos.data();  // thread_local: the workers must not name it (they would see their own)
+  const uint8_t *real_p = real.data();
+  const int64_t *pos_p = pos.data();
   parallel(kernel_threads(), [&](int t, int nt) {
     int64_t h0, h1;
-    thread_range(M * N, 1, t, nt, &h0, &h1);
-    std::vector<float> p(visible);
-    for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; q / k / v rows [b, head * D]
+    thread_range(B * N, 1, t, nt, &h0, &h1);
+    std::vector<float> p(static_cast<size_t>(keys));
+    for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; rows of q / k / v: b * S + s
       const int64_t b = bh / N, head = bh % N;
-      float *qh = q + b * H + head * D, *kh = k + b * H + head * D;
-      const int64_t *kp = kpos + b * visible, qp = query_pos[b];
-      if (rope) {
-        rope_in_place(qh, cos_table + qp * D, sin_table + qp * D, D);
-        rope_in_place(kh, cos_table + qp * D, sin_table + qp * D, D);
-      }
       float *kcache = kc + bh * L * D, *vcache = vc + bh * L * D;
-      memcpy(kcache + slot * D, kh, sizeof(float) * D);
-      memcpy(vcache + slot * D, v + b * H + head * D, sizeof(float) * D);
-      const float slope = rope ? 0.f : slopes[head];
-      float top = -INFINITY;
-      for (int64_t l = 0; l < visible; ++l) {
-        if (kp[l] < 0) continue;
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qh[d] * kcache[l * D + d];
-        p[l] = s * scale + slope * static_cast<float>(kp[l] - qp);
-        top = std::max(top, p[l]);
+      for (int64_t s = 0; s < S; ++s) {  // RoPE, then the cache rows of every new token first: later ones see them
+        const int64_t row = (b * S + s) * H + head * D, j = slot + s;
+        if (rope) {
+          const int64_t at = pos_p[b * keys + j] * D;
+          rope_in_place(q + row, cos_table + at, sin_table + at, D);
+          rope_in_place(k + row, cos_table + at, sin_table + at, D);
+        }
+        memcpy(kcache + j * D, k + row, sizeof(float) * D);
+        memcpy(vcache + j * D, v + row, sizeof(float) * D);
       }
-      float sum = 0.f;
-      for (int64_t l = 0; l < visible; ++l) sum += kp[l] < 0 ? (p[l] = 0.f) : (p[l] = std::exp(p[l] - top));
-      float *oh = att + b * H + head * D;
-      for (int64_t d = 0; d < D; ++d) oh[d] = 0.f;
-      for (int64_t l = 0; l < visible; ++l) {
-        if (kp[l] < 0) continue;
-        const float w = p[l] / sum;
-        for (int64_t d = 0; d < D; ++d) oh[d] += w * vcache[l * D + d];
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t row = (b * S + s) * H + head * D;
+        attend_query(q + row, kcache, vcache, D, slot + s, real_p + b * keys, pos_p + b * keys,
+                     rope ? 0.f : slopes[head], scale, p.data(), att + row);
       }
     }
   });
@@ -1253,6 +1255,37 @@ static int gemm(const Problem &p, int nt) {
   });
   free(xb);
   return failed ? 7 : 0;
+}
+
+// ---- attention of one query over the visible keys of one head's cache (the cached-layer op's inner loop):
+// out = softmax(q k_l / sqrt(D) + slope (pos_l - pos_q)) v_l over l in [0, last] with vis(l); p: scratch [last + 1].
+static void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last,
+                         const uint8_t *real, const int64_t *pos, float slope, float scale, float *p, float *out) {
+  const int64_t dv = D / W * W;
+  const int64_t qp = pos[last];
+  float top = -INFINITY;
+  for (int64_t l = 0; l <= last; ++l) {
+    if (!real[l] && l != last) continue;  // padding, or an empty slot; a query always sees itself
+    const float *kl = kc + l * D;
+    F acc = fzero();
+    for (int64_t d = 0; d < dv; d += W) acc = ffma(fload(q + d), fload(kl + d), acc);
+    float t = hsum(acc);
+    for (int64_t d = dv; d < D; ++d) t += q[d] * kl[d];
+    p[l] = t * scale + slope * static_cast<float>(pos[l] - qp);
+    top = std::max(top, p[l]);
+  }
+  float sum = 0.f;
+  for (int64_t l = 0; l <= last; ++l) sum += (!real[l] && l != last) ? (p[l] = 0.f) : (p[l] = std::exp(p[l] - top));
+  const float inv = 1.f / sum;
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+  for (int64_t l = 0; l <= last; ++l) {
+    if (p[l] == 0.f) continue;
+    const float w = p[l] * inv;
+    const float *vl = vc + l * D;
+    const F wv = fset1(w);
+    for (int64_t d = 0; d < dv; d += W) fstore(out + d, ffma(wv, fload(vl + d), fload(out + d)));
+    for (int64_t d = dv; d < D; ++d) out[d] += w * vl[d];
+  }
 }
 
 template <class Fm>

@@ -231,13 +231,14 @@ def decode_attention_op():
                       outputs=3)
 
 
-def decode_layer_op():
-    """op(x, ln1, ln2, eps, spec, mask, slot, cos, sin, slopes, k_cache, v_cache, *weights) -> y [B, H]: one decoder
-    layer of a decode step (RMSNorm, q/k/v, positions and visibility from the mask, RoPE or ALiBi, the cache writes
-    and attention, o_proj, residual, RMSNorm, SwiGLU MLP, residual) in one launch, the caches updated in place (see
-    DecodeLayer in kernels.cc for the layout). `weights`: q, k, v, o, gate, up, down, each (weight,) or (qweight,
-    scales), one format. None when the kernels cannot run."""
-    return _layout_op("DecodeLayer", lambda x, *rest: x)
+def cached_layer_op():
+    """op(x, ln1, ln2, eps, spec, mask, slot, cos, sin, slopes, k_cache, v_cache, *weights) -> y [B * S, H]: one
+    decoder layer over S new tokens per sequence with a key/value cache (prefill or decode: RMSNorm, q/k/v,
+    positions and visibility from the mask, RoPE or ALiBi, the cache writes and attention, o_proj, residual,
+    RMSNorm, SwiGLU MLP, residual) in one launch, the caches written in place (see CachedLayer in kernels.cc for
+    the layout). `weights`: q, k, v, o, gate, up, down, each (weight,) or (qweight, scales), one format. None when
+    the kernels cannot run."""
+    return _layout_op("CachedLayer", lambda x, *rest: x)
 
 
 def rms_norm_op():

@@ -447,36 +447,36 @@ class DecoderLayer(nn.Cell):
         self.self_attn = Attention(config, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         self.mlp = MLP(config)
-        # at float32 inference on CPU, one kernels.py op for a whole decode step of this layer, caches updated in
-        # place: set by use_decode_kernel()
-        self.decode_op = None
-        self.decode_spec = Tensor([config.group_size or 0, int(config.position_encoding == "rope")], ms.int32)
+        # at float32 inference on CPU, one kernels.py op for this whole layer when it runs with a cache (prefill
+        # and decode), the cache written in place: set by use_layer_kernel()
+        self.layer_op = None
+        self.layer_spec = Tensor([config.group_size or 0, int(config.position_encoding == "rope")], ms.int32)
 
     def projections(self):
         attn, mlp = self.self_attn, self.mlp
         return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    def use_decode_kernel(self, enabled=True):
-        """Decode steps through kernels.decode_layer_op where it can run: float32 compute and norms, every
+    def use_layer_kernel(self, enabled=True):
+        """Cached steps through kernels.cached_layer_op where it can run: float32 compute and norms, every
         projection a plain Linear with a kernel (not LoRA-wrapped), all in one format."""
         linears = self.projections()
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
         if not enabled or use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
                 any(w.dtype != ms.float32 for w in norms):
-            self.decode_op = None
+            self.layer_op = None
             return
-        self.decode_op = layout_op("decode_layer_op")
+        self.layer_op = layout_op("cached_layer_op")
 
-    def decode_in_place(self, x, key_mask, slot, cache, position_tables):
-        """One decode step through decode_op: x [B, 1, H], key_mask [B, L] int32, slot int32, cache (k, v) written
-        in place, position_tables (cos, sin, slopes) of BaichuanModel. Returns the layer's output [B, 1, H]."""
+    def cached_step(self, x, key_mask, slot, cache, position_tables):
+        """x [B, S, H] through layer_op: key_mask [B, L] int32, slot int32 (the first new token's cache slot),
+        cache (k, v) written in place, position_tables (cos, sin, slopes) of BaichuanModel. Returns [B, S, H]."""
         weights = ()
         for cell in self.projections():
             weights += cell.stored_weights()
         cos, sin, slopes = position_tables
-        y = self.decode_op(x.reshape(x.shape[0], -1), self.input_layernorm.weight,
-                           self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor, self.decode_spec,
-                           key_mask, slot, cos, sin, slopes, cache[0], cache[1], *weights)
+        y = self.layer_op(x.reshape(-1, x.shape[-1]), self.input_layernorm.weight,
+                          self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor, self.layer_spec,
+                          key_mask, slot, cos, sin, slopes, cache[0], cache[1], *weights)
         return y.reshape(x.shape)
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
@@ -506,7 +506,7 @@ class BaichuanModel(nn.Cell):
         kernels = select_kernels()  # the one backend choice
         self.attention_inputs = kernels["attention_inputs"]
         self.rope_inputs = kernels["rope_inputs"]
-        self.in_place_decode = False  # set by use_decode_kernels()
+        self.in_place_cache = False  # set by use_layer_kernels()
         self.embed_tokens = Embedding(config)
         self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
@@ -519,13 +519,13 @@ class BaichuanModel(nn.Cell):
             unused = Tensor(np.zeros((1, 1), np.float32))
             self.position_tables = (unused, unused, Tensor(alibi_slopes(config.num_attention_heads)))
 
-    def use_decode_kernels(self, enabled=True):
-        """Decode steps through every layer's decode_op when each has one (see DecoderLayer.use_decode_kernel): they
-        write the caches in place and build positions and visibility from the mask themselves. enabled=False: op by
-        op (the projection and attention kernels), as when a layer cannot use it."""
+    def use_layer_kernels(self, enabled=True):
+        """Cached steps (prefill and decode) through every layer's layer_op when each has one (see
+        DecoderLayer.use_layer_kernel): they write the caches in place and build positions and visibility from the
+        mask themselves. enabled=False: op by op (the projection and attention kernels), as when a layer cannot."""
         for layer in self.layers:
-            layer.use_decode_kernel(enabled)
-        self.in_place_decode = all(layer.decode_op is not None for layer in self.layers)
+            layer.use_layer_kernel(enabled)
+        self.in_place_cache = all(layer.layer_op is not None for layer in self.layers)
 
     def position_inputs(self, key_mask, query_slots, segment_ids=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
@@ -576,12 +576,14 @@ class BaichuanModel(nn.Cell):
         belongs to; attention and positions then stay within a conversation."""
         seq_len = input_ids.shape[1]
         attention_mask = attention_mask.astype(ms.int32)
-        if self.in_place_decode and k_caches is not None and seq_len == 1 and cache_slot is not None and \
-                not isinstance(cache_slot, int):
+        if self.in_place_cache and k_caches is not None:
+            slot = 0 if cache_slot is None else cache_slot
+            if isinstance(slot, int):
+                slot = ops.scalar_to_tensor(slot, ms.int32)
             x = self.embed_tokens(input_ids).astype(self.compute_dtype)
             for i in range(len(self.layers)):
-                x = self.layers[i].decode_in_place(x, attention_mask, cache_slot, (k_caches[i], v_caches[i]),
-                                                   self.position_tables)
+                x = self.layers[i].cached_step(x, attention_mask, slot, (k_caches[i], v_caches[i]),
+                                               self.position_tables)
             return self.norm(x), k_caches, v_caches
         query_slots = ops.arange(0, seq_len, dtype=ms.int32)
         write = None
@@ -725,13 +727,13 @@ class BaichuanForCausalLM(PreTrainedModel):
             layer.mlp.fuse_projections()
             layer.input_layernorm.use_kernel()
             layer.post_attention_layernorm.use_kernel()
-        self.model.use_decode_kernels()
+        self.model.use_layer_kernels()
         self.model.norm.use_kernel()
         return self
 
-    def decodes_in_place(self):
-        """Whether a decode step writes the caches in place (every layer on kernels.decode_layer_op)."""
-        return self.model.in_place_decode
+    def caches_in_place(self):
+        """Whether cached steps write the caches in place (every layer on kernels.cached_layer_op)."""
+        return self.model.in_place_cache
 
     def load_weights(self, model_dir_or_file, strict=True):
         load_safetensors_into(self, model_dir_or_file, strict=strict)
@@ -782,50 +784,50 @@ class BaichuanForCausalLM(PreTrainedModel):
         return cls.from_pretrained(pretrained_model_name_or_path, config=config)
 
 
-class CachedPrefill(nn.Cell):
-    """Graph-mode prompt step of cached generation: the prompt's keys/values go into cache slots [0, S).
-    attention_mask [B, S] (prompt) or [B, L] (every cache slot; slots past the prompt are empty). Returns the
-    float32 logits of the last position [B, V] (left padding: the last column is real) and the filled caches.
-
-    The caches are inputs and outputs (pass them wrapped in `ms.mutable`), so a graph is compiled once per
-    (batch, prompt bucket, cache length) and never per token."""
+class _CachedStep(nn.Cell):
+    """A compiled step of cached generation. When the model's caches_in_place() (every layer on the cached-layer
+    kernel) the graph writes the given caches in place and returns only the logits (returning the input caches
+    would copy every one of them); otherwise it returns (logits, new k caches, new v caches). `step` returns
+    (logits, k caches, v caches) either way: call that."""
 
     def __init__(self, lm):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
         self.lm = lm
+        self.in_place = lm.caches_in_place()
+
+    def outputs(self, hidden, k_caches, v_caches):
+        logits = self.lm.lm_head(hidden[:, -1]).astype(ms.float32)
+        if self.in_place:
+            return logits
+        return logits, k_caches, v_caches
+
+    def step(self, *args):
+        *inputs, k_caches, v_caches = args
+        out = self(*inputs, ms.mutable(k_caches), ms.mutable(v_caches))
+        return (out, k_caches, v_caches) if self.in_place else out
+
+
+class CachedPrefill(_CachedStep):
+    """Prompt step: step(input_ids, attention_mask, k_caches, v_caches); the prompt's keys/values go into cache
+    slots [0, S). attention_mask [B, S] (prompt) or [B, L] (every cache slot; slots past the prompt are empty).
+    Logits of the last position [B, V] (left padding: the last column is real). A graph is compiled once per
+    (batch, prompt bucket, cache length)."""
 
     def construct(self, input_ids, attention_mask, k_caches, v_caches):
         slots = k_caches[0].shape[2]
         if attention_mask.shape[1] < slots:
             empty = ops.zeros((attention_mask.shape[0], slots - attention_mask.shape[1]), attention_mask.dtype)
             attention_mask = ops.concat((attention_mask, empty), 1)
-        hidden, k_caches, v_caches = self.lm.model(input_ids, attention_mask, k_caches, v_caches)
-        return self.lm.lm_head(hidden[:, -1]).astype(ms.float32), k_caches, v_caches
+        return self.outputs(*self.lm.model(input_ids, attention_mask, k_caches, v_caches))
 
 
-class CachedDecode(nn.Cell):
-    """Graph-mode one-token step of cached generation: input_ids [B, 1] go into cache slot `slot` (an int32 scalar
-    tensor, so the step number does not trigger a recompilation); attention_mask [B, L] marks every slot holding a
-    real token, the new one included. Returns (float32 logits [B, V], updated caches), or only the logits when
-    `in_place` (the model's decodes_in_place() when this cell was made): the given caches then hold the new row.
-    `step` returns (logits, caches) either way."""
-
-    def __init__(self, lm):
-        super().__init__(auto_prefix=False)
-        self.lm = lm
-        self.in_place = lm.decodes_in_place()
+class CachedDecode(_CachedStep):
+    """One-token step: step(input_ids, attention_mask, slot, k_caches, v_caches); input_ids [B, 1] go into cache
+    slot `slot` (an int32 scalar tensor, so the step number does not trigger a recompilation); attention_mask
+    [B, L] marks every slot holding a real token, the new one included. Logits [B, V]."""
 
     def construct(self, input_ids, attention_mask, slot, k_caches, v_caches):
-        hidden, k_caches, v_caches = self.lm.model(input_ids, attention_mask, k_caches, v_caches, slot)
-        logits = self.lm.lm_head(hidden[:, -1]).astype(ms.float32)
-        if self.in_place:  # returning the input caches would copy every one of them
-            return logits
-        return logits, k_caches, v_caches
-
-    def step(self, input_ids, attention_mask, slot, k_caches, v_caches):
-        """(logits, caches) for either kind of cell: the updated caches, or the given ones written in place."""
-        out = self(input_ids, attention_mask, slot, ms.mutable(k_caches), ms.mutable(v_caches))
-        return (out, k_caches, v_caches) if self.in_place else out
+        return self.outputs(*self.lm.model(input_ids, attention_mask, k_caches, v_caches, slot))
 
 
 def segments_from_ends(seq_ends, length):
