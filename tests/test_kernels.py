@@ -310,8 +310,11 @@ def cached_decode_logits(model, steps=4):
 def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     """Prefill and decode steps through CachedLayer (one op a layer, caches written in place) give the logits and
     caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
-    prefill): float32 rounding only (the decode projections quantise x the same way in both). The caches the caller
-    passed in hold the new rows afterwards (the op writes into the caller's buffers)."""
+    prefill). Float32 weights: float32 rounding only (1e-4 of the largest value). The other formats' decode
+    projections round x (bfloat16: to 8 bits; int8 / int4: to int8 per 32 inputs), so a last-bit difference
+    upstream (the op's own SiLU and RMSNorm against MindSpore's) can flip a rounding: 1e-2 there, still far below
+    what a wrong position, slot or head does (the ALiBi sign reversed: 76%). The caches the caller passed in hold
+    the new rows afterwards (the op writes into the caller's buffers)."""
     shape = dict(MODEL_SHAPE, position_encoding=encoding)
     fused = random_model(weights, shape)
     assert all(layer.layer_op is not None for layer in fused.model.layers) and fused.caches_in_place()
@@ -321,14 +324,15 @@ def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     got, got_k = cached_decode_logits(fused)
     want, want_k = cached_decode_logits(split)
     assert np.abs(got_k).min(axis=(0, 1, 3))[-1] > 0  # the last step's row is there
-    np.testing.assert_allclose(got_k, want_k, rtol=1e-5, atol=1e-6)
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    tolerance = 1e-4 if weights == "float32" else 1e-2
+    assert np.max(np.abs(got_k - want_k)) <= tolerance * np.max(np.abs(want_k))
+    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
 
 
 def test_cached_layer_op_on_every_isa_path(forced_isa, graph):
-    """CachedLayer's attention loop is compiled per instruction-set path like the projections: on each, prefill and
-    decode logits equal the per-op kernels' (int4 weights, RoPE)."""
-    fused, split = random_model("int4"), random_model("int4")
+    """CachedLayer's attention and SiLU loops are compiled per instruction-set path like the projections: on each,
+    prefill and decode logits equal the per-op kernels' (float32 weights, RoPE; see the test above)."""
+    fused, split = random_model("float32"), random_model("float32")
     split.model.use_layer_kernels(enabled=False)
     got, want = cached_decode_logits(fused)[0], cached_decode_logits(split)[0]
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
