@@ -29,6 +29,10 @@ CHILD_ENV = dict(os.environ)
 
 import numpy as np  # noqa: E402
 
+from baichuan2 import runtime  # noqa: E402
+
+runtime.setup_logs()  # before mindformers loads: no INFO lines, and its log folder not in the current directory
+
 from baichuan2.configuration_baichuan import PRESETS, BaichuanConfig, to_hf_config  # noqa: E402
 from baichuan2.convert_weight import expected_shapes  # noqa: E402
 from baichuan2.quantization import bf16_bits  # noqa: E402

@@ -1084,7 +1084,9 @@ static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float 
 template <class Fm, int MX>
 static int gemv_q(const Problem *ps, int nw, int nt) {
   const Problem &p = ps[0];
-  constexpr int R = (W == 16 || MX == 1) ? 4 : 2;
+  // rows per block (measured, example/bench_kernels.py, 2-core Xeon, batch 1, of the roofline at 11008 x 4096):
+  // int8 8 rows 85-87% against 4 rows 83%; int4 2 rows 76-79% against 4 rows 64-71% (its unpacking needs registers)
+  constexpr int R = MX == 1 ? (Fm::offset != 0 ? 2 : (W == 16 ? 8 : 4)) : (W == 16 ? 4 : 2);
   constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
   const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, ne = kp / EPS * W;
   int8_t *xq = static_cast<int8_t *>(aligned_buffer(MX * kp));

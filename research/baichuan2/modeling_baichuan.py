@@ -493,7 +493,9 @@ class BaichuanModel(nn.Cell):
     [cache_slot, cache_slot + S) (prefill: cache_slot 0 and S prompt tokens; decode: S = 1 and cache_slot an int32
     tensor, so the step number does not recompile the graph), and `attention_mask` [B, L] marks every slot holding
     a real token, the new ones included. Position ids, RoPE tables / ALiBi terms and the attention inputs are built
-    here once per call, for all layers.
+    here once per call, for all layers. At float32 inference on CPU with the kernels (`in_place_cache`, see
+    use_layer_kernels) each layer of a cached step is one op that does all of that itself and writes the given
+    caches in place: the same caches come back.
     """
 
     def __init__(self, config):
@@ -601,7 +603,7 @@ class BaichuanModel(nn.Cell):
                 new_k += (cache[0],)
                 new_v += (cache[1],)
         if k_caches is None:
-            return self.norm(x), k_caches, v_caches
+            return self.norm(x), None, None
         return self.norm(x), new_k, new_v
 
 
