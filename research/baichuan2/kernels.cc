@@ -8,8 +8,11 @@
 //   (scale absmax / 127, so |x - x_q| <= scale / 2) and each chunk is an integer dot product (VNNI vpdpbusd, else
 //   maddubs + madd: unsigned x signed bytes, so int8 weights go in as |w| against x_q with w's sign, int4 as their
 //   stored q + 8 with 8 s sum(x_q) taken off at the end), scaled by weight scale x activation scale in float32.
-//   bfloat16 with AVX512-BF16: x rounded to bfloat16 once per call and vdpbf16ps (|x - x_bf16| <= 2^-8 |x|). M > 4 (prefill): a tile of W is dequantised to float32 once and reused
-//   by every row of x (x repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k).
+//   bfloat16 with AVX512-BF16: x rounded to bfloat16 once per call and vdpbf16ps (|x - x_bf16| <= 2^-8 |x|).
+// M > 4 (prefill): a tile of W is dequantised to float32 once and reused by every row of x (x repacked so that an
+//   8 (6 on AVX2) x 2-vector register block of y is updated per k).
+// Besides the projections: CachedLayer, a whole decoder layer of a cached step (prefill or decode) in one op with
+// the caches written in place, and layout / attention ops for the per-op path (see each one's comment).
 // Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled four
 // times (avx2: AVX2+FMA+F16C; avxvnni: + AVX-VNNI; avx512: F/BW/VL/DQ; avx512vnni: + AVX512-VNNI + AVX512-BF16) by
 // including this file into itself under `#pragma GCC target`, and the best path is picked at run time from cpuid;

@@ -7,6 +7,9 @@ style blocks of 32, uint8 `[out, ceil(in / 32) * 16]`), both with float16 scales
     op = linear_op("int8", 32)       # None when the kernels cannot run here: use the stock ops then
     y = op(x, qweight, scales)       # inside a Cell's construct; x float32 [M, K] -> y float32 [M, N]
 
+cached_layer_op() runs a whole decoder layer of a cached step in one op (see modeling_baichuan.DecoderLayer), the
+other *_op() functions single layout / attention steps of the per-op path.
+
 The shared library is compiled with the system C++ compiler (g++, or $CXX) on first use into a cache directory
 keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.cache/baichuan2/kernels), built in a
 temporary file and renamed into place so concurrent processes never load half a library. `python -m
