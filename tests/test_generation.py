@@ -51,6 +51,34 @@ def test_cached_greedy_matches_reference_batched_and_alone(family_models, kind):
     assert gen.generate(reference_prompts(ref), max_new_tokens=16, eos_token_id=()) == expected
     for prompt, out in zip(reference_prompts(ref), expected):
         assert gen.generate([prompt], max_new_tokens=16, eos_token_id=()) == [out]
+    # those decode steps ran the compiled graph directly (mindspore_compat.CompiledCall), all but one per shape
+    assert gen.decode.graph_call.fast_calls >= 3 * 15 - 3
+
+
+def test_compiled_call_equals_the_normal_call(family_models):
+    """mindspore_compat.CompiledCall gives the cell's own result, runs the graph directly only for the signature
+    the last normal call compiled, and goes back to the normal call for another one."""
+    from baichuan2.mindspore_compat import CompiledCall  # pylint: disable=import-outside-toplevel
+    gen, _ = family_models["rope"]
+    model = gen.model
+    cell = model.cached_step_cells()[1]
+    call = CompiledCall(cell)
+
+    def args(batch, slot):
+        k, v = model.empty_caches(batch, 16)
+        mask = np.ones((batch, 16), np.int32)
+        return (ms.Tensor(np.full((batch, 1), 7, np.int32)), ms.Tensor(mask), ms.Tensor(slot, ms.int32),
+                ms.mutable(k), ms.mutable(v))
+
+    def logits(out):
+        return (out if cell.in_place else out[0]).asnumpy()
+
+    want = logits(cell(*args(1, 3)))
+    assert np.array_equal(logits(call(*args(1, 3))), want) and call.fast_calls == 0  # the first: a normal call
+    assert np.array_equal(logits(call(*args(1, 3))), want) and call.fast_calls == 1
+    other = logits(call(*args(2, 3)))  # another batch size: a normal call (compiles), then fast again
+    assert other.shape[0] == 2 and call.fast_calls == 1
+    assert np.array_equal(logits(call(*args(2, 3))), other) and call.fast_calls == 2
 
 
 @pytest.mark.parametrize("kind", ["rope", "alibi"])

@@ -6,7 +6,7 @@
     tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
     configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py,
-    quantization.py, safetensors_io.py, kernels.py, kernels.cc                           the model code
+    quantization.py, safetensors_io.py, kernels.py, kernels.cc, mindspore_compat.py      the model code
 
 mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
 they import relatively (modeling_baichuan -> generation for `model.generate`), so all four must be there.
@@ -23,7 +23,8 @@ from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "kernels.py", "kernels.cc")
+                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "kernels.py", "kernels.cc",
+                    "mindspore_compat.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
