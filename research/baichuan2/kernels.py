@@ -205,7 +205,8 @@ def linear_op(fmt, group_size=None, weights=1):
 
 
 def _layout_op(name, out_shape, outputs=1):
-    """A float32 custom op of kernels.cc that needs no instruction-set path, or None when the kernels cannot run."""
+    """A float32 custom op of kernels.cc with one symbol for every instruction-set path (it picks its own inside),
+    or None when the kernels cannot run."""
     if isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
