@@ -305,8 +305,12 @@ def cached_decode_logits(model, steps=4):
     return np.stack(out), k[0].asnumpy()
 
 
-@pytest.mark.parametrize("encoding", ["rope", "alibi"])
-@pytest.mark.parametrize("weights", kernels.FORMATS)
+# float32 + RoPE in the quick tier, the rest (~5 s each: two models compiled) in the slow one
+CACHED_LAYER_CASES = [(w, e) if (w, e) == ("float32", "rope") else pytest.param(w, e, marks=pytest.mark.slow)
+                      for w in kernels.FORMATS for e in ("rope", "alibi")]
+
+
+@pytest.mark.parametrize("weights,encoding", CACHED_LAYER_CASES)
 def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     """Prefill and decode steps through CachedLayer (one op a layer, caches written in place) give the logits and
     caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
@@ -329,6 +333,7 @@ def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
 
 
+@pytest.mark.slow
 def test_cached_layer_op_on_every_isa_path(forced_isa, graph):
     """CachedLayer's attention and SiLU loops are compiled per instruction-set path like the projections: on each,
     prefill and decode logits equal the per-op kernels' (float32 weights, RoPE; see the test above)."""
