@@ -395,67 +395,91 @@ Isa chosen_isa() {
 
 const char *isa_name(Isa isa) { return kIsaNames[isa]; }
 
-void silu_mul(float *g, const float *u, int64_t n) {
-  switch (chosen_isa()) {
-    case kAvx512Vnni: return isa_avx512vnni::silu_mul(g, u, n);
-    case kAvx512: return isa_avx512::silu_mul(g, u, n);
-    case kAvxVnni: return isa_avxvnni::silu_mul(g, u, n);
-    default: return isa_avx2::silu_mul(g, u, n);
+// `return <path>::call` on the chosen path; `none` where the CPU has none (no AVX2).
+#define ON_CHOSEN_ISA(call, none)                   \
+  switch (chosen_isa()) {                           \
+    case kAvx512Vnni: return isa_avx512vnni::call;  \
+    case kAvx512: return isa_avx512::call;          \
+    case kAvxVnni: return isa_avxvnni::call;        \
+    case kAvx2: return isa_avx2::call;              \
+    default: none;                                  \
   }
-}
+
+// The cached-layer op calls these only after a projection ran, which needs a path.
+void silu_mul(float *g, const float *u, int64_t n) { ON_CHOSEN_ISA(silu_mul(g, u, n), return) }
 
 void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last, const uint8_t *real,
                   const int64_t *pos, float slope, float scale, float *p, float *out) {
-  switch (chosen_isa()) {
-    case kAvx512Vnni: return isa_avx512vnni::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
-    case kAvx512: return isa_avx512::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
-    case kAvxVnni: return isa_avxvnni::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
-    default: return isa_avx2::attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out);
-  }
+  ON_CHOSEN_ISA(attend_query(q, kc, vc, D, last, real, pos, slope, scale, p, out), return)
 }
 
 // nw projections of one x (ps[i].x equal) on the chosen path and the kernels' threads.
-int project(Fmt fmt, const Problem *ps, int nw) {
-  const int nt = kernel_threads();
-  switch (chosen_isa()) {
-    case kAvx512Vnni: return isa_avx512vnni::run(fmt, ps, nw, nt);
-    case kAvx512: return isa_avx512::run(fmt, ps, nw, nt);
-    case kAvxVnni: return isa_avxvnni::run(fmt, ps, nw, nt);
-    case kAvx2: return isa_avx2::run(fmt, ps, nw, nt);
-    default: return 6;
+int project(Fmt fmt, const Problem *ps, int nw) { ON_CHOSEN_ISA(run(fmt, ps, nw, kernel_threads()), return 6) }
+
+// y = w * x / sqrt(mean(x^2) + eps) per row of H; x, y [M, H], w [H].
+void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xr = x + m * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = w[i] * (xr[i] * r);
   }
+}
+
+// RoPE, half rotation (as Hugging Face Llama), of one head's D values at one position: y may be x.
+void rope_half(const float *x, const float *cs, const float *sn, int64_t D, float *y) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    y[i] = a * cs[i] - b * sn[i];
+    y[i + h] = b * cs[i + h] + a * sn[i + h];
+  }
+}
+
+// The MindSpore dtype of each format's stored weight.
+const char *const kWeightDtype[] = {"float32", "bfloat16", "int8", "uint8"};
+
+// Binds the weight tensors at params[wi] (weight, or qweight + scales) of a projection with K inputs to p (w, s, N,
+// K, G, group, row_units), checking them against the format's layout; N < 0 takes the row count from the weight.
+int bind_weight(Fmt fmt, int64_t group, int wi, int64_t N, int64_t K, void **params, int *ndims, int64_t **shapes,
+                const char **dtypes, Problem *p) {
+  const bool quant = fmt == kI8 || fmt == kI4;
+  if (strcmp(dtypes[wi], kWeightDtype[fmt]) != 0 || ndims[wi] != 2) return 3;
+  if (quant && (group <= 0 || group % kChunk != 0)) return 5;
+  p->w = params[wi];
+  p->s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
+  p->N = N < 0 ? shapes[wi][0] : N;
+  p->K = K;
+  p->group = group;
+  p->row_units = shapes[wi][1];
+  p->G = quant ? ceil_div(K, group) : 0;
+  if (shapes[wi][0] != p->N || p->row_units != (fmt == kI4 ? ceil_div(K, kChunk) * 16 : K)) return 4;
+  if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || ndims[wi + 1] != 2 || shapes[wi + 1][0] != p->N ||
+                shapes[wi + 1][1] != p->G))
+    return 5;
+  return 0;
 }
 
 // Shapes and dtypes as MindSpore hands them over: x, then per weight its tensors (weight, or qweight + scales),
 // then one output per weight. A mismatch returns non-zero, which MindSpore raises as an error.
 int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims, int64_t **shapes,
            const char **dtypes) {
-  const bool quant = fmt == kI8 || fmt == kI4;
-  const int per = quant ? 2 : 1, nin = 1 + per * nw;
+  const int per = fmt == kI8 || fmt == kI4 ? 2 : 1, nin = 1 + per * nw;
   if (nparam != nin + nw) return 1;
   for (int i = 0; i < nparam; ++i)
     if (ndims[i] != 2) return 2;
   if (strcmp(dtypes[0], "float32") != 0) return 3;
-  static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
   Problem ps[3];
   for (int i = 0; i < nw; ++i) {
-    const int wi = 1 + per * i, yi = nin + i;
-    if (strcmp(dtypes[wi], wtype[fmt]) != 0 || strcmp(dtypes[yi], "float32") != 0) return 3;
+    const int yi = nin + i;
     Problem &p = ps[i];
+    if (int err = bind_weight(fmt, group, 1 + per * i, -1, shapes[0][1], params, ndims, shapes, dtypes, &p)) return err;
+    if (strcmp(dtypes[yi], "float32") != 0) return 3;
     p.x = static_cast<const float *>(params[0]);
-    p.w = params[wi];
-    p.s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
     p.y = static_cast<float *>(params[yi]);
     p.M = shapes[0][0];
-    p.K = shapes[0][1];
-    p.N = shapes[wi][0];
-    p.group = group;
-    p.row_units = shapes[wi][1];
-    p.G = quant ? ceil_div(p.K, group) : 0;
-    int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
-    if (p.row_units != want_units || shapes[yi][0] != p.M || shapes[yi][1] != p.N) return 4;
-    if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || shapes[wi + 1][0] != p.N || shapes[wi + 1][1] != p.G))
-      return 5;
+    if (shapes[yi][0] != p.M || shapes[yi][1] != p.N) return 4;
   }
   if (ps[0].M == 0) return 0;
   if (ps[0].K == 0) {
@@ -516,7 +540,7 @@ int RopeSwapAxes12(AOT_ARGS) {
   if (nparam != 4) return 1;
   for (int i = 0; i < 4; ++i)
     if (ndims[i] != 4 || strcmp(dtypes[i], "float32") != 0) return 3;
-  const int64_t A = shapes[0][0], B = shapes[0][1], C = shapes[0][2], D = shapes[0][3], h = D / 2;
+  const int64_t A = shapes[0][0], B = shapes[0][1], C = shapes[0][2], D = shapes[0][3];
   for (int i = 1; i < 4; ++i)
     if (shapes[i][0] != A || shapes[i][1] != C || shapes[i][2] != B || shapes[i][3] != D) return 4;
   if (D % 2) return 4;
@@ -528,10 +552,7 @@ int RopeSwapAxes12(AOT_ARGS) {
       for (int64_t c = 0; c < C; ++c) {
         const float *xr = x + ((a * B + b) * C + c) * D;
         const int64_t o = ((a * C + c) * B + b) * D;
-        for (int64_t i = 0; i < h; ++i) {
-          y[o + i] = xr[i] * cs[o + i] - xr[i + h] * sn[o + i];
-          y[o + h + i] = xr[h + i] * cs[o + h + i] + xr[i] * sn[o + h + i];
-        }
+        rope_half(xr, cs + o, sn + o, D, y + o);
       }
   return 0;
 }
@@ -609,33 +630,13 @@ int DecodeAttention(AOT_ARGS) {
 // slopes float32 [N] (ALiBi; whichever is unused may be any float32 tensor); caches kc, vc [B, N, L, D]; then the
 // weights of q, k, v, o, gate, up, down, each (w) for float32 / bfloat16 or (qweight, scales) for int8 / int4, all
 // in one format (read from their dtypes). Output y [B * S, H].
-static void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float *xr = x + m * H;
-    float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) y[m * H + i] = w[i] * (xr[i] * r);
-  }
-}
-
-static void rope_in_place(float *x, const float *cs, const float *sn, int64_t D) {  // half rotation, one head
-  const int64_t h = D / 2;
-  for (int64_t i = 0; i < h; ++i) {
-    const float a = x[i], b = x[i + h];
-    x[i] = a * cs[i] - b * sn[i];
-    x[i + h] = b * cs[i + h] + a * sn[i + h];
-  }
-}
-
 int CachedLayer(AOT_ARGS) {
   // x ln1 ln2 eps spec mask slot cos sin slopes kc vc | q k v o gate up down
   constexpr int kFixed = 12, kWeights = 7;
   if (nparam < kFixed + kWeights + 1) return 1;
-  static const char *wtype[] = {"float32", "bfloat16", "int8", "uint8"};
   int fmt = -1;
   for (int f = 0; f < 4; ++f)
-    if (strcmp(dtypes[kFixed], wtype[f]) == 0) fmt = f;
+    if (strcmp(dtypes[kFixed], kWeightDtype[f]) == 0) fmt = f;
   if (fmt < 0) return 3;
   const bool quant = fmt == kI8 || fmt == kI4;
   const int per = quant ? 2 : 1;
@@ -668,24 +669,11 @@ int CachedLayer(AOT_ARGS) {
   // Weight w (0..6 = q k v o gate up down) of shape [rows, K], checked against the format's layout.
   Problem ps[kWeights];
   const int64_t rows[kWeights] = {H, H, H, H, I, I, H}, cols[kWeights] = {H, H, H, H, H, H, I};
+  const Fmt f = static_cast<Fmt>(fmt);
   for (int w = 0; w < kWeights; ++w) {
-    const int wi = kFixed + per * w;
-    if (strcmp(dtypes[wi], wtype[fmt]) != 0 || ndims[wi] != 2) return 3;
-    Problem &p = ps[w];
-    p.w = params[wi];
-    p.s = quant ? static_cast<const uint16_t *>(params[wi + 1]) : nullptr;
-    p.M = M;
-    p.N = rows[w];
-    p.K = cols[w];
-    p.group = group;
-    p.row_units = shapes[wi][1];
-    p.G = quant ? ceil_div(p.K, group) : 0;
-    if (quant && (group <= 0 || group % kChunk != 0)) return 5;
-    const int64_t want_units = fmt == kI4 ? ceil_div(p.K, kChunk) * 16 : p.K;
-    if (shapes[wi][0] != p.N || p.row_units != want_units) return 4;
-    if (quant && (strcmp(dtypes[wi + 1], "float16") != 0 || ndims[wi + 1] != 2 || shapes[wi + 1][0] != p.N ||
-                  shapes[wi + 1][1] != p.G))
-      return 5;
+    ps[w].M = M;
+    if (int err = bind_weight(f, group, kFixed + per * w, rows[w], cols[w], params, ndims, shapes, dtypes, ps + w))
+      return err;
   }
   if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) return 4;
   const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]),
@@ -712,7 +700,6 @@ int CachedLayer(AOT_ARGS) {
   std::vector<float> scratch(static_cast<size_t>(M * (6 * H + 2 * I)));
   float *n = scratch.data(), *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H, *h = att + M * H,
         *gate = h + M * H, *up = gate + M * I;
-  const Fmt f = static_cast<Fmt>(fmt);
   auto run = [&](int first, int count, const float *in, std::initializer_list<float *> outs) {
     int i = 0;
     for (float *out : outs) {
@@ -738,8 +725,8 @@ int CachedLayer(AOT_ARGS) {
         const int64_t row = (b * S + s) * H + head * D, j = slot + s;
         if (rope) {
           const int64_t at = pos_p[b * keys + j] * D;
-          rope_in_place(q + row, cos_table + at, sin_table + at, D);
-          rope_in_place(k + row, cos_table + at, sin_table + at, D);
+          rope_half(q + row, cos_table + at, sin_table + at, D, q + row);
+          rope_half(k + row, cos_table + at, sin_table + at, D, k + row);
         }
         memcpy(kcache + j * D, k + row, sizeof(float) * D);
         memcpy(vcache + j * D, v + row, sizeof(float) * D);
@@ -772,16 +759,8 @@ int RmsNormF32(AOT_ARGS) {
     if (strcmp(dtypes[i], "float32") != 0) return 3;
   const int64_t M = shapes[0][0], H = shapes[0][1];
   if (shapes[1][0] != H || shapes[2][0] != 1 || shapes[3][0] != M || shapes[3][1] != H) return 4;
-  const float *x = static_cast<const float *>(params[0]), *w = static_cast<const float *>(params[1]);
-  const float eps = *static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
-  for (int64_t m = 0; m < M; ++m) {
-    const float *xr = x + m * H;
-    float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) y[m * H + i] = w[i] * (xr[i] * r);
-  }
+  rms_norm_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                *static_cast<const float *>(params[2]), M, H, static_cast<float *>(params[3]));
   return 0;
 }
 

@@ -50,7 +50,6 @@ class CompiledCall:
             except Exception:  # pylint: disable=broad-except  # private API changed: use the normal call for good
                 self.usable = False
         out = self.cell(*args)
-        self.last = (key, getattr(self.cell, "current_phase", None)) if key is not None else None
-        if self.last is not None and self.last[1] is None:
-            self.last = None
+        phase = getattr(self.cell, "current_phase", None) if key is not None else None
+        self.last = (key, phase) if phase is not None else None
         return out

@@ -281,8 +281,7 @@ def fusable(linears):
 
 
 def fused_op(linears):
-    """One kernel call for projections of the same x (q/k/v, gate/up), or None: every one must be a plain Linear
-    (a LoRA wrapper computes more than its weight) with a kernel, all in one format."""
+    """One kernel call for projections of the same x (q/k/v, gate/up), or None unless they are `fusable`."""
     if not fusable(linears):
         return None
     first = linears[0]
@@ -520,7 +519,7 @@ class BaichuanModel(nn.Cell):
         else:
             self.slopes = Tensor(alibi_slopes(config.num_attention_heads).reshape(1, -1, 1, 1))
             unused = Tensor(np.zeros((1, 1), np.float32))
-            self.position_tables = (unused, unused, Tensor(alibi_slopes(config.num_attention_heads)))
+            self.position_tables = (unused, unused, self.slopes.reshape(-1))
 
     def use_layer_kernels(self, enabled=True):
         """Cached steps (prefill and decode) through every layer's layer_op when each has one (see
