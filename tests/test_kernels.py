@@ -4,7 +4,7 @@ Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float
 float32 x in float64. Tolerance, per output element: |y - y_ref| <= sum_k |w_k| e_k + (K + 2 group + 16) u
 sum_k (|x_k| + e_k) a_k, u = 2^-24, a_k = |w_k| (float32, bfloat16, int8) or s_k (q_k + 16) (int4), where e_k bounds
 what the kernel does to x before multiplying:
-- decode (M <= 4) of int8 / int4: x is quantised per 32-element chunk to x_q = scale round(x / scale), scale =
+- int8 / int4 (decode and prefill): x is quantised per 32-element chunk to x_q = scale round(x / scale), scale =
   absmax(chunk) / 127, so |x - x_q| <= scale / 2; float32 rounding of the scale and of x / scale moves that by at
   most ~3 * 127 u relative to the scale, hence e_k = (1 + 2^-12) scale / 2. The integer dots are exact.
 - decode of bfloat16 on the avx512vnni path: x rounded to bfloat16 (8 significant bits, nearest even), e_k =
@@ -28,9 +28,10 @@ from baichuan2 import kernels
 
 pytestmark = pytest.mark.skipif(kernels.isa() is None, reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
-# (M, N, K): K off the group (32, 64) and vector widths (8, 16); N = 1, 3 and the Baichuan2 vocabulary (small K).
+# (M, N, K): K off the group (32, 64) and vector widths (8, 16); N = 1, 3 and the Baichuan2 vocabulary (small K);
+# 13 x 37 x 2100: prefill with M and N off its register blocks and K over several passes of its tiles.
 SHAPES = [(1, 125696, 40), (3, 125696, 36), (64, 3, 100), (1, 1, 77), (3, 3, 300), (64, 1, 33), (4, 7, 64),
-          (64, 125696, 20)]
+          (64, 125696, 20), (13, 37, 2100)]
 CASES = [("float32", None), ("bfloat16", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)]
 U = 2.0 ** -24
 
@@ -70,7 +71,7 @@ def quantize(w, bits, group):
 def x_error(fmt, x, isa):
     """e_k of the docstring: what the kernel may change x by before multiplying."""
     m, k = x.shape
-    if m <= 4 and fmt.startswith("int"):
+    if fmt.startswith("int"):
         chunks = math.ceil(k / 32)
         padded = np.zeros((m, chunks * 32))
         padded[:, :k] = np.abs(x)
@@ -269,7 +270,11 @@ def random_model(weights, shape=None):
 @pytest.mark.parametrize("weights", kernels.FORMATS)
 def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
     """Every projection and the lm_head through the kernels (q/k/v and gate/up fused) gives the stock ops' logits
-    for a 12-token forward (the prefill path: x is not quantised, float32 accumulation in another order only)."""
+    for a 12-token forward (the prefill path). float32 / bfloat16: float32 accumulation in another order only (1e-4
+    of the largest logit); int8 / int4: the kernels quantise x to int8 per 32 inputs (half a step of 1/127 of the
+    chunk's largest |x| at most; ~0.5% of the largest output a projection, exact otherwise: see the projection
+    test), which through this random model's layers moved the logits by up to 2.3% (int8) and 0.6% (int4) of the
+    largest: 5e-2, still far below what a wrong row, block or scale does (O(1))."""
     ids = Tensor(np.arange(3, 15, dtype=np.int32).reshape(1, 12))
     fast = random_model(weights)
     attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
@@ -283,7 +288,8 @@ def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
     assert stock_attn.swap_op is None and stock_attn.rope_swap_op is None and stock.model.norm.op is None
     want = stock(ids).asnumpy()
     got = fast(ids).asnumpy()
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    tolerance = 5e-2 if weights.startswith("int") else 1e-4
+    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
 
 
 def cached_decode_logits(model, steps=4):
