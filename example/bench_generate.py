@@ -8,11 +8,13 @@ Each model is built directly in its weight format (random weights, never a float
 model: the parameters are created uninitialised and each is filled in its stored dtype), on the device's
 inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model, the projection kernel path
 (baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the kernels' vector loads).
-Then per shape and format:
+Then per shape and format (bandwidth probes of 1 GB beside its batch-1 decode runs: see bench()):
   bytes/token  weights read per decoded token (every projection and the lm_head; one embedding row; norms) plus
                the key/value cache buffer the attention reads (batch 1)
-  roofline     bandwidth / bytes per token: the decode tokens/s that streaming those bytes at full speed allows
-  decode       batch 1 and 4, 32-token prompts, tokens/s after the first token (--new_tokens steps, cached)
+  bw           the most memory read bandwidth the probes beside this model's batch-1 decode runs measured
+  roofline     bw / bytes per token: the decode tokens/s that streaming those bytes at full speed allows
+  decode       batch 1 (best of 1 + ROUNDS runs) and 4, 32-token prompts, tokens/s after the first token
+               (--new_tokens steps each, cached)
   of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
   prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
   peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB
@@ -43,6 +45,7 @@ CONFIGS = {
 WEIGHTS = ("float32", "bfloat16", "int8", "int4")
 GROUP_SIZE = 32
 GIB = 1024 ** 3
+ROUNDS = 3  # batch-1 decode runs per shape and format, each after a bandwidth probe
 
 
 def parse_args(argv=None):
@@ -57,7 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                         help="MindSpore execution mode; pynative is far slower per step (op by op from Python) but "
                              "holds a little less memory: GRAPH mode's compiled graphs hold ~30 MB per 7B layer")
-    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "WEIGHTS", "BANDWIDTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "WEIGHTS"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.new_tokens < 2:
@@ -176,9 +179,10 @@ def _seconds(fn):
     return time.perf_counter() - start
 
 
-def bench(name, weights, args, rt, bandwidth):
+def bench(name, weights, args, rt):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from baichuan2 import kernels  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
     fields = CONFIGS[name]
@@ -198,27 +202,41 @@ def bench(name, weights, args, rt, bandwidth):
                for _ in range(2))
     row["prefill"] = length / best
 
+    steps = {}
     for batch in (1, 4):
         prompts = rng.integers(3, config.vocab_size, size=(batch, 32)).tolist()
         timed_decode(generator, prompts, 3, True)  # warm-up: compiles this shape
-        step = timed_decode(generator, prompts, args.new_tokens + 1, True)
-        row[f"decode_b{batch}"] = batch / step
-        if batch == 1:
-            slots = math.ceil((32 + args.new_tokens + 1) / generator.bucket) * generator.bucket
-            weight_bytes, cache_bytes = bytes_per_token(model, 1, slots)
-            row["bytes"] = weight_bytes + cache_bytes
-            row["roofline"] = bandwidth * 1e9 / row["bytes"]
-            row["overhead_ms"] = 1e3 * (step - row["bytes"] / (bandwidth * 1e9))
+        steps[batch] = timed_decode(generator, prompts, args.new_tokens + 1, True)
+        row[f"decode_b{batch}"] = batch / steps[batch]
         if args.no_cache_steps:
             timed_decode(generator, prompts, 64, False, steps=2)
             row[f"nocache_b{batch}"] = batch / timed_decode(generator, prompts, 64, False,
                                                             steps=args.no_cache_steps)
-    row["peak_rss"] = peak_rss_bytes()
+    row["peak_rss"] = peak_rss_bytes()  # before the bandwidth probes below, which allocate 1 GB each
+
+    # Batch 1 against the bandwidth measured beside it: on a shared host the memory bandwidth moves by a third from
+    # one minute to the next (seen here: 20-39 GB/s), so a probe at the start of the run says little about a decode
+    # minutes later. ROUNDS decode runs, each after a probe; the best decode is compared with the most bandwidth
+    # any probe saw (the conservative roofline: the fraction can only come out low).
+    prompts = rng.integers(3, config.vocab_size, size=(1, 32)).tolist()
+    probes = []
+    for _ in range(ROUNDS):
+        probes.append(kernels.read_bandwidth(1.0, 2))
+        steps[1] = min(steps[1], timed_decode(generator, prompts, args.new_tokens + 1, True))
+    bandwidth = max(probes)
+    row["decode_b1"] = 1 / steps[1]
+    slots = math.ceil((32 + args.new_tokens + 1) / generator.bucket) * generator.bucket
+    weight_bytes, cache_bytes = bytes_per_token(model, 1, slots)
+    row["bytes"] = weight_bytes + cache_bytes
+    row["bandwidth"] = bandwidth
+    row["roofline"] = bandwidth * 1e9 / row["bytes"]
+    row["overhead_ms"] = 1e3 * (steps[1] - row["bytes"] / (bandwidth * 1e9))
     return row
 
 
 COLUMNS = [("config", "{}", "config"), ("weights", "{}", "weights"), ("params", "{:.0f}M", "params"),
-           ("bytes", "{:.0f} MB", "bytes/token"), ("roofline", "{:.2f}", "roofline tok/s"),
+           ("bytes", "{:.0f} MB", "bytes/token"), ("bandwidth", "{:.1f}", "bw GB/s"),
+           ("roofline", "{:.2f}", "roofline tok/s"),
            ("decode_b1", "{:.2f}", "decode b1 tok/s"), ("fraction", "{:.0%}", "of roofline"),
            ("overhead_ms", "{:.1f}", "overhead ms/step"), ("decode_b4", "{:.2f}", "decode b4 tok/s"),
            ("prefill", "{:.1f}", "prefill tok/s"), ("peak_rss", "{:.2f}", "peak RSS GiB")]
@@ -238,15 +256,15 @@ def print_row(row, header=False):
 
 def run_worker(args):
     """Child process: one shape and format; prints its row as one JSON line."""
-    name, weights, bandwidth = args.worker
+    name, weights = args.worker
     rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
-    row = bench(name, weights, args, rt, float(bandwidth))
+    row = bench(name, weights, args, rt)
     print("ROW " + json.dumps(row), flush=True)
     return 0
 
 
-def child_argv(args, name, weights, bandwidth):
-    argv = [sys.executable, os.path.abspath(__file__), "--worker", name, weights, repr(bandwidth),
+def child_argv(args, name, weights):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", name, weights,
             "--prefill_tokens", str(args.prefill_tokens), "--new_tokens", str(args.new_tokens),
             "--no_cache_steps", str(args.no_cache_steps), "--device", args.device, "--mode", args.mode]
     return argv + (["--threads", str(args.threads)] if args.threads else [])
@@ -267,8 +285,8 @@ def main(argv=None):
               "so no roofline figures")
         return 1
     print(f"{rt.device}, {rt.compute_dtype} compute, {args.mode} mode, {rt.threads} threads; kernels: path {path}, "
-          f"{kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s (the machine may be shared: "
-          "figures are noisy)", flush=True)
+          f"{kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s at the start (the machine may be "
+          "shared: figures are noisy)", flush=True)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     first, failed = True, False
     for name in args.configs:
@@ -278,7 +296,7 @@ def main(argv=None):
                 print(f"{name} {weights}: skipped ({params * 4 / GIB:.0f} GiB of float32 weights do not fit next to "
                       f"the run in this machine's {memory / GIB:.0f} GiB)", flush=True)
                 continue
-            proc = subprocess.run(child_argv(args, name, weights, bandwidth), stdout=subprocess.PIPE, text=True,
+            proc = subprocess.run(child_argv(args, name, weights), stdout=subprocess.PIPE, text=True,
                                   check=False)
             rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if proc.returncode != 0 or not rows:
