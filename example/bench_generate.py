@@ -217,7 +217,7 @@ def bench(name, weights, args, rt):
     # Batch 1 against the bandwidth measured beside it: on a shared host the memory bandwidth moves by a third from
     # one minute to the next (seen here: 20-39 GB/s), so a probe at the start of the run says little about a decode
     # minutes later. ROUNDS decode runs, each after a probe; the best decode is compared with the most bandwidth
-    # any probe saw (the conservative roofline: the fraction can only come out low).
+    # any probe saw. Still noisy: a fraction over 100% means the bandwidth rose between a probe and a decode run.
     prompts = rng.integers(3, config.vocab_size, size=(1, 32)).tolist()
     probes = []
     for _ in range(ROUNDS):
