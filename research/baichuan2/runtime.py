@@ -52,7 +52,7 @@ def cpu_model():
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = set(fields.get("Flags", "").split())
     extras = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile") if f in flags]
-    family = f", family {fields['CPU family'].strip()} model {fields['Model'].strip()}" if "CPU family" in fields else ""
+    family = f", family {fields['CPU family'].strip()} model {fields.get('Model', '?').strip()}" if "CPU family" in fields else ""
     return (f"{fields.get('Model name', '?').strip()}{family}, {fields.get('CPU(s)', '?').strip()} CPUs, "
             f"{' '.join(extras) or 'no AVX2'}")
 
