@@ -237,11 +237,11 @@ KI I bcast4(const int8_t *p) {
   return _mm256_set1_epi32(v);
 }
 KI I gather4(const uint8_t *base, I idx) { return _mm256_i32gather_epi32(reinterpret_cast<const int *>(base), idx, 1); }
-// The weight scales of the chunks one integer vector covers, spread over their lanes: idx[lane] picks p[idx].
+// The scales of the chunks one integer vector covers, spread over their lanes: idx[lane] picks p[idx].
 KI F spread(const float *p, I idx) { return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), idx); }
-KI I lane_index(int lanes_per_chunk, int gshift) {
+KI I lane_index(int lanes_per_chunk) {
   alignas(32) int32_t t[8];
-  for (int l = 0; l < 8; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  for (int l = 0; l < 8; ++l) t[l] = l / lanes_per_chunk;
   return _mm256_load_si256(reinterpret_cast<const __m256i *>(t));
 }
 KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }  // unused: no BF16 dot on this path
@@ -249,6 +249,18 @@ KI F fadd(F a, F b) { return _mm256_add_ps(a, b); }
 KI F fdiv(F a, F b) { return _mm256_div_ps(a, b); }
 KI F fclamp(F x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, fset1(lo)), fset1(hi)); }
 KI F fround(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+KI F fabsv(F v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+KI F fmaxv(F a, F b) { return _mm256_max_ps(a, b); }
+KI float hmax(F v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+KI void store_i8(int8_t *p, F v) {  // W integer-valued floats in [-127, 127] as int8
+  const __m256i i = _mm256_cvtps_epi32(v);
+  const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i *>(p), _mm_packs_epi16(h, h));
+}
 KI F fpow2i(F n) {  // 2^n for integer-valued n in [-126, 127]: n + 127 in the exponent bits
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -309,6 +321,12 @@ KI F fadd(F a, F b) { return _mm512_add_ps(a, b); }
 KI F fdiv(F a, F b) { return _mm512_div_ps(a, b); }
 KI F fclamp(F x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, fset1(lo)), fset1(hi)); }
 KI F fround(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+KI F fabsv(F v) { return _mm512_abs_ps(v); }
+KI F fmaxv(F a, F b) { return _mm512_max_ps(a, b); }
+KI float hmax(F v) { return _mm512_reduce_max_ps(v); }
+KI void store_i8(int8_t *p, F v) {  // W integer-valued floats in [-127, 127] as int8
+  _mm_storeu_si128(reinterpret_cast<__m128i *>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+}
 KI F fpow2i(F n) {  // 2^n for integer-valued n in [-126, 127]: n + 127 in the exponent bits
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
@@ -338,9 +356,9 @@ KI I bcast4(const int8_t *p) {
 }
 KI I gather4(const uint8_t *base, I idx) { return _mm512_i32gather_epi32(idx, base, 1); }
 KI F spread(const float *p, I idx) { return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p))); }
-KI I lane_index(int lanes_per_chunk, int gshift) {
+KI I lane_index(int lanes_per_chunk) {
   alignas(64) int32_t t[16];
-  for (int l = 0; l < 16; ++l) t[l] = (l / lanes_per_chunk) >> gshift;
+  for (int l = 0; l < 16; ++l) t[l] = l / lanes_per_chunk;
   return _mm512_load_si512(t);
 }
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {
@@ -896,29 +914,38 @@ KI const typename Fm::T *tail_chunk(const typename Fm::T *row, int64_t full, int
   return buf;
 }
 
-// Row n's scales as float32 into sc[0:G], and for formats with an offset corr[m] = sum_g s_g * xg[m][g]
-// (xg = sums of x over each group), so that sum (q - offset) s x = sum s (q x) - offset * corr.
+// Row n's weight scales times x's chunk scales, per row m of x: cs[m][c] = s[n][c / (group / 32)] dx[m][c] for the
+// real chunks (nc per row of cs; the padded ones stay 0), so that a step's float work is one FMA per dot. Formats
+// with an offset also get corr[m] = sum_c cs[m][c] xs[m][c] (xs = sum of x_q over chunk c): sum (q - offset) s x =
+// sum s (q x) - offset * corr.
 template <int MX, bool CORR>
-KI void row_scales(const Problem &p, int64_t n, const float *xg, float *sc, float corr[MX]) {
+KI void row_scales(const Problem &p, int64_t n, const float *dx, const float *xs, int64_t nc, int gshift, float *cs,
+                   float corr[MX]) {
   const uint16_t *h = p.s + n * p.G;
+  const int64_t chunks = ceil_div(p.K, kChunk);
   __m256 c8[MX];
   for (int m = 0; m < MX; ++m) c8[m] = _mm256_setzero_ps();
-  int64_t g = 0;
-  for (; g + 8 <= p.G; g += 8) {
-    __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h + g)));
-    _mm256_storeu_ps(sc + g, v);
-    if (CORR)
-      for (int m = 0; m < MX; ++m) c8[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xg + m * p.G + g), c8[m]);
-  }
+  int64_t c = 0;
+  if (gshift == 0)
+    for (; c + 8 <= chunks; c += 8) {
+      const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h + c)));
+      for (int m = 0; m < MX; ++m) {
+        const __m256 v = _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * nc + c));
+        _mm256_storeu_ps(cs + m * nc + c, v);
+        if (CORR) c8[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xs + m * nc + c), c8[m]);
+      }
+    }
   for (int m = 0; m < MX; ++m) {
     alignas(32) float t[8];
     _mm256_store_ps(t, c8[m]);
     corr[m] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
   }
-  for (; g < p.G; ++g) {
-    sc[g] = _cvtsh_ss(h[g]);
-    if (CORR)
-      for (int m = 0; m < MX; ++m) corr[m] += sc[g] * xg[m * p.G + g];
+  for (; c < chunks; ++c) {
+    const float sv = _cvtsh_ss(h[c >> gshift]);
+    for (int m = 0; m < MX; ++m) {
+      cs[m * nc + c] = sv * dx[m * nc + c];
+      if (CORR) corr[m] += cs[m * nc + c] * xs[m * nc + c];
+    }
   }
 }
 
@@ -1005,108 +1032,155 @@ static int gemv(const Problem *ps, int nw, int nt) {
   return 0;
 }
 
-// One chunk of x (kl <= 32 elements) to int8: x_q = round(x / dx) in [-127, 127], dx = absmax / 127 (0 for an
-// all-zero chunk); put(j, x_q) receives each, *sum their sum; returns dx.
-template <class Put>
-KI float quantise_chunk(const float *x, int64_t kl, int *sum, Put put) {
+// One chunk of x (kl <= 32 elements) to int8: x_q = round(x / dx) in [-127, 127] (nearest, ties to even), dx =
+// absmax / 127 (0 for an all-zero chunk); elements 0..15 go to lo[0..15], 16..31 to hi[0..15] (int4's decode keeps
+// them apart), *sum is their sum; returns dx. A whole chunk is done in vectors, with the same values.
+KI float quantise_chunk(const float *x, int64_t kl, int8_t *lo, int8_t *hi, int *sum) {
+  constexpr int NV = kChunk / W;
+  if (kl == kChunk) {
+    F v[NV], a = fzero();
+    for (int i = 0; i < NV; ++i) {
+      v[i] = fload(x + i * W);
+      a = fmaxv(a, fabsv(v[i]));
+    }
+    const float amax = hmax(a), inv = amax > 0 ? 127.0f / amax : 0.0f;
+    F t = fzero();
+    for (int i = 0; i < NV; ++i) {
+      const F q = fclamp(fround(fmul(v[i], fset1(inv))), -127.f, 127.f);
+      store_i8(i * W < 16 ? lo + i * W : hi + i * W - 16, q);
+      t = fadd(t, q);
+    }
+    *sum = static_cast<int>(hsum(t));  // integers of at most 32 x 127: exact in float32
+    return amax / 127.0f;
+  }
   float amax = 0;
   for (int64_t j = 0; j < kl; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float inv = amax > 0 ? 127.0f / amax : 0.0f;
   *sum = 0;
   for (int64_t j = 0; j < kl; ++j) {
     const int q = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(x[j] * inv))));
-    put(j, static_cast<int8_t>(q));
+    (j < 16 ? lo[j] : hi[j - 16]) = static_cast<int8_t>(q);
     *sum += q;
   }
   return amax / 127.0f;
 }
 
+// The combined scales of the CPV chunks one integer vector covers, over the lanes their dots fill.
+template <int CPV>
+KI F chunk_lanes(const float *cs, I idx) {
+  if constexpr (CPV == 1)
+    return fset1(*cs);
+  else
+    return spread(cs, idx);
+}
+
 // ---- decode, int8 / int4: x quantised to int8 per chunk once per call (xq [MX][kp], kp = K padded to whole steps
-// of CPV chunks, in Fm::xq_pos order; dxe [MX][steps][W] = each chunk's scale repeated over the lanes its dot fills;
-// xg [MX][G] = sums of the dequantised x_q per group, for int4's offset). Per step: one integer vector of weights,
-// its dots with each x_q, then acc += dot x (s_w s_x) in float32.
+// of CPV chunks, in Fm::xq_pos order; dx, xs [MX][nc]: each chunk's scale and sum of x_q). Per step: one integer
+// vector of weights, its dots with each x_q, then acc += dot (s_w s_x) in float32. The loop is kept lean (one FMA,
+// no index arithmetic or branches per step: this is compute-bound at about the memory bandwidth otherwise).
 template <class Fm, int R, int MX>
-static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dxe, int64_t kp, int64_t ne,
-                                const float *xg, float *sc, I idx, int gshift, int64_t n0) {
+static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dx, const float *xs, int64_t kp,
+                                int64_t nc, int gshift, float *cs, I idx, bool l1, int64_t n0) {
   using T = typename Fm::T;
   constexpr int VU = 4 * W;                     // weight bytes per integer vector
   constexpr int EPS = Fm::CPV * kChunk;         // elements per step
-  const T *rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = static_cast<const T *>(p.w) + (n0 + r) * p.row_units;
-  float corr[R][MX] = {};
-  for (int r = 0; r < R; ++r) row_scales<MX, (Fm::offset != 0)>(p, n0 + r, xg, sc + r * p.G, corr[r]);
-  F acc[R][MX];
+  const int64_t rs = p.row_units;
+  const T *w0 = static_cast<const T *>(p.w) + n0 * rs;
+  float corr[R][MX];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
-  const int64_t nv = kp / EPS, fullv = p.row_units / VU;
-  const NextBlock next(p.w, p.row_units * sizeof(T), n0, R, p.N);
-  auto step = [&](int r, const T *src, int64_t v) __attribute__((always_inline)) {
-    next.fetch((r * p.row_units + v * VU) * sizeof(T));
+    row_scales<MX, (Fm::offset != 0)>(p, n0 + r, dx, xs, nc, gshift, cs + r * MX * nc, corr[r]);
+  // accumulators per row: a lone row alternates two, so that its consecutive FMAs do not wait on each other
+  constexpr int A = R == 1 ? 2 : 1;
+  F acc[A][R][MX];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) acc[a][r][m] = fzero();
+  const int64_t nv = kp / EPS, fullv = rs / VU;
+  // the line at the same offset of the next block (see NextBlock; past the last row it fetches nothing useful,
+  // and a prefetch never faults)
+  const char *next = reinterpret_cast<const char *>(w0 + R * rs);
+  auto step = [&](int a, int r, const T *src, int64_t v) __attribute__((always_inline)) {
+    const char *line = next + (r * rs + v * VU) * sizeof(T);
+    if (l1)
+      _mm_prefetch(line, _MM_HINT_T0);
+    else
+      _mm_prefetch(line, _MM_HINT_T1);
     I d[MX];
     Fm::template idot<MX>(src, xq + v * EPS, kp, d);
-    F sw = spread(sc + r * p.G + ((v * Fm::CPV) >> gshift), idx);
-    for (int m = 0; m < MX; ++m) acc[r][m] = ffma(icvt(d[m]), fmul(sw, fload(dxe + m * ne + v * W)), acc[r][m]);
+    for (int m = 0; m < MX; ++m)
+      acc[a][r][m] = ffma(icvt(d[m]), chunk_lanes<Fm::CPV>(cs + (r * MX + m) * nc + v * Fm::CPV, idx), acc[a][r][m]);
   };
-  for (int64_t v = 0; v < fullv; ++v)
-    for (int r = 0; r < R; ++r) step(r, rows[r] + v * VU, v);
+  int64_t v = 0;
+  for (; v + A <= fullv; v += A)
+    for (int a = 0; a < A; ++a)
+      for (int r = 0; r < R; ++r) step(a, r, w0 + r * rs + (v + a) * VU, v + a);
+  for (; v < fullv; ++v)
+    for (int r = 0; r < R; ++r) step(0, r, w0 + r * rs + v * VU, v);
   if (fullv < nv) {  // the last, partial vector: zero-filled (x_q is zero there too)
     alignas(64) T buf[VU];
     for (int r = 0; r < R; ++r) {
       memset(buf, 0, sizeof(buf));
-      memcpy(buf, rows[r] + fullv * VU, sizeof(T) * (p.row_units - fullv * VU));
-      step(r, buf, fullv);
+      memcpy(buf, w0 + r * rs + fullv * VU, sizeof(T) * (rs - fullv * VU));
+      step(0, r, buf, fullv);
     }
   }
+  for (int a = 1; a < A; ++a)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MX; ++m) acc[0][r][m] = fadd(acc[0][r][m], acc[a][r][m]);
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[r][m]) - Fm::offset * corr[r][m];
+    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[0][r][m]) - Fm::offset * corr[r][m];
 }
 
 template <class Fm, int MX>
 static int gemv_q(const Problem *ps, int nw, int nt) {
   const Problem &p = ps[0];
-  // rows per block (measured, example/bench_kernels.py, 2-core Xeon, batch 1, of the roofline at 11008 x 4096):
-  // int8 8 rows 85-87% against 4 rows 83%; int4 2 rows 76-79% against 4 rows 64-71% (its unpacking needs registers)
-  constexpr int R = MX == 1 ? (Fm::offset != 0 ? 2 : (W == 16 ? 8 : 4)) : (W == 16 ? 4 : 2);
+  // Rows per block, batch 1 (of the bandwidth roofline at 11008 x 4096, 2 threads): int8 4 rows (AVX2; 8 on AVX-512,
+  // measured on a 2-core Xeon: 85-87% against 83% for 4); int4 one row, so that each thread reads one sequential
+  // stream (2-core EPYC, Zen 3, interleaved runs: 1 row 88-90% against 2 rows 66-74% and 4 rows 76-80%; at
+  // 125696 x 4096 91% against 64%). Batch > 1: 2 rows (4 on AVX-512), the accumulators need the registers.
+  constexpr int R = MX == 1 ? (Fm::offset != 0 ? 1 : (W == 16 ? 8 : 4)) : (W == 16 ? 4 : 2);
   constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
-  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, ne = kp / EPS * W;
+  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, nc = kp / kChunk;
   int8_t *xq = static_cast<int8_t *>(aligned_buffer(MX * kp));
-  float *dxe = static_cast<float *>(aligned_buffer(sizeof(float) * MX * (ne + p.G)));
-  if (!xq || !dxe) {
+  float *dx = static_cast<float *>(aligned_buffer(sizeof(float) * 2 * MX * nc));
+  if (!xq || !dx) {
     free(xq);
-    free(dxe);
+    free(dx);
     return 7;
   }
-  float *xg = dxe + MX * ne;
+  float *xs = dx + MX * nc;
   memset(xq, 0, MX * kp);
-  memset(dxe, 0, sizeof(float) * MX * (ne + p.G));
+  memset(dx, 0, sizeof(float) * 2 * MX * nc);
   for (int m = 0; m < MX; ++m)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k0 = c * kChunk;
       int sum;
-      const float dx = quantise_chunk(p.x + m * p.K + k0, std::min<int64_t>(kChunk, p.K - k0), &sum,
-                                      [&](int64_t j, int8_t q) { xq[m * kp + Fm::xq_pos(k0 + j)] = q; });
-      for (int l = 0; l < LPC; ++l) dxe[m * ne + (c / Fm::CPV) * W + (c % Fm::CPV) * LPC + l] = dx;
-      xg[m * p.G + k0 / p.group] += dx * static_cast<float>(sum);
+      dx[m * nc + c] = quantise_chunk(p.x + m * p.K + k0, std::min<int64_t>(kChunk, p.K - k0),
+                                      xq + m * kp + Fm::xq_pos(k0), xq + m * kp + Fm::xq_pos(k0 + 16), &sum);
+      xs[m * nc + c] = static_cast<float>(sum);
     }
   const int gshift = __builtin_ctzll(p.group / kChunk);
-  const I idx = lane_index(LPC, gshift);
+  const I idx = lane_index(LPC);
+  const bool l1 = prefetch_to_l1();
   std::atomic<int> failed{0};
   parallel(nt, [&](int tid, int tcount) {
-    // + 8: a step past the last chunk reads (finite, zero) scales there, multiplied by a zero dot
-    float *sc = static_cast<float *>(aligned_buffer(sizeof(float) * R * (p.G + 8)));
-    failed |= sc == nullptr;
-    if (sc) memset(sc, 0, sizeof(float) * R * (p.G + 8));
-    for (int i = 0; i < nw && sc; ++i) {
+    // + 8: chunk_lanes reads up to 4 floats from a step's first chunk
+    const size_t cs_floats = R * MX * nc + 8;
+    float *cs = static_cast<float *>(aligned_buffer(sizeof(float) * cs_floats));
+    failed |= cs == nullptr;
+    if (!cs) return;
+    memset(cs, 0, sizeof(float) * cs_floats);
+    for (int i = 0; i < nw; ++i) {
       int64_t b, e;
       thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
-      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
-      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dxe, kp, ne, xg, sc, idx, gshift, n);
+      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, l1, n);
+      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, l1, n);
     }
-    free(sc);
+    free(cs);
   });
   free(xq);
-  free(dxe);
+  free(dx);
   return failed ? 7 : 0;
 }
 
@@ -1371,7 +1445,7 @@ static int gemm_q(const Problem *ps, int nw, int nt) {
         int8_t *dst = xq + m * kp + c * kChunk;
         int sum;
         sx[m * chunks + c] = quantise_chunk(p.x + m * p.K + c * kChunk, std::min<int64_t>(kChunk, p.K - c * kChunk),
-                                            &sum, [&](int64_t j, int8_t q) { dst[j] = q; });
+                                            dst, dst + 16, &sum);
         sum8[m * chunks + c] = 8 * sum;
       }
     parallel(nt, [&](int tid, int tcount) {
