@@ -68,16 +68,6 @@ int kernel_threads() {
   return n;
 }
 
-// Decode's prefetch target (see NextBlock): L1 on AMD CPUs, L2 elsewhere.
-bool prefetch_to_l1() {
-  static const bool amd = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    __get_cpuid(0, &a, &b, &c, &d);
-    return b == 0x68747541 && d == 0x69746e65 && c == 0x444d4163;  // "Auth" "enti" "cAMD"
-  }();
-  return amd;
-}
-
 // The kernels' threads: a small persistent pool rather than OpenMP. libgomp's idle threads spin after every
 // parallel region, and on a 2-core machine they took the cores MindSpore's own threads needed between our calls
 // (measured: a decode step 20-30x slower). These workers spin only briefly (kSpinMicros) for the next job, then
@@ -951,27 +941,15 @@ KI void row_scales(const Problem &p, int64_t n, const float *dx, const float *xs
 
 // Decode reads R weight rows at a time, and the next block of R rows follows them in memory. Rows are short (2-8 KB
 // at 7B), so the hardware prefetcher barely ramps up on one before it ends: while a block is read, each step also
-// prefetches the line at the same offset of the next block: into L2 on Intel (2-core Xeon at 11008 x 4096, in
-// fractions of the bandwidth roofline: int4 41% -> 76%, int8 69% -> 91%, bfloat16 84% -> ~100%; into L1 it was
-// 64% / 84% / 95%, and two blocks ahead no better), into L1 on AMD (2-core EPYC, Zen 3, the same shape and its
-// transpose, two rounds each on a noisy host: into L1 bfloat16 103-114% / int8 92-107% / int4 76-88%, into L2
-// 87-103% / 93-99% / 63-84%).
+// prefetches the line at the same offset of the next block into L2 (2-core Xeon at 11008 x 4096, in fractions of the
+// bandwidth roofline: int4 41% -> 76%, int8 69% -> 91%, bfloat16 84% -> ~100%; into L1 it was 64% / 84% / 95%, two
+// blocks ahead no better; on a 2-core EPYC, Zen 3, L1 and L2 measured the same side by side). Past the last row it
+// fetches lines nothing reads: a prefetch never faults, and this costs less than a bounds check per step.
 struct NextBlock {
   const char *base;
-  int64_t bytes;
-  bool to_l1;
-  NextBlock(const void *w, int64_t row_bytes, int64_t n0, int R, int64_t N) : to_l1(prefetch_to_l1()) {
-    const int64_t first = std::min<int64_t>(n0 + R, N), last = std::min<int64_t>(n0 + 2 * R, N);
-    base = static_cast<const char *>(w) + first * row_bytes;
-    bytes = (last - first) * row_bytes;
-  }
-  inline __attribute__((always_inline)) void fetch(int64_t offset) const {
-    if (offset >= bytes) return;
-    if (to_l1)
-      _mm_prefetch(base + offset, _MM_HINT_T0);
-    else
-      _mm_prefetch(base + offset, _MM_HINT_T1);
-  }
+  NextBlock(const void *w, int64_t row_bytes, int64_t n0, int R)
+      : base(static_cast<const char *>(w) + (n0 + R) * row_bytes) {}
+  inline __attribute__((always_inline)) void fetch(int64_t offset) const { _mm_prefetch(base + offset, _MM_HINT_T1); }
 };
 
 // ---- decode, float32 / bfloat16: y[m, n0:n0+R] for all M (<= 4) rows of x; xp = x zero-padded to whole chunks,
@@ -985,7 +963,7 @@ static inline void gemv_block(const Problem &p, const float *xp, int64_t kp, int
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
   const int64_t chunks = ceil_div(p.K, kChunk), full = p.K / kChunk;
-  const NextBlock next(p.w, p.row_units * sizeof(T), n0, R, p.N);
+  const NextBlock next(p.w, p.row_units * sizeof(T), n0, R);
   auto step = [&](int r, const T *src, int64_t c) __attribute__((always_inline)) {
     for (int64_t line = 0; line < Fm::units * static_cast<int64_t>(sizeof(T)); line += 64)
       next.fetch((r * p.row_units + c * Fm::units) * sizeof(T) + line);
@@ -1080,7 +1058,7 @@ KI F chunk_lanes(const float *cs, I idx) {
 // no index arithmetic or branches per step: this is compute-bound at about the memory bandwidth otherwise).
 template <class Fm, int R, int MX>
 static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dx, const float *xs, int64_t kp,
-                                int64_t nc, int gshift, float *cs, I idx, bool l1, int64_t n0) {
+                                int64_t nc, int gshift, float *cs, I idx, int64_t n0) {
   using T = typename Fm::T;
   constexpr int VU = 4 * W;                     // weight bytes per integer vector
   constexpr int EPS = Fm::CPV * kChunk;         // elements per step
@@ -1096,15 +1074,9 @@ static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float 
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MX; ++m) acc[a][r][m] = fzero();
   const int64_t nv = kp / EPS, fullv = rs / VU;
-  // the line at the same offset of the next block (see NextBlock; past the last row it fetches nothing useful,
-  // and a prefetch never faults)
-  const char *next = reinterpret_cast<const char *>(w0 + R * rs);
+  const NextBlock next(p.w, rs * sizeof(T), n0, R);
   auto step = [&](int a, int r, const T *src, int64_t v) __attribute__((always_inline)) {
-    const char *line = next + (r * rs + v * VU) * sizeof(T);
-    if (l1)
-      _mm_prefetch(line, _MM_HINT_T0);
-    else
-      _mm_prefetch(line, _MM_HINT_T1);
+    next.fetch((r * rs + v * VU) * sizeof(T));
     I d[MX];
     Fm::template idot<MX>(src, xq + v * EPS, kp, d);
     for (int m = 0; m < MX; ++m)
@@ -1161,7 +1133,6 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
     }
   const int gshift = __builtin_ctzll(p.group / kChunk);
   const I idx = lane_index(LPC);
-  const bool l1 = prefetch_to_l1();
   std::atomic<int> failed{0};
   parallel(nt, [&](int tid, int tcount) {
     // + 8: chunk_lanes reads up to 4 floats from a step's first chunk
@@ -1174,8 +1145,8 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
       int64_t b, e;
       thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
-      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, l1, n);
-      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, l1, n);
+      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, n);
+      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, n);
     }
     free(cs);
   });
@@ -1193,7 +1164,7 @@ static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = fzero();
   const int64_t full = p.K / kChunk;
-  const NextBlock next(p.w, p.K * 2, n0, R, p.N);
+  const NextBlock next(p.w, p.K * 2, n0, R);
   for (int64_t c = 0; c < full; ++c)
     for (int r = 0; r < R; ++r) {
       next.fetch((r * p.K + c * kChunk) * 2);  // one 64-byte line per chunk of 32 bfloat16
