@@ -235,6 +235,7 @@ KI I lane_index(int lanes_per_chunk) {
   return _mm256_load_si256(reinterpret_cast<const __m256i *>(t));
 }
 KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }  // unused: no BF16 dot on this path
+KI F dot_bf16_bcast(F acc, F, uint32_t) { return acc; }
 KI F fadd(F a, F b) { return _mm256_add_ps(a, b); }
 KI F fdiv(F a, F b) { return _mm256_div_ps(a, b); }
 KI F fclamp(F x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, fset1(lo)), fset1(hi)); }
@@ -307,6 +308,7 @@ using I = __m512i;  // 64 bytes = two chunks: lanes 0-7 chunk c, lanes 8-15 chun
 constexpr bool kBF16Dot = false;
 KI I dot_us(I a, I b) { return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)); }
 KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }
+KI F dot_bf16_bcast(F acc, F, uint32_t) { return acc; }
 KI F fadd(F a, F b) { return _mm512_add_ps(a, b); }
 KI F fdiv(F a, F b) { return _mm512_div_ps(a, b); }
 KI F fclamp(F x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, fset1(lo)), fset1(hi)); }
@@ -380,6 +382,10 @@ KI I dot_acc(I acc, I a, I b) { return _mm512_dpbusd_epi32(acc, a, b); }
 // acc += w . x over 32 bfloat16 (lane i: elements 2i and 2i + 1); the products are exact in float32
 KI F dot_bf16(F acc, const uint16_t *w, const uint16_t *x) {
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+}
+// acc[i] += x[2i] w0 + x[2i + 1] w1 for the bfloat16 pair (w0, w1) in w2's low and high half (prefill)
+KI F dot_bf16_bcast(F acc, F x, uint32_t w2) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)_mm512_set1_epi32(static_cast<int>(w2)));
 }
 #include __FILE__
 #undef KI
@@ -1156,6 +1162,11 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
 }
 
 // ---- decode, bfloat16 where the CPU has a bfloat16 dot (kBF16Dot): x rounded to bfloat16 (nearest even) once.
+KI uint16_t to_bf16(float f) {
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
 template <int R, int MX>
 static inline void gemv_bf16_block(const Problem &p, const uint16_t *xb, int64_t kp, int64_t n0) {
   const uint16_t *rows[R];
@@ -1190,11 +1201,7 @@ static int gemv_bf16(const Problem *ps, int nw, int nt) {
   if (!xb) return 7;
   memset(xb, 0, sizeof(uint16_t) * MX * kp);
   for (int m = 0; m < MX; ++m)
-    for (int64_t k = 0; k < p.K; ++k) {
-      uint32_t bits;
-      memcpy(&bits, p.x + m * p.K + k, 4);
-      xb[m * kp + k] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
+    for (int64_t k = 0; k < p.K; ++k) xb[m * kp + k] = to_bf16(p.x[m * p.K + k]);
   parallel(nt, [&](int tid, int tcount) {
     for (int i = 0; i < nw; ++i) {
       int64_t b, e;
@@ -1301,6 +1308,78 @@ static int gemm(const Problem &p, int nt) {
   });
   free(xb);
   return failed ? 7 : 0;
+}
+
+// ---- prefill, bfloat16 where the CPU has a bfloat16 dot (kBF16Dot): x rounded to bfloat16 as for decode and
+// repacked per block of MB rows as xb[k pair][MB][2], so that a vector holds W rows' pairs (x[k], x[k + 1]). The
+// micro-kernel broadcasts a weight row's pair (w[k], w[k + 1]) and one vdpbf16ps adds both products per lane: the
+// float32 tile's NR x MB block of y^T per two k for the same instruction count. W is already bfloat16, so it is
+// read in place, NB rows x KB columns at a time (a block that stays in L2 while every x block passes over it).
+KI void micro_bf16(const uint16_t *const wr[NR], int64_t pairs, bool odd, const uint16_t *xb, float out[NR][MB]) {
+  F c[NR][2];
+  for (int i = 0; i < NR; ++i) c[i][0] = c[i][1] = fzero();
+  auto step = [&](const uint16_t *xk, const uint32_t w2[NR]) __attribute__((always_inline)) {
+    const F x0 = fload(reinterpret_cast<const float *>(xk)), x1 = fload(reinterpret_cast<const float *>(xk) + W);
+    for (int i = 0; i < NR; ++i) {
+      c[i][0] = dot_bf16_bcast(c[i][0], x0, w2[i]);
+      c[i][1] = dot_bf16_bcast(c[i][1], x1, w2[i]);
+    }
+  };
+  uint32_t w2[NR];
+  for (int64_t q = 0; q < pairs; ++q) {
+    for (int i = 0; i < NR; ++i) memcpy(&w2[i], wr[i] + 2 * q, 4);
+    step(xb + q * 2 * MB, w2);
+  }
+  if (odd) {  // K odd: the last element alone (x's pair partner is 0; w's would be the next row's first)
+    for (int i = 0; i < NR; ++i) w2[i] = wr[i][2 * pairs];
+    step(xb + pairs * 2 * MB, w2);
+  }
+  for (int i = 0; i < NR; ++i) {
+    fstore(out[i], c[i][0]);
+    fstore(out[i] + W, c[i][1]);
+  }
+}
+
+static int gemm_bf16(const Problem &p, int nt) {
+  const int64_t mblocks = ceil_div(p.M, MB), kpairs = ceil_div(p.K, 2);
+  const int64_t xblock = kpairs * 2 * MB;  // bfloat16 per block of MB x rows
+  uint16_t *xb = static_cast<uint16_t *>(aligned_buffer(sizeof(uint16_t) * mblocks * xblock));
+  if (!xb) return 7;
+  memset(xb, 0, sizeof(uint16_t) * mblocks * xblock);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t k = 0; k < p.K; ++k)
+      xb[(m / MB) * xblock + (k / 2) * 2 * MB + (m % MB) * 2 + k % 2] = to_bf16(p.x[m * p.K + k]);
+  const uint16_t *w = static_cast<const uint16_t *>(p.w);
+  parallel(nt, [&](int tid, int tcount) {
+    int64_t b, e;
+    thread_range(p.N, NR, tid, tcount, &b, &e);
+    alignas(64) float out[NR][MB];
+    for (int64_t n0 = b; n0 < e; n0 += NB) {
+      const int64_t nrows = std::min<int64_t>(NB, e - n0);
+      for (int64_t k0 = 0; k0 < p.K; k0 += KB) {  // KB even: only the last block can end on an odd K
+        const int64_t klen = std::min<int64_t>(KB, p.K - k0);
+        for (int64_t mb = 0; mb < mblocks; ++mb) {
+          const int64_t mlen = std::min<int64_t>(MB, p.M - mb * MB);
+          const uint16_t *xk = xb + mb * xblock + (k0 / 2) * 2 * MB;
+          for (int64_t i0 = 0; i0 < nrows; i0 += NR) {
+            const int64_t ilen = std::min<int64_t>(NR, nrows - i0);
+            const uint16_t *wr[NR];
+            for (int i = 0; i < NR; ++i) wr[i] = w + (n0 + i0 + std::min<int64_t>(i, ilen - 1)) * p.K + k0;
+            micro_bf16(wr, klen / 2, klen % 2, xk, out);
+            for (int64_t j = 0; j < mlen; ++j) {
+              float *yr = p.y + (mb * MB + j) * p.N + n0 + i0;
+              if (k0 == 0)
+                for (int64_t i = 0; i < ilen; ++i) yr[i] = out[i][j];
+              else
+                for (int64_t i = 0; i < ilen; ++i) yr[i] += out[i][j];
+            }
+          }
+        }
+      }
+    }
+  });
+  free(xb);
+  return 0;
 }
 
 // ---- prefill, int8 / int4: integer dot products as in decode, at matrix-matrix reuse. x is quantised once per
@@ -1521,8 +1600,14 @@ static int run_fmt(const Problem *ps, int nw, int nt) {
     return gemm_q<Fm>(ps, nw, nt);
   } else {
     for (int i = 0; i < nw; ++i)
-      if (ps[i].N > 0)
-        if (int err = gemm<Fm>(ps[i], nt)) return err;
+      if (ps[i].N > 0) {
+        int err;
+        if constexpr (kBF16Dot && std::is_same<Fm, BF16>::value)
+          err = gemm_bf16(ps[i], nt);
+        else
+          err = gemm<Fm>(ps[i], nt);
+        if (err) return err;
+      }
     return 0;
   }
 }

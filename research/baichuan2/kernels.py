@@ -149,6 +149,12 @@ def available_isas():
     return () if lib is None else tuple(name for name in ISA_PATHS if lib.KernelHasIsa(name.encode()))
 
 
+def rounds_x(fmt):
+    """Whether the projections for `fmt` on the path running now round x before multiplying: int8 / int4 always
+    (to int8 per 32 inputs), bfloat16 where the path has a bfloat16 dot (avx512vnni: to bfloat16)."""
+    return fmt.startswith("int") or (fmt == "bfloat16" and isa() == "avx512vnni")
+
+
 def threads():
     lib = _lib()
     return None if lib is None else lib.KernelThreads()
