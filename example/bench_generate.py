@@ -8,16 +8,18 @@ Each model is built directly in its weight format (random weights, never a float
 model: the parameters are created uninitialised and each is filled in its stored dtype), on the device's
 inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model, the projection kernel path
 (baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the kernels' vector loads).
-Then per shape and format (bandwidth probes of 1 GB beside its batch-1 decode runs: see bench()):
+Then per shape and format (each batch-1 decode step after a read of the model's own weights: see bench()):
   bytes/token  weights read per decoded token (every projection and the lm_head; one embedding row; norms) plus
                the key/value cache buffer the attention reads (batch 1)
-  bw           the most memory read bandwidth the probes beside this model's batch-1 decode runs measured
+  bw           the read bandwidth of the model's weights, probed before each of its batch-1 decode steps
   roofline     bw / bytes per token: the decode tokens/s that streaming those bytes at full speed allows
-  decode       batch 1 (best of 1 + ROUNDS runs) and 4, 32-token prompts, tokens/s after the first token
-               (--new_tokens steps each, cached)
+  decode       batch 1 (ROUNDS runs, interleaved with the probes) and 4, 32-token prompts, tokens/s after the
+               first token (--new_tokens steps each, cached)
   of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
   prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
-  peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB
+  peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB:
+               b1 after the prefill and batch-1 decode graphs are compiled and run (one conversation), all
+               after batch 4's too
 Each shape and format runs in its own child process (this script again, with --worker), so memory is measured
 per model and one model's memory is gone before the next is built.
 The machine may be shared: re-measure on a quiet one before quoting numbers. Compilation is excluded (one warm-up
@@ -45,7 +47,7 @@ CONFIGS = {
 WEIGHTS = ("float32", "bfloat16", "int8", "int4")
 GROUP_SIZE = 32
 GIB = 1024 ** 3
-ROUNDS = 3  # batch-1 decode runs per shape and format, each after a bandwidth probe
+ROUNDS = 2  # batch-1 decode runs per shape and format, each step after a read of the model's weights
 
 
 def parse_args(argv=None):
@@ -202,35 +204,41 @@ def bench(name, weights, args, rt):
                for _ in range(2))
     row["prefill"] = length / best
 
-    steps = {}
     for batch in (1, 4):
         prompts = rng.integers(3, config.vocab_size, size=(batch, 32)).tolist()
         timed_decode(generator, prompts, 3, True)  # warm-up: compiles this shape
-        steps[batch] = timed_decode(generator, prompts, args.new_tokens + 1, True)
-        row[f"decode_b{batch}"] = batch / steps[batch]
+        row[f"decode_b{batch}"] = batch / timed_decode(generator, prompts, args.new_tokens + 1, True)
+        if batch == 1:
+            row["peak_rss_b1"] = peak_rss_bytes()  # what serving one conversation holds (below: batch 4 compiled)
         if args.no_cache_steps:
             timed_decode(generator, prompts, 64, False, steps=2)
             row[f"nocache_b{batch}"] = batch / timed_decode(generator, prompts, 64, False,
                                                             steps=args.no_cache_steps)
-    row["peak_rss"] = peak_rss_bytes()  # before the bandwidth probes below, which allocate 1 GB each
+    row["peak_rss"] = peak_rss_bytes()
 
-    # Batch 1 against the bandwidth measured beside it: on a shared host the memory bandwidth moves by a third from
-    # one minute to the next (seen here: 20-39 GB/s), so a probe at the start of the run says little about a decode
-    # minutes later. ROUNDS decode runs, each after a probe; the best decode is compared with the most bandwidth
-    # any probe saw. Still noisy: a fraction over 100% means the bandwidth rose between a probe and a decode run.
-    prompts = rng.integers(3, config.vocab_size, size=(1, 32)).tolist()
-    probes = []
-    for _ in range(ROUNDS):
-        probes.append(kernels.read_bandwidth(1.0, 2))
-        steps[1] = min(steps[1], timed_decode(generator, prompts, args.new_tokens + 1, True))
-    bandwidth = max(probes)
-    row["decode_b1"] = 1 / steps[1]
+    # Batch 1 against the roofline, step by step: before each decode step the kernels' read loop streams this
+    # model's own weights once (the bytes the step reads, where they lie in memory). On a shared virtual machine
+    # the read bandwidth moves by half within a minute, and two buffers of the same size read at 29 or 43 GB/s by
+    # where they landed (seen on a 2-core EPYC): a probe of other memory, or at another time, says little about a
+    # decode step. Interleaved, a step and its probe see the same machine; the fraction is the time that streaming
+    # the step's bytes at the probed speeds takes, over the time the steps took.
+    weights = [param.asnumpy() for param in model.get_parameters() if "embed_tokens" not in param.name]
     slots = math.ceil((32 + args.new_tokens + 1) / generator.bucket) * generator.bucket
     weight_bytes, cache_bytes = bytes_per_token(model, 1, slots)
     row["bytes"] = weight_bytes + cache_bytes
-    row["bandwidth"] = bandwidth
-    row["roofline"] = bandwidth * 1e9 / row["bytes"]
-    row["overhead_ms"] = 1e3 * (steps[1] - row["bytes"] / (bandwidth * 1e9))
+    prompts = rng.integers(3, config.vocab_size, size=(1, 32)).tolist()
+    step_seconds, stream_seconds = 0.0, 0.0
+    for _ in range(ROUNDS):
+        stream = generator.stream(prompts, max_new_tokens=args.new_tokens + 1, eos_token_id=(), use_cache=True)
+        next(stream)  # the prefill and first token
+        for _ in range(args.new_tokens):
+            stream_seconds += row["bytes"] / (kernels.read_bandwidth_of(weights, reps=1) * 1e9)
+            step_seconds += _seconds(lambda: next(stream))  # pylint: disable=cell-var-from-loop
+    steps = ROUNDS * args.new_tokens
+    row["decode_b1"] = steps / step_seconds
+    row["bandwidth"] = row["bytes"] * steps / stream_seconds / 1e9
+    row["roofline"] = steps / stream_seconds
+    row["overhead_ms"] = 1e3 * (step_seconds - stream_seconds) / steps
     return row
 
 
@@ -239,7 +247,8 @@ COLUMNS = [("config", "{}", "config"), ("weights", "{}", "weights"), ("params", 
            ("roofline", "{:.2f}", "roofline tok/s"),
            ("decode_b1", "{:.2f}", "decode b1 tok/s"), ("fraction", "{:.0%}", "of roofline"),
            ("overhead_ms", "{:.1f}", "overhead ms/step"), ("decode_b4", "{:.2f}", "decode b4 tok/s"),
-           ("prefill", "{:.1f}", "prefill tok/s"), ("peak_rss", "{:.2f}", "peak RSS GiB")]
+           ("prefill", "{:.1f}", "prefill tok/s"), ("peak_rss_b1", "{:.2f}", "peak RSS b1 GiB"),
+           ("peak_rss", "{:.2f}", "peak RSS all GiB")]
 
 
 def print_row(row, header=False):
@@ -247,6 +256,7 @@ def print_row(row, header=False):
         print(" | ".join(title for _, _, title in COLUMNS) + (" | no-cache b1 | no-cache b4" if "nocache_b1" in row
                                                                else ""), flush=True)
     values = dict(row, params=row["params"] / 1e6, bytes=row["bytes"] / 1e6, peak_rss=row["peak_rss"] / GIB,
+                  peak_rss_b1=row["peak_rss_b1"] / GIB,
                   fraction=row["decode_b1"] / row["roofline"])
     cells = [fmt.format(values[key]) for key, fmt, _ in COLUMNS]
     if "nocache_b1" in row:

@@ -29,9 +29,10 @@ from baichuan2 import kernels
 pytestmark = pytest.mark.skipif(kernels.isa() is None, reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
 # (M, N, K): K off the group (32, 64) and vector widths (8, 16); N = 1, 3 and the Baichuan2 vocabulary (small K);
-# 13 x 37 x 2100: prefill with M and N off its register blocks and K over several passes of its tiles.
+# 13 x 37 x 2100: prefill with M and N off its register blocks and K over several passes of its tiles; 1 x 37 x 2100
+# and 4 x 9 x 1000: decode over several whole blocks of scales (16 chunks on AVX-512, 8 on AVX2) and a partial one.
 SHAPES = [(1, 125696, 40), (3, 125696, 36), (64, 3, 100), (1, 1, 77), (3, 3, 300), (64, 1, 33), (4, 7, 64),
-          (64, 125696, 20), (13, 37, 2100)]
+          (64, 125696, 20), (13, 37, 2100), (1, 37, 2100), (4, 9, 1000)]
 CASES = [("float32", None), ("bfloat16", None), ("int8", 32), ("int8", 64), ("int4", 32), ("int4", 64)]
 U = 2.0 ** -24
 
@@ -182,6 +183,22 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
 def test_memory_bandwidth_probe_is_plausible():
     gbs = kernels.read_bandwidth(0.25, 1)
     assert 0.5 < gbs < 2000
+
+
+def test_bandwidth_of_given_arrays_reads_them_all():
+    """read_bandwidth_of reads the arrays it is given (a model's weights), split over the threads: its time grows
+    with the bytes (a probe that skipped a buffer, or read one twice, would not scale), and bad input is refused."""
+    rng = np.random.default_rng(0)
+    small = [rng.integers(0, 255, (1 << 20) + 37, dtype=np.uint8) for _ in range(3)]  # edges off the 64-byte lines
+    big = [rng.integers(0, 255, 1 << 26, dtype=np.uint8) for _ in range(4)]  # 256 MB: past any cache
+    assert 0.5 < kernels.read_bandwidth_of(small, reps=1) < 5000
+    seconds_small = 4 * (1 << 26) / (kernels.read_bandwidth_of(big[:1], reps=2) * 1e9)
+    seconds_big = 4 * (1 << 26) / (kernels.read_bandwidth_of(big, reps=2) * 1e9)
+    assert 0.5 < seconds_big / seconds_small < 2  # the same GB/s on 4x the bytes
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.read_bandwidth_of([big[0].reshape(1 << 13, 1 << 13)[:, ::2]])
+    with pytest.raises(ValueError, match="nothing to read"):
+        kernels.read_bandwidth_of([np.zeros(0, np.uint8)])
 
 
 @pytest.mark.parametrize("fmt", kernels.FORMATS)

@@ -218,6 +218,7 @@ KI I pairs_us(I a, I b) { return _mm256_maddubs_epi16(a, b); }
 KI I widen16(I v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
 KI I iadd16(I a, I b) { return _mm256_add_epi16(a, b); }
 KI I isub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+KI I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
 KI I izero() { return _mm256_setzero_si256(); }
 KI I iset1(int32_t v) { return _mm256_set1_epi32(v); }
 KI void istore(void *p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), v); }
@@ -227,11 +228,13 @@ KI I bcast4(const int8_t *p) {
   return _mm256_set1_epi32(v);
 }
 KI I gather4(const uint8_t *base, I idx) { return _mm256_i32gather_epi32(reinterpret_cast<const int *>(base), idx, 1); }
-// The scales of the chunks one integer vector covers, spread over their lanes: idx[lane] picks p[idx].
-KI F spread(const float *p, I idx) { return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), idx); }
-KI I lane_index(int lanes_per_chunk) {
+// Decode's scales: W float16 to float32; lane l of the result = v[idx[l]]; the index vector whose lane l is
+// first + l / lanes_per_chunk (the chunk, of W in a vector of scales, whose dot lane l holds).
+KI F ld_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
+KI F permute(F v, I idx) { return _mm256_permutevar8x32_ps(v, idx); }
+KI I lane_index(int lanes_per_chunk, int first) {
   alignas(32) int32_t t[8];
-  for (int l = 0; l < 8; ++l) t[l] = l / lanes_per_chunk;
+  for (int l = 0; l < 8; ++l) t[l] = first + l / lanes_per_chunk;
   return _mm256_load_si256(reinterpret_cast<const __m256i *>(t));
 }
 KI F dot_bf16(F acc, const uint16_t *, const uint16_t *) { return acc; }  // unused: no BF16 dot on this path
@@ -338,6 +341,7 @@ KI I pairs_us(I a, I b) { return _mm512_maddubs_epi16(a, b); }
 KI I widen16(I v) { return _mm512_madd_epi16(v, _mm512_set1_epi16(1)); }
 KI I iadd16(I a, I b) { return _mm512_add_epi16(a, b); }
 KI I isub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+KI I ixor(I a, I b) { return _mm512_xor_si512(a, b); }
 KI I izero() { return _mm512_setzero_si512(); }
 KI I iset1(int32_t v) { return _mm512_set1_epi32(v); }
 KI void istore(void *p, I v) { _mm512_storeu_si512(p, v); }
@@ -347,10 +351,11 @@ KI I bcast4(const int8_t *p) {
   return _mm512_set1_epi32(v);
 }
 KI I gather4(const uint8_t *base, I idx) { return _mm512_i32gather_epi32(idx, base, 1); }
-KI F spread(const float *p, I idx) { return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(p))); }
-KI I lane_index(int lanes_per_chunk) {
+KI F ld_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
+KI F permute(F v, I idx) { return _mm512_permutexvar_ps(idx, v); }
+KI I lane_index(int lanes_per_chunk, int first) {
   alignas(64) int32_t t[16];
-  for (int l = 0; l < 16; ++l) t[l] = l / lanes_per_chunk;
+  for (int l = 0; l < 16; ++l) t[l] = first + l / lanes_per_chunk;
   return _mm512_load_si512(t);
 }
 static __attribute__((noinline)) uint64_t read_sum(const uint8_t *p, size_t bytes) {
@@ -813,37 +818,64 @@ int KernelHasIsa(const char *name) {
 }
 int KernelThreads() { return kernel_threads(); }
 
-// Memory read bandwidth in GB/s (1e9 bytes/s): `gigabytes` of buffer, first touched by the threads that read it,
-// read `reps` times with the same vector loads the kernels use; the best pass counts. -1 on allocation failure.
-double ReadBandwidth(double gigabytes, int reps) {
-  const size_t bytes = static_cast<size_t>(gigabytes * 1e9) / 4096 * 4096;
-  uint8_t *buf = static_cast<uint8_t *>(aligned_buffer(bytes));
-  if (!buf) return -1;
+// Read bandwidth in GB/s (1e9 bytes/s) over the n buffers ptrs[i] of bytes[i] bytes, read `reps` times with the
+// kernels' vector loads on their threads (each thread a contiguous share of the buffers taken in order); the best
+// pass counts. Each buffer is read from its first to its last whole 64-byte line (what a few edge bytes change is
+// below the noise).
+double read_bandwidth_of(int n, void *const *ptrs, const int64_t *bytes, int reps) {
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += bytes[i];
+  if (total <= 0) return -1;
   const int nt = kernel_threads();
   const Isa isa = chosen_isa();
-  parallel(nt, [&](int tid, int tcount) {
-    int64_t b, e;
-    thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
-    memset(buf + b * 4096, 1, (e - b) * 4096);
-  });
   double best = 0;
   volatile uint64_t sink = 0;
   for (int r = 0; r < reps; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-    std::atomic<uint64_t> total{0};
+    std::atomic<uint64_t> sum{0};
     parallel(nt, [&](int tid, int tcount) {
-      int64_t b, e;
-      thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
-      const uint8_t *p = buf + b * 4096;
-      size_t len = (e - b) * 4096;
-      total += isa >= kAvx512 ? isa_avx512::read_sum(p, len) : isa_avx2::read_sum(p, len);
+      int64_t b, e, at = 0;  // this thread's share [b, e) of the concatenation; at = offset of buffer i in it
+      thread_range(total, 1, tid, tcount, &b, &e);
+      uint64_t s = 0;
+      for (int i = 0; i < n && at < e; at += bytes[i], ++i) {
+        const int64_t lo = std::max(b, at) - at, hi = std::min(e, at + bytes[i]) - at;
+        if (hi <= lo) continue;
+        const uintptr_t p = reinterpret_cast<uintptr_t>(ptrs[i]);
+        const uintptr_t first = (p + lo + 63) & ~uintptr_t(63), last = (p + hi) & ~uintptr_t(63);
+        if (last <= first) continue;
+        const uint8_t *q = reinterpret_cast<const uint8_t *>(first);
+        s += isa >= kAvx512 ? isa_avx512::read_sum(q, last - first) : isa_avx2::read_sum(q, last - first);
+      }
+      sum += s;
     });
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    sink = sink + total;
-    best = std::max(best, bytes / s / 1e9);
+    double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + sum;
+    best = std::max(best, total / sec / 1e9);
   }
-  free(buf);
   return best;
+}
+
+// Memory read bandwidth of a fresh buffer of `gigabytes`, first touched by the threads that read it (see
+// read_bandwidth_of). -1 on allocation failure. On a virtual machine the figure depends on where the buffer lands:
+// seen on a 2-core EPYC, 1 GB buffers read at either ~29 or ~43 GB/s, each buffer the same on every pass; hence
+// ReadBandwidthOf, which measures the very bytes a decode step reads.
+double ReadBandwidth(double gigabytes, int reps) {
+  const int64_t bytes = static_cast<int64_t>(gigabytes * 1e9) / 4096 * 4096;
+  uint8_t *buf = static_cast<uint8_t *>(aligned_buffer(bytes));
+  if (!buf) return -1;
+  parallel(kernel_threads(), [&](int tid, int tcount) {
+    int64_t b, e;
+    thread_range(bytes / 4096, 1, tid, tcount, &b, &e);
+    for (int64_t pg = b; pg < e; ++pg) memset(buf + pg * 4096, static_cast<int>(pg), 4096);
+  });
+  void *ptrs[1] = {buf};
+  const double gbs = read_bandwidth_of(1, ptrs, &bytes, reps);
+  free(buf);
+  return gbs;
+}
+
+double ReadBandwidthOf(int n, void *const *ptrs, const int64_t *bytes, int reps) {
+  return read_bandwidth_of(n, ptrs, bytes, reps);
 }
 }  // extern "C"
 
@@ -910,51 +942,20 @@ KI const typename Fm::T *tail_chunk(const typename Fm::T *row, int64_t full, int
   return buf;
 }
 
-// Row n's weight scales times x's chunk scales, per row m of x: cs[m][c] = s[n][c / (group / 32)] dx[m][c] for the
-// real chunks (nc per row of cs; the padded ones stay 0), so that a step's float work is one FMA per dot. Formats
-// with an offset also get corr[m] = sum_c cs[m][c] xs[m][c] (xs = sum of x_q over chunk c): sum (q - offset) s x =
-// sum s (q x) - offset * corr.
-template <int MX, bool CORR>
-KI void row_scales(const Problem &p, int64_t n, const float *dx, const float *xs, int64_t nc, int gshift, float *cs,
-                   float corr[MX]) {
-  const uint16_t *h = p.s + n * p.G;
-  const int64_t chunks = ceil_div(p.K, kChunk);
-  __m256 c8[MX];
-  for (int m = 0; m < MX; ++m) c8[m] = _mm256_setzero_ps();
-  int64_t c = 0;
-  if (gshift == 0)
-    for (; c + 8 <= chunks; c += 8) {
-      const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(h + c)));
-      for (int m = 0; m < MX; ++m) {
-        const __m256 v = _mm256_mul_ps(sv, _mm256_loadu_ps(dx + m * nc + c));
-        _mm256_storeu_ps(cs + m * nc + c, v);
-        if (CORR) c8[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xs + m * nc + c), c8[m]);
-      }
-    }
-  for (int m = 0; m < MX; ++m) {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, c8[m]);
-    corr[m] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-  }
-  for (; c < chunks; ++c) {
-    const float sv = _cvtsh_ss(h[c >> gshift]);
-    for (int m = 0; m < MX; ++m) {
-      cs[m * nc + c] = sv * dx[m * nc + c];
-      if (CORR) corr[m] += cs[m * nc + c] * xs[m * nc + c];
-    }
-  }
-}
-
 // Decode reads R weight rows at a time, and the next block of R rows follows them in memory. Rows are short (2-8 KB
 // at 7B), so the hardware prefetcher barely ramps up on one before it ends: while a block is read, each step also
 // prefetches the line at the same offset of the next block into L2 (2-core Xeon at 11008 x 4096, in fractions of the
 // bandwidth roofline: int4 41% -> 76%, int8 69% -> 91%, bfloat16 84% -> ~100%; into L1 it was 64% / 84% / 95%, two
 // blocks ahead no better; on a 2-core EPYC, Zen 3, L1 and L2 measured the same side by side). Past the last row it
 // fetches lines nothing reads: a prefetch never faults, and this costs less than a bounds check per step.
+// At least kPrefetchAhead bytes ahead, though: int4's batch-1 block is one 2 KB row, fetched in about a memory
+// latency at the rate a thread reads (2-core EPYC, Zen 4, a 7B step's int4 projections in fractions of the read
+// bandwidth of their own weights, interleaved runs: one row ahead 76-77%, 8 KB 82-90%, 16 KB 88-89%, 32 KB 84-88%).
+constexpr int64_t kPrefetchAhead = 16384;
 struct NextBlock {
   const char *base;
   NextBlock(const void *w, int64_t row_bytes, int64_t n0, int R)
-      : base(static_cast<const char *>(w) + (n0 + R) * row_bytes) {}
+      : base(static_cast<const char *>(w) + n0 * row_bytes + std::max<int64_t>(R * row_bytes, kPrefetchAhead)) {}
   inline __attribute__((always_inline)) void fetch(int64_t offset) const { _mm_prefetch(base + offset, _MM_HINT_T1); }
 };
 
@@ -1049,64 +1050,86 @@ KI float quantise_chunk(const float *x, int64_t kl, int8_t *lo, int8_t *hi, int 
   return amax / 127.0f;
 }
 
-// The combined scales of the CPV chunks one integer vector covers, over the lanes their dots fill.
-template <int CPV>
-KI F chunk_lanes(const float *cs, I idx) {
-  if constexpr (CPV == 1)
-    return fset1(*cs);
-  else
-    return spread(cs, idx);
-}
-
 // ---- decode, int8 / int4: x quantised to int8 per chunk once per call (xq [MX][kp], kp = K padded to whole steps
-// of CPV chunks, in Fm::xq_pos order; dx, xs [MX][nc]: each chunk's scale and sum of x_q). Per step: one integer
-// vector of weights, its dots with each x_q, then acc += dot (s_w s_x) in float32. The loop is kept lean (one FMA,
-// no index arithmetic or branches per step: this is compute-bound at about the memory bandwidth otherwise).
+// of CPV chunks, in Fm::xq_pos order; dx [MX][ncp]: each chunk's scale, zero past the real chunks; dxs = dx x the
+// chunk's sum of x_q, for the offset correction). A step is one integer vector of weights (CPV chunks) and its dots
+// with each x_q; the float work is one conversion and one FMA per dot, acc += dot x (s_w s_x) spread over the dot's
+// lanes. The scales come a block of W chunks at a time (one float vector: W weight scales from float16 times x's
+// chunk scales) and each step picks its chunks' lanes out of that vector with one permute: no per-row pass over the
+// scales, no store and reload (the per-row pass it replaces cost about a third of int4's decode time at 7B
+// shapes, which is compute-bound at about the memory bandwidth on 2 cores).
+// Formats with an offset (int4: stored q + 8): sum (q - 8) s x = sum s (q x) - 8 corr, corr = sum_c s_w dx xs.
 template <class Fm, int R, int MX>
-static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dx, const float *xs, int64_t kp,
-                                int64_t nc, int gshift, float *cs, I idx, int64_t n0) {
+static inline void gemv_q_block(const Problem &p, const int8_t *xq, const float *dx, const float *dxs, int64_t kp,
+                                int64_t ncp, int gshift, const I *idx, int64_t n0) {
   using T = typename Fm::T;
-  constexpr int VU = 4 * W;                     // weight bytes per integer vector
-  constexpr int EPS = Fm::CPV * kChunk;         // elements per step
-  const int64_t rs = p.row_units;
+  constexpr int VU = 4 * W;              // weight bytes per integer vector (a step)
+  constexpr int EPS = Fm::CPV * kChunk;  // elements per step
+  constexpr int SPB = W / Fm::CPV;       // steps per block of W chunks
+  constexpr bool kCorr = Fm::offset != 0;
+  const int64_t rs = p.row_units, nv = kp / EPS, fullv = rs / VU, chunks = ceil_div(p.K, kChunk);
   const T *w0 = static_cast<const T *>(p.w) + n0 * rs;
-  float corr[R][MX];
-  for (int r = 0; r < R; ++r)
-    row_scales<MX, (Fm::offset != 0)>(p, n0 + r, dx, xs, nc, gshift, cs + r * MX * nc, corr[r]);
   // accumulators per row: a lone row alternates two, so that its consecutive FMAs do not wait on each other
   constexpr int A = R == 1 ? 2 : 1;
-  F acc[A][R][MX];
-  for (int a = 0; a < A; ++a)
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MX; ++m) acc[a][r][m] = fzero();
-  const int64_t nv = kp / EPS, fullv = rs / VU;
+  F acc[A][R][MX], corr[R][MX];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MX; ++m) {
+      corr[r][m] = fzero();
+      for (int a = 0; a < A; ++a) acc[a][r][m] = fzero();
+    }
   const NextBlock next(p.w, rs * sizeof(T), n0, R);
-  auto step = [&](int a, int r, const T *src, int64_t v) __attribute__((always_inline)) {
+  // s_w x s_x of the block of W chunks from c0, per row and x row (and the offset correction's sums)
+  auto block_scales = [&](int64_t c0, F cs[R][MX]) __attribute__((always_inline)) {
+    for (int r = 0; r < R; ++r) {
+      const uint16_t *h = p.s + (n0 + r) * p.G;
+      F sw;
+      if (gshift == 0 && c0 + W <= chunks) {
+        sw = ld_f16(h + c0);
+      } else {  // group > 32, or the row's last block: chunk by chunk, zero past the last chunk
+        alignas(64) float t[W];
+        for (int i = 0; i < W; ++i) t[i] = c0 + i < chunks ? _cvtsh_ss(h[(c0 + i) >> gshift]) : 0.0f;
+        sw = fload(t);
+      }
+      for (int m = 0; m < MX; ++m) {
+        cs[r][m] = fmul(sw, fload(dx + m * ncp + c0));
+        if (kCorr) corr[r][m] = ffma(sw, fload(dxs + m * ncp + c0), corr[r][m]);
+      }
+    }
+  };
+  auto step = [&](int a, int r, const T *src, int64_t v, const F cs[MX], I lanes) __attribute__((always_inline)) {
     next.fetch((r * rs + v * VU) * sizeof(T));
     I d[MX];
     Fm::template idot<MX>(src, xq + v * EPS, kp, d);
-    for (int m = 0; m < MX; ++m)
-      acc[a][r][m] = ffma(icvt(d[m]), chunk_lanes<Fm::CPV>(cs + (r * MX + m) * nc + v * Fm::CPV, idx), acc[a][r][m]);
+    for (int m = 0; m < MX; ++m) acc[a][r][m] = ffma(icvt(d[m]), permute(cs[m], lanes), acc[a][r][m]);
   };
   int64_t v = 0;
-  for (; v + A <= fullv; v += A)
-    for (int a = 0; a < A; ++a)
-      for (int r = 0; r < R; ++r) step(a, r, w0 + r * rs + (v + a) * VU, v + a);
-  for (; v < fullv; ++v)
-    for (int r = 0; r < R; ++r) step(0, r, w0 + r * rs + v * VU, v);
-  if (fullv < nv) {  // the last, partial vector: zero-filled (x_q is zero there too)
+  for (; v + SPB <= fullv; v += SPB) {  // whole blocks of W chunks, every vector of them full
+    F cs[R][MX];
+    block_scales(v * Fm::CPV, cs);
+    for (int j = 0; j < SPB; ++j)
+      for (int r = 0; r < R; ++r) step(j % A, r, w0 + r * rs + (v + j) * VU, v + j, cs[r], idx[j]);
+  }
+  if (v < nv) {  // the last block: part of it, and its last vector partial (zero-filled; x_q is zero there too)
+    F cs[R][MX];
+    block_scales(v * Fm::CPV, cs);
     alignas(64) T buf[VU];
-    for (int r = 0; r < R; ++r) {
-      memset(buf, 0, sizeof(buf));
-      memcpy(buf, w0 + r * rs + fullv * VU, sizeof(T) * (rs - fullv * VU));
-      step(0, r, buf, fullv);
-    }
+    for (int j = 0; v + j < nv; ++j)
+      for (int r = 0; r < R; ++r) {
+        const T *src = w0 + r * rs + (v + j) * VU;
+        if (v + j >= fullv) {
+          memset(buf, 0, sizeof(buf));
+          memcpy(buf, src, sizeof(T) * (rs - fullv * VU));
+          src = buf;
+        }
+        step(0, r, src, v + j, cs[r], idx[j]);
+      }
   }
   for (int a = 1; a < A; ++a)
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MX; ++m) acc[0][r][m] = fadd(acc[0][r][m], acc[a][r][m]);
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MX; ++m) p.y[m * p.N + n0 + r] = hsum(acc[0][r][m]) - Fm::offset * corr[r][m];
+    for (int m = 0; m < MX; ++m)
+      p.y[m * p.N + n0 + r] = hsum(acc[0][r][m]) - (kCorr ? Fm::offset * hsum(corr[r][m]) : 0.0f);
 }
 
 template <class Fm, int MX>
@@ -1117,48 +1140,42 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
   // stream (2-core EPYC, Zen 3, interleaved runs: 1 row 88-90% against 2 rows 66-74% and 4 rows 76-80%; at
   // 125696 x 4096 91% against 64%). Batch > 1: 2 rows (4 on AVX-512), the accumulators need the registers.
   constexpr int R = MX == 1 ? (Fm::offset != 0 ? 1 : (W == 16 ? 8 : 4)) : (W == 16 ? 4 : 2);
-  constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV;  // elements per step, dot lanes per chunk
-  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS, nc = kp / kChunk;
+  constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV, SPB = W / Fm::CPV;  // dot lanes per chunk
+  const int64_t chunks = ceil_div(p.K, kChunk), kp = ceil_div(p.K, EPS) * EPS;
+  const int64_t ncp = ceil_div(kp / kChunk, W) * W;  // chunks padded to whole blocks of W
   int8_t *xq = static_cast<int8_t *>(aligned_buffer(MX * kp));
-  float *dx = static_cast<float *>(aligned_buffer(sizeof(float) * 2 * MX * nc));
+  float *dx = static_cast<float *>(aligned_buffer(sizeof(float) * 2 * MX * ncp));
   if (!xq || !dx) {
     free(xq);
     free(dx);
     return 7;
   }
-  float *xs = dx + MX * nc;
+  float *dxs = dx + MX * ncp;
   memset(xq, 0, MX * kp);
-  memset(dx, 0, sizeof(float) * 2 * MX * nc);
+  memset(dx, 0, sizeof(float) * 2 * MX * ncp);
   for (int m = 0; m < MX; ++m)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t k0 = c * kChunk;
       int sum;
-      dx[m * nc + c] = quantise_chunk(p.x + m * p.K + k0, std::min<int64_t>(kChunk, p.K - k0),
-                                      xq + m * kp + Fm::xq_pos(k0), xq + m * kp + Fm::xq_pos(k0 + 16), &sum);
-      xs[m * nc + c] = static_cast<float>(sum);
+      dx[m * ncp + c] = quantise_chunk(p.x + m * p.K + k0, std::min<int64_t>(kChunk, p.K - k0),
+                                       xq + m * kp + Fm::xq_pos(k0), xq + m * kp + Fm::xq_pos(k0 + 16), &sum);
+      dxs[m * ncp + c] = dx[m * ncp + c] * static_cast<float>(sum);
     }
   const int gshift = __builtin_ctzll(p.group / kChunk);
-  const I idx = lane_index(LPC);
-  std::atomic<int> failed{0};
+  I idx[SPB];  // step j of a block: its CPV chunks, from j * CPV, over LPC lanes each
+  for (int j = 0; j < SPB; ++j) idx[j] = lane_index(LPC, j * Fm::CPV);
   parallel(nt, [&](int tid, int tcount) {
-    // + 8: chunk_lanes reads up to 4 floats from a step's first chunk
-    const size_t cs_floats = R * MX * nc + 8;
-    float *cs = static_cast<float *>(aligned_buffer(sizeof(float) * cs_floats));
-    failed |= cs == nullptr;
-    if (!cs) return;
-    memset(cs, 0, sizeof(float) * cs_floats);
     for (int i = 0; i < nw; ++i) {
       int64_t b, e;
       thread_range(ps[i].N, R, tid, tcount, &b, &e);
       int64_t n = b;
-      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, n);
-      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, xs, kp, nc, gshift, cs, idx, n);
+      for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, dxs, kp, ncp, gshift, idx, n);
+      for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, dxs, kp, ncp, gshift, idx, n);
     }
-    free(cs);
   });
   free(xq);
   free(dx);
-  return failed ? 7 : 0;
+  return 0;
 }
 
 // ---- decode, bfloat16 where the CPU has a bfloat16 dot (kBF16Dot): x rounded to bfloat16 (nearest even) once.
@@ -1388,10 +1405,21 @@ static int gemm_bf16(const Problem &p, int nt) {
 // consecutive elements of the chunk (int4: its nibbles, unpacked to bytes 0..15), with each row's chunk scales
 // beside [chunk][row]. The micro-kernel broadcasts 4 bytes of an x row against a step: the RB lanes of the dot are
 // the RB rows, so nothing is summed across lanes, and each chunk ends as one int32 vector per x row, scaled by the
-// rows' weight scales x the x row's chunk scale into float32. int4 without VNNI sums a chunk's 8 pair-sum vectors
-// in int16 (|(q + 8) x| <= 15 * 127 a product: 8 of the pair sums stay below 2^15) and widens once.
+// rows' weight scales x the x row's chunk scale into float32. The tile holds unsigned bytes where it can: int4's
+// stored q + 8, and int8's q + 128 on the VNNI paths (their dot is one instruction and does not saturate), so that
+// a step is one dot instruction per x row; the offset's share, offset x sum(x_q) per chunk, is where the sums
+// start (int8 at 64 x 11008 x 4096 on a 2-core EPYC, Zen 4: ~245 -> ~310-380 GFLOPS against |w| and sign
+// fix-ups; int4 there runs at ~430-450 GFLOPS whatever the tile's width or depth, measured with 32 rows a tile
+// and with 8-64 chunks a pass: about what this CPU's 512-bit VNNI issue rate allows at its clock). int8 without
+// VNNI keeps |w| against x carrying w's sign (maddubs would saturate on q + 128); int4 without VNNI sums a chunk's
+// 8 pair-sum vectors in int16 (|(q + 8) x| <= 15 * 127 a product: 8 of the pair sums stay below 2^15) and widens
+// once.
 constexpr int RB = W, MR = 4, KC = 64;  // rows per tile, x rows per micro-kernel, chunks per pass (L1-sized tile)
 constexpr int kSteps = kChunk / 4;
+template <class Fm>
+constexpr int tile_offset() {
+  return Fm::offset != 0 ? static_cast<int>(Fm::offset) : (kDotAcc ? 128 : 0);
+}
 
 // An empty asm that claims to change v: the integer sums stay one chain per accumulator. Without it GCC
 // re-associated a chunk's 8 steps x MR dots into a tree and spilled its 32 partial results to the stack (int8
@@ -1403,42 +1431,40 @@ KI V opaque(V v) {
 }
 #define UNROLL _Pragma("GCC unroll 16")
 
-// y_acc[m][0:RB] += the tile's chunks [c0, c1) against x rows m0..m0+MR-1.
+// y_acc[m][0:RB] += the tile's chunks [c0, c1) against x rows m0..m0+MR-1 (xsum: each chunk's sum of x_q).
 template <class Fm>
-KI void micro_q(const uint8_t *tile, const float *tsc, const int8_t *xq, const float *sx, const int32_t *sum8,
+KI void micro_q(const uint8_t *tile, const float *tsc, const int8_t *xq, const float *sx, const int32_t *xsum,
                 int64_t kp, int64_t chunks, int64_t c0, int64_t c1, int64_t m0, float *yacc) {
+  constexpr int OFF = tile_offset<Fm>();
   F acc[MR];
   UNROLL for (int m = 0; m < MR; ++m) acc[m] = fload(yacc + (m0 + m) * RB);
   for (int64_t c = c0; c < c1; ++c) {
     const uint8_t *tc = tile + c * kChunk * RB;
     const int8_t *xc = xq + m0 * kp + c * kChunk;
     I d[MR];
-    if constexpr (Fm::offset != 0 && !kDotAcc) {
+    if constexpr (OFF != 0 && !kDotAcc) {  // int4, pair sums in int16
       I h[MR];
       UNROLL for (int m = 0; m < MR; ++m) h[m] = izero();
       UNROLL for (int st = 0; st < kSteps; ++st) {
         const I w = iload(tc + st * 4 * RB);
         UNROLL for (int m = 0; m < MR; ++m) h[m] = opaque(iadd16(h[m], pairs_us(w, bcast4(xc + m * kp + 4 * st))));
       }
-      UNROLL for (int m = 0; m < MR; ++m) d[m] = widen16(h[m]);
-    } else {
-      UNROLL for (int m = 0; m < MR; ++m) d[m] = izero();
+      UNROLL for (int m = 0; m < MR; ++m) d[m] = isub32(widen16(h[m]), iset1(OFF * xsum[(m0 + m) * chunks + c]));
+    } else if constexpr (OFF != 0) {  // unsigned stored bytes: one dot instruction a step and x row
+      UNROLL for (int m = 0; m < MR; ++m) d[m] = iset1(-OFF * xsum[(m0 + m) * chunks + c]);
       UNROLL for (int st = 0; st < kSteps; ++st) {
         const I w = iload(tc + st * 4 * RB);
-        if constexpr (Fm::offset != 0) {
-          UNROLL for (int m = 0; m < MR; ++m) d[m] = opaque(dot_acc(d[m], w, bcast4(xc + m * kp + 4 * st)));
-        } else {  // int8: |w| against x carrying w's sign, as decode
-          const I a = iabs8(w);
-          UNROLL for (int m = 0; m < MR; ++m) d[m] = opaque(dot_acc(d[m], a, sign8(bcast4(xc + m * kp + 4 * st), w)));
-        }
+        UNROLL for (int m = 0; m < MR; ++m) d[m] = opaque(dot_acc(d[m], w, bcast4(xc + m * kp + 4 * st)));
+      }
+    } else {  // int8 without VNNI: |w| against x carrying w's sign, as decode
+      UNROLL for (int m = 0; m < MR; ++m) d[m] = izero();
+      UNROLL for (int st = 0; st < kSteps; ++st) {
+        const I w = iload(tc + st * 4 * RB), a = iabs8(w);
+        UNROLL for (int m = 0; m < MR; ++m) d[m] = opaque(dot_acc(d[m], a, sign8(bcast4(xc + m * kp + 4 * st), w)));
       }
     }
     const F sw = fload(tsc + c * RB);
-    UNROLL for (int m = 0; m < MR; ++m) {
-      const int64_t mc = (m0 + m) * chunks + c;
-      if constexpr (Fm::offset != 0) d[m] = isub32(d[m], iset1(sum8[mc]));  // the stored q + 8: take 8 sum(x_q) off
-      acc[m] = ffma(icvt(d[m]), fmul(sw, fset1(sx[mc])), acc[m]);
-    }
+    UNROLL for (int m = 0; m < MR; ++m) acc[m] = ffma(icvt(d[m]), fmul(sw, fset1(sx[(m0 + m) * chunks + c])), acc[m]);
   }
   UNROLL for (int m = 0; m < MR; ++m) fstore(yacc + (m0 + m) * RB, acc[m]);
 }
@@ -1446,6 +1472,7 @@ KI void micro_q(const uint8_t *tile, const float *tsc, const int8_t *xq, const f
 // Rows n0..n0+RB-1 of W (those past N repeat row N-1: computed, never stored) into the tile and its scales.
 template <class Fm>
 static void repack_q(const Problem &p, int64_t n0, int64_t chunks, uint8_t *tile, float *tsc) {
+  const uint8_t flip = tile_offset<Fm>() == 128 ? 0x80 : 0;  // int8 q + 128 as an unsigned byte: top bit flipped
   const uint8_t *base = static_cast<const uint8_t *>(p.w) + n0 * p.row_units;
   alignas(64) int32_t offsets[RB];
   int64_t row[RB];
@@ -1453,7 +1480,7 @@ static void repack_q(const Problem &p, int64_t n0, int64_t chunks, uint8_t *tile
     row[r] = std::min<int64_t>(r, p.N - 1 - n0);
     offsets[r] = static_cast<int32_t>(row[r] * p.row_units);
   }
-  const I idx = iload(offsets);
+  const I idx = iload(offsets), flips = iset1(flip * 0x01010101);
   // int8 rows are K bytes: a last, partial chunk is filled byte by byte (zeros past K)
   const int64_t full = Fm::offset != 0 ? chunks : p.K / kChunk;
   for (int64_t c = 0; c < full; ++c) {
@@ -1465,14 +1492,14 @@ static void repack_q(const Problem &p, int64_t n0, int64_t chunks, uint8_t *tile
         istore(tc + (4 + j) * 4 * RB, hi_nibbles(v));
       }
     } else {
-      for (int st = 0; st < kSteps; ++st) istore(tc + st * 4 * RB, gather4(base + c * kChunk + 4 * st, idx));
+      for (int st = 0; st < kSteps; ++st) istore(tc + st * 4 * RB, ixor(gather4(base + c * kChunk + 4 * st, idx), flips));
     }
   }
   for (int64_t c = full; c < chunks; ++c)
     for (int r = 0; r < RB; ++r)
       for (int e = 0; e < kChunk; ++e) {
         const int64_t k = c * kChunk + e;
-        tile[c * kChunk * RB + (e / 4) * 4 * RB + r * 4 + e % 4] = k < p.K ? base[row[r] * p.row_units + k] : 0;
+        tile[c * kChunk * RB + (e / 4) * 4 * RB + r * 4 + e % 4] = (k < p.K ? base[row[r] * p.row_units + k] : 0) ^ flip;
       }
   for (int64_t c = 0; c < chunks; ++c)
     for (int r = 0; r < RB; ++r) tsc[c * RB + r] = _cvtsh_ss(p.s[(n0 + row[r]) * p.G + c * kChunk / p.group]);
@@ -1484,19 +1511,19 @@ static int gemm_q(const Problem *ps, int nw, int nt) {
   const int64_t chunks = ceil_div(p.K, kChunk), kp = chunks * kChunk, Mp = ceil_div(p.M, MR) * MR;
   int8_t *xq = static_cast<int8_t *>(aligned_buffer(Mp * kp));
   float *sx = static_cast<float *>(aligned_buffer(sizeof(float) * Mp * chunks));
-  int32_t *sum8 = static_cast<int32_t *>(aligned_buffer(sizeof(int32_t) * Mp * chunks));
-  std::atomic<int> failed{!xq || !sx || !sum8};
+  int32_t *xsum = static_cast<int32_t *>(aligned_buffer(sizeof(int32_t) * Mp * chunks));
+  std::atomic<int> failed{!xq || !sx || !xsum};
   if (!failed) {
     memset(xq, 0, Mp * kp);
     memset(sx, 0, sizeof(float) * Mp * chunks);
-    memset(sum8, 0, sizeof(int32_t) * Mp * chunks);
+    memset(xsum, 0, sizeof(int32_t) * Mp * chunks);
     for (int64_t m = 0; m < p.M; ++m)
       for (int64_t c = 0; c < chunks; ++c) {
         int8_t *dst = xq + m * kp + c * kChunk;
         int sum;
         sx[m * chunks + c] = quantise_chunk(p.x + m * p.K + c * kChunk, std::min<int64_t>(kChunk, p.K - c * kChunk),
                                             dst, dst + 16, &sum);
-        sum8[m * chunks + c] = 8 * sum;
+        xsum[m * chunks + c] = sum;
       }
     parallel(nt, [&](int tid, int tcount) {
       uint8_t *tile = static_cast<uint8_t *>(aligned_buffer(kp * RB));
@@ -1512,7 +1539,7 @@ static int gemm_q(const Problem *ps, int nw, int nt) {
           memset(yacc, 0, sizeof(float) * Mp * RB);
           for (int64_t c0 = 0; c0 < chunks; c0 += KC)
             for (int64_t m0 = 0; m0 < Mp; m0 += MR)
-              micro_q<Fm>(tile, tsc, xq, sx, sum8, kp, chunks, c0, std::min(chunks, c0 + KC), m0, yacc);
+              micro_q<Fm>(tile, tsc, xq, sx, xsum, kp, chunks, c0, std::min(chunks, c0 + KC), m0, yacc);
           const int64_t rows = std::min<int64_t>(RB, e - n0);
           for (int64_t m = 0; m < pi.M; ++m) memcpy(pi.y + m * pi.N + n0, yacc + m * RB, sizeof(float) * rows);
         }
@@ -1524,7 +1551,7 @@ static int gemm_q(const Problem *ps, int nw, int nt) {
   }
   free(xq);
   free(sx);
-  free(sum8);
+  free(xsum);
   return failed ? 7 : 0;
 }
 

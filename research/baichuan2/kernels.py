@@ -130,6 +130,9 @@ def _lib():
         lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
         lib.ReadBandwidth.restype = ctypes.c_double
         lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
+        lib.ReadBandwidthOf.restype = ctypes.c_double
+        lib.ReadBandwidthOf.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
         _state.update(path=path, lib=lib)
     return _state["lib"]
 
@@ -168,6 +171,25 @@ def read_bandwidth(gigabytes=2.0, reps=3):
     gbs = lib.ReadBandwidth(gigabytes, reps)
     if gbs < 0:
         raise MemoryError(f"could not allocate {gigabytes} GB to measure the memory bandwidth")
+    return gbs
+
+
+def read_bandwidth_of(arrays, reps=2):
+    """GB/s reading these arrays (numpy, C-contiguous; e.g. a model's weights) with the kernels' vector loads on
+    their threads, best of reps: the bandwidth that bounds a decode step reading exactly those bytes, wherever the
+    machine placed them (on a virtual machine a fresh buffer may read 1.5x faster or slower than another)."""
+    lib = _lib()
+    if lib is None:
+        return None
+    arrays = [a for a in arrays if a.nbytes]
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError("read_bandwidth_of reads C-contiguous arrays only")
+    ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+    sizes = (ctypes.c_int64 * len(arrays))(*[a.nbytes for a in arrays])
+    gbs = lib.ReadBandwidthOf(len(arrays), ptrs, sizes, reps)
+    if gbs < 0:
+        raise ValueError("read_bandwidth_of: nothing to read")
     return gbs
 
 
