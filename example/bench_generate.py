@@ -8,10 +8,10 @@ Each model is built directly in its weight format (random weights, never a float
 model: the parameters are created uninitialised and each is filled in its stored dtype), on the device's
 inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model, the projection kernel path
 (baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the kernels' vector loads).
-Then per shape and format (each batch-1 decode step after a read of the model's own weights: see bench()):
+Then per shape and format (each batch-1 decode run after a read of the model's own weights: see bench()):
   bytes/token  weights read per decoded token (every projection and the lm_head; one embedding row; norms) plus
                the key/value cache buffer the attention reads (batch 1)
-  bw           the read bandwidth of the model's weights, probed before each of its batch-1 decode steps
+  bw           the read bandwidth of the model's weights, probed before each of its batch-1 decode runs
   roofline     bw / bytes per token: the decode tokens/s that streaming those bytes at full speed allows
   decode       batch 1 (ROUNDS runs, interleaved with the probes) and 4, 32-token prompts, tokens/s after the
                first token (--new_tokens steps each, cached)
@@ -47,7 +47,7 @@ CONFIGS = {
 WEIGHTS = ("float32", "bfloat16", "int8", "int4")
 GROUP_SIZE = 32
 GIB = 1024 ** 3
-ROUNDS = 2  # batch-1 decode runs per shape and format, each step after a read of the model's weights
+ROUNDS = 4  # batch-1 decode runs per shape and format, each after a read of the model's weights
 
 
 def parse_args(argv=None):
@@ -216,12 +216,12 @@ def bench(name, weights, args, rt):
                                                             steps=args.no_cache_steps)
     row["peak_rss"] = peak_rss_bytes()
 
-    # Batch 1 against the roofline, step by step: before each decode step the kernels' read loop streams this
-    # model's own weights once (the bytes the step reads, where they lie in memory). On a shared virtual machine
-    # the read bandwidth moves by half within a minute, and two buffers of the same size read at 29 or 43 GB/s by
-    # where they landed (seen on a 2-core EPYC): a probe of other memory, or at another time, says little about a
-    # decode step. Interleaved, a step and its probe see the same machine; the fraction is the time that streaming
-    # the step's bytes at the probed speeds takes, over the time the steps took.
+    # Batch 1 against the roofline: before each of ROUNDS decode runs the kernels' read loop streams this model's
+    # own weights once (the bytes a step reads, where they lie in memory). On a shared virtual machine the read
+    # bandwidth moves by a third within a minute, and a buffer of few distinct pages read 1.5x faster than random
+    # weights (seen on a 2-core EPYC): a probe of other memory, or minutes away, says little about a decode run.
+    # The fraction is the time that streaming the runs' bytes at the speeds probed just before them takes, over the
+    # time the runs took. (A probe before every step put a cold start into each one: S float32 lost ~1 ms a step.)
     weights = [param.asnumpy() for param in model.get_parameters() if "embed_tokens" not in param.name]
     slots = math.ceil((32 + args.new_tokens + 1) / generator.bucket) * generator.bucket
     weight_bytes, cache_bytes = bytes_per_token(model, 1, slots)
@@ -229,11 +229,8 @@ def bench(name, weights, args, rt):
     prompts = rng.integers(3, config.vocab_size, size=(1, 32)).tolist()
     step_seconds, stream_seconds = 0.0, 0.0
     for _ in range(ROUNDS):
-        stream = generator.stream(prompts, max_new_tokens=args.new_tokens + 1, eos_token_id=(), use_cache=True)
-        next(stream)  # the prefill and first token
-        for _ in range(args.new_tokens):
-            stream_seconds += row["bytes"] / (kernels.read_bandwidth_of(weights, reps=1) * 1e9)
-            step_seconds += _seconds(lambda: next(stream))  # pylint: disable=cell-var-from-loop
+        stream_seconds += args.new_tokens * row["bytes"] / (kernels.read_bandwidth_of(weights, reps=1) * 1e9)
+        step_seconds += args.new_tokens * timed_decode(generator, prompts, args.new_tokens + 1, True)
     steps = ROUNDS * args.new_tokens
     row["decode_b1"] = steps / step_seconds
     row["bandwidth"] = row["bytes"] * steps / stream_seconds / 1e9
