@@ -820,8 +820,8 @@ int KernelThreads() { return kernel_threads(); }
 
 // Read bandwidth in GB/s (1e9 bytes/s) over the n buffers ptrs[i] of bytes[i] bytes, read `reps` times with the
 // kernels' vector loads on their threads (each thread a contiguous share of the buffers taken in order); the best
-// pass counts. Each buffer is read from its first to its last whole 64-byte line (what a few edge bytes change is
-// below the noise).
+// pass counts. Each thread's part of a buffer is read from its first whole 64-byte line in blocks of 256 bytes
+// (AVX2: 128); the few edge bytes left out are far below the noise.
 double read_bandwidth_of(int n, void *const *ptrs, const int64_t *bytes, int reps) {
   int64_t total = 0;
   for (int i = 0; i < n; ++i) total += bytes[i];
@@ -1157,11 +1157,7 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
   // measured on a 2-core Xeon: 85-87% against 83% for 4); int4 one row, so that each thread reads one sequential
   // stream (2-core EPYC, Zen 3, interleaved runs: 1 row 88-90% against 2 rows 66-74% and 4 rows 76-80%; at
   // 125696 x 4096 91% against 64%). Batch > 1: 2 rows (4 on AVX-512), the accumulators need the registers.
-  // Short rows (under 1 KB stored) take RS rows at a time whatever the format: a block's fixed work (its scales,
-  // the sums at the end) is paid per block, and one int4 row of the 58M shape S is 256 bytes (S int4 decode, Zen 4
-  // EPYC: 229 tok/s with one row a block, slower than int8's 327; 380 with 4).
   constexpr int R = MX == 1 ? (Fm::offset != 0 ? 1 : (W == 16 ? 8 : 4)) : (W == 16 ? 4 : 2);
-  constexpr int RS = std::max(R, W == 16 ? 4 : 2);
   // elements per step; dot lanes per chunk; steps per block of W chunks (W / CPV both: a vector's W lanes cover
   // its CPV chunks, and W chunks take W / CPV vectors)
   constexpr int EPS = Fm::CPV * kChunk, LPC = W / Fm::CPV, SPB = W / Fm::CPV;
@@ -1188,12 +1184,11 @@ static int gemv_q(const Problem *ps, int nw, int nt) {
   const int gshift = __builtin_ctzll(p.group / kChunk);
   I idx[SPB];  // step j of a block: its CPV chunks, from j * CPV, over LPC lanes each
   for (int j = 0; j < SPB; ++j) idx[j] = lane_index(LPC, j * Fm::CPV);
-  const bool short_rows = p.row_units * static_cast<int64_t>(sizeof(typename Fm::T)) < 1024;
   parallel(nt, [&](int tid, int tcount) {
     for (int i = 0; i < nw; ++i) {
-      int64_t b, e, n;
-      thread_range(ps[i].N, short_rows ? RS : R, tid, tcount, &b, &e);
-      for (n = b; short_rows && n + RS <= e; n += RS) gemv_q_block<Fm, RS, MX>(ps[i], xq, dx, dxs, kp, ncp, gshift, idx, n);
+      int64_t b, e;
+      thread_range(ps[i].N, R, tid, tcount, &b, &e);
+      int64_t n = b;
       for (; n + R <= e; n += R) gemv_q_block<Fm, R, MX>(ps[i], xq, dx, dxs, kp, ncp, gshift, idx, n);
       for (; n < e; ++n) gemv_q_block<Fm, 1, MX>(ps[i], xq, dx, dxs, kp, ncp, gshift, idx, n);
     }

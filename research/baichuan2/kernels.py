@@ -176,8 +176,8 @@ def read_bandwidth(gigabytes=2.0, reps=3):
 
 def read_bandwidth_of(arrays, reps=2):
     """GB/s reading these arrays (numpy, C-contiguous; e.g. a model's weights) with the kernels' vector loads on
-    their threads, best of reps: the bandwidth that bounds a decode step reading exactly those bytes, wherever the
-    machine placed them (on a virtual machine a fresh buffer may read 1.5x faster or slower than another)."""
+    their threads, best of reps: the bandwidth that bounds a decode step reading exactly those bytes, where they lie
+    (on a shared virtual machine a separate probe buffer says less: see ReadBandwidth in kernels.cc)."""
     lib = _lib()
     if lib is None:
         return None
