@@ -822,7 +822,7 @@ int KernelThreads() { return kernel_threads(); }
 // kernels' vector loads on their threads (each thread a contiguous share of the buffers taken in order); the best
 // pass counts. Each thread's part of a buffer is read from its first whole 64-byte line in blocks of 256 bytes
 // (AVX2: 128); the few edge bytes left out are far below the noise.
-double read_bandwidth_of(int n, void *const *ptrs, const int64_t *bytes, int reps) {
+double ReadBandwidthOf(int n, void *const *ptrs, const int64_t *bytes, int reps) {
   int64_t total = 0;
   for (int i = 0; i < n; ++i) total += bytes[i];
   if (total <= 0) return -1;
@@ -856,7 +856,7 @@ double read_bandwidth_of(int n, void *const *ptrs, const int64_t *bytes, int rep
 }
 
 // Memory read bandwidth of a fresh buffer of `gigabytes` of random bytes, first touched by the threads that read
-// it (see read_bandwidth_of); -1 on allocation failure. On a shared virtual machine the figure moves with the
+// it (see ReadBandwidthOf); -1 on allocation failure. On a shared virtual machine the figure moves with the
 // neighbours' load, and buffers made of few distinct pages read up to 1.5x faster (seen on a 2-core EPYC: ~43
 // against ~29 GB/s, as if the host had merged them), hence random bytes here, and ReadBandwidthOf, which measures
 // the very bytes a decode step reads.
@@ -875,13 +875,9 @@ double ReadBandwidth(double gigabytes, int reps) {
     }
   });
   void *ptrs[1] = {buf};
-  const double gbs = read_bandwidth_of(1, ptrs, &bytes, reps);
+  const double gbs = ReadBandwidthOf(1, ptrs, &bytes, reps);
   free(buf);
   return gbs;
-}
-
-double ReadBandwidthOf(int n, void *const *ptrs, const int64_t *bytes, int reps) {
-  return read_bandwidth_of(n, ptrs, bytes, reps);
 }
 }  // extern "C"
 
