@@ -330,14 +330,14 @@ def cached_decode_logits(model, steps=4):
 
 
 # float32 + RoPE in the quick tier, the rest (~5 s each: two models compiled) in the slow one
-CACHED_LAYER_CASES = [(w, e) if (w, e) == ("float32", "rope") else pytest.param(w, e, marks=pytest.mark.slow)
+CACHED_STACK_CASES = [(w, e) if (w, e) == ("float32", "rope") else pytest.param(w, e, marks=pytest.mark.slow)
                       for w in kernels.FORMATS for e in ("rope", "alibi")]
 
 
-@pytest.mark.parametrize("weights,encoding", CACHED_LAYER_CASES)
-def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
-    """Prefill and decode steps through CachedLayer (one op a layer, caches written in place) give the logits and
-    caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
+@pytest.mark.parametrize("weights,encoding", CACHED_STACK_CASES)
+def test_cached_stack_op_matches_the_per_op_kernels(weights, encoding, graph):
+    """Prefill and decode steps through CachedStack (one op for all layers, caches written in place) give the logits
+    and caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
     prefill). Float32 weights: float32 rounding only (1e-4 of the largest value). The other formats' decode
     projections round x (bfloat16: to 8 bits; int8 / int4: to int8 per 32 inputs), so a last-bit difference
     upstream (the op's own SiLU and RMSNorm against MindSpore's) can flip a rounding: 1e-2 there, still far below
@@ -345,7 +345,9 @@ def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
     the new rows afterwards (the op writes into the caller's buffers)."""
     shape = dict(MODEL_SHAPE, position_encoding=encoding)
     fused = random_model(weights, shape)
-    assert all(layer.layer_op is not None for layer in fused.model.layers) and fused.caches_in_place()
+    assert fused.model.stack_op is not None and fused.caches_in_place()
+    layers = fused.config.num_hidden_layers
+    assert len(fused.model.stack_inputs) == layers * (2 + 7 * (2 if weights.startswith("int") else 1))
     split = random_model(weights, shape)
     split.model.use_layer_kernels(enabled=False)
     assert not split.caches_in_place() and split.model.layers[0].self_attn.decode_op is not None
@@ -358,8 +360,8 @@ def test_cached_layer_op_matches_the_per_op_kernels(weights, encoding, graph):
 
 
 @pytest.mark.slow
-def test_cached_layer_op_on_every_isa_path(forced_isa, graph):
-    """CachedLayer's attention and SiLU loops are compiled per instruction-set path like the projections: on each,
+def test_cached_stack_op_on_every_isa_path(forced_isa, graph):
+    """CachedStack's attention and SiLU loops are compiled per instruction-set path like the projections: on each,
     prefill and decode logits equal the per-op kernels' (float32 weights, RoPE; see the test above)."""
     fused, split = random_model("float32"), random_model("float32")
     split.model.use_layer_kernels(enabled=False)

@@ -12,8 +12,8 @@
 // M > 4 (prefill): float32 / bfloat16: a tile of W converted to float32 once and reused by every row of x (x
 //   repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k); int8 / int4: x quantised
 //   as for decode and integer dots against tiles of W rows interleaved 4 bytes at a time (see gemm_q).
-// Besides the projections: CachedLayer, a whole decoder layer of a cached step (prefill or decode) in one op with
-// the caches written in place, and layout / attention ops for the per-op path (see each one's comment).
+// Besides the projections: CachedStack, a whole cached step (prefill or decode) through every decoder layer in one
+// op with the caches written in place, and layout / attention ops for the per-op path (see each one's comment).
 // Accumulation is float32 throughout. One source serves every x86-64 machine: the body below is compiled four
 // times (avx2: AVX2+FMA+F16C; avxvnni: + AVX-VNNI; avx512: F/BW/VL/DQ; avx512vnni: + AVX512-VNNI + AVX512-BF16) by
 // including this file into itself under `#pragma GCC target`, and the best path is picked at run time from cpuid;
@@ -655,78 +655,88 @@ int DecodeAttention(AOT_ARGS) {
   return 0;
 }
 
-// One whole decoder layer over S new tokens of each of B sequences, with the layer's key/value caches (prefill:
-// S = the prompt, from slot 0; decode: S = 1), float32 activations, any weight format, the caches written in place:
-//   h = x + o_proj(attention(rope(q), rope(k), v));  y = h + down(silu(gate(n2)) * up(n2))
-//   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2.
-// Why one op: a decode step launched ~18 MindSpore ops a layer plus ~25 for the positions and the attention mask,
-// and on these 2-core machines each launch cost 15-50 us, several times the projections' own time at small shapes
-// (S: ~150 ops a step against ~1.5 ms of weight streaming); and every stock op of a compiled graph keeps memory for
-// the graph's life (the prefill graph of a 7B held ~21 MB a layer). Why in place: an op output is fresh memory, so
-// returning the caches copied all of them every step (2 x B x N x L x D floats a layer); the op writes the new rows
-// into the cache tensors it is given instead, which on CPU are the caller's own buffers (tests/test_kernels.py
-// checks that the caller sees them).
+// A cached step through the whole decoder stack and the final RMSNorm in one op, the key/value caches written in
+// place: Ly layers over S new tokens of each of B sequences (prefill: S = the prompt, from slot 0; decode: S = 1),
+// float32 activations, all weights in one format. Per layer, on the hidden state x:
+//   h = x + o_proj(attention(rope(q), rope(k), v));  x = h + down(silu(gate(n2)) * up(n2))
+//   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2;  then y = RMSNorm(x) * norm.
+// Why one op: a decode step once launched ~18 MindSpore ops a layer plus ~25 for the positions and the attention
+// mask, each 15-50 us on these 2-core machines, several times the projections' own time at small shapes; and every
+// stock op of a compiled graph keeps memory for the graph's life (the prefill graph of a 7B held ~21 MB a layer).
+// Why one op for all layers rather than one a layer: MindSpore's time between our kernels grows with how long they
+// ran (measured on a shared 2-core EPYC: a shape-S step of 10 launches took 0.5 ms back to back with instant
+// kernels, 1.6-2.3 ms with 6 ms of other work between steps; its launch bookkeeping is evicted from the caches
+// meanwhile), so a step costs in proportion to how much of that bookkeeping it touches: one launch and one set of
+// shared inputs for the whole stack, not one a layer.
+// Why in place: an op output is fresh memory, so returning the caches copied all of them every step; the op writes
+// the new rows into the cache tensors it is given instead, which on CPU are the caller's own buffers
+// (tests/test_kernels.py checks that the caller sees them).
 // Positions and visibility come from the attention mask, as BaichuanModel.position_inputs builds them for the stock
 // ops: key positions p_l = max(cumsum(mask)_l - 1, 0); the query in slot j has position p_j and sees key l when
 // l <= j and (mask_l or l == j); RoPE (half rotation) at the token's position, or ALiBi adds slope_n (p_l - p_j).
-// Inputs: x [B * S, H] (sequence-major); ln1, ln2 [H]; eps [1] float32; spec int32 [2] = (group size, 1 = RoPE /
-// 0 = ALiBi); mask int32 [B, L] (1 = a real token, the new ones included); slot int32 (0-d or [1]: the first new
-// token's cache slot; they fill [slot, slot + S)); cos, sin float32 [P, D] (RoPE tables, a row per position) and
-// slopes float32 [N] (ALiBi; whichever is unused may be any float32 tensor); caches kc, vc [B, N, L, D]; then the
-// weights of q, k, v, o, gate, up, down, each (w) for float32 / bfloat16 or (qweight, scales) for int8 / int4, all
-// in one format (read from their dtypes). Output y [B * S, H].
-int CachedLayer(AOT_ARGS) {
-  // x ln1 ln2 eps spec mask slot cos sin slopes kc vc | q k v o gate up down
-  constexpr int kFixed = 12, kWeights = 7;
-  if (nparam < kFixed + kWeights + 1) return 1;
+// Inputs: x [B * S, H] (sequence-major); norm [H] (the final RMSNorm); eps [1] float32; spec int32 [2] = (group
+// size, 1 = RoPE / 0 = ALiBi); mask int32 [B, L] (1 = a real token, the new ones included); slot int32 (0-d or [1]:
+// the first new token's cache slot; they fill [slot, slot + S)); cos, sin float32 [P, D] (RoPE tables, a row per
+// position) and slopes float32 [N] (ALiBi; whichever is unused may be any float32 tensor); caches kc, vc
+// [Ly, B, N, L, D]; then per layer ln1, ln2 [H] and the weights of q, k, v, o, gate, up, down, each (w) for
+// float32 / bfloat16 or (qweight, scales) for int8 / int4 (the format is read from their dtypes). Output y [B * S, H].
+int CachedStack(AOT_ARGS) {
+  // x norm eps spec mask slot cos sin slopes kc vc | per layer: ln1 ln2 q k v o gate up down | y
+  constexpr int kFixed = 11, kWeights = 7;
+  if (nparam < kFixed + 2 + kWeights + 1) return 1;
   int fmt = -1;
   for (int f = 0; f < 4; ++f)
-    if (strcmp(dtypes[kFixed], kWeightDtype[f]) == 0) fmt = f;
+    if (strcmp(dtypes[kFixed + 2], kWeightDtype[f]) == 0) fmt = f;
   if (fmt < 0) return 3;
-  const bool quant = fmt == kI8 || fmt == kI4;
-  const int per = quant ? 2 : 1;
-  if (nparam != kFixed + per * kWeights + 1) return 1;
-  for (int i : {0, 1, 2, 3, 7, 8, 9, 10, 11, nparam - 1})
+  const int per = fmt == kI8 || fmt == kI4 ? 2 : 1, per_layer = 2 + per * kWeights;
+  if ((nparam - kFixed - 1) % per_layer != 0) return 1;
+  const int64_t layers = (nparam - kFixed - 1) / per_layer;
+  for (int i : {0, 1, 2, 6, 7, 8, 9, 10, nparam - 1})
     if (strcmp(dtypes[i], "float32") != 0) return 3;
-  for (int i : {4, 5, 6})
+  for (int i : {3, 4, 5})
     if (strcmp(dtypes[i], "int32") != 0) return 3;
-  if (ndims[0] != 2 || ndims[10] != 4 || ndims[11] != 4 || ndims[5] != 2 || ndims[4] != 1 || shapes[4][0] != 2)
+  if (ndims[0] != 2 || ndims[1] != 1 || ndims[9] != 5 || ndims[10] != 5 || ndims[4] != 2 || ndims[3] != 1 ||
+      shapes[3][0] != 2)
     return 2;
   const int64_t M = shapes[0][0], H = shapes[0][1];
-  const int64_t B = shapes[10][0], N = shapes[10][1], L = shapes[10][2], D = shapes[10][3];
-  for (int c : {10, 11})
-    if (shapes[c][0] != B || shapes[c][1] != N || shapes[c][2] != L || shapes[c][3] != D) return 4;
-  if (B <= 0 || M % B != 0 || N * D != H || shapes[1][0] != H || shapes[2][0] != H || shapes[5][0] != B ||
-      shapes[5][1] != L)
+  const int64_t B = shapes[9][1], N = shapes[9][2], L = shapes[9][3], D = shapes[9][4];
+  for (int c : {9, 10})
+    if (shapes[c][0] != layers || shapes[c][1] != B || shapes[c][2] != N || shapes[c][3] != L || shapes[c][4] != D)
+      return 4;
+  if (B <= 0 || M % B != 0 || N * D != H || shapes[1][0] != H || shapes[4][0] != B || shapes[4][1] != L)
     return 4;
   const int64_t S = M / B;
-  const int32_t *spec = static_cast<const int32_t *>(params[4]);
+  const int32_t *spec = static_cast<const int32_t *>(params[3]);
   const int64_t group = spec[0];
   const bool rope = spec[1] != 0;
-  const int64_t P = rope ? shapes[7][0] : 0;
-  if (rope && (ndims[7] != 2 || ndims[8] != 2 || shapes[7][1] != D || shapes[8][0] != P || shapes[8][1] != D ||
+  const int64_t P = rope ? shapes[6][0] : 0;
+  if (rope && (ndims[6] != 2 || ndims[7] != 2 || shapes[6][1] != D || shapes[7][0] != P || shapes[7][1] != D ||
                D % 2 != 0))
     return 4;
-  if (!rope && (ndims[9] != 1 || shapes[9][0] != N)) return 4;
-  const int64_t slot = *static_cast<const int32_t *>(params[6]);
+  if (!rope && (ndims[8] != 1 || shapes[8][0] != N)) return 4;
+  const int64_t slot = *static_cast<const int32_t *>(params[5]);
   if (slot < 0 || slot + S > L) return 5;
-  const int64_t I = shapes[kFixed + per * 4][0];  // gate rows
-  // Weight w (0..6 = q k v o gate up down) of shape [rows, K], checked against the format's layout.
-  Problem ps[kWeights];
+  const int64_t I = shapes[kFixed + 2 + per * 4][0];  // gate rows
+  // Weight w (0..6 = q k v o gate up down) of layer l: shape [rows, K], checked against the format's layout.
+  std::vector<Problem> ps(static_cast<size_t>(layers * kWeights));
   const int64_t rows[kWeights] = {H, H, H, H, I, I, H}, cols[kWeights] = {H, H, H, H, H, H, I};
   const Fmt f = static_cast<Fmt>(fmt);
-  for (int w = 0; w < kWeights; ++w) {
-    ps[w].M = M;
-    if (int err = bind_weight(f, group, kFixed + per * w, rows[w], cols[w], params, ndims, shapes, dtypes, ps + w))
-      return err;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int base = kFixed + static_cast<int>(l) * per_layer;
+    for (int i : {base, base + 1})
+      if (strcmp(dtypes[i], "float32") != 0 || ndims[i] != 1 || shapes[i][0] != H) return 4;
+    for (int w = 0; w < kWeights; ++w) {
+      Problem *p = &ps[l * kWeights + w];
+      p->M = M;
+      if (int err = bind_weight(f, group, base + 2 + per * w, rows[w], cols[w], params, ndims, shapes, dtypes, p))
+        return err;
+    }
   }
   if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) return 4;
-  const float *x = static_cast<const float *>(params[0]), *ln1 = static_cast<const float *>(params[1]),
-              *ln2 = static_cast<const float *>(params[2]), *cos_table = static_cast<const float *>(params[7]),
-              *sin_table = static_cast<const float *>(params[8]), *slopes = static_cast<const float *>(params[9]);
-  const int32_t *mask = static_cast<const int32_t *>(params[5]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *kc = static_cast<float *>(params[10]), *vc = static_cast<float *>(params[11]);
+  const float *x_in = static_cast<const float *>(params[0]), *cos_table = static_cast<const float *>(params[6]),
+              *sin_table = static_cast<const float *>(params[7]), *slopes = static_cast<const float *>(params[8]);
+  const int32_t *mask = static_cast<const int32_t *>(params[4]);
+  const float eps = *static_cast<const float *>(params[2]);
   float *y = static_cast<float *>(params[nparam - 1]);
   const int64_t keys = slot + S;  // slots a query can see: [0, slot + S)
   // per sequence and slot: whether it holds a real token, and its key position
@@ -741,59 +751,68 @@ int CachedLayer(AOT_ARGS) {
     }
     if (rope && pos[b * keys + keys - 1] >= P) return 5;  // past the RoPE tables: the caller's context check failed
   }
-  // scratch: n [M, H], q k v attn h [M, H] each, gate up [M, I] each
-  std::vector<float> scratch(static_cast<size_t>(M * (6 * H + 2 * I)));
-  float *n = scratch.data(), *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H, *h = att + M * H,
-        *gate = h + M * H, *up = gate + M * I;
-  auto run = [&](int first, int count, const float *in, std::initializer_list<float *> outs) {
-    int i = 0;
-    for (float *out : outs) {
-      ps[first + i].x = in;
-      ps[first + i].y = out;
-      ++i;
-    }
-    return project(f, ps + first, count);
-  };
-  rms_norm_rows(x, ln1, eps, M, H, n);
-  if (int err = run(0, 3, n, {q, k, v})) return err;
+  // scratch: the hidden state x, n, q, k, v, attn, h [M, H] each; gate, up [M, I] each
+  std::vector<float> scratch(static_cast<size_t>(M * (7 * H + 2 * I)));
+  float *x = scratch.data(), *n = x + M * H, *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H,
+        *h = att + M * H, *gate = h + M * H, *up = gate + M * I;
+  memcpy(x, x_in, sizeof(float) * M * H);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const uint8_t *real_p = real.data();
   const int64_t *pos_p = pos.data();
-  parallel(kernel_threads(), [&](int t, int nt) {
-    int64_t h0, h1;
-    thread_range(B * N, 1, t, nt, &h0, &h1);
-    std::vector<float> p(static_cast<size_t>(keys));
-    for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; rows of q / k / v: b * S + s
-      const int64_t b = bh / N, head = bh % N;
-      float *kcache = kc + bh * L * D, *vcache = vc + bh * L * D;
-      for (int64_t s = 0; s < S; ++s) {  // RoPE, then the cache rows of every new token first: later ones see them
-        const int64_t row = (b * S + s) * H + head * D, j = slot + s;
-        if (rope) {
-          const int64_t at = pos_p[b * keys + j] * D;
-          rope_half(q + row, cos_table + at, sin_table + at, D, q + row);
-          rope_half(k + row, cos_table + at, sin_table + at, D, k + row);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const int base = kFixed + static_cast<int>(layer) * per_layer;
+    const float *ln1 = static_cast<const float *>(params[base]), *ln2 = static_cast<const float *>(params[base + 1]);
+    float *kc = static_cast<float *>(params[9]) + layer * B * N * L * D,
+          *vc = static_cast<float *>(params[10]) + layer * B * N * L * D;
+    Problem *lp = &ps[layer * kWeights];
+    auto run = [&](int first, int count, const float *in, std::initializer_list<float *> outs) {
+      int i = 0;
+      for (float *out : outs) {
+        lp[first + i].x = in;
+        lp[first + i].y = out;
+        ++i;
+      }
+      return project(f, lp + first, count);
+    };
+    rms_norm_rows(x, ln1, eps, M, H, n);
+    if (int err = run(0, 3, n, {q, k, v})) return err;
+    parallel(kernel_threads(), [&](int t, int nt) {
+      int64_t h0, h1;
+      thread_range(B * N, 1, t, nt, &h0, &h1);
+      std::vector<float> p(static_cast<size_t>(keys));
+      for (int64_t bh = h0; bh < h1; ++bh) {  // bh = b * N + head: the caches' layout; rows of q / k / v: b * S + s
+        const int64_t b = bh / N, head = bh % N;
+        float *kcache = kc + bh * L * D, *vcache = vc + bh * L * D;
+        for (int64_t s = 0; s < S; ++s) {  // RoPE, then the cache rows of every new token first: later ones see them
+          const int64_t row = (b * S + s) * H + head * D, j = slot + s;
+          if (rope) {
+            const int64_t at = pos_p[b * keys + j] * D;
+            rope_half(q + row, cos_table + at, sin_table + at, D, q + row);
+            rope_half(k + row, cos_table + at, sin_table + at, D, k + row);
+          }
+          memcpy(kcache + j * D, k + row, sizeof(float) * D);
+          memcpy(vcache + j * D, v + row, sizeof(float) * D);
         }
-        memcpy(kcache + j * D, k + row, sizeof(float) * D);
-        memcpy(vcache + j * D, v + row, sizeof(float) * D);
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t row = (b * S + s) * H + head * D;
+          attend_query(q + row, kcache, vcache, D, slot + s, real_p + b * keys, pos_p + b * keys,
+                       rope ? 0.f : slopes[head], scale, p.data(), att + row);
+        }
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t row = (b * S + s) * H + head * D;
-        attend_query(q + row, kcache, vcache, D, slot + s, real_p + b * keys, pos_p + b * keys,
-                     rope ? 0.f : slopes[head], scale, p.data(), att + row);
-      }
-    }
-  });
-  if (int err = run(3, 1, att, {h})) return err;
-  for (int64_t i = 0; i < M * H; ++i) h[i] += x[i];
-  rms_norm_rows(h, ln2, eps, M, H, n);
-  if (int err = run(4, 2, n, {gate, up})) return err;
-  parallel(kernel_threads(), [&](int t, int nt) {
-    int64_t i0, i1;
-    thread_range(M * I, 64, t, nt, &i0, &i1);
-    silu_mul(gate + i0, up + i0, i1 - i0);
-  });
-  if (int err = run(6, 1, gate, {y})) return err;
-  for (int64_t i = 0; i < M * H; ++i) y[i] += h[i];
+    });
+    if (int err = run(3, 1, att, {h})) return err;
+    for (int64_t i = 0; i < M * H; ++i) h[i] += x[i];
+    rms_norm_rows(h, ln2, eps, M, H, n);
+    if (int err = run(4, 2, n, {gate, up})) return err;
+    parallel(kernel_threads(), [&](int t, int nt) {
+      int64_t i0, i1;
+      thread_range(M * I, 64, t, nt, &i0, &i1);
+      silu_mul(gate + i0, up + i0, i1 - i0);
+    });
+    if (int err = run(6, 1, gate, {x})) return err;  // x is last read by h += x above: the new x replaces it
+    for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
+  }
+  rms_norm_rows(x, static_cast<const float *>(params[1]), eps, M, H, y);
   return 0;
 }
 

@@ -7,8 +7,8 @@ style blocks of 32, uint8 `[out, ceil(in / 32) * 16]`), both with float16 scales
     op = linear_op("int8", 32)       # None when the kernels cannot run here: use the stock ops then
     y = op(x, qweight, scales)       # inside a Cell's construct; x float32 [M, K] -> y float32 [M, N]
 
-cached_layer_op() runs a whole decoder layer of a cached step in one op (see modeling_baichuan.DecoderLayer), the
-other *_op() functions single layout / attention steps of the per-op path.
+cached_stack_op() runs a whole cached step through every decoder layer in one op (see BaichuanModel in
+modeling_baichuan.py), the other *_op() functions single layout / attention steps of the per-op path.
 
 The shared library is compiled with the system C++ compiler (g++, or $CXX) on first use into a cache directory
 keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.cache/baichuan2/kernels), built in a
@@ -263,14 +263,14 @@ def decode_attention_op():
                       outputs=3)
 
 
-def cached_layer_op():
-    """op(x, ln1, ln2, eps, spec, mask, slot, cos, sin, slopes, k_cache, v_cache, *weights) -> y [B * S, H]: one
-    decoder layer over S new tokens per sequence with a key/value cache (prefill or decode: RMSNorm, q/k/v,
-    positions and visibility from the mask, RoPE or ALiBi, the cache writes and attention, o_proj, residual,
-    RMSNorm, SwiGLU MLP, residual) in one launch, the caches written in place (see CachedLayer in kernels.cc for
-    the layout). `weights`: q, k, v, o, gate, up, down, each (weight,) or (qweight, scales), one format. None when
-    the kernels cannot run."""
-    return _layout_op("CachedLayer", lambda x, *rest: x)
+def cached_stack_op():
+    """op(x, norm, eps, spec, mask, slot, cos, sin, slopes, k_caches, v_caches, *per_layer) -> y [B * S, H]: a cached
+    step (prefill or decode) of S new tokens per sequence through every decoder layer (each: RMSNorm, q/k/v,
+    positions and visibility from the mask, RoPE or ALiBi, the cache writes and attention, o_proj, residual, RMSNorm,
+    SwiGLU MLP, residual) and the final RMSNorm, in one launch, the caches [layers, B, N, L, D] written in place (see
+    CachedStack in kernels.cc for the layout). `per_layer`: each layer's ln1, ln2, then q, k, v, o, gate, up, down,
+    each (weight,) or (qweight, scales), one format for all. None when the kernels cannot run."""
+    return _layout_op("CachedStack", lambda x, *rest: x)
 
 
 def rms_norm_op():

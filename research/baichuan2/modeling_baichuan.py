@@ -447,37 +447,24 @@ class DecoderLayer(nn.Cell):
         self.self_attn = Attention(config, kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
         self.mlp = MLP(config)
-        # at float32 inference on CPU, one kernels.py op for this whole layer when it runs with a cache (prefill
-        # and decode), the cache written in place: set by use_layer_kernel()
-        self.layer_op = None
-        self.layer_spec = Tensor([config.group_size or 0, int(config.position_encoding == "rope")], ms.int32)
 
     def projections(self):
         attn, mlp = self.self_attn, self.mlp
         return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    def use_layer_kernel(self, enabled=True):
-        """Cached steps through kernels.cached_layer_op where it can run: float32 compute and norms, every
-        projection a plain Linear with a kernel (not LoRA-wrapped), all in one format."""
+    def stack_kernel_inputs(self):
+        """This layer's inputs to kernels.cached_stack_op (ln1, ln2, then every projection's stored weights), or None
+        where that op cannot run it: it needs float32 compute and norms and every projection a plain Linear with a
+        kernel (not LoRA-wrapped), all in one format."""
         linears = self.projections()
         norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        if not enabled or use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
+        if use_fused_kernels() or not fusable(linears) or linears[0].compute_dtype != ms.float32 or \
                 any(w.dtype != ms.float32 for w in norms):
-            self.layer_op = None
-            return
-        self.layer_op = layout_op("cached_layer_op")
-
-    def cached_step(self, x, key_mask, slot, cache, position_tables):
-        """x [B, S, H] through layer_op: key_mask [B, L] int32, slot int32 (the first new token's cache slot),
-        cache (k, v) written in place, position_tables (cos, sin, slopes) of BaichuanModel. Returns [B, S, H]."""
+            return None
         weights = ()
-        for cell in self.projections():
+        for cell in linears:
             weights += cell.stored_weights()
-        cos, sin, slopes = position_tables
-        y = self.layer_op(x.reshape(-1, x.shape[-1]), self.input_layernorm.weight,
-                          self.post_attention_layernorm.weight, self.input_layernorm.eps_tensor, self.layer_spec,
-                          key_mask, slot, cos, sin, slopes, cache[0], cache[1], *weights)
-        return y.reshape(x.shape)
+        return norms + weights
 
     def construct(self, x, rope, attn_inputs, cache=None, write=None):
         h, cache = self.self_attn(self.input_layernorm(x), rope, attn_inputs, cache, write)
@@ -494,8 +481,9 @@ class BaichuanModel(nn.Cell):
     tensor, so the step number does not recompile the graph), and `attention_mask` [B, L] marks every slot holding
     a real token, the new ones included. Position ids, RoPE tables / ALiBi terms and the attention inputs are built
     here once per call, for all layers. At float32 inference on CPU with the kernels (`in_place_cache`, see
-    use_layer_kernels) each layer of a cached step is one op that does all of that itself and writes the given
-    caches in place: the same caches come back.
+    use_layer_kernels) a cached step through all layers and the final norm is one op that does all of that itself
+    and writes the given caches in place: the caches are then one tensor [layers, B, N, L, D] each for keys and
+    values (see empty_caches), and the same ones come back.
     """
 
     def __init__(self, config):
@@ -509,6 +497,8 @@ class BaichuanModel(nn.Cell):
         self.attention_inputs = kernels["attention_inputs"]
         self.rope_inputs = kernels["rope_inputs"]
         self.in_place_cache = False  # set by use_layer_kernels()
+        self.stack_op = self.stack_inputs = None
+        self.stack_spec = Tensor([config.group_size or 0, int(self.use_rope)], ms.int32)
         self.embed_tokens = Embedding(config)
         self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config, kernels)
@@ -522,12 +512,16 @@ class BaichuanModel(nn.Cell):
             self.position_tables = (unused, unused, self.slopes.reshape(-1))
 
     def use_layer_kernels(self, enabled=True):
-        """Cached steps (prefill and decode) through every layer's layer_op when each has one (see
-        DecoderLayer.use_layer_kernel): they write the caches in place and build positions and visibility from the
-        mask themselves. enabled=False: op by op (the projection and attention kernels), as when a layer cannot."""
-        for layer in self.layers:
-            layer.use_layer_kernel(enabled)
-        self.in_place_cache = all(layer.layer_op is not None for layer in self.layers)
+        """Cached steps (prefill and decode) through kernels.cached_stack_op when every layer can run on it (see
+        DecoderLayer.stack_kernel_inputs) and the final norm is float32: one op that writes the caches in place and
+        builds positions and visibility from the mask itself. enabled=False: op by op (the projection and attention
+        kernels), as when some layer cannot."""
+        layers = [layer.stack_kernel_inputs() for layer in self.layers] if enabled else [None]
+        op = layout_op("cached_stack_op") if all(inputs is not None for inputs in layers) and \
+            self.norm.weight.dtype == ms.float32 else None
+        self.stack_op = op
+        self.stack_inputs = None if op is None else sum(layers, ())
+        self.in_place_cache = op is not None
 
     def position_inputs(self, key_mask, query_slots, segment_ids=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
@@ -583,10 +577,10 @@ class BaichuanModel(nn.Cell):
             if isinstance(slot, int):
                 slot = ops.scalar_to_tensor(slot, ms.int32)
             x = self.embed_tokens(input_ids).astype(self.compute_dtype)
-            for i in range(len(self.layers)):
-                x = self.layers[i].cached_step(x, attention_mask, slot, (k_caches[i], v_caches[i]),
-                                               self.position_tables)
-            return self.norm(x), k_caches, v_caches
+            cos, sin, slopes = self.position_tables
+            y = self.stack_op(x.reshape(-1, x.shape[-1]), self.norm.weight, self.norm.eps_tensor, self.stack_spec,
+                              attention_mask, slot, cos, sin, slopes, k_caches, v_caches, *self.stack_inputs)
+            return y.reshape(x.shape), k_caches, v_caches
         query_slots = ops.arange(0, seq_len, dtype=ms.int32)
         write = None
         if k_caches is not None:
@@ -698,11 +692,16 @@ class BaichuanForCausalLM(PreTrainedModel):
 
     # ------------------------------------------------------------------ generation
     def empty_caches(self, batch, slots):
-        """Zeroed per-layer key and value caches [B, heads, slots, head_dim], wrapped in `ms.mutable` so GRAPH
-        mode treats them as variable inputs (a constant tuple would be folded and recompiled every step)."""
+        """Zeroed key and value caches for `batch` sequences of `slots` tokens, in the form the model's cached steps
+        take: one [layers, B, heads, slots, head_dim] tensor each where the steps write them in place
+        (caches_in_place(): one op for the whole stack), else a tuple of [B, heads, slots, head_dim] per layer each,
+        wrapped in `ms.mutable` so GRAPH mode treats them as variable inputs (a constant tuple would be folded and
+        recompiled every step). Make them after any change of the model's kernels (prepare_for_inference, LoRA)."""
         config = self.config
         shape = (batch, config.num_attention_heads, slots, config.head_dim)
         dtype = _DTYPES[config.compute_dtype]
+        if self.caches_in_place():
+            return tuple(ops.zeros((config.num_hidden_layers,) + shape, dtype) for _ in range(2))
         make = lambda: tuple(ops.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
         return ms.mutable(make()), ms.mutable(make())
 
@@ -734,7 +733,7 @@ class BaichuanForCausalLM(PreTrainedModel):
         return self
 
     def caches_in_place(self):
-        """Whether cached steps write the caches in place (every layer on kernels.cached_layer_op)."""
+        """Whether cached steps write the caches in place (the whole stack on kernels.cached_stack_op)."""
         return self.model.in_place_cache
 
     def load_weights(self, model_dir_or_file, strict=True):
@@ -806,7 +805,9 @@ class _CachedStep(nn.Cell):
 
     def step(self, *args):
         *inputs, k_caches, v_caches = args
-        out = self.graph_call(*inputs, ms.mutable(k_caches), ms.mutable(v_caches))
+        if isinstance(k_caches, tuple):  # per-layer caches: variable inputs, not constants (see empty_caches)
+            k_caches, v_caches = ms.mutable(k_caches), ms.mutable(v_caches)
+        out = self.graph_call(*inputs, k_caches, v_caches)
         return (out, k_caches, v_caches) if self.in_place else out
 
 
@@ -817,7 +818,7 @@ class CachedPrefill(_CachedStep):
     (batch, prompt bucket, cache length)."""
 
     def construct(self, input_ids, attention_mask, k_caches, v_caches):
-        slots = k_caches[0].shape[2]
+        slots = k_caches.shape[3] if isinstance(k_caches, Tensor) else k_caches[0].shape[2]
         if attention_mask.shape[1] < slots:
             empty = ops.zeros((attention_mask.shape[0], slots - attention_mask.shape[1]), attention_mask.dtype)
             attention_mask = ops.concat((attention_mask, empty), 1)
