@@ -336,13 +336,14 @@ CACHED_STACK_CASES = [(w, e) if (w, e) == ("float32", "rope") else pytest.param(
 
 @pytest.mark.parametrize("weights,encoding", CACHED_STACK_CASES)
 def test_cached_stack_op_matches_the_per_op_kernels(weights, encoding, graph):
-    """Prefill and decode steps through CachedStack (one op for all layers, caches written in place) give the logits
-    and caches of the same kernels called op by op (projections, layout ops, DecodeAttention, stock attention at
-    prefill). Float32 weights: float32 rounding only (1e-4 of the largest value). The other formats' decode
-    projections round x (bfloat16: to 8 bits; int8 / int4: to int8 per 32 inputs), so a last-bit difference
-    upstream (the op's own SiLU and RMSNorm against MindSpore's) can flip a rounding: 1e-2 there, still far below
-    what a wrong position, slot or head does (the ALiBi sign reversed: 76%). The caches the caller passed in hold
-    the new rows afterwards (the op writes into the caller's buffers)."""
+    """Prefill and decode steps through CachedStackLogits (one op for all layers and the lm_head, caches written in
+    place) and CachedStack (the lm_head's own kernel after it) give the logits and caches of the same kernels called
+    op by op (projections, layout ops, DecodeAttention, stock attention at prefill). Float32 weights: float32
+    rounding only (1e-4 of the largest value). The other formats' decode projections round x (bfloat16: to 8 bits;
+    int8 / int4: to int8 per 32 inputs), so a last-bit difference upstream (the op's own SiLU and RMSNorm against
+    MindSpore's) can flip a rounding: 1e-2 there, still far below what a wrong position, slot or head does (the
+    ALiBi sign reversed: 76%). The caches the caller passed in hold the new rows afterwards (the op writes into the
+    caller's buffers)."""
     shape = dict(MODEL_SHAPE, position_encoding=encoding)
     fused = random_model(weights, shape)
     assert fused.model.stack_op is not None and fused.caches_in_place()
@@ -357,6 +358,10 @@ def test_cached_stack_op_matches_the_per_op_kernels(weights, encoding, graph):
     tolerance = 1e-4 if weights == "float32" else 1e-2
     assert np.max(np.abs(got_k - want_k)) <= tolerance * np.max(np.abs(want_k))
     assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
+    assert fused.model.stack_logits_op is not None  # the lm_head ran inside the op: now without it (CachedStack)
+    fused.model.stack_logits_op = None
+    alone = cached_decode_logits(fused)[0]
+    assert np.max(np.abs(alone - want)) <= tolerance * np.max(np.abs(want))
 
 
 @pytest.mark.slow

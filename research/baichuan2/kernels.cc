@@ -537,6 +537,7 @@ int linear(Fmt fmt, int64_t group, int nw, int nparam, void **params, int *ndims
 }  // namespace
 
 #define AOT_ARGS int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *
+#define AOT_ARGS_NAMED int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes
 #define AOT_FWD nparam, params, ndims, shapes, dtypes
 
 extern "C" {
@@ -680,17 +681,25 @@ int DecodeAttention(AOT_ARGS) {
 // position) and slopes float32 [N] (ALiBi; whichever is unused may be any float32 tensor); caches kc, vc
 // [Ly, B, N, L, D]; then per layer ln1, ln2 [H] and the weights of q, k, v, o, gate, up, down, each (w) for
 // float32 / bfloat16 or (qweight, scales) for int8 / int4 (the format is read from their dtypes). Output y [B * S, H].
-int CachedStack(AOT_ARGS) {
-  // x norm eps spec mask slot cos sin slopes kc vc | per layer: ln1 ln2 q k v o gate up down | y
+// CachedStackLogits: the same with the lm_head's weights last (w, or qweight + scales, in any format; group size
+// as the layers'), and the output the logits [B, V] of each sequence's last new token: the lm_head, the strided
+// slice before it and their launches leave the decode graph too.
+static int cached_stack(bool with_head, AOT_ARGS_NAMED) {
+  // x norm eps spec mask slot cos sin slopes kc vc | per layer: ln1 ln2 q k v o gate up down | [head] | y
   constexpr int kFixed = 11, kWeights = 7;
-  if (nparam < kFixed + 2 + kWeights + 1) return 1;
-  int fmt = -1;
-  for (int f = 0; f < 4; ++f)
+  if (nparam < kFixed + 2 + kWeights + 1 + with_head) return 1;
+  int fmt = -1, head_fmt = -1;
+  const int head_tensors = !with_head ? 0 : strcmp(dtypes[nparam - 2], "float16") == 0 ? 2 : 1;
+  const int head_at = nparam - 1 - head_tensors;
+  for (int f = 0; f < 4; ++f) {
     if (strcmp(dtypes[kFixed + 2], kWeightDtype[f]) == 0) fmt = f;
-  if (fmt < 0) return 3;
+    if (with_head && strcmp(dtypes[head_at], kWeightDtype[f]) == 0) head_fmt = f;
+  }
+  if (fmt < 0 || (with_head && (head_fmt < 0 || (head_tensors == 2) != (head_fmt == kI8 || head_fmt == kI4))))
+    return 3;
   const int per = fmt == kI8 || fmt == kI4 ? 2 : 1, per_layer = 2 + per * kWeights;
-  if ((nparam - kFixed - 1) % per_layer != 0) return 1;
-  const int64_t layers = (nparam - kFixed - 1) / per_layer;
+  if ((head_at - kFixed) % per_layer != 0) return 1;
+  const int64_t layers = (head_at - kFixed) / per_layer;
   for (int i : {0, 1, 2, 6, 7, 8, 9, 10, nparam - 1})
     if (strcmp(dtypes[i], "float32") != 0) return 3;
   for (int i : {3, 4, 5})
@@ -732,7 +741,15 @@ int CachedStack(AOT_ARGS) {
         return err;
     }
   }
-  if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) return 4;
+  Problem head;  // the lm_head over the last new token of each sequence: B rows
+  if (with_head) {
+    head.M = B;
+    if (int err = bind_weight(static_cast<Fmt>(head_fmt), group, head_at, -1, H, params, ndims, shapes, dtypes, &head))
+      return err;
+    if (shapes[nparam - 1][0] != B || shapes[nparam - 1][1] != head.N) return 4;
+  } else if (shapes[nparam - 1][0] != M || shapes[nparam - 1][1] != H) {
+    return 4;
+  }
   const float *x_in = static_cast<const float *>(params[0]), *cos_table = static_cast<const float *>(params[6]),
               *sin_table = static_cast<const float *>(params[7]), *slopes = static_cast<const float *>(params[8]);
   const int32_t *mask = static_cast<const int32_t *>(params[4]);
@@ -812,9 +829,19 @@ int CachedStack(AOT_ARGS) {
     if (int err = run(6, 1, gate, {x})) return err;  // x is last read by h += x above: the new x replaces it
     for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
   }
-  rms_norm_rows(x, static_cast<const float *>(params[1]), eps, M, H, y);
-  return 0;
+  const float *norm = static_cast<const float *>(params[1]);
+  if (!with_head) {
+    rms_norm_rows(x, norm, eps, M, H, y);
+    return 0;
+  }
+  for (int64_t b = 0; b < B; ++b) rms_norm_rows(x + (b * S + S - 1) * H, norm, eps, 1, H, n + b * H);
+  head.x = n;
+  head.y = y;
+  return project(static_cast<Fmt>(head_fmt), &head, 1);
 }
+
+int CachedStack(AOT_ARGS) { return cached_stack(false, AOT_FWD); }
+int CachedStackLogits(AOT_ARGS) { return cached_stack(true, AOT_FWD); }
 
 // RMSNorm over the last axis: y = w * x / sqrt(mean(x^2) + eps); x and y [M, H], w [H], eps [1], float32.
 int RmsNormF32(AOT_ARGS) {

@@ -263,13 +263,18 @@ def decode_attention_op():
                       outputs=3)
 
 
-def cached_stack_op():
-    """op(x, norm, eps, spec, mask, slot, cos, sin, slopes, k_caches, v_caches, *per_layer) -> y [B * S, H]: a cached
+def cached_stack_op(head_tensors=0):
+    """op(x, norm, eps, spec, mask, slot, cos, sin, slopes, k_caches, v_caches, *per_layer[, *head]) -> y: a cached
     step (prefill or decode) of S new tokens per sequence through every decoder layer (each: RMSNorm, q/k/v,
     positions and visibility from the mask, RoPE or ALiBi, the cache writes and attention, o_proj, residual, RMSNorm,
     SwiGLU MLP, residual) and the final RMSNorm, in one launch, the caches [layers, B, N, L, D] written in place (see
     CachedStack in kernels.cc for the layout). `per_layer`: each layer's ln1, ln2, then q, k, v, o, gate, up, down,
-    each (weight,) or (qweight, scales), one format for all. None when the kernels cannot run."""
+    each (weight,) or (qweight, scales), one format for all. y: the hidden states [B * S, H]; with `head_tensors`
+    1 or 2 the lm_head's weight (or qweight, scales) comes last and y is the logits [B, V] of each sequence's last
+    new token. None when the kernels cannot run."""
+    if head_tensors:
+        return _layout_op("CachedStackLogits", lambda x, norm, eps, spec, mask, *rest: [mask[0],
+                                                                                      rest[-head_tensors][0]])
     return _layout_op("CachedStack", lambda x, *rest: x)
 
 

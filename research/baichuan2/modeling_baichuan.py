@@ -497,7 +497,7 @@ class BaichuanModel(nn.Cell):
         self.attention_inputs = kernels["attention_inputs"]
         self.rope_inputs = kernels["rope_inputs"]
         self.in_place_cache = False  # set by use_layer_kernels()
-        self.stack_op = self.stack_inputs = None
+        self.stack_op = self.stack_logits_op = self.stack_inputs = self.stack_head = None
         self.stack_spec = Tensor([config.group_size or 0, int(self.use_rope)], ms.int32)
         self.embed_tokens = Embedding(config)
         self.layers = nn.CellList([DecoderLayer(config, kernels) for _ in range(config.num_hidden_layers)])
@@ -511,17 +511,20 @@ class BaichuanModel(nn.Cell):
             unused = Tensor(np.zeros((1, 1), np.float32))
             self.position_tables = (unused, unused, self.slopes.reshape(-1))
 
-    def use_layer_kernels(self, enabled=True):
+    def use_layer_kernels(self, enabled=True, head=None):
         """Cached steps (prefill and decode) through kernels.cached_stack_op when every layer can run on it (see
         DecoderLayer.stack_kernel_inputs) and the final norm is float32: one op that writes the caches in place and
-        builds positions and visibility from the mask itself. enabled=False: op by op (the projection and attention
-        kernels), as when some layer cannot."""
+        builds positions and visibility from the mask itself; `head` (NormHead.kernel_weights()) puts the lm_head
+        into that op too (stack_step(logits=True)). enabled=False: op by op (the projection and attention kernels),
+        as when some layer cannot."""
         layers = [layer.stack_kernel_inputs() for layer in self.layers] if enabled else [None]
-        op = layout_op("cached_stack_op") if all(inputs is not None for inputs in layers) and \
-            self.norm.weight.dtype == ms.float32 else None
-        self.stack_op = op
-        self.stack_inputs = None if op is None else sum(layers, ())
-        self.in_place_cache = op is not None
+        usable = all(inputs is not None for inputs in layers) and self.norm.weight.dtype == ms.float32
+        kernels = kernels_module() if usable else None
+        self.stack_op = None if kernels is None else kernels.cached_stack_op()
+        self.stack_inputs = None if self.stack_op is None else sum(layers, ())
+        self.stack_logits_op = None if self.stack_op is None or head is None else kernels.cached_stack_op(len(head))
+        self.stack_head = None if self.stack_logits_op is None else tuple(head)
+        self.in_place_cache = self.stack_op is not None
 
     def position_inputs(self, key_mask, query_slots, segment_ids=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
@@ -566,6 +569,21 @@ class BaichuanModel(nn.Cell):
         slot = ops.scalar_to_tensor(cache_slot, ms.int32) if isinstance(cache_slot, int) else cache_slot
         return ops.minimum(ops.maximum(offset, 0), new_tokens - 1), ops.broadcast_to(window, cache_shape), slot
 
+    def stack_step(self, input_ids, attention_mask, k_caches, v_caches, cache_slot=None, logits=False):
+        """A cached step through the stack op (in_place_cache; see use_layer_kernels): the final-normed hidden
+        states [B, S, H], or with `logits` the float32 logits [B, V] of each sequence's last new token (the lm_head
+        in the op as well: stack_logits_op)."""
+        slot = 0 if cache_slot is None else cache_slot
+        if isinstance(slot, int):
+            slot = ops.scalar_to_tensor(slot, ms.int32)
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        cos, sin, slopes = self.position_tables
+        inputs = (x.reshape(-1, x.shape[-1]), self.norm.weight, self.norm.eps_tensor, self.stack_spec,
+                  attention_mask.astype(ms.int32), slot, cos, sin, slopes, k_caches, v_caches) + self.stack_inputs
+        if logits:
+            return self.stack_logits_op(*inputs, *self.stack_head)
+        return self.stack_op(*inputs).reshape(x.shape)
+
     def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
         """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
         segment_ids [B, S] (packed rows, without a cache; see segments_from_ends): which conversation each token
@@ -573,14 +591,7 @@ class BaichuanModel(nn.Cell):
         seq_len = input_ids.shape[1]
         attention_mask = attention_mask.astype(ms.int32)
         if self.in_place_cache and k_caches is not None:
-            slot = 0 if cache_slot is None else cache_slot
-            if isinstance(slot, int):
-                slot = ops.scalar_to_tensor(slot, ms.int32)
-            x = self.embed_tokens(input_ids).astype(self.compute_dtype)
-            cos, sin, slopes = self.position_tables
-            y = self.stack_op(x.reshape(-1, x.shape[-1]), self.norm.weight, self.norm.eps_tensor, self.stack_spec,
-                              attention_mask, slot, cos, sin, slopes, k_caches, v_caches, *self.stack_inputs)
-            return y.reshape(x.shape), k_caches, v_caches
+            return self.stack_step(input_ids, attention_mask, k_caches, v_caches, cache_slot), k_caches, v_caches
         query_slots = ops.arange(0, seq_len, dtype=ms.int32)
         write = None
         if k_caches is not None:
@@ -630,6 +641,13 @@ class NormHead(nn.Cell):
     def l2_normalize(w):
         w32 = w.astype(ms.float32)
         return (w32 / expand(ops.maximum(ops.sqrt((w32 * w32).sum(-1, keepdims=True)), 1e-12), w32)).astype(w.dtype)
+
+    def kernel_weights(self):
+        """The stored weights for the cached steps' one-op path (BaichuanModel.use_layer_kernels), which projects
+        with them as they are; None where this head has no kernel, or its Baichuan2 rows are not normalised yet."""
+        if self.kernel is None or (self.format == "dense" and self.norm and not self.normalized):
+            return None
+        return (self.qweight, self.scales) if self.format in ("int8", "int4") else (self.weight,)
 
     def normalize_once(self):
         if self.norm and not self.normalized:
@@ -728,7 +746,7 @@ class BaichuanForCausalLM(PreTrainedModel):
             layer.mlp.fuse_projections()
             layer.input_layernorm.use_kernel()
             layer.post_attention_layernorm.use_kernel()
-        self.model.use_layer_kernels()
+        self.model.use_layer_kernels(head=self.lm_head.kernel_weights())
         self.model.norm.use_kernel()
         return self
 
@@ -786,10 +804,10 @@ class BaichuanForCausalLM(PreTrainedModel):
 
 
 class _CachedStep(nn.Cell):
-    """A compiled step of cached generation. When the model's caches_in_place() (every layer on the cached-layer
-    kernel) the graph writes the given caches in place and returns only the logits (returning the input caches
-    would copy every one of them); otherwise it returns (logits, new k caches, new v caches). `step` returns
-    (logits, k caches, v caches) either way: call that."""
+    """A compiled step of cached generation. When the model's caches_in_place() (the stack on one kernel) the graph
+    writes the given caches in place and returns only the logits (returning the input caches would copy every one
+    of them); otherwise it returns (logits, new k caches, new v caches). `step` returns (logits, k caches, v caches)
+    either way: call that."""
 
     def __init__(self, lm):
         super().__init__(auto_prefix=False)  # keep the model's parameter names
@@ -797,8 +815,14 @@ class _CachedStep(nn.Cell):
         self.in_place = lm.caches_in_place()
         self.graph_call = CompiledCall(self)  # step() runs the compiled graph without MindSpore's per-call overhead
 
-    def outputs(self, hidden, k_caches, v_caches):
-        logits = self.lm.lm_head(hidden[:, -1]).astype(ms.float32)
+    def outputs(self, input_ids, attention_mask, k_caches, v_caches, cache_slot=None):
+        """Float32 logits [B, V] of each sequence's last new token, and the new caches unless written in place."""
+        model = self.lm.model
+        if model.stack_logits_op is not None:  # embedding, then one op: the stack, the final norm and the lm_head
+            logits = model.stack_step(input_ids, attention_mask, k_caches, v_caches, cache_slot, True)
+        else:
+            hidden, k_caches, v_caches = model(input_ids, attention_mask, k_caches, v_caches, cache_slot)
+            logits = self.lm.lm_head(hidden[:, -1]).astype(ms.float32)
         if self.in_place:
             return logits
         return logits, k_caches, v_caches
@@ -822,7 +846,7 @@ class CachedPrefill(_CachedStep):
         if attention_mask.shape[1] < slots:
             empty = ops.zeros((attention_mask.shape[0], slots - attention_mask.shape[1]), attention_mask.dtype)
             attention_mask = ops.concat((attention_mask, empty), 1)
-        return self.outputs(*self.lm.model(input_ids, attention_mask, k_caches, v_caches))
+        return self.outputs(input_ids, attention_mask, k_caches, v_caches)
 
 
 class CachedDecode(_CachedStep):
@@ -831,7 +855,7 @@ class CachedDecode(_CachedStep):
     [B, L] marks every slot holding a real token, the new one included. Logits [B, V]."""
 
     def construct(self, input_ids, attention_mask, slot, k_caches, v_caches):
-        return self.outputs(*self.lm.model(input_ids, attention_mask, k_caches, v_caches, slot))
+        return self.outputs(input_ids, attention_mask, k_caches, v_caches, slot)
 
 
 def segments_from_ends(seq_ends, length):
