@@ -637,6 +637,8 @@ class NormHead(nn.Cell):
             self.kernel = kernel_linear_op(self.format, self.group_size)
             self.normalized = True
 
+    stored_weights = Linear.stored_weights  # (weight,), or (qweight, scales) for int8 / int4: as a Linear's
+
     @staticmethod
     def l2_normalize(w):
         w32 = w.astype(ms.float32)
@@ -647,7 +649,7 @@ class NormHead(nn.Cell):
         with them as they are; None where this head has no kernel, or its Baichuan2 rows are not normalised yet."""
         if self.kernel is None or (self.format == "dense" and self.norm and not self.normalized):
             return None
-        return (self.qweight, self.scales) if self.format in ("int8", "int4") else (self.weight,)
+        return self.stored_weights()
 
     def normalize_once(self):
         if self.norm and not self.normalized:
@@ -656,9 +658,8 @@ class NormHead(nn.Cell):
 
     def construct(self, x):
         if self.format != "dense":
-            weights = (self.weight,) if self.format == "bfloat16" else (self.qweight, self.scales)
-            return project(x, weights, self.format, self.group_size, self.in_features, self.kernel).astype(
-                self.compute_dtype)
+            y = project(x, self.stored_weights(), self.format, self.group_size, self.in_features, self.kernel)
+            return y.astype(self.compute_dtype)
         w = self.weight
         if self.norm and (self.training or not self.normalized):
             w = self.l2_normalize(w)
