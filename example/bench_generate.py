@@ -17,6 +17,8 @@ Then per shape and format (each batch-1 decode run after a read of the model's o
                first token (--new_tokens steps each, cached)
   of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
   prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
+  of peak      the prefill's multiply-adds (projections, attention, the last token's lm_head; 2 ops each) a
+               second over the compute roofline of its weight format measured just before (kernels.peak_gops)
   peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB:
                b1 after the prefill and batch-1 decode graphs are compiled and run (one conversation), all
                after batch 4's too
@@ -164,6 +166,16 @@ def bytes_per_token(model, batch, slots):
     return total, cache
 
 
+def prefill_ops(config, length):
+    """Operations (2 per multiply-add) of a batch-1 prefill of `length` tokens: every token through the layers'
+    projections (q, k, v, o: H x H; gate, up, down: H x I) and causal attention (scores and values over the keys up
+    to its own), and the lm_head for the last token."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    projections = layers * (4 * h * h + 3 * h * config.intermediate_size) * length
+    attention = layers * 2 * h * length * (length + 1) // 2
+    return 2 * (projections + attention + config.vocab_size * h)
+
+
 def timed_decode(generator, prompts, new_tokens, use_cache, steps=None):
     """Seconds per step after the first token (the first one includes the prefill)."""
     stream = generator.stream(prompts, max_new_tokens=new_tokens, eos_token_id=(), use_cache=use_cache)
@@ -203,6 +215,7 @@ def bench(name, weights, args, rt):
     best = min(_seconds(lambda: generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
                for _ in range(2))
     row["prefill"] = length / best
+    row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernels.peak_gops(weights)
 
     # Batch 1 against the roofline: before each of ROUNDS decode runs the kernels' read loop streams this model's
     # own weights once (the bytes a step reads, where they lie in memory). On a shared virtual machine the read
@@ -244,7 +257,7 @@ COLUMNS = [("config", "{}", "config"), ("weights", "{}", "weights"), ("params", 
            ("roofline", "{:.2f}", "roofline tok/s"),
            ("decode_b1", "{:.2f}", "decode b1 tok/s"), ("fraction", "{:.0%}", "of roofline"),
            ("overhead_ms", "{:.1f}", "overhead ms/step"), ("decode_b4", "{:.2f}", "decode b4 tok/s"),
-           ("prefill", "{:.1f}", "prefill tok/s"), ("peak_rss_b1", "{:.2f}", "peak RSS b1 GiB"),
+           ("prefill", "{:.1f}", "prefill tok/s"), ("prefill_fraction", "{:.0%}", "of peak"), ("peak_rss_b1", "{:.2f}", "peak RSS b1 GiB"),
            ("peak_rss", "{:.2f}", "peak RSS all GiB")]
 
 

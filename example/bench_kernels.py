@@ -7,7 +7,9 @@ Prints the CPU model, the kernel path (avx512 / avx2) and threads, and the machi
 now (2 GB read on all threads with the kernels' own vector loads; again before each row, as bw). Then per format
 and weight shape N x K:
   decode   M = 1: GB/s of weights read and the fraction of the row's bandwidth (the roofline), kernel and stock
-  prefill  M = 64, 512: GFLOPS (2 M N K / time), kernel and stock
+  prefill  M = 64, 512: GFLOPS (2 M N K / time), kernel and stock, and the kernel's fraction of the format's
+           compute roofline measured now (peak: the rate of the instruction its matrix-matrix kernel is built on,
+           vpdpbusd / vdpbf16ps / FMA, in independent chains on all the kernels' threads; again before each row)
 Both paths run as GRAPH-mode Cells; decode cycles through enough weight copies (>= 256 MB) that the weights come
 from memory, not the 32 MB L3. Stock paths: float32 MatMul(transpose_b); bfloat16 Cast + MatMul; int8 Cast x
 scales + MatMul; int4 nibble unpack (FloorDiv, Sub, Concat) + the same. Random weights, group size 32.
@@ -117,11 +119,13 @@ def main(argv=None):
           "(the machine may be shared: figures are noisy)")
     rng = np.random.default_rng(0)
     header = f"{'format':9} {'N x K':>12} | {'bw GB/s':>7} {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
-    header += "".join(f" {'M=' + str(m) + ' GFLOPS':>13} {'stock':>7} |" for m in args.prefill)
+    header += f" {'peak GOPS':>9} |" if args.prefill else ""
+    header += "".join(f" {'M=' + str(m) + ' GFLOPS':>13} {'of peak':>7} {'stock':>7} |" for m in args.prefill)
     print(header)
     for fmt in args.formats:
         op = kernels.linear_op(fmt, GROUP)
         for shape in args.shapes:
+            peak = kernels.peak_gops(fmt) if args.prefill else None
             n, k = map(int, shape.lower().split("x"))
             stock = stock_projection(fmt, k)
             first, nbytes = make_weights(fmt, n, k, rng)
@@ -138,11 +142,13 @@ def main(argv=None):
                 scopies = copies if fmt == "float32" else 1
                 ts = seconds_per_product(Many(stock, scopies), x1, weights[:scopies], scopies, args.seconds)
                 row += f" {nbytes / ts / 1e9:10.2f} {nbytes / ts / 1e9 / bandwidth:6.1%} |"
+            if args.prefill:
+                row += f" {peak:9.0f} |"
             for m in args.prefill:
                 x = Tensor(rng.standard_normal((m, k), dtype=np.float32))
                 flops = 2 * m * n * k
                 t = seconds_per_product(Many(op, 1), x, weights[:1], 1, args.seconds)
-                row += f" {flops / t / 1e9:13.1f}"
+                row += f" {flops / t / 1e9:13.1f} {flops / t / 1e9 / peak:7.0%}"
                 if args.no_stock:
                     row += f" {'-':>7} |"
                 else:

@@ -185,6 +185,17 @@ def test_memory_bandwidth_probe_is_plausible():
     assert 0.5 < gbs < 2000
 
 
+def test_compute_peak_is_plausible(forced_isa):
+    """Prefill's roofline per format on every path: within what two 512-bit units a core at 6 GHz could issue
+    (ops a cycle: float32 FMA 64, bfloat16 dot 128, byte dot 256), and the byte dot (4 products a 32-bit lane)
+    above the float32 FMA (1 a lane)."""
+    peaks = {fmt: kernels.peak_gops(fmt, 0.05) for fmt in kernels.FORMATS}
+    per_cycle = {"float32": 64, "bfloat16": 128, "int8": 256, "int4": 256}
+    for fmt, gops in peaks.items():
+        assert 1 < gops <= per_cycle[fmt] * 6 * kernels.threads(), (fmt, gops)
+    assert peaks["int8"] > 1.2 * peaks["float32"], peaks
+
+
 def test_bandwidth_of_given_arrays_reads_them_all():
     """read_bandwidth_of reads the arrays it is given (a model's weights), split over the threads: its time grows
     with the bytes (a probe that skipped a buffer, or read one twice, would not scale), and bad input is refused."""

@@ -495,6 +495,7 @@ void attend_query(const float *q, const float *kc, const float *vc, int64_t D, i
 
 // nw projections of one x (ps[i].x equal) on the chosen path and the kernels' threads.
 int project(Fmt fmt, const Problem *ps, int nw) { ON_CHOSEN_ISA(run(fmt, ps, nw, kernel_threads()), return 6) }
+double peak_macs(Fmt fmt, double seconds) { ON_CHOSEN_ISA(peak_macs(fmt, seconds), return -1) }
 
 // y = w * x / sqrt(mean(x^2) + eps) per row of H; x, y [M, H], w [H].
 void rms_norm_rows(const float *x, const float *w, float eps, int64_t M, int64_t H, float *y) {
@@ -934,6 +935,18 @@ double ReadBandwidthOf(int n, void *const *ptrs, const int64_t *bytes, int reps)
     best = std::max(best, total / sec / 1e9);
   }
   return best;
+}
+
+// Prefill's compute roofline for format `fmt` (enum Fmt: 0 float32, 1 bfloat16, 2 int8, 3 int4) on the chosen path:
+// GOPS (2 per multiply-add) of its micro-kernel's inner instruction on all the kernels' threads at once, each
+// running it `seconds`; -1 where no path runs.
+double PeakGops(int fmt, double seconds) {
+  if (fmt < kF32 || fmt > kI4 || chosen_isa() == kNone) return -1;
+  std::vector<double> rates(kernel_threads());
+  parallel(kernel_threads(), [&](int tid, int) { rates[tid] = peak_macs(static_cast<Fmt>(fmt), seconds); });
+  double total = 0;
+  for (double r : rates) total += r;
+  return 2 * total / 1e9;
 }
 
 // Memory read bandwidth of a fresh buffer of `gigabytes` of random bytes, first touched by the threads that read
@@ -1694,6 +1707,43 @@ static int gemm_q(const Problem *ps, int nw, int nt) {
   free(sx);
   free(xoff);
   return failed ? 7 : 0;
+}
+
+// ---- prefill's compute roofline: multiply-adds per second, on this thread, of the instructions a format's prefill
+// micro-kernel is built on (int8 / int4: the byte dot, dot_acc, or int4's int16 pair sums where the path has no
+// VNNI; bfloat16: vdpbf16ps where the path has it, else the float32 tile's FMA; float32: FMA), in 12 independent
+// chains held in registers. A first version kept its sums in an array that GCC left in memory: it measured half
+// the rate (a "peak" of 1.7 G vpdpbusd a second per core on a Zen 4 EPYC that issues 3.6 G).
+template <class V, class Op>
+static double chain_rate(V zero, Op op, int64_t macs_per_op, double seconds) {
+  constexpr int kChains = 12, kRound = 1024;
+  V acc[kChains];
+  UNROLL for (int i = 0; i < kChains; ++i) acc[i] = zero;
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t rounds = 0;
+  double elapsed;
+  do {
+    for (int r = 0; r < kRound; ++r) UNROLL for (int i = 0; i < kChains; ++i) acc[i] = opaque(op(acc[i]));
+    rounds += kRound;
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } while (elapsed < seconds);
+  UNROLL for (int i = 0; i < kChains; ++i) asm volatile("" : : "v"(acc[i]));  // every chain's result is used
+  return static_cast<double>(rounds) * kChains * macs_per_op / elapsed;
+}
+
+static double peak_macs(Fmt fmt, double seconds) {
+  const I a = iset1(0x01020304);  // integer chains: their own sums as the signed operand, nothing to hoist
+  if (fmt == kI4 && !kDotAcc)  // int4 without VNNI: int16 pair sums, widened once a chunk
+    return chain_rate(izero(), [&](I acc) __attribute__((always_inline)) { return iadd16(acc, pairs_us(a, acc)); },
+                      4 * W, seconds);
+  if (fmt == kI8 || fmt == kI4)
+    return chain_rate(izero(), [&](I acc) __attribute__((always_inline)) { return dot_acc(acc, a, acc); }, 4 * W,
+                      seconds);
+  const F x = fset1(1e-3f);
+  if (fmt == kBF16 && kBF16Dot)
+    return chain_rate(fzero(), [&](F acc) __attribute__((always_inline)) { return dot_bf16_bcast(acc, x, 0x3A833A83u); },
+                      2 * W, seconds);
+  return chain_rate(fzero(), [&](F acc) __attribute__((always_inline)) { return ffma(x, x, acc); }, W, seconds);
 }
 
 // ---- e^x, vectorised (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r; relative

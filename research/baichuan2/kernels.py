@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 
-FORMATS = ("float32", "bfloat16", "int8", "int4")
+FORMATS = ("float32", "bfloat16", "int8", "int4")  # in the order of kernels.cc's enum Fmt (PeakGops)
 ISA_PATHS = ("avx2", "avxvnni", "avx512", "avx512vnni")  # the instruction-set paths kernels.cc is compiled for
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # one exported symbol each in kernels.cc
 
@@ -130,6 +130,8 @@ def _lib():
         lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
         lib.ReadBandwidth.restype = ctypes.c_double
         lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
+        lib.PeakGops.restype = ctypes.c_double
+        lib.PeakGops.argtypes = (ctypes.c_int, ctypes.c_double)
         lib.ReadBandwidthOf.restype = ctypes.c_double
         lib.ReadBandwidthOf.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
                                         ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
@@ -161,6 +163,15 @@ def rounds_x(fmt):
 def threads():
     lib = _lib()
     return None if lib is None else lib.KernelThreads()
+
+
+def peak_gops(fmt, seconds=0.2):
+    """Prefill's compute roofline for `fmt` on the path running now: GOPS (2 per multiply-add) of the instruction
+    its matrix-matrix kernel is built on, run in independent chains on all the kernels' threads for `seconds`."""
+    lib = _lib()
+    if lib is None:
+        return None
+    return lib.PeakGops(FORMATS.index(fmt), seconds)
 
 
 def read_bandwidth(gigabytes=2.0, reps=3):
