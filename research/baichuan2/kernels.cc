@@ -227,21 +227,16 @@ KI I bcast4(const int8_t *p) {
   memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
-// Prefill's repack: out[j] lane l = the 4 bytes at row[l] + 4 j, j < 4 (16 bytes of each of W rows, turned on their
-// side): a 4 x 4 transpose of 32-bit words inside each 128-bit lane, whose input lanes are the rows q, 4 + q, ...
-// (hardware gathers did the same in a fifth of int4 prefill's time on a Zen 4 EPYC; this, in a few percent).
+// Prefill's repack (rows_sideways): the 16 bytes at row[q] + off, row[4 + q] + off, ... in successive 128-bit
+// lanes, and 32- / 64-bit interleaves within each lane.
 KI __m128i ld16(const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); }
-KI void rows_sideways(const uint8_t *const row[W], int64_t off, I out[4]) {
-  I x[4];
-  for (int q = 0; q < 4; ++q)
-    x[q] = _mm256_inserti128_si256(_mm256_castsi128_si256(ld16(row[q] + off)), ld16(row[4 + q] + off), 1);
-  const I t0 = _mm256_unpacklo_epi32(x[0], x[1]), t1 = _mm256_unpackhi_epi32(x[0], x[1]);
-  const I t2 = _mm256_unpacklo_epi32(x[2], x[3]), t3 = _mm256_unpackhi_epi32(x[2], x[3]);
-  out[0] = _mm256_unpacklo_epi64(t0, t2);
-  out[1] = _mm256_unpackhi_epi64(t0, t2);
-  out[2] = _mm256_unpacklo_epi64(t1, t3);
-  out[3] = _mm256_unpackhi_epi64(t1, t3);
+KI I lanes_of_rows(const uint8_t *const row[W], int q, int64_t off) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(ld16(row[q] + off)), ld16(row[4 + q] + off), 1);
 }
+KI I unpack_lo32(I a, I b) { return _mm256_unpacklo_epi32(a, b); }
+KI I unpack_hi32(I a, I b) { return _mm256_unpackhi_epi32(a, b); }
+KI I unpack_lo64(I a, I b) { return _mm256_unpacklo_epi64(a, b); }
+KI I unpack_hi64(I a, I b) { return _mm256_unpackhi_epi64(a, b); }
 // Decode's scales: W float16 to float32; lane l of the result = v[idx[l]]; the index vector whose lane l is
 // first + l / lanes_per_chunk (the chunk, of W in a vector of scales, whose dot lane l holds).
 KI F ld_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
@@ -367,21 +362,14 @@ KI I bcast4(const int8_t *p) {
   return _mm512_set1_epi32(v);
 }
 KI __m128i ld16(const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); }
-KI void rows_sideways(const uint8_t *const row[W], int64_t off, I out[4]) {  // as AVX2's, four 128-bit lanes
-  I x[4];
-  for (int q = 0; q < 4; ++q) {
-    I v = _mm512_castsi128_si512(ld16(row[q] + off));
-    v = _mm512_inserti32x4(v, ld16(row[4 + q] + off), 1);
-    v = _mm512_inserti32x4(v, ld16(row[8 + q] + off), 2);
-    x[q] = _mm512_inserti32x4(v, ld16(row[12 + q] + off), 3);
-  }
-  const I t0 = _mm512_unpacklo_epi32(x[0], x[1]), t1 = _mm512_unpackhi_epi32(x[0], x[1]);
-  const I t2 = _mm512_unpacklo_epi32(x[2], x[3]), t3 = _mm512_unpackhi_epi32(x[2], x[3]);
-  out[0] = _mm512_unpacklo_epi64(t0, t2);
-  out[1] = _mm512_unpackhi_epi64(t0, t2);
-  out[2] = _mm512_unpacklo_epi64(t1, t3);
-  out[3] = _mm512_unpackhi_epi64(t1, t3);
+KI I lanes_of_rows(const uint8_t *const row[W], int q, int64_t off) {  // as AVX2's, four 128-bit lanes
+  const I v = _mm512_inserti32x4(_mm512_castsi128_si512(ld16(row[q] + off)), ld16(row[4 + q] + off), 1);
+  return _mm512_inserti32x4(_mm512_inserti32x4(v, ld16(row[8 + q] + off), 2), ld16(row[12 + q] + off), 3);
 }
+KI I unpack_lo32(I a, I b) { return _mm512_unpacklo_epi32(a, b); }
+KI I unpack_hi32(I a, I b) { return _mm512_unpackhi_epi32(a, b); }
+KI I unpack_lo64(I a, I b) { return _mm512_unpacklo_epi64(a, b); }
+KI I unpack_hi64(I a, I b) { return _mm512_unpackhi_epi64(a, b); }
 KI F ld_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))); }
 KI F permute(F v, I idx) { return _mm512_permutexvar_ps(idx, v); }
 KI I lane_index(int lanes_per_chunk, int first) {
@@ -1598,6 +1586,20 @@ KI void micro_q(const uint8_t *tile, const float *tsc, const int8_t *xq, const f
     UNROLL for (int m = 0; m < MR; ++m) acc[m] = ffma(icvt(d[m]), fmul(sw, fset1(sx[(m0 + m) * chunks + c])), acc[m]);
   }
   UNROLL for (int m = 0; m < MR; ++m) fstore(yacc + (m0 + m) * RB, acc[m]);
+}
+
+// out[j] lane l = the 4 bytes at row[l] + off + 4 j, j < 4: 16 bytes of each of W rows turned on their side, a
+// 4 x 4 transpose of 32-bit words inside each 128-bit lane, whose input lanes are the rows q, 4 + q, ... (hardware
+// gathers did the same in a fifth of int4 prefill's time on a Zen 4 EPYC; this, in a few percent).
+KI void rows_sideways(const uint8_t *const row[W], int64_t off, I out[4]) {
+  I x[4];
+  for (int q = 0; q < 4; ++q) x[q] = lanes_of_rows(row, q, off);
+  const I t0 = unpack_lo32(x[0], x[1]), t1 = unpack_hi32(x[0], x[1]);
+  const I t2 = unpack_lo32(x[2], x[3]), t3 = unpack_hi32(x[2], x[3]);
+  out[0] = unpack_lo64(t0, t2);
+  out[1] = unpack_hi64(t0, t2);
+  out[2] = unpack_lo64(t1, t3);
+  out[3] = unpack_hi64(t1, t3);
 }
 
 // Rows n0..n0+RB-1 of W (those past N repeat row N-1: computed, never stored) into the tile and its scales.
