@@ -257,8 +257,8 @@ COLUMNS = [("config", "{}", "config"), ("weights", "{}", "weights"), ("params", 
            ("roofline", "{:.2f}", "roofline tok/s"),
            ("decode_b1", "{:.2f}", "decode b1 tok/s"), ("fraction", "{:.0%}", "of roofline"),
            ("overhead_ms", "{:.1f}", "overhead ms/step"), ("decode_b4", "{:.2f}", "decode b4 tok/s"),
-           ("prefill", "{:.1f}", "prefill tok/s"), ("prefill_fraction", "{:.0%}", "of peak"), ("peak_rss_b1", "{:.2f}", "peak RSS b1 GiB"),
-           ("peak_rss", "{:.2f}", "peak RSS all GiB")]
+           ("prefill", "{:.1f}", "prefill tok/s"), ("prefill_fraction", "{:.0%}", "of peak"),
+           ("peak_rss_b1", "{:.2f}", "peak RSS b1 GiB"), ("peak_rss", "{:.2f}", "peak RSS all GiB")]
 
 
 def print_row(row, header=False):

@@ -1528,8 +1528,8 @@ static int gemm_bf16(const Problem *ps, int nw, int nt) {
 // VNNI keeps |w| against x carrying w's sign (maddubs would saturate on q + 128); int4 without VNNI sums a chunk's
 // 8 pair-sum vectors in int16 (|(q + 8) x| <= 15 * 127 a product: 8 of the pair sums stay below 2^15) and widens
 // once. Measured at 64 x 11008 x 4096 and 64 x 4096 x 11008 on a 2-core EPYC, Zen 4, whose two cores issue
-// ~900 GOPS of 512-bit vpdpbusd: int4 ~570, int8 ~490-560 GOPS (the rest is mostly each chunk's conversion and
-// scaling, 3 float operations per 8 dots); two vectors of rows a tile (8 dot chains) measured the same as one.
+// ~900 GOPS of 512-bit vpdpbusd: int4 ~570, int8 ~490-560 GOPS (not measured apart: each chunk ends in 3 float
+// operations per 8 dots on the same units); two vectors of rows a tile (8 dot chains) measured the same as one.
 constexpr int RB = W, MR = 4, KC = 16 * 1024 / (kChunk * RB);  // chunks per pass: a 16 KB tile slice, half of L1
 constexpr int kSteps = kChunk / 4;
 template <class Fm>
@@ -1743,8 +1743,9 @@ static double peak_macs(Fmt fmt, double seconds) {
                       seconds);
   const F x = fset1(1e-3f);
   if (fmt == kBF16 && kBF16Dot)
-    return chain_rate(fzero(), [&](F acc) __attribute__((always_inline)) { return dot_bf16_bcast(acc, x, 0x3A833A83u); },
-                      2 * W, seconds);
+    return chain_rate(
+        fzero(), [&](F acc) __attribute__((always_inline)) { return dot_bf16_bcast(acc, x, 0x3A833A83u); }, 2 * W,
+        seconds);
   return chain_rate(fzero(), [&](F acc) __attribute__((always_inline)) { return ffma(x, x, acc); }, W, seconds);
 }
 
