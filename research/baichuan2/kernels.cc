@@ -473,7 +473,7 @@ const char *isa_name(Isa isa) { return kIsaNames[isa]; }
     default: none;                                  \
   }
 
-// The cached-layer op calls these only after a projection ran, which needs a path.
+// The cached-stack op calls these only after a projection ran, which needs a path.
 void silu_mul(float *g, const float *u, int64_t n) { ON_CHOSEN_ISA(silu_mul(g, u, n), return) }
 
 void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last, const uint8_t *real,
@@ -1750,7 +1750,7 @@ static double peak_macs(Fmt fmt, double seconds) {
 }
 
 // ---- e^x, vectorised (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r; relative
-// error ~1e-7 against libm's), for the cached-layer op's SiLU: a scalar expf per element cost ~10 ms a 7B layer at
+// error ~1e-7 against libm's), for the cached-stack op's SiLU: a scalar expf per element cost ~10 ms a 7B layer at
 // a 64-token prefill. x is clamped to [-87, 88], where e^x stays a normal float.
 KI F fexp(F x) {
   x = fclamp(x, -87.0f, 88.0f);
@@ -1778,7 +1778,7 @@ static void silu_mul(float *g, const float *u, int64_t n) {
   for (int64_t i = nv; i < n; ++i) g[i] = g[i] * u[i] / (1.0f + std::exp(-g[i]));
 }
 
-// ---- attention of one query over the visible keys of one head's cache (the cached-layer op's inner loop):
+// ---- attention of one query over the visible keys of one head's cache (the cached-stack op's inner loop):
 // out = softmax(q k_l / sqrt(D) + slope (pos_l - pos_q)) v_l over l in [0, last] with vis(l); p: scratch [last + 1].
 static void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last,
                          const uint8_t *real, const int64_t *pos, float slope, float scale, float *p, float *out) {
