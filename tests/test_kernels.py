@@ -188,14 +188,14 @@ def test_memory_bandwidth_probe_is_plausible():
 def test_compute_peak_is_plausible(forced_isa):
     """Prefill's roofline per format on every path: within what two 512-bit units a core at 6 GHz could issue
     (ops a cycle: float32 FMA 64, bfloat16 dot 128, byte dot 256), and the byte dot (4 products a 32-bit lane)
-    above the float32 FMA (1 a lane): on the paths without VNNI three instructions for 4x the products, ~1.3x the
-    FMA's rate by their throughputs. Each figure is the best of three short runs, so that one run slowed by a
+    above the float32 FMA (1 a lane; on the paths without VNNI three instructions for 4x the products: 1.9x the
+    FMA's rate on a Zen 4 EPYC). Each figure is the best of three short runs, so that one run slowed by a
     neighbour's time slice (these virtual machines are shared) does not decide the comparison."""
     peaks = {fmt: max(kernels.peak_gops(fmt, 0.05) for _ in range(3)) for fmt in kernels.FORMATS}
     per_cycle = {"float32": 64, "bfloat16": 128, "int8": 256, "int4": 256}
     for fmt, gops in peaks.items():
         assert 1 < gops <= per_cycle[fmt] * 6 * kernels.threads(), (fmt, gops)
-    assert peaks["int8"] > 1.15 * peaks["float32"], peaks
+    assert peaks["int8"] > 1.2 * peaks["float32"], peaks
 
 
 def test_bandwidth_of_given_arrays_reads_them_all():
