@@ -167,6 +167,9 @@ void *aligned_buffer(size_t bytes) {
   return p;
 }
 
+// 16 bytes from anywhere (SSE2, every x86-64 path): prefill's repack reads weight rows with it (lanes_of_rows).
+inline __m128i ld16(const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); }
+
 }  // namespace
 
 #define BAICHUAN_KERNEL_BODY 1
@@ -229,7 +232,6 @@ KI I bcast4(const int8_t *p) {
 }
 // Prefill's repack (rows_sideways): the 16 bytes at row[q] + off, row[4 + q] + off, ... in successive 128-bit
 // lanes, and 32- / 64-bit interleaves within each lane.
-KI __m128i ld16(const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); }
 KI I lanes_of_rows(const uint8_t *const row[W], int q, int64_t off) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(ld16(row[q] + off)), ld16(row[4 + q] + off), 1);
 }
@@ -361,7 +363,6 @@ KI I bcast4(const int8_t *p) {
   memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
-KI __m128i ld16(const uint8_t *p) { return _mm_loadu_si128(reinterpret_cast<const __m128i *>(p)); }
 KI I lanes_of_rows(const uint8_t *const row[W], int q, int64_t off) {  // as AVX2's, four 128-bit lanes
   const I v = _mm512_inserti32x4(_mm512_castsi128_si512(ld16(row[q] + off)), ld16(row[4 + q] + off), 1);
   return _mm512_inserti32x4(_mm512_inserti32x4(v, ld16(row[8 + q] + off), 2), ld16(row[12 + q] + off), 3);
