@@ -28,6 +28,13 @@ if [ ! -x .venv/bin/python ]; then
     echo "  or point PYTHON310=/path/to/python3.10 at one, then run this again." >&2
     exit 1
   fi
+  # The environment takes ~3.5 GB and pip unpacks wheels beside it: say so up front rather than fail half-way
+  # through with pip's "No space left on device".
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
+    echo "error: $(pwd) has $((free_kb / 1024)) MB free; the .venv needs about 5 GB while installing. Free some space and run this again." >&2
+    exit 2
+  fi
   echo "[setup] creating .venv with $PY"
   "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade "pip<27"
