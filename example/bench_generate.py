@@ -4,10 +4,11 @@
     python example/bench_generate.py --configs S M --weights float32 bfloat16 int8 int4
     python example/bench_generate.py --configs 7B --weights bfloat16 int8 int4 --prefill_tokens 64
 
-Each model is built directly in its weight format (random weights, never a float32 copy of a bf16 / int8 / int4
-model: the parameters are created uninitialised and each is filled in its stored dtype), on the device's
-inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model, the projection kernel path
-(baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the kernels' vector loads).
+Each model is built directly in its weight format by baichuan2.random_model (random weights, never a float32 copy of
+a bf16 / int8 / int4 model: the parameters are created uninitialised and each is filled in its stored dtype), on the
+device's inference compute dtype (float32 on CPU), GRAPH mode unless --mode pynative. Printed first: the CPU model,
+the projection kernel path (baichuan2.kernels) and the memory read bandwidth measured now (2 GB, all threads, the
+kernels' vector loads).
 Then per shape and format (each batch-1 decode run after a read of the model's own weights: see bench()):
   bytes/token  weights read per decoded token (every projection and the lm_head; one embedding row; norms) plus
                the key/value cache buffer the attention reads (batch 1)
@@ -18,7 +19,7 @@ Then per shape and format (each batch-1 decode run after a read of the model's o
   of roofline  decode b1 / roofline;  overhead  ms per step beyond bytes / bandwidth (step time - bytes / bw)
   prefill      batch 1, --prefill_tokens prompt (512 default; fewer for the 7B keeps the run short), tokens/s
   of peak      the prefill's multiply-adds (projections, attention, the last token's lm_head; 2 ops each) a
-               second over the compute roofline of its weight format measured just before (kernels.peak_gops)
+               second over the compute roofline of its weight format measured just before (kernel_probes.peak_gops)
   peak RSS     the most resident memory while running (the build excluded: the peak is reset after it), GiB:
                b1 after the prefill and batch-1 decode graphs are compiled and run (one conversation), all
                after batch 4's too
@@ -37,6 +38,8 @@ import sys
 import time
 
 from baichuan2 import runtime
+from baichuan2.kernels import FORMATS as WEIGHTS
+from baichuan2.random_model import build_random_model
 
 CONFIGS = {
     "S": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376, vocab_size=32000,
@@ -46,8 +49,6 @@ CONFIGS = {
     "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
 }
-WEIGHTS = ("float32", "bfloat16", "int8", "int4")
-GROUP_SIZE = 32
 GIB = 1024 ** 3
 ROUNDS = 4  # batch-1 decode runs per shape and format, each after a read of the model's weights
 
@@ -93,66 +94,6 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def format_fields(weights):
-    if weights == "bfloat16":
-        return {"torch_dtype": "bfloat16"}
-    if weights in ("int8", "int4"):
-        return {"quantization_config": {"quant_method": "rtn", "bits": int(weights[3:]), "group_size": GROUP_SIZE,
-                                        "sym": True}}
-    return {}
-
-
-def random_array(param, rng, block_rows=8192):
-    """Random values in `param`'s stored dtype and shape, made block by block (no float32 copy of a big tensor):
-    float32 ~ N(0, 0.02) (norm weights 1); bfloat16 bit patterns of +-[2^-8, 2^-4); int8 q in [-127, 127];
-    int4 packed bytes (any value is valid); float16 scales that give the dequantised weights ~0.02 magnitude."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    shape = tuple(param.shape)
-    if param.dtype == ms.float32:
-        if len(shape) == 1:
-            return np.ones(shape, np.float32)
-        out = rng.standard_normal(shape, dtype=np.float32)
-        out *= 0.02
-        return out
-    if param.dtype in (ms.bfloat16, ms.uint16):
-        out = np.empty(shape, np.uint16)
-        for start in range(0, shape[0], block_rows):
-            part = out[start:start + block_rows]
-            part[...] = rng.integers(0, 2, part.shape, dtype=np.uint16) << 15
-            part |= rng.integers(119, 123, part.shape, dtype=np.uint16) << 7
-            part |= rng.integers(0, 128, part.shape, dtype=np.uint16)
-        return out
-    if param.dtype == ms.int8:
-        return rng.integers(-127, 128, shape, dtype=np.int8)
-    if param.dtype == ms.uint8:
-        return rng.integers(0, 256, shape, dtype=np.uint8)
-    if param.dtype == ms.float16:  # int8 q ~ 73 rms, int4 q ~ 4.6: either way weights of ~0.02 are fine
-        return (rng.random(shape, dtype=np.float32) * 2e-3 + 1e-4).astype(np.float16)
-    raise TypeError(f"no random fill for parameter {param.name} of dtype {param.dtype}")
-
-
-def build_model(fields, weights, compute_dtype, seed=0):
-    """BaichuanForCausalLM of shape `fields` with random weights stored in format `weights`."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindspore.common import np_dtype  # pylint: disable=import-outside-toplevel
-    from mindspore.nn.utils import no_init_parameters  # pylint: disable=import-outside-toplevel
-    from baichuan2 import BaichuanConfig, BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
-
-    config = BaichuanConfig.from_preset("baichuan2_7b", compute_dtype=compute_dtype, **fields,
-                                        **format_fields(weights))
-    with no_init_parameters():
-        model = BaichuanForCausalLM(config)
-    rng = np.random.default_rng(seed)
-    for param in model.get_parameters():
-        array = random_array(param, rng)
-        tensor = ms.Tensor(array.view(np_dtype.bfloat16)) if param.dtype == ms.bfloat16 else ms.Tensor(array)
-        param.set_data(tensor)
-        del array, tensor
-    return model.prepare_for_inference()
-
-
 def bytes_per_token(model, batch, slots):
     """Bytes a decode step reads: every parameter but the embedding table (one row of it), plus the k/v caches."""
     config = model.config
@@ -196,11 +137,11 @@ def _seconds(fn):
 def bench(name, weights, args, rt):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from baichuan2 import kernels  # pylint: disable=import-outside-toplevel
+    from baichuan2 import kernel_probes  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
     fields = CONFIGS[name]
-    model = build_model(fields, weights, rt.compute_dtype)
+    model = build_random_model(fields, weights, rt.compute_dtype)
     reset_peak_rss()
     generator = Generator(model)
     config = model.config
@@ -215,7 +156,7 @@ def bench(name, weights, args, rt):
     best = min(_seconds(lambda: generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
                for _ in range(2))
     row["prefill"] = length / best
-    row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernels.peak_gops(weights)
+    row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernel_probes.peak_gops(weights)
 
     # Batch 1 against the roofline: before each of ROUNDS decode runs the kernels' read loop streams this model's
     # own weights once (the bytes a step reads, where they lie in memory). On a shared virtual machine the read
@@ -231,7 +172,7 @@ def bench(name, weights, args, rt):
     timed_decode(generator, prompts, args.new_tokens + 1, True)  # warm-up: compiles batch 1's steps
     step_seconds, stream_seconds = 0.0, 0.0
     for _ in range(ROUNDS):
-        stream_seconds += args.new_tokens * row["bytes"] / (kernels.read_bandwidth_of(weights, reps=1) * 1e9)
+        stream_seconds += args.new_tokens * row["bytes"] / (kernel_probes.read_bandwidth_of(weights, reps=1) * 1e9)
         step_seconds += args.new_tokens * timed_decode(generator, prompts, args.new_tokens + 1, True)
     steps = ROUNDS * args.new_tokens
     row["decode_b1"] = steps / step_seconds
@@ -295,11 +236,11 @@ def main(argv=None):
     if args.worker:
         return run_worker(args)
     rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
-    from baichuan2 import BaichuanConfig, kernels  # pylint: disable=import-outside-toplevel
+    from baichuan2 import BaichuanConfig, kernel_probes, kernels  # pylint: disable=import-outside-toplevel
 
     print(f"CPU: {runtime.cpu_model()}")
     path = kernels.isa()
-    bandwidth = kernels.read_bandwidth(2.0, 3) if path else None
+    bandwidth = kernel_probes.read_bandwidth(2.0, 3) if path else None
     if bandwidth is None:
         print(f"projection kernels unavailable ({kernels.unavailable_reason()}): stock ops; no bandwidth probe, "
               "so no roofline figures")

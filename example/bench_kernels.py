@@ -23,7 +23,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from baichuan2 import kernels, runtime
+from baichuan2 import kernel_probes, kernels, runtime
 
 SHAPES = ("4096x4096", "11008x4096", "4096x11008", "125696x4096")
 GROUP = 32
@@ -114,7 +114,7 @@ def main(argv=None):
     if path is None:
         print(f"kernels unavailable: {kernels.unavailable_reason()}")
         return 1
-    bandwidth = kernels.read_bandwidth(2.0, 3)
+    bandwidth = kernel_probes.read_bandwidth(2.0, 3)
     print(f"kernels: path {path}, {kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s "
           "(the machine may be shared: figures are noisy)")
     rng = np.random.default_rng(0)
@@ -125,14 +125,14 @@ def main(argv=None):
     for fmt in args.formats:
         op = kernels.linear_op(fmt, GROUP)
         for shape in args.shapes:
-            peak = kernels.peak_gops(fmt) if args.prefill else None
+            peak = kernel_probes.peak_gops(fmt) if args.prefill else None
             n, k = map(int, shape.lower().split("x"))
             stock = stock_projection(fmt, k)
             first, nbytes = make_weights(fmt, n, k, rng)
             copies = max(1, min(16, math.ceil(MIN_DECODE_BYTES / nbytes)))
             weights = (first,) + tuple(make_weights(fmt, n, k, rng)[0] for _ in range(copies - 1))
             x1 = Tensor(rng.standard_normal((1, k), dtype=np.float32))
-            bandwidth = kernels.read_bandwidth(2.0, 2)  # again per row: on a shared machine it drifts
+            bandwidth = kernel_probes.read_bandwidth(2.0, 2)  # again per row: on a shared machine it drifts
             t = seconds_per_product(Many(op, copies), x1, weights, copies, args.seconds)
             row = f"{fmt:9} {shape:>12} | {bandwidth:7.1f} {nbytes / t / 1e9:11.1f} {nbytes / t / 1e9 / bandwidth:8.0%}"
             if args.no_stock:

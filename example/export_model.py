@@ -4,7 +4,7 @@
         --config configs/finetune_tiny.yaml --output_path exported_model
 
 The checkpoint's config.json and model.safetensors are checked by loading them into the model (names and
-shapes), then written out with save_pretrained + finish_model_dir, exactly like the <output_dir>/model/ directory
+shapes), then written out by model_dir.write_servable_dir, exactly like the <output_dir>/model/ directory
 finetune.py writes at the end (baichuan2.training.checkpoint.export_checkpoint). The tokenizer comes from
 --tokenizer_dir, else the recipe's output.tokenizer_dir.
 """

@@ -2,29 +2,26 @@
 
     python example/inference.py --model_dir DIR --prompt "<reserved_106>你是谁?<reserved_107>"
     python example/inference.py --model_dir DIR --prompt "你是谁?" --chat            # wraps the prompt as a chat turn
-    python example/inference.py --model_dir DIR --prompt "a" --prompt "b c" --do_sample --seed 0
+    python example/inference.py --model_dir DIR --prompt "a" --prompt "b c" --greedy --max_new_tokens 16
 
-Several --prompt run as one left-padded batch. Defaults: greedy, 64 new tokens, GRAPH mode, KV cache.
+Several --prompt run as one left-padded batch. Generation settings: the options given here, then the model
+directory's generation_config.json (a Chat model samples, a Base model decodes greedily), then the family's
+defaults; max_new_tokens left to the file is cut to what the context leaves after the prompt. GRAPH mode, KV cache.
 """
 import argparse
 import sys
 import time
 
-from baichuan2 import runtime
+from baichuan2 import generation_settings, runtime
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_dir", required=True, help="config.json + model*.safetensors + tokenizer.model")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    parser.add_argument("--chat", action="store_true", help="build a chat prompt (role tokens) around each prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--repetition_penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--chat", action="store_true",
+                        help="build a chat prompt (role tokens) around each prompt; the reply ends at a new turn")
+    generation_settings.add_arguments(parser)
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     runtime.add_device_argument(parser)
@@ -34,20 +31,34 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="inference.py")
-    from baichuan2.chat import build_chat_input  # pylint: disable=import-outside-toplevel
+    from baichuan2.chat import build_chat_input, chat_options  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
-    model, tokenizer, _ = runtime.load_model_dir_or_exit(args.model_dir, "inference.py")
-    if args.chat:
-        prompts = [build_chat_input(model.config, tokenizer.encode, [{"role": "user", "content": p}],
-                                    args.max_new_tokens) for p in args.prompt]
-    else:
-        prompts = [tokenizer.encode(p) for p in args.prompt]
+    model, tokenizer, saved = runtime.load_model_dir_or_exit(args.model_dir, "inference.py")
+    config = model.config
+    explicit = generation_settings.arguments_of(args)
+    if args.no_cache:
+        explicit["use_cache"] = False
+    try:  # a bad value in generation_config.json or on the command line: one line, exit 2
+        if args.chat:
+            settings = chat_options(config, saved, **explicit)
+            prompts = [build_chat_input(config, tokenizer.encode, [{"role": "user", "content": p}],
+                                        settings["max_new_tokens"]) for p in args.prompt]
+        else:
+            settings = generation_settings.resolve(config, explicit, generation_config=saved)
+            prompts = [tokenizer.encode(p) for p in args.prompt]
+    except ValueError as exc:
+        print(f"inference.py: error: {exc}", file=sys.stderr)
+        return 2
+    if "max_new_tokens" not in explicit:
+        settings["max_new_tokens"] = generation_settings.fit_new_tokens(
+            settings["max_new_tokens"], max(len(p) for p in prompts), config.max_context)
+    elif settings["max_new_tokens"] >= config.max_context:
+        print(f"inference.py: error: --max_new_tokens {settings['max_new_tokens']} leaves no room for the prompt in "
+              f"the model's context of {config.max_context} tokens: use a smaller value", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    outputs = Generator(model).generate(
-        prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        use_cache=not args.no_cache)
+    outputs = Generator(model).generate(prompts, **settings)
     seconds = time.perf_counter() - start
     for prompt, new_ids in zip(args.prompt, outputs):
         print(f"### prompt: {prompt}")

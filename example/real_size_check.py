@@ -9,7 +9,7 @@ Baichuan2-7B-shaped model convert and answer within their memory goals?
 2. converts it with research/baichuan2/convert_weight.py to a bfloat16, an int8 and an int4 directory;
 3. asks each one chat question through example/inference.py;
 and prints, per format, the conversion's and the inference process's peak RSS (each a separate process, measured
-with os.wait4) beside the goals of issue 15.
+with os.wait4) beside their goals (the memory table of docs/PERFORMANCE.md).
 
 The bundled 1000-piece test tokenizer stands in for Baichuan2's; lm_head rows of ids it does not know are zero,
 so every generated id decodes. The answers are random text: this checks memory and plumbing, not quality.
@@ -135,7 +135,7 @@ def main(argv=None):
             continue
         code, infer_rss, infer_s, log = run_measured(
             [sys.executable, os.path.join(REPO, "example", "inference.py"), "--model_dir", out, "--chat",
-             "--prompt", "你是谁?", "--max_new_tokens", "8", "--mode", args.mode])
+             "--prompt", "你是谁?", "--greedy", "--max_new_tokens", "8", "--mode", args.mode])
         answer = log.split("### prompt: 你是谁?\n", 1)[-1].split("\n", 1)[0] if code == 0 else f"FAILED ({code})"
         if code:
             print(f"{fmt}: inference failed ({code}):\n{log}")

@@ -45,7 +45,7 @@ echo "[setup] installing pinned requirements into .venv (first time: a few minut
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 # openmind 1.0.0 needs adapting at import time (version pin, task name): see research/baichuan2/openmind_compat.py
 .venv/bin/python -m baichuan2.openmind_compat --install
-# The CPU projection kernels (C++, research/baichuan2/kernels.cc) are compiled now rather than on first use. Without
+# The CPU kernels (C++, research/baichuan2/csrc/) are compiled now rather than on first use. Without
 # a compiler it prints one line saying stock MindSpore ops are used; a failed compile warns and set-up goes on.
 .venv/bin/python research/baichuan2/kernels.py --build 2>/dev/null ||
   echo "[setup] warning: compiling the CPU kernels failed (see 'python -m baichuan2.kernels --build'); stock MindSpore ops are used" >&2

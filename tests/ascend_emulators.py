@@ -1,4 +1,4 @@
-"""CPU emulators of the three Ascend fused kernels that modeling_baichuan.py calls in its Ascend section.
+"""CPU emulators of the three Ascend fused kernels that the ascend backend (backend_ascend.py) calls.
 
     FlashAttentionScore      mindspore.ops.flash_attention_score
     RmsNorm                  mindspore.ops.rms_norm
@@ -11,8 +11,8 @@ dtype. Where the documentation leaves a result undefined (a query row whose keys
 returns NaN, so a model relying on it fails loudly. What the emulators cannot tell is whether the real kernels
 behave as documented: docs/ascend-first-run.md lists the checks for a real device.
 
-`install(monkeypatch)` puts them in place of the mindspore.ops functions and makes modeling_baichuan select its
-fused (Ascend) kernel set; `CALLS` counts emulator calls so a test can tell the fused branch really ran.
+`install(monkeypatch)` puts them in place of the mindspore.ops functions, so a model built with backend="ascend"
+runs on CPU; `CALLS` counts emulator calls so a test can tell the fused kernels really ran.
 PyNative only (the contract checks are Python code on concrete shapes and dtypes).
 """
 from collections import Counter
@@ -136,11 +136,8 @@ def rotary_position_embedding(x, cos, sin, mode=0):
 
 
 def install(monkeypatch):
-    """Emulators in place of the fused mindspore.ops functions; modeling_baichuan then selects its Ascend kernel
-    set for every model built while the patch holds."""
-    from baichuan2 import modeling_baichuan  # pylint: disable=import-outside-toplevel
+    """Emulators in place of the fused mindspore.ops functions, for models built with backend="ascend"."""
     monkeypatch.setattr(ops, "flash_attention_score", flash_attention_score)
     monkeypatch.setattr(ops, "rms_norm", rms_norm)
     monkeypatch.setattr(ops, "rotary_position_embedding", rotary_position_embedding)
-    monkeypatch.setattr(modeling_baichuan, "use_fused_kernels", lambda: True)
     CALLS.clear()

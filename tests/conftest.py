@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from baichuan2 import kernels
 from baichuan2.runtime import setup_logs
 from helpers import PARITY, oppo_checkpoint
 
@@ -57,3 +58,14 @@ def parity_model_dir(tmp_path_factory):
             made[family, variant] = out
         return made[family, variant]
     return get
+
+
+@pytest.fixture(params=kernels.ISA_PATHS)
+def forced_isa(request, monkeypatch):
+    """Runs a test once per instruction-set path of the CPU kernels (BAICHUAN_KERNEL_ISA); the paths this CPU
+    lacks are skipped, saying which it has."""
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path (it has {', '.join(kernels.available_isas())})")
+    monkeypatch.setenv("BAICHUAN_KERNEL_ISA", request.param)
+    assert kernels.isa() == request.param
+    return request.param

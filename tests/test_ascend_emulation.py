@@ -1,4 +1,4 @@
-"""The Ascend fused-kernel branch of modeling_baichuan.py, run on CPU through contract-enforcing emulators
+"""The ascend backend (backend_ascend.py), run on CPU through contract-enforcing emulators
 (tests/ascend_emulators.py): it must give the composed branch's logits, within bfloat16 tolerance, for a RoPE and
 an ALiBi family, in the training forward (also on packed rows), the cached prefill and the KV-cache decode, with left
 padding.
@@ -34,9 +34,9 @@ def models(converted, pynative, monkeypatch):
     """family -> (composed model, fused model with the emulators in place)."""
     def build(family):
         model_dir, ref = converted[family]
-        composed = BaichuanForCausalLM.from_pretrained(model_dir)  # the kernel set is chosen when a model is built
+        composed = BaichuanForCausalLM.from_pretrained(model_dir, backend="composed")
         emu.install(monkeypatch)
-        fused = BaichuanForCausalLM.from_pretrained(model_dir)
+        fused = BaichuanForCausalLM.from_pretrained(model_dir, backend="ascend")
         return composed, fused, ref
     return build
 
@@ -185,16 +185,17 @@ def test_rms_norm_and_rotary_emulators_enforce_their_contracts():
 def test_fused_kernels_take_the_recipes_dtypes(pynative, monkeypatch):
     """The 7B/13B recipes run float16/bfloat16 activations with float32 norm weights; the tiny and demo recipes
     compute in float32, which FlashAttentionScore does not take: the fused kernels must adapt both."""
-    from baichuan2 import modeling_baichuan as mb  # pylint: disable=import-outside-toplevel
+    from baichuan2 import backend_ascend as ascend  # pylint: disable=import-outside-toplevel
+    from baichuan2 import backend_composed as composed  # pylint: disable=import-outside-toplevel
     emu.install(monkeypatch)
     x, w = _t((2, 3, 16), ms.float16), _t((16,), seed=5)
-    y = mb.fused_rms_norm(x, w, 1e-6)
+    y = ascend.fused_rms_norm(x, w, 1e-6)
     x32 = x.astype(ms.float32).asnumpy()
     want = x32 / np.sqrt((x32 ** 2).mean(-1, keepdims=True) + 1e-6) * w.asnumpy()
     assert y.dtype == ms.float16 and np.abs(y.astype(ms.float32).asnumpy() - want).max() < 1e-2
     q = _t((1, 4, 3, 16))
     visible = Tensor(np.tril(np.ones((3, 3), bool)).reshape(1, 1, 3, 3))
-    out = mb.fused_attention(q, q, q, mb.fused_attention_inputs(visible, None, 0.25, ms.float32, 4), 0.25)
-    want = mb.attention(q, q, q, mb.attention_bias(visible, None, 0.25, ms.float32, 4), 0.25).asnumpy()
+    out = ascend.fused_attention(q, q, q, ascend.fused_attention_inputs(visible, None, 0.25, ms.float32), 0.25)
+    want = composed.attend(q, q, q, composed.attention_bias(visible, None, 4), 0.25).asnumpy()
     assert out.dtype == ms.float32 and np.abs(out.asnumpy() - want).max() < 0.05
     assert emu.CALLS["RmsNorm"] == 1 and emu.CALLS["FlashAttentionScore"] == 1

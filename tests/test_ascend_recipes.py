@@ -4,11 +4,10 @@ before anything is written."""
 import copy
 import glob
 import os
-import runpy
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, call_script
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.memory_budget import budget, fits
 from baichuan2.training import FinetuneError, load_recipe
@@ -93,22 +92,16 @@ def test_train_state_and_pipeline_settings_are_checked():
                                                              "are both true"),
     ("recompute: {recompute: 1}", "recompute.recompute must be true or false, got 1"),
 ])
-def test_finetune_exits_2_before_writing(tmp_path, capsys, section, message):
-    import mindspore as ms
+def test_finetune_exits_2_before_writing(tmp_path, section, message):
     with open(os.path.join(REPO, "configs", "finetune_tiny.yaml"), encoding="utf-8") as f:
         text = f.read()
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text + "\n" + section + "\n")
     out = tmp_path / "out"
-    main = runpy.run_path(os.path.join(REPO, "example", "finetune.py"))["main"]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main(["--config", str(recipe), "--output_dir", str(out), "--device", "CPU",
-                  "--train_dataset", str(tmp_path / "rows.mindrecord")])
-    finally:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and message in err, err
+    code, _, err = call_script(os.path.join(REPO, "example", "finetune.py"),
+                               ["--config", recipe, "--output_dir", out, "--device", "CPU",
+                                "--train_dataset", tmp_path / "rows.mindrecord"])
+    assert code == 2 and message in err, err
     assert err.count("finetune.py: error:") == 1 and not out.exists()
 
 

@@ -236,12 +236,10 @@ def test_wrong_layout_says_what_was_expected(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     from baichuan2 import BaichuanConfig, BaichuanForCausalLM
-    from baichuan2.model_dir import finish_model_dir
-    out = str(tmp_path_factory.mktemp("tiny_eval"))
+    from baichuan2.model_dir import write_servable_dir
     config = BaichuanConfig.from_preset("tiny", max_position_embeddings=256, model_max_length=256)
-    BaichuanForCausalLM(config).save_pretrained(out)
-    finish_model_dir(out, config, tokenizer_dir=os.path.join(REPO, "dataset"))
-    return out
+    return write_servable_dir(str(tmp_path_factory.mktemp("tiny_eval") / "model"), config,
+                              model=BaichuanForCausalLM(config), tokenizer_dir=os.path.join(REPO, "dataset"))
 
 
 def test_model_scorer_left_padding_and_letter_tokens(tiny_model_dir):

@@ -427,7 +427,7 @@ def adapter_file(baseline, tmp_path_factory):
     from mindspore import Tensor
     from baichuan2.lora import ADAPTER_FILE, adapter_params, apply_lora, save_adapter
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
-    model = BaichuanForCausalLM.from_pretrained(str(baseline / "model"))
+    model = BaichuanForCausalLM.from_pretrained(str(baseline / "model"), backend="composed")
     apply_lora(model, 2, 4.0, 0.0, ["W_pack"])
     rng = np.random.default_rng(0)
     for p in adapter_params(model):
@@ -460,14 +460,14 @@ def test_merge_lora_undamaged(baseline, adapter_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- inference
-# A damaged model directory in the inference entry points: from_pretrained (what the openmind pipeline calls; the
-# model code's own safetensors reader names the file), runtime.load_model_dir (weights_check first), and the
-# command-line tools' exit status 2.
+# A damaged model directory in the inference entry points: from_pretrained (what the openmind pipeline calls) and
+# runtime.load_model_dir both run weights_check.check_model_dir first, and the command-line tools exit with status 2.
 
 
 def test_from_pretrained_names_a_missing_weights_file(damaged_model_dir):
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    from baichuan2.weights_check import WeightsFileError
+    with pytest.raises(WeightsFileError, match="no weights in the directory: expected model.safetensors"):
         BaichuanForCausalLM.from_pretrained(str(damaged_model_dir("deleted", "model.safetensors")))
 
 

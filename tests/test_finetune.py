@@ -6,7 +6,6 @@ SIGKILL and then resumed must all end with the same weights.
 """
 import json
 import os
-import runpy
 import signal
 import subprocess
 import time
@@ -14,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import PYTHON, REPO, assert_same_weights, free_port, load_weights, losses, msrun, plain_process_env, \
-    wait, write_rows
+from helpers import PYTHON, REPO, assert_same_weights, call_script, free_port, load_weights, losses, msrun, \
+    plain_process_env, wait, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 EXPORT = os.path.join(REPO, "example", "export_model.py")
@@ -82,17 +81,13 @@ def test_dataset_reads_planned_rows(workdir):
 
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.fixture
-def call_main(capsys):
-    import mindspore as ms
-    finetune_main = runpy.run_path(FINETUNE)["main"]  # the script's main(), without running it as __main__
-
+def call_main():
+    """finetune.py's command line run in this process: its stderr, after checking that it failed."""
     def call(*argv):
-        with pytest.raises(SystemExit) as exc:
-            finetune_main([str(a) for a in argv])
-        assert exc.value.code != 0
-        return capsys.readouterr().err
-    yield call
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+        code, _, err = call_script(FINETUNE, argv)
+        assert code != 0, err
+        return err
+    return call
 
 
 def test_bad_inputs(workdir, tmp_path, call_main):

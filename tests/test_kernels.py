@@ -1,7 +1,7 @@
 """The projection kernels (baichuan2.kernels) against numpy, every format, every instruction-set path, GRAPH mode.
 
-Reference: the weights dequantised exactly as QUANT_FORMAT.md defines (w = float(scale) * q) and multiplied with the
-float32 x in float64. Tolerance, per output element: |y - y_ref| <= sum_k |w_k| e_k + (K + 2 group + 16) u
+Reference: the weights dequantised exactly as docs/WEIGHT_FORMATS.md defines (w = float(scale) * q) and multiplied
+with the float32 x in float64. Tolerance, per output element: |y - y_ref| <= sum_k |w_k| e_k + (K + 2 group + 16) u
 sum_k (|x_k| + e_k) a_k, u = 2^-24, a_k = |w_k| (float32, bfloat16, int8) or s_k (q_k + 16) (int4), where e_k bounds
 what the kernel does to x before multiplying:
 - int8 / int4 (decode and prefill): x is quantised per 32-element chunk to x_q = scale round(x / scale), scale =
@@ -15,8 +15,13 @@ classic gamma_n sum |terms|); the int4 paths sum the stored q + 8 and take off 8
 end, so their terms are s (q + 8) x and 8 s x (sums of up to `group` and G = K / group terms): hence a_k and the
 2 group. The test fails on a wrong block/nibble/group index, a dropped tail, a wrong scale or row: those are O(|y|).
 """
+import ctypes
+import importlib.util
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +29,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from baichuan2 import kernels
+from baichuan2 import kernel_probes, kernels
 
 pytestmark = pytest.mark.skipif(kernels.isa() is None, reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
@@ -47,8 +52,8 @@ class Projection(nn.Cell):
 
 
 def quantize(w, bits, group):
-    """(stored qweight, float16 scales, q, the dequantised weight in float64) in QUANT_FORMAT.md's layout, written
-    here independently of the project's quantizer."""
+    """(stored qweight, float16 scales, q, the dequantised weight in float64) in docs/WEIGHT_FORMATS.md's layout,
+    written here independently of the project's quantizer."""
     n, k = w.shape
     groups = math.ceil(k / group)
     padded = np.zeros((n, groups * group), np.float32)
@@ -99,15 +104,6 @@ def weights_for(fmt, group, w):
 
 
 _cells = {}  # one compiled graph per case, shared by both instruction-set paths
-
-
-@pytest.fixture(params=kernels.ISA_PATHS)
-def forced_isa(request, monkeypatch):
-    if request.param not in kernels.available_isas():
-        pytest.skip(f"this CPU cannot run the {request.param} path (it has {', '.join(kernels.available_isas())})")
-    monkeypatch.setenv("BAICHUAN_KERNEL_ISA", request.param)
-    assert kernels.isa() == request.param
-    return request.param
 
 
 @pytest.mark.parametrize("fmt,group", CASES, ids=[f"{f}-g{g}" if g else f for f, g in CASES])
@@ -177,41 +173,128 @@ def test_build_goes_to_the_cache_once(tmp_path, monkeypatch):
     assert os.path.dirname(path) == str(tmp_path) and os.path.isfile(path)
     built = os.stat(path).st_mtime_ns
     assert kernels.library() == path and os.stat(path).st_mtime_ns == built  # keyed by the source hash: no rebuild
-    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary files left
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary files left, no probes library
 
 
+def test_cache_key_covers_every_source_file(tmp_path, monkeypatch):
+    """The library is one translation unit including the other csrc files: a change to any of them (a header, a
+    per-path .inc) must give a new library, a change elsewhere must not."""
+    source = tmp_path / "csrc"
+    shutil.copytree(kernels.SOURCE_DIR, source, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(kernels, "SOURCE_DIR", str(source))
+    key = kernels.library_path(kernels.MODEL_SOURCE, "baichuan2_kernels")
+    assert kernels.library_path("probes.cc", "baichuan2_probes") != key
+    (source / "notes.txt").write_text("not a source file")
+    assert kernels.library_path(kernels.MODEL_SOURCE, "baichuan2_kernels") == key
+    names = sorted(os.listdir(source))
+    assert {"model.cc", "probes.cc", "tables.h", "attention.inc"} <= set(names)
+    for name in names:
+        if name.endswith((".cc", ".h", ".inc")):
+            original = (source / name).read_text()
+            (source / name).write_text(original + "\n")
+            assert kernels.library_path(kernels.MODEL_SOURCE, "baichuan2_kernels") != key, name
+            (source / name).write_text(original)
+
+
+def test_tables_are_read_from_the_cpp_source():
+    """FORMATS, ISA_PATHS and GROUP_SIZES come from csrc/tables.h, the lists the C++ generates its enums and
+    exported symbols from: every format / group size / weight count has its symbol in the library, and nothing
+    else does."""
+    with open(os.path.join(kernels.SOURCE_DIR, "tables.h"), encoding="utf-8") as f:
+        tables = f.read()
+    assert "X(kI4, int4, uint8)" in tables and "X(16384)" in tables and "X(kAvx512Vnni, avx512vnni)" in tables
+    assert kernels.FORMATS == ("float32", "bfloat16", "int8", "int4")
+    assert kernels.ISA_PATHS == ("avx2", "avxvnni", "avx512", "avx512vnni")
+    assert kernels.GROUP_SIZES[0] == 32 and all(g % 32 == 0 for g in kernels.GROUP_SIZES)
+    lib = ctypes.CDLL(kernels.library())
+    for fmt in kernels.FORMATS:
+        for group in kernels.GROUP_SIZES:
+            for count in (1, 2, 3):
+                assert hasattr(lib, kernels.symbol(fmt, group, count)), (fmt, group, count)
+    assert not hasattr(lib, "LinearInt8G48") and kernels.symbol("int8", 48) is None
+    assert not lib.KernelHasIsa(b"sse2")
+
+
+def test_model_code_copy_finds_the_source(tmp_path):
+    """kernels.py copied into a model directory uses the csrc folder beside it; a copy moved away from it (a loader's
+    module cache) falls back to the installed package's."""
+    def load(directory):
+        spec = importlib.util.spec_from_file_location(f"kernels_copy_{directory.name}", directory / "kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    with_source, alone = tmp_path / "model_dir", tmp_path / "module_cache"
+    for directory in (with_source, alone):
+        directory.mkdir()
+        shutil.copy(kernels.__file__, directory)
+    shutil.copytree(kernels.SOURCE_DIR, with_source / "csrc")
+    assert load(with_source).SOURCE_DIR == str(with_source / "csrc")
+    copy = load(alone)
+    assert os.path.samefile(copy.SOURCE_DIR, kernels.SOURCE_DIR)
+    assert (copy.FORMATS, copy.GROUP_SIZES) == (kernels.FORMATS, kernels.GROUP_SIZES)
+
+
+def test_build_without_a_compiler_says_so_in_one_line(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path), BAICHUAN_KERNEL_CACHE=str(tmp_path / "cache"))
+    env.pop("CXX", None)
+    run = subprocess.run([sys.executable, "-m", "baichuan2.kernels", "--build"], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["[kernels] no C++ compiler (g++ or $CXX) found: projections use stock MindSpore "
+                                       "ops (slower decode)"]
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_probes_are_their_own_library():
+    """The benchmark probes run from a library of their own, built on demand: the model library exports none of
+    them. Their figures are positive on every format (how large is for the perf checks below), and bad input is
+    refused."""
+    model = ctypes.CDLL(kernels.library())
+    for name in ("ReadBandwidth", "ReadBandwidthOf", "PeakGops"):
+        assert not hasattr(model, name), name
+    assert os.path.basename(kernel_probes.library()).startswith("baichuan2_probes_")
+    assert all(kernel_probes.peak_gops(fmt, 0.001) > 0 for fmt in kernels.FORMATS)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        kernel_probes.peak_gops("int3")
+    assert kernel_probes.read_bandwidth_of([np.ones((1 << 16) + 37, np.uint8)], reps=1) > 0
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel_probes.read_bandwidth_of([np.ones((64, 64), np.uint8)[:, ::2]])
+    with pytest.raises(ValueError, match="nothing to read"):
+        kernel_probes.read_bandwidth_of([np.zeros(0, np.uint8)])
+
+
+@pytest.mark.perf
 def test_memory_bandwidth_probe_is_plausible():
-    gbs = kernels.read_bandwidth(0.25, 1)
+    gbs = kernel_probes.read_bandwidth(0.25, 1)
     assert 0.5 < gbs < 2000
 
 
+@pytest.mark.perf
 def test_compute_peak_is_plausible(forced_isa):
     """Prefill's roofline per format on every path: within what two 512-bit units a core at 6 GHz could issue
     (ops a cycle: float32 FMA 64, bfloat16 dot 128, byte dot 256), and the byte dot (4 products a 32-bit lane)
     above the float32 FMA (1 a lane; on the paths without VNNI three instructions for 4x the products: 1.9x the
     FMA's rate on a Zen 4 EPYC). Each figure is the best of three short runs, so that one run slowed by a
     neighbour's time slice (these virtual machines are shared) does not decide the comparison."""
-    peaks = {fmt: max(kernels.peak_gops(fmt, 0.05) for _ in range(3)) for fmt in kernels.FORMATS}
+    peaks = {fmt: max(kernel_probes.peak_gops(fmt, 0.05) for _ in range(3)) for fmt in kernels.FORMATS}
     per_cycle = {"float32": 64, "bfloat16": 128, "int8": 256, "int4": 256}
     for fmt, gops in peaks.items():
         assert 1 < gops <= per_cycle[fmt] * 6 * kernels.threads(), (fmt, gops)
     assert peaks["int8"] > 1.2 * peaks["float32"], peaks
 
 
+@pytest.mark.perf
 def test_bandwidth_of_given_arrays_reads_them_all():
     """read_bandwidth_of reads the arrays it is given (a model's weights), split over the threads: its time grows
-    with the bytes (a probe that skipped a buffer, or read one twice, would not scale), and bad input is refused."""
+    with the bytes (a probe that skipped a buffer, or read one twice, would not scale)."""
     rng = np.random.default_rng(0)
     small = [rng.integers(0, 255, (1 << 20) + 37, dtype=np.uint8) for _ in range(3)]  # edges off the 64-byte lines
     big = [rng.integers(0, 255, 1 << 26, dtype=np.uint8) for _ in range(4)]  # 256 MB: past any cache
-    assert 0.5 < kernels.read_bandwidth_of(small, reps=1) < 5000
-    seconds_small = 4 * (1 << 26) / (kernels.read_bandwidth_of(big[:1], reps=2) * 1e9)
-    seconds_big = 4 * (1 << 26) / (kernels.read_bandwidth_of(big, reps=2) * 1e9)
+    assert 0.5 < kernel_probes.read_bandwidth_of(small, reps=1) < 5000
+    seconds_small = 4 * (1 << 26) / (kernel_probes.read_bandwidth_of(big[:1], reps=2) * 1e9)
+    seconds_big = 4 * (1 << 26) / (kernel_probes.read_bandwidth_of(big, reps=2) * 1e9)
     assert 0.5 < seconds_big / seconds_small < 2  # the same GB/s on 4x the bytes
-    with pytest.raises(ValueError, match="C-contiguous"):
-        kernels.read_bandwidth_of([big[0].reshape(1 << 13, 1 << 13)[:, ::2]])
-    with pytest.raises(ValueError, match="nothing to read"):
-        kernels.read_bandwidth_of([np.zeros(0, np.uint8)])
 
 
 @pytest.mark.parametrize("fmt", kernels.FORMATS)
@@ -280,120 +363,3 @@ def test_decode_attention_matches_numpy(batch, heads, slots, dim, slot, graph):
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = (p / p.sum(-1, keepdims=True)) @ want_v  # [B, N, 1, D]
     np.testing.assert_allclose(out.asnumpy(), want.swapaxes(1, 2), rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------- in the model
-MODEL_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352,
-                   vocab_size=300, max_position_embeddings=128, model_max_length=128)
-
-
-def random_model(weights, shape=None):
-    """A small model in `weights` format with random weights (example/bench_generate.py's builder)."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example", "bench_generate.py")
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.build_model(shape or MODEL_SHAPE, weights, "float32")
-
-
-@pytest.mark.parametrize("weights", kernels.FORMATS)
-def test_model_with_kernels_matches_stock_ops(weights, graph, monkeypatch):
-    """Every projection and the lm_head through the kernels (q/k/v and gate/up fused) gives the stock ops' logits
-    for a 12-token forward (the prefill path). float32 / bfloat16 where x is not rounded: float32 accumulation in
-    another order only (1e-4 of the largest logit); int8 / int4: the kernels quantise x to int8 per 32 inputs (half a
-    step of 1/127 of the chunk's largest |x| at most; ~0.5% of the largest output a projection, exact otherwise: see
-    the projection test), which through this random model's layers moved the logits by up to 2.3% (int8) and 0.6%
-    (int4) of the largest; bfloat16 on a path with a bfloat16 dot rounds x to 8 significant bits (2^-9 relative),
-    smaller still: 5e-2 for all three, far below what a wrong row, block or scale does (O(1))."""
-    ids = Tensor(np.arange(3, 15, dtype=np.int32).reshape(1, 12))
-    fast = random_model(weights)
-    attn, mlp = fast.model.layers[0].self_attn, fast.model.layers[0].mlp
-    assert attn.qkv_op is not None and mlp.gate_up_op is not None and fast.lm_head.kernel is not None
-    assert None not in (attn.swap_op, attn.rope_swap_op, attn.decode_op, fast.model.layers[0].input_layernorm.op,
-                        fast.model.norm.op)
-    tolerance = 5e-2 if kernels.rounds_x(weights) else 1e-4  # asked before the kernels are switched off
-    monkeypatch.setenv("BAICHUAN_KERNELS", "0")
-    stock = random_model(weights)
-    stock_attn = stock.model.layers[0].self_attn
-    assert stock_attn.qkv_op is None and stock.lm_head.kernel is None
-    assert stock_attn.swap_op is None and stock_attn.rope_swap_op is None and stock.model.norm.op is None
-    want = stock(ids).asnumpy()
-    got = fast(ids).asnumpy()
-    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want)), np.max(np.abs(got - want)) / np.max(np.abs(want))
-
-
-def cached_decode_logits(model, steps=4):
-    """Logits of a left-padded batch of 3 (prompts of 5, 2 and 7 tokens): the prefill, then `steps` decode steps
-    through the model's own cells; also every layer's key cache after the last step, [layers, B, N, L, D] (the
-    in-place ones when they are)."""
-    prefill, decode = model.cached_step_cells()
-    prompt, slots = 7, 7 + steps
-    tokens = np.arange(10, 10 + 3 * slots, dtype=np.int32).reshape(3, slots) % 290 + 3
-    mask = np.zeros((3, slots), np.int32)
-    for row, length in enumerate((5, 2, 7)):
-        mask[row, prompt - length:prompt] = 1
-    k, v = model.empty_caches(3, slots)
-    logits, k, v = prefill.step(Tensor(tokens[:, :prompt]), Tensor(mask), k, v)
-    out = [logits.asnumpy()]
-    for slot in range(prompt, slots):
-        mask[:, slot] = 1
-        logits, k, v = decode.step(Tensor(tokens[:, slot:slot + 1]), Tensor(mask), Tensor(slot, ms.int32), k, v)
-        out.append(logits.asnumpy())
-    keys = k.asnumpy() if isinstance(k, Tensor) else np.stack([layer.asnumpy() for layer in k])
-    return np.stack(out), keys
-
-
-# float32 + RoPE in the quick tier, the rest (~5 s each: two models compiled) in the slow one
-CACHED_STACK_CASES = [(w, e) if (w, e) == ("float32", "rope") else pytest.param(w, e, marks=pytest.mark.slow)
-                      for w in kernels.FORMATS for e in ("rope", "alibi")]
-
-
-@pytest.mark.parametrize("weights,encoding", CACHED_STACK_CASES)
-def test_cached_stack_op_matches_the_per_op_kernels(weights, encoding, graph):
-    """Prefill and decode steps through CachedStackLogits (one op for all layers and the lm_head, caches written in
-    place) and CachedStack (the lm_head's own kernel after it) give the logits and caches of the same kernels called
-    op by op (projections, layout ops, DecodeAttention, stock attention at prefill). Float32 weights: float32
-    rounding only (1e-4 of the largest value). The other formats' decode projections round x (bfloat16: to 8 bits;
-    int8 / int4: to int8 per 32 inputs), so a last-bit difference upstream (the op's own SiLU and RMSNorm against
-    MindSpore's) can flip a rounding: 1e-2 there, still far below what a wrong position, slot or head does (the
-    ALiBi sign reversed: 76%). The caches the caller passed in hold the new rows afterwards (the op writes into the
-    caller's buffers)."""
-    shape = dict(MODEL_SHAPE, position_encoding=encoding)
-    fused = random_model(weights, shape)
-    assert fused.model.stack_op is not None and fused.caches_in_place()
-    layers = fused.config.num_hidden_layers
-    assert len(fused.model.stack_inputs) == layers * (2 + 7 * (2 if weights.startswith("int") else 1))
-    split = random_model(weights, shape)
-    split.model.use_layer_kernels(enabled=False)
-    assert not split.caches_in_place() and split.model.layers[0].self_attn.decode_op is not None
-    got, got_k = cached_decode_logits(fused)
-    want, want_k = cached_decode_logits(split)
-    assert np.abs(got_k).min(axis=(1, 2, 4))[:, -1].min() > 0  # every layer holds the last step's row
-    tolerance = 1e-4 if weights == "float32" else 1e-2
-    assert np.max(np.abs(got_k - want_k)) <= tolerance * np.max(np.abs(want_k))
-    assert np.max(np.abs(got - want)) <= tolerance * np.max(np.abs(want))
-    assert fused.model.stack_logits_op is not None  # the lm_head ran inside the op: now without it (CachedStack)
-    fused.model.stack_logits_op = None
-    alone = cached_decode_logits(fused)[0]
-    assert np.max(np.abs(alone - want)) <= tolerance * np.max(np.abs(want))
-
-
-@pytest.mark.slow
-def test_cached_stack_op_on_every_isa_path(forced_isa, graph):
-    """CachedStack's attention and SiLU loops are compiled per instruction-set path like the projections: on each,
-    prefill and decode logits equal the per-op kernels' (float32 weights, RoPE; see the test above)."""
-    fused, split = random_model("float32"), random_model("float32")
-    split.model.use_layer_kernels(enabled=False)
-    got, want = cached_decode_logits(fused)[0], cached_decode_logits(split)[0]
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
-
-
-def test_lora_wrapped_projections_are_not_fused(graph):
-    """A LoRA wrapper computes more than its weight: q/k/v stay separate calls once it is in (gate/up still fuse)."""
-    from baichuan2.lora import apply_lora  # pylint: disable=import-outside-toplevel
-    model = random_model("float32")
-    apply_lora(model, rank=2, alpha=4, targets=("W_pack",))
-    model.prepare_for_inference()
-    assert model.model.layers[0].self_attn.qkv_op is None and model.model.layers[0].mlp.gate_up_op is not None
-    model(Tensor(np.arange(3, 9, dtype=np.int32).reshape(1, 6))).asnumpy()

@@ -5,17 +5,15 @@ One single-process finetune run (12 steps, checkpoints every 4) is shared by mos
 checkpoint must reproduce its final adapter."""
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import REPO, assert_same_weights, free_port, msrun, wait, write_rows
+from helpers import REPO, assert_same_weights, call_script, free_port, msrun, wait, write_rows
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 MERGE = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")
@@ -49,7 +47,7 @@ def run_finetune(workdir, output_dir, *extra):
 def workdir(tmp_path_factory):
     """A random tiny base model directory (with tokenizer) and a learnable MindRecord matching its context."""
     import mindspore as ms
-    from baichuan2.model_dir import finish_model_dir
+    from baichuan2.model_dir import write_servable_dir
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
     d = tmp_path_factory.mktemp("lora")
     write_rows(str(d / "rows.mindrecord"), ROWS, SEQ)
@@ -62,8 +60,8 @@ def workdir(tmp_path_factory):
     (d / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     ms.set_seed(3)
     config = tiny_config()
-    BaichuanForCausalLM(config).save_pretrained(str(d / "base"))
-    finish_model_dir(str(d / "base"), config, tokenizer_dir=os.path.join(REPO, "dataset"))
+    write_servable_dir(str(d / "base"), config, model=BaichuanForCausalLM(config),
+                       tokenizer_dir=os.path.join(REPO, "dataset"))
     return d
 
 
@@ -78,7 +76,8 @@ def loaded_model(base_dir, adapter_dir=None):
     """Tiny model in PyNative eval mode: base weights, plus the adapter from a LoRA checkpoint dir when given."""
     import mindspore as ms
     from baichuan2.lora import ADAPTER_FILE, apply_lora, load_adapter, read_adapter
-    from baichuan2.modeling_baichuan import BaichuanForCausalLM, load_safetensors_into
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    from baichuan2.weights_io import load_safetensors_into
     from baichuan2.configuration_baichuan import BaichuanConfig
     ms.set_context(mode=ms.PYNATIVE_MODE)
     model = BaichuanForCausalLM(BaichuanConfig.from_hf_config(str(base_dir)))
@@ -270,29 +269,22 @@ print("RESULT " + json.dumps({{"result": result, "prompt_ids": prompt_ids, "ids"
     assert check["ids"] == ids
 
 
-def load_budget_script():
-    """example/lora_memory_budget.py's functions, loaded from the file (it is a script, not a package module)."""
-    return types.SimpleNamespace(**runpy.run_path(os.path.join(REPO, "example", "lora_memory_budget.py")))
-
-
-def test_memory_budget_table(capsys):
-    lora_memory_budget = load_budget_script()
+def test_memory_budget_table():
     from baichuan2.configuration_baichuan import BaichuanConfig
-    lora_memory_budget.main(["--lora_rank", "16"])
-    out = capsys.readouterr().out
+    from baichuan2.memory_budget import describe_lora, lora_budget
     config = BaichuanConfig.from_preset("baichuan2_7b")
-    rows = lora_memory_budget.budget(config, 3 * 16 * 2 * 4096 * 32, 4096, 1)
+    out = "\n".join(describe_lora("baichuan2_7b", config, 16, ["W_pack"]))
+    rows = lora_budget(config, 3 * 16 * 2 * 4096 * 32, 4096, 1)
     assert rows["optimizer states (AdamW m, v)"][0] == 8 * config.num_parameters()
     assert rows["weights"][1] == 2 * config.num_parameters() + 4 * 3 * 16 * 2 * 4096 * 32
     assert "12.58M trainable" in out and "| fits (<= 90%), no recomputation   |            no |      yes |" in out
 
 
-def test_documented_budget_is_the_scripts_output(capsys):
-    """The budget tables in the README and docs/LORA.md are what the script prints, not numbers typed by hand."""
-    lora_memory_budget = load_budget_script()
-    lora_memory_budget.main([])
-    out = capsys.readouterr().out
+def test_documented_budget_is_the_scripts_output():
+    """The budget table in docs/LORA.md is what the script prints, not numbers typed by hand."""
+    code, out, err = call_script(os.path.join(REPO, "example", "lora_memory_budget.py"), [])
+    assert code == 0, err
     printed = out[out.index("baichuan2_7b:"):].strip()  # mindformers may log a line before the table
-    for doc in ("README.md", os.path.join("docs", "LORA.md")):
-        with open(os.path.join(REPO, doc), encoding="utf-8") as f:
-            assert f"```\n{printed}\n```" in f.read(), f"{doc}: rerun example/lora_memory_budget.py and paste its table"
+    doc = os.path.join("docs", "LORA.md")
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        assert f"```\n{printed}\n```" in f.read(), f"{doc}: rerun example/lora_memory_budget.py and paste its table"

@@ -230,12 +230,12 @@ def test_loaded_adapter_gives_the_saved_models_logits(pynative, tmp_path):
 @pytest.mark.slow
 def test_merge_lora_py_merges_a_peft_directory(pynative, tmp_path):
     import mindspore as ms
-    from baichuan2.model_dir import finish_model_dir
+    from baichuan2.model_dir import write_servable_dir
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
     config = tiny()
     ms.set_seed(1)
-    BaichuanForCausalLM(config).save_pretrained(str(tmp_path / "base"))
-    finish_model_dir(str(tmp_path / "base"), config, tokenizer_dir=os.path.join(REPO, "dataset"))
+    write_servable_dir(str(tmp_path / "base"), config, model=BaichuanForCausalLM(config),
+                       tokenizer_dir=os.path.join(REPO, "dataset"))
     foreign = foreign_w_pack_adapter(config)
     write_foreign(tmp_path / "peft", foreign, lora_alpha=4)
     merge = os.path.join(REPO, "research", "baichuan2", "merge_lora.py")

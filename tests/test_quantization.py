@@ -299,9 +299,9 @@ def test_reverse_of_a_quantised_directory_is_refused(directories, tmp_path, caps
 def test_large_output_layers_are_dequantised_in_row_chunks(directories, fmt, graph, monkeypatch):
     """lm_head of a real vocabulary (125696 rows) is dequantised a block of rows at a time by the stock ops;
     the fixtures' 1000 rows are cut into 300-row blocks here to run that path (GRAPH mode: it compiles)."""
-    import baichuan2.modeling_baichuan as modeling  # pylint: disable=import-outside-toplevel
+    import baichuan2.backend_composed as composed  # pylint: disable=import-outside-toplevel
     ids = load_file(os.path.join(PARITY, "baichuan2_7b", "reference.safetensors"))["input_ids"][:1]
     whole = logits(BaichuanForCausalLM.from_pretrained(directories["baichuan2_7b", fmt]), ids)
-    monkeypatch.setattr(modeling, "_STOCK_CHUNK_ROWS", 300)
+    monkeypatch.setattr(composed, "_STOCK_CHUNK_ROWS", 300)
     chunked = logits(BaichuanForCausalLM.from_pretrained(directories["baichuan2_7b", fmt]), ids)
     assert float(np.abs(chunked - whole).max()) <= 1e-5

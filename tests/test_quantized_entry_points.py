@@ -62,7 +62,7 @@ def plain_greedy_text(model_dir, max_new_tokens):
 def test_inference_script(dirs, fmt, tmp_path):
     expected = plain_greedy_text(dirs[fmt], 2)
     done = subprocess.run(run_module("example/inference.py", "--model_dir", dirs[fmt], "--prompt", PROMPT,
-                                     "--max_new_tokens", "2", "--mode", "pynative"),
+                                     "--greedy", "--max_new_tokens", "2", "--mode", "pynative"),
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"### prompt: {PROMPT}\n{expected}\n" in done.stdout, (expected, done.stdout)
@@ -156,7 +156,7 @@ def test_openmind_pipeline_on_every_format(dirs, tmp_path):
 def adapter(dirs, tmp_path_factory):
     """A LoRA adapter with non-zero B matrices, as finetune.py writes it (PEFT layout)."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    model = BaichuanForCausalLM.from_pretrained(dirs["float32"])
+    model = BaichuanForCausalLM.from_pretrained(dirs["float32"], backend="composed")
     apply_lora(model, 4, 8.0, 0.0, ["W_pack", "o_proj"])
     rng = np.random.default_rng(0)
     for p in adapter_params(model):

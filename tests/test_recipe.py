@@ -3,7 +3,6 @@ raw JSON data, the model directory's config.json as the architecture, LoRA conti
 import argparse
 import json
 import os
-import runpy
 
 import numpy as np
 import pytest
@@ -12,14 +11,23 @@ from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.training import DEFAULTS, FinetuneError, apply_overrides, load_recipe
 from baichuan2.training.monitor import Progress, format_duration
 from baichuan2.training.recipe import ADJUSTABLE_FIELDS, apply_set, dataset_hint, model_config
-from helpers import REPO
+from helpers import REPO, call_script
 
 FINETUNE = os.path.join(REPO, "example", "finetune.py")
 
 
-@pytest.fixture(scope="module")
-def parse_args():
-    return runpy.run_path(FINETUNE)["parse_args"]  # the script's own command line, without running it
+@pytest.fixture
+def finetune_recipe(monkeypatch):
+    """finetune.py's command line run in this process up to the training run, which is stubbed: (exit code, the
+    recipe the run would get, stderr)."""
+    import baichuan2.training.run as training_run
+
+    def call(*argv):
+        recipes = []
+        monkeypatch.setattr(training_run, "run", lambda recipe, *args: recipes.append(recipe))
+        code, _, err = call_script(FINETUNE, argv)
+        return code, (recipes or [None])[-1], err
+    return call
 
 
 def recipe(tmp_path, text="train: {lr: 1.0e-3}\n"):
@@ -94,16 +102,19 @@ def test_set_errors_name_the_key_and_what_it_takes(tmp_path, item, expected):
     assert message.startswith(f"--set {item}") and expected in message
 
 
-def test_command_line_seq_length_set_and_load_adapter(tmp_path, monkeypatch, parse_args):
+def test_command_line_seq_length_set_and_load_adapter(tmp_path, monkeypatch, finetune_recipe):
     monkeypatch.chdir(tmp_path)
-    args = parse_args(["--seq_length", "512", "--set", "train.warmup_ratio=0.03", "--set", "train.lr=1e-4",
-                       "--lr", "5e-4", "--load_adapter", "adapter"])
-    r = apply_overrides(recipe(tmp_path), args)
+    recipe(tmp_path)
+    code, r, err = finetune_recipe("--config", tmp_path / "recipe.yaml", "--seq_length", "512", "--set",
+                                   "train.warmup_ratio=0.03", "--set", "train.lr=1e-4", "--lr", "5e-4",
+                                   "--load_adapter", "adapter")
+    assert code == 0 and r is not None, err
     assert r["data"]["seq_length"] == 512 and r["train"]["warmup_ratio"] == 0.03
     assert r["train"]["lr"] == 1e-4  # --set comes last: it wins over --lr
     assert r["lora"]["load_adapter"] == str(tmp_path / "adapter")
-    with pytest.raises(FinetuneError, match=r"^--set data\.seq_length=x: "):
-        apply_overrides(recipe(tmp_path), parse_args(["--set", "data.seq_length=x"]))
+    code, r, err = finetune_recipe("--config", tmp_path / "recipe.yaml", "--set", "data.seq_length=x")
+    assert code == 2 and r is None
+    assert err.strip().splitlines()[-1].startswith("finetune.py: error: --set data.seq_length=x: "), err
 
 
 # ---------------------------------------------------------------------------------------------- raw JSON data
@@ -215,7 +226,7 @@ def test_lora_continues_an_adapter_and_names_its_base(tmp_path, pynative):
     from baichuan2.training.run import build_model, validate
     base_dir = tmp_path / "base"
     BaichuanForCausalLM(BaichuanConfig.from_preset("tiny", hidden_size=32)).save_pretrained(str(base_dir))
-    trained = BaichuanForCausalLM.from_pretrained(str(base_dir))
+    trained = BaichuanForCausalLM.from_pretrained(str(base_dir), backend="composed")
     apply_lora(trained, rank=2, alpha=8, targets=["q_proj", "v_proj"])
     rng = np.random.default_rng(0)
     for p in adapter_params(trained):

@@ -4,7 +4,6 @@
 One server for the whole module: uvicorn in a thread on a free loopback port, serving the tiny parity model in
 GRAPH mode. The test's own Generator is the server's too (generation runs only while the server is idle)."""
 import concurrent.futures
-import importlib.util
 import json
 import os
 import threading
@@ -19,7 +18,7 @@ from baichuan2.chat import build_chat_input
 from baichuan2.generation import Generator
 from baichuan2.server import create_app
 from baichuan2.tokenization_baichuan import BaichuanTokenizer
-from helpers import REPO, running
+from helpers import REPO, call_script, running
 
 openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
 uvicorn = pytest.importorskip("uvicorn")
@@ -308,11 +307,17 @@ def test_left_out_sampling_fields_come_from_generation_config(served, monkeypatc
     assert reply.choices[0].message.content == served.direct_chat(user("hi"), 6)
 
 
-def test_sampling_defaults_of_a_greedy_or_missing_file():
-    from baichuan2.server import DEFAULT_MAX_TOKENS, sampling_defaults
-    assert sampling_defaults({}) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
-                                     "max_tokens": DEFAULT_MAX_TOKENS}
-    assert sampling_defaults({"do_sample": False, "temperature": 0.7})["temperature"] == 0.0
+def test_request_settings_of_a_greedy_or_missing_file():
+    from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+    from baichuan2.chat_format import BASE_DEFAULTS  # pylint: disable=import-outside-toplevel
+    from baichuan2.server import CompletionRequest, request_settings  # pylint: disable=import-outside-toplevel
+    base = SimpleNamespace(chat_format=None, eos_token_id=2)
+    plain = request_settings(base, {}, CompletionRequest(prompt="a"), chat=False)
+    assert plain["do_sample"] is False and plain["max_new_tokens"] == BASE_DEFAULTS["max_new_tokens"]
+    greedy_file = {"do_sample": False, "temperature": 0.7}
+    assert request_settings(base, greedy_file, CompletionRequest(prompt="a"), chat=False)["do_sample"] is False
+    sampled = request_settings(base, greedy_file, CompletionRequest(prompt="a", temperature=0.5), chat=False)
+    assert sampled["do_sample"] is True and sampled["temperature"] == 0.5
 
 
 def test_content_as_a_list_of_text_parts(served):
@@ -378,12 +383,23 @@ def test_api_key_is_checked_as_a_bearer_token(served):
 
 
 def test_serve_py_takes_the_api_key_from_its_flag_or_the_environment(monkeypatch):
-    spec = importlib.util.spec_from_file_location("serve_example", os.path.join(REPO, "example", "serve.py"))
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
+    """serve.py's command line hands create_app the key of --api-key / --api_key, else of $BAICHUAN_API_KEY
+    (the device set-up and the model load are stubbed: only the command line runs)."""
+    from baichuan2 import runtime, server
+    keys = []
+
+    def create_app_stub(model_dir, **kwargs):
+        keys.append(kwargs["api_key"])
+        raise ValueError("no model loaded in this test")
+    monkeypatch.setattr(runtime, "setup_inference", lambda *args, **kwargs: None)
+    monkeypatch.setattr(server, "create_app", create_app_stub)
+    serve = os.path.join(REPO, "example", "serve.py")
     monkeypatch.delenv("BAICHUAN_API_KEY", raising=False)
-    assert serve.parse_args(["--model_dir", "m"]).api_key is None
-    assert serve.parse_args(["--model_dir", "m", "--api-key", "k1"]).api_key == "k1"
+    for flags in ([], ["--api-key", "k1"]):
+        code, _, err = call_script(serve, ["--model_dir", "m", *flags])
+        assert code == 2 and "no model loaded in this test" in err, err
     monkeypatch.setenv("BAICHUAN_API_KEY", "k2")
-    assert serve.parse_args(["--model_dir", "m"]).api_key == "k2"
-    assert serve.parse_args(["--model_dir", "m", "--api_key", "k3"]).api_key == "k3"
+    for flags in ([], ["--api_key", "k3"]):
+        code, _, err = call_script(serve, ["--model_dir", "m", *flags])
+        assert code == 2 and "no model loaded in this test" in err, err
+    assert keys == [None, "k1", "k2", "k3"]

@@ -19,7 +19,7 @@ from baichuan2.training.checkpoint import (OPTIMIZER_FILE, WEIGHTS_FILE, checkpo
 from baichuan2.training.recipe import DEFAULT_CONFIG
 from baichuan2.training.run import RunShape, build_model, build_train_cell, checkpoint_saver
 from baichuan2.training.schedule import lr_schedule
-from baichuan2.weights_check import load_weights_checked
+from baichuan2.weights_io import load_weights_checked
 from safetensors.numpy import load_file, save_file
 
 WORLD = 4

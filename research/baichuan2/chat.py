@@ -5,19 +5,22 @@
     ids = build_chat_input(config, tokenizer.encode, messages, max_new_tokens=2048)
     answer = chat(model, tokenizer, messages)                       # text
     for piece in chat(model, tokenizer, messages, stream=True): ...  # text pieces as they are generated
+    answer = chat(model, tokenizer, messages, do_sample=False, max_new_tokens=64)   # settings the caller sets
 
 History rule (as Baichuan2-Chat): whole rounds are added newest-first while they fit in
 model_max_length - max_new_tokens (the newest round is always kept), then the prompt ends with the assistant turn
 marker and is cut from the left to that budget.
 
-The layout (role tokens or role text, system text, reply start, stop ids, defaults) comes from `config.chat_format`,
-defined in chat_format.py, which also writes it as the chat_template of tokenizer_config.json: the prompt is the
-tokenised text that template renders for the kept messages.
+The layout (role tokens or role text, system text, reply start, stop ids) comes from `config.chat_format`, defined
+in chat_format.py, which also writes it as the chat_template of tokenizer_config.json: the prompt is the tokenised
+text that template renders for the kept messages. Generation settings are generation_settings.resolve'd: the
+caller's keywords over the model directory's generation_config.json over the family's defaults.
 """
 import warnings
 
 from . import chat_format as formats
 from .generation import generator_for
+from .generation_settings import resolve
 
 
 def _rounds(messages):
@@ -48,13 +51,16 @@ def fit_max_new_tokens(config, max_new_tokens):
     return max_new_tokens
 
 
-def build_chat_input(config, encode, messages, max_new_tokens=formats.CHAT_DEFAULTS["max_new_tokens"]):
+def build_chat_input(config, encode, messages, max_new_tokens=None):
     """Prompt token ids for `messages` ({"role": "system"|"user"|"assistant", "content": str}, oldest first): the
     ids of the kept messages rendered by the format's chat_template (`ChatFormat.prompt_ids`), so a client using
-    tokenizer.apply_chat_template(messages, add_generation_prompt=True) sends the same ids."""
+    tokenizer.apply_chat_template(messages, add_generation_prompt=True) sends the same ids. max_new_tokens: the
+    reply's budget, kept free of history (None: what chat_options resolves for this config)."""
     if not messages:
         raise ValueError("messages is empty")
     fmt, ids = formats.for_config(config)
+    if max_new_tokens is None:
+        max_new_tokens = chat_options(config)["max_new_tokens"]
     max_input = config.model_max_length - max_new_tokens
     if max_input < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for input in model_max_length "
@@ -75,15 +81,12 @@ def build_chat_input(config, encode, messages, max_new_tokens=formats.CHAT_DEFAU
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def chat_options(config, **overrides):
-    """Generation options for a chat reply: the format's defaults, stopping at eos and at a new user turn."""
-    fmt = formats.FORMATS.get(config.chat_format, formats.BASE)
-    options = dict(fmt.generation)
-    options.update({k: v for k, v in overrides.items() if v is not None})
+def chat_options(config, generation_config=None, **explicit):
+    """Generation settings of a chat reply (generation_settings.resolve: `explicit` over generation_config, by
+    default the file in config.name_or_path, over the family's defaults), stopping at eos and at a new user turn;
+    max_new_tokens fitted to leave room for history."""
+    options = resolve(config, explicit, generation_config=generation_config, chat=True)
     options["max_new_tokens"] = fit_max_new_tokens(config, options["max_new_tokens"])
-    stops = list(options.pop("stop_token_ids", ()))
-    stops += fmt.stop_ids(formats.config_ids(config))
-    options["stop_token_ids"] = stops
     return options
 
 
@@ -104,10 +107,11 @@ def stream_text(tokenizer, token_steps):
         yield text[len(shown):]
 
 
-def chat(model, tokenizer, messages, stream=False, **overrides):
-    """The assistant's reply to `messages` as text, or (stream=True) an iterator of text pieces."""
+def chat(model, tokenizer, messages, stream=False, generation_config=None, **explicit):
+    """The assistant's reply to `messages` as text, or (stream=True) an iterator of text pieces. Settings as
+    chat_options resolves them (generation_config: the directory's file, read from config.name_or_path if None)."""
     config = model.config
-    options = chat_options(config, **overrides)
+    options = chat_options(config, generation_config, **explicit)
     prompt = build_chat_input(config, tokenizer.encode, messages, options["max_new_tokens"])
     steps = (step[0] for step in generator_for(model).stream([prompt], **options))
     pieces = stream_text(tokenizer, steps)

@@ -13,8 +13,10 @@ XVERSE chat code is reported to do). It is never a training target.
 A format lists, for each role, the parts of a turn in order: a special Token (placed by id, never by encoding its
 text), literal text, or CONTENT (the message). Everything else is derived from that data, so the layout has one
 home: training rows and their labels (`label_turns`, used by baichuan2.data), chat prompts from a message history
-(`prompt_ids`: chat.py, server.py), stop ids, generation_config.json defaults (model_dir.py), the text form of a
-prompt (`render_text`) and the Jinja `chat_template` of tokenizer_config.json (`chat_template`).
+(`prompt_ids`: chat.py, server.py), stop ids, the family's generation defaults (what model_dir.py writes as
+generation_config.json and generation_settings.py falls back on), the text form of a prompt (`render_text`) and the
+Jinja `chat_template` of tokenizer_config.json (`chat_template`). It imports nothing of the project: it is copied
+into model directories with generation_settings.py.
 
 Tokenisation rule: text is encoded in runs that end only at a special Token, exactly as a tokenizer that splits on
 special tokens reads the rendered text. So `prompt_ids(messages)` == encode(render_text(messages)) ==
@@ -221,7 +223,8 @@ def _jinja_string(text):
 
 
 # ---------------------------------------------------------------------------------------------- the formats
-# Baichuan2-Chat's generation_config.json; XVERSE chat models use the same defaults here.
+# The family layer of generation_settings.resolve. Chat: Baichuan2-Chat's generation_config.json (XVERSE chat models
+# use the same defaults here). Base: greedy; its max_new_tokens is also the Generator's own default.
 CHAT_DEFAULTS = MappingProxyType({"do_sample": True, "temperature": 0.3, "top_k": 5, "top_p": 0.85,
                                   "repetition_penalty": 1.05, "max_new_tokens": 2048})
 BASE_DEFAULTS = MappingProxyType({"do_sample": False, "max_new_tokens": 512})  # base models decode greedily

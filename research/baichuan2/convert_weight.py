@@ -21,7 +21,8 @@ NormHead rows are stored already L2-normalised in bfloat16 and quantised directo
 rounded). Safetensors input is streamed: tensors are read and written a block of rows at a time, each input shard
 becoming one output shard, so memory stays at a few hundred MB whatever the model size.
 
-The output directory is servable: config.json, weights, tokenizer files and model code (see model_dir.py).
+The output directory is servable: config.json, weights, tokenizer files and model code, written by
+model_dir.write_servable_dir like every other model directory.
 --reverse packs q/k/v back into W_pack and writes the Hugging Face config.json; HF -> ours -> HF is bit-exact.
 --input_path may also be one of our float32 / bfloat16 directories (e.g. a finetuned or merged model): the forward
 conversion then re-stores it in --dtype / --quantize, keeping its chat settings (--variant auto).
@@ -49,7 +50,7 @@ from baichuan2.runtime import setup_logs
 
 setup_logs()  # before mindformers loads: its log folder and INFO lines stay out of the cwd and the console
 from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config  # noqa: E402
-from baichuan2.model_dir import atomic_dir, finish_model_dir, write_generation_config  # noqa: E402
+from baichuan2.model_dir import atomic_dir, write_generation_config, write_servable_dir  # noqa: E402
 from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits  # noqa: E402
 from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows  # noqa: E402
 from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors  # noqa: E402
@@ -334,12 +335,15 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         _apply_variant(config, input_path, variant)
     shards = checkpoint_shards(input_path)
     checker = _Checker(expected_shapes(config, hf_layout=not reverse and not ours), input_path)
-    with atomic_dir(output_path, replace=overwrite) as tmp_dir:
+
+    def write_weights(directory):
+        """Each input shard as one output shard in `directory` (with an index when there are several)."""
         weight_map, pending_qkv = {}, {}
         for number, (shard_path, reader) in enumerate(
                 tqdm(shards, desc="converting shards", unit="shard", disable=not show_progress), start=1):
-            file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            target = os.path.join(tmp_dir, file_name)
+            file_name = ("model.safetensors" if len(shards) == 1
+                         else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
+            target = os.path.join(directory, file_name)
             if reverse:
                 written = _reverse_shard(shard_path, reader, target, config, checker, pending_qkv, dtype)
             else:
@@ -349,22 +353,25 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
             checker.problems += [f"incomplete q/k/v for {p}: only {sorted(v)}" for p, v in pending_qkv.items()]
         checker.finish()
         if len(shards) > 1:
-            total = sum(os.path.getsize(os.path.join(tmp_dir, f)) for f in set(weight_map.values()))
-            with open(os.path.join(tmp_dir, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            total = sum(os.path.getsize(os.path.join(directory, f)) for f in set(weight_map.values()))
+            with open(os.path.join(directory, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
                           indent=2)
-        if reverse:
-            hf_config = to_hf_config(config)
-            if dtype in ("bfloat16", "float16"):
-                hf_config["torch_dtype"] = dtype
-            with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(hf_config, f, indent=2)
-            if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
-                write_generation_config(tmp_dir, config)
-            _copy_tokenizer(input_path, tmp_dir)
-        else:
-            out_format.describe(config)
-            finish_model_dir(tmp_dir, config, tokenizer_dir=input_path)
+
+    if not reverse:
+        out_format.describe(config)
+        write_servable_dir(output_path, config, weights=write_weights, tokenizer_dir=input_path, replace=overwrite)
+        return config
+    with atomic_dir(output_path, replace=overwrite) as tmp_dir:  # a Hugging Face checkpoint, not one of ours
+        write_weights(tmp_dir)
+        hf_config = to_hf_config(config)
+        if dtype in ("bfloat16", "float16"):
+            hf_config["torch_dtype"] = dtype
+        with open(os.path.join(tmp_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
+            write_generation_config(tmp_dir, config)
+        _copy_tokenizer(input_path, tmp_dir)
     return config
 
 

@@ -14,12 +14,15 @@ output is the same either way.
 Token choice runs on the host in numpy (CPU has no `mint.argmax` kernel, and the sampling knobs are simpler there).
 Finished sequences stop at an eos or stop id, which is not returned.
 
-This file imports nothing from the project (the model hands over its step cells): it is copied into model
-directories, and an import back into modeling_baichuan would make a cycle that mindformers' remote-code loader
-never finishes resolving (it loops forever on circular relative imports).
+The Generator's own defaults (greedy, every knob off, a base model's max_new_tokens) are generation_settings.NEUTRAL;
+what a chat, a command line, the server or a pipeline call generates with is `generation_settings.resolve`d (the
+model directory's generation_config.json, the family's defaults, the caller's arguments).
+
+This file imports from the project only generation_settings.py (and through it chat_format.py), both standard
+library only; the model hands over its step cells. It is copied into model directories with them, and an import
+back into modeling_baichuan would make a cycle that mindformers' remote-code loader never finishes resolving (it
+loops forever on circular relative imports).
 """
-import json
-import os
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -28,33 +31,27 @@ from typing import Optional, Sequence
 import numpy as np
 from mindspore import Tensor
 
+from .generation_settings import NEUTRAL, check, fit_new_tokens, resolve
+
 DEFAULT_BUCKET = 64
 
 
 @dataclass
 class GenerationOptions:
     """What to generate. eos_token_id None means the model config's eos; pass () for no eos stop."""
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off; > 1 discourages tokens already in prompt or output
+    max_new_tokens: int = NEUTRAL["max_new_tokens"]
+    do_sample: bool = NEUTRAL["do_sample"]
+    temperature: float = NEUTRAL["temperature"]
+    top_k: int = NEUTRAL["top_k"]  # 0 = off
+    top_p: float = NEUTRAL["top_p"]  # 1.0 = off
+    repetition_penalty: float = NEUTRAL["repetition_penalty"]  # 1.0 = off; > 1 discourages tokens already seen
     eos_token_id: Optional[object] = None
     stop_token_ids: Sequence[int] = ()
     seed: Optional[int] = None
     use_cache: bool = True
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError(f"top_k must be >= 0 and repetition_penalty > 0, got {self.top_k}, "
-                             f"{self.repetition_penalty}")
+        check({f.name: getattr(self, f.name) for f in fields(self)})
         return self
 
 
@@ -108,7 +105,8 @@ class Generator:
     """Generation driver for one model. Keep one per model (see `generator_for`): it owns the compiled graphs."""
 
     def __init__(self, model, bucket=DEFAULT_BUCKET):
-        self.model = model.prepare_for_inference()
+        self.model = model
+        model.set_train(False)  # dropout off (LoRA); the model's backend was fixed when it was built
         self.config = model.config
         self.bucket = int(bucket)
         self.prefill, self.decode = model.cached_step_cells()
@@ -244,22 +242,18 @@ def generate(model, prompts, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-def read_generation_config(model_dir):
-    """generation_config.json of a model directory as a dict ({} when there is none)."""
-    path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return {}
+PIPELINE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                     "eos_token_id", "seed")
 
 
 def generate_for_pipeline(model, input_ids, **kwargs):
     """`model.generate(...)` as mindformers' TextGenerationPipeline (and openmind's) call it.
 
-    Defaults come from the model directory's generation_config.json, call keywords win. `do_sample=False` means
-    plain greedy decoding of the model's logits: the sampling-side defaults of a chat generation_config
-    (repetition_penalty included) apply only when sampling or when passed in the call. max_new_tokens is cut to
-    what the context leaves after the prompt. Returns {"sequences": prompt + new ids per row} when
+    Settings are `generation_settings.resolve`d as everywhere else: the call's keywords over the model directory's
+    generation_config.json over the family's defaults (so `do_sample=False` is plain greedy decoding: the sampling
+    knobs of a chat generation_config apply only when sampling or when passed in the call). max_length (prompt +
+    new tokens) counts when max_new_tokens is not given; max_new_tokens is cut to what the context leaves after
+    the prompt. Other keywords of the pipeline are ignored. Returns {"sequences": prompt + new ids per row} when
     return_dict_in_generate, else the list of rows."""
     if isinstance(input_ids, Tensor):
         input_ids = input_ids.asnumpy()
@@ -267,26 +261,16 @@ def generate_for_pipeline(model, input_ids, **kwargs):
     if rows and isinstance(rows[0], (int, np.integer)):
         rows = [rows]
     config = model.config
-    saved = read_generation_config(getattr(config, "name_or_path", None))
-    do_sample = bool(kwargs.get("do_sample", saved.get("do_sample", False)))
-    sampling_defaults = saved if do_sample else {}
-    pick = lambda key, default: kwargs.get(key) if kwargs.get(key) is not None else sampling_defaults.get(key, default)  # noqa: E731
     pad = kwargs.get("pad_token_id", config.pad_token_id)
     if len(rows) > 1 and pad is not None:  # the tokenizer padded the batch: strip it, we left-pad ourselves
         rows = [_strip(list(r), pad) for r in rows]
     longest = max(len(r) for r in rows)
-    if kwargs.get("max_new_tokens") is not None:
-        max_new = kwargs["max_new_tokens"]
-    elif kwargs.get("max_length") is not None:
-        max_new = kwargs["max_length"] - longest
-    else:
-        max_new = saved.get("max_new_tokens", 512)
-    max_new = max(1, min(int(max_new), config.max_context - longest))
-    new = generator_for(model).generate(
-        rows, max_new_tokens=max_new, do_sample=do_sample, temperature=float(pick("temperature", 1.0)),
-        top_k=int(pick("top_k", 0)), top_p=float(pick("top_p", 1.0)),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
-        eos_token_id=kwargs.get("eos_token_id", saved.get("eos_token_id")), seed=kwargs.get("seed"))
+    explicit = {key: kwargs.get(key) for key in PIPELINE_SETTINGS}
+    if explicit["max_new_tokens"] is None and kwargs.get("max_length") is not None:
+        explicit["max_new_tokens"] = max(1, int(kwargs["max_length"]) - longest)
+    settings = resolve(config, explicit)
+    settings["max_new_tokens"] = fit_new_tokens(settings["max_new_tokens"], longest, config.max_context)
+    new = generator_for(model).generate(rows, **settings)
     sequences = [list(r) + n for r, n in zip(rows, new)]
     if kwargs.get("return_dict_in_generate"):
         return {"sequences": sequences}
@@ -303,4 +287,4 @@ def _strip(row, pad):
 
 
 __all__ = ["GenerationOptions", "Generator", "generator_for", "generate", "generate_for_pipeline",
-           "read_generation_config", "choose_tokens", "sample_filter", "apply_repetition_penalty"]
+           "choose_tokens", "sample_filter", "apply_repetition_penalty"]

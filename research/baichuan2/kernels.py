@@ -1,26 +1,29 @@
-"""Fast CPU projections y = x W^T as `mindspore.ops.Custom(func_type="aot")` ops (C++ source: kernels.cc beside
-this file).
+"""Fast CPU kernels as `mindspore.ops.Custom(func_type="aot")` ops: projections y = x W^T in every weight format,
+the whole cached decoder stack in one op, and the per-op path's layout / attention / norm ops. C++ source: the csrc/
+folder beside this file (csrc/model.cc says which file holds what).
 
-The weight formats are those of QUANT_FORMAT.md: float32 / bfloat16 `[out, in]`, int8 `[out, in]` and int4 (q4_0
-style blocks of 32, uint8 `[out, ceil(in / 32) * 16]`), both with float16 scales `[out, ceil(in / group)]`.
+The weight formats are those of docs/WEIGHT_FORMATS.md: float32 / bfloat16 `[out, in]`, int8 `[out, in]` and int4
+(q4_0 style blocks of 32, uint8 `[out, ceil(in / 32) * 16]`), both with float16 scales `[out, ceil(in / group)]`.
 
     op = linear_op("int8", 32)       # None when the kernels cannot run here: use the stock ops then
     y = op(x, qweight, scales)       # inside a Cell's construct; x float32 [M, K] -> y float32 [M, N]
 
 cached_stack_op() runs a whole cached step through every decoder layer in one op (see BaichuanModel in
 modeling_baichuan.py), the other *_op() functions single layout / attention steps of the per-op path.
+FORMATS, ISA_PATHS and GROUP_SIZES are read from csrc/tables.h, the one list the C++ is generated from too.
 
 The shared library is compiled with the system C++ compiler (g++, or $CXX) on first use into a cache directory
-keyed by the hash of the source and flags ($BAICHUAN_KERNEL_CACHE, default ~/.cache/baichuan2/kernels), built in a
-temporary file and renamed into place so concurrent processes never load half a library. `python -m
-baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). Environment:
+keyed by the hash of every source file and the flags ($BAICHUAN_KERNEL_CACHE, default ~/.cache/baichuan2/kernels),
+built in a temporary file and renamed into place so concurrent processes never load half a library. `python -m
+baichuan2.kernels --build` does it ahead of time (scripts/setup_env.sh). The benchmark probes (memory bandwidth,
+compute peaks) are a library of their own: baichuan2.kernel_probes. Environment:
     BAICHUAN_KERNELS=0          never use the kernels (linear_op returns None)
     BAICHUAN_KERNEL_ISA=PATH    force one of ISA_PATHS the CPU has (tests); default: the best it has, in the order
                                 avx512vnni (+ VNNI and BF16 dot products), avx512, avxvnni, avx2
     BAICHUAN_KERNEL_THREADS=N   the kernels' own threads; default: the CPUs in the process's affinity mask (not
                                 OMP_NUM_THREADS, which importing mindspore sets to 1)
-This module is copied into model directories with modeling_baichuan.py, so it imports only the standard library,
-numpy and mindspore.
+This module is copied into model directories with modeling_baichuan.py (and the csrc folder with it), so it imports
+only the standard library, numpy and mindspore.
 """
 import argparse
 import ctypes
@@ -28,31 +31,49 @@ import hashlib
 import importlib.util
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
-FORMATS = ("float32", "bfloat16", "int8", "int4")  # in the order of kernels.cc's enum Fmt (PeakGops)
-ISA_PATHS = ("avx2", "avxvnni", "avx512", "avx512vnni")  # the instruction-set paths kernels.cc is compiled for
-GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # one exported symbol each in kernels.cc
+SOURCE_SUFFIXES = (".cc", ".h", ".inc")  # what the libraries are built from: every such file of csrc/ is hashed
+MODEL_SOURCE = "model.cc"  # the model library's translation unit; the others in csrc/ are its parts
 
 
 def _find_source():
-    """kernels.cc beside this file (the package, or a model directory it was copied into), else the installed
-    baichuan2 package's copy (loaders that move the .py files of a model directory into a module cache)."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cc")
-    if os.path.isfile(here):
+    """The csrc folder beside this file (the package, or a model directory it was copied into), else the installed
+    baichuan2 package's (loaders that move the .py files of a model directory into a module cache)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+    if os.path.isfile(os.path.join(here, MODEL_SOURCE)):
         return here
     spec = importlib.util.find_spec("baichuan2")
     if spec and spec.origin:
-        installed = os.path.join(os.path.dirname(spec.origin), "kernels.cc")
-        if os.path.isfile(installed):
+        installed = os.path.join(os.path.dirname(spec.origin), "csrc")
+        if os.path.isfile(os.path.join(installed, MODEL_SOURCE)):
             return installed
     return here
 
 
-SOURCE = _find_source()
+SOURCE_DIR = _find_source()
+
+
+def _read_tables(source_dir):
+    """{list name: [entry, ...]} from tables.h's X-macro lists (`#define BAICHUAN_<NAME>(X) X(a, b) X(c, d) ...`),
+    each entry the tuple of an X(...)'s arguments; {} when the file is missing (the kernels are unavailable then)."""
+    try:
+        with open(os.path.join(source_dir, "tables.h"), encoding="utf-8") as f:
+            text = f.read().replace("\\\n", " ")
+    except OSError:
+        return {}
+    return {name: [tuple(arg.strip() for arg in args.split(",")) for args in re.findall(r"\bX\(([^)]*)\)", body)]
+            for name, body in re.findall(r"^#define BAICHUAN_(\w+)\(X\)(.*)$", text, re.M)}
+
+
+_TABLES = _read_tables(SOURCE_DIR)
+FORMATS = tuple(entry[1] for entry in _TABLES.get("FORMATS", ()))  # in the order of the C++ enum Fmt (PeakGops)
+ISA_PATHS = tuple(entry[1] for entry in _TABLES.get("ISA_PATHS", ()))  # the instruction-set paths compiled in
+GROUP_SIZES = tuple(int(entry[0]) for entry in _TABLES.get("GROUP_SIZES", ()))  # one exported symbol each
 # Baseline x86-64 code generation: the AVX2 / AVX-512 bodies get their instructions from function-level target
 # pragmas, so one library runs on every x86-64 machine and picks its path at run time.
 CXXFLAGS = ("-O3", "-std=c++17", "-pthread", "-fPIC", "-shared", "-w")
@@ -75,21 +96,25 @@ def _unavailable():
         return "disabled by BAICHUAN_KERNELS=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"no kernels for {platform.machine()} (x86-64 only)"
-    if not os.path.isfile(SOURCE):
-        return f"kernel source {SOURCE} is missing"
+    if not os.path.isfile(os.path.join(SOURCE_DIR, MODEL_SOURCE)) or not FORMATS:
+        return f"kernel source {SOURCE_DIR} is missing"
     if not _compiler():
         return "no C++ compiler (g++ or $CXX) found"
     return None
 
 
-def _compile(compiler, target):
+def _sources():
+    return sorted(name for name in os.listdir(SOURCE_DIR) if name.endswith(SOURCE_SUFFIXES))
+
+
+def _compile(compiler, source, target):
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(target))
     os.close(fd)
     try:
-        run = subprocess.run([compiler, *CXXFLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, check=False)
+        run = subprocess.run([compiler, *CXXFLAGS, "-o", tmp, source], capture_output=True, text=True, check=False)
         if run.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE} with {compiler} failed:\n{run.stderr.strip()}")
+            raise RuntimeError(f"compiling {source} with {compiler} failed:\n{run.stderr.strip()}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
@@ -97,21 +122,36 @@ def _compile(compiler, target):
             os.remove(tmp)
 
 
-def library():
-    """Path of the compiled kernel library (building it on first use), or None when unavailable; the reason is
-    in `unavailable_reason()`. A compile error raises: the source is ours, so that is a bug to see, not to hide."""
+def library_path(main, prefix):
+    """Where the library built from csrc/<main> is cached: <prefix>_<key>.so, the key a hash over every csrc source
+    file, the compiler and the flags."""
+    digest = hashlib.sha256(repr((main, _compiler(), CXXFLAGS)).encode())
+    for name in _sources():
+        with open(os.path.join(SOURCE_DIR, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return os.path.join(cache_dir(), f"{prefix}_{digest.hexdigest()[:16]}.so")
+
+
+def build_library(main, prefix):
+    """Path of the library compiled from csrc/<main> (one translation unit including the other csrc files it needs,
+    cached at library_path), built on first use; None when the kernels are unavailable. A compile error raises: the
+    source is ours, so that is a bug to see, not to hide. kernel_probes builds the benchmark probes' library with
+    it."""
     reason = _unavailable()
     if reason:
         _state["reason"] = reason
         return None
-    compiler = _compiler()
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((compiler, CXXFLAGS)).encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), f"baichuan2_kernels_{key}.so")
+    target = library_path(main, prefix)
     if not os.path.isfile(target):
-        _compile(compiler, target)
+        _compile(_compiler(), os.path.join(SOURCE_DIR, main), target)
     _state.pop("reason", None)
     return target
+
+
+def library():
+    """Path of the compiled model library (building it on first use), or None when unavailable; the reason is in
+    `unavailable_reason()`. A compile error raises."""
+    return build_library(MODEL_SOURCE, "baichuan2_kernels")
 
 
 def unavailable_reason():
@@ -128,13 +168,6 @@ def _lib():
         lib.KernelThreads.restype = ctypes.c_int
         lib.KernelHasIsa.restype = ctypes.c_int
         lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
-        lib.ReadBandwidth.restype = ctypes.c_double
-        lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
-        lib.PeakGops.restype = ctypes.c_double
-        lib.PeakGops.argtypes = (ctypes.c_int, ctypes.c_double)
-        lib.ReadBandwidthOf.restype = ctypes.c_double
-        lib.ReadBandwidthOf.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
-                                        ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
         _state.update(path=path, lib=lib)
     return _state["lib"]
 
@@ -165,46 +198,11 @@ def threads():
     return None if lib is None else lib.KernelThreads()
 
 
-def peak_gops(fmt, seconds=0.2):
-    """Prefill's compute roofline for `fmt` on the path running now: GOPS (2 per multiply-add) of the instruction
-    its matrix-matrix kernel is built on, run in independent chains on all the kernels' threads for `seconds`."""
-    lib = _lib()
-    if lib is None:
-        return None
-    return lib.PeakGops(FORMATS.index(fmt), seconds)
-
-
-def read_bandwidth(gigabytes=2.0, reps=3):
-    """Memory read bandwidth in GB/s measured with the kernels' own vector loads on their threads (best of reps)."""
-    lib = _lib()
-    if lib is None:
-        return None
-    gbs = lib.ReadBandwidth(gigabytes, reps)
-    if gbs < 0:
-        raise MemoryError(f"could not allocate {gigabytes} GB to measure the memory bandwidth")
-    return gbs
-
-
-def read_bandwidth_of(arrays, reps=2):
-    """GB/s reading these arrays (numpy, C-contiguous; e.g. a model's weights) with the kernels' vector loads on
-    their threads, best of reps: the bandwidth that bounds a decode step reading exactly those bytes, where they lie
-    (on a shared virtual machine a separate probe buffer says less: see ReadBandwidth in kernels.cc)."""
-    lib = _lib()
-    if lib is None:
-        return None
-    arrays = [a for a in arrays if a.nbytes]
-    for a in arrays:
-        if not a.flags.c_contiguous:
-            raise ValueError("read_bandwidth_of reads C-contiguous arrays only")
-    ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-    sizes = (ctypes.c_int64 * len(arrays))(*[a.nbytes for a in arrays])
-    gbs = lib.ReadBandwidthOf(len(arrays), ptrs, sizes, reps)
-    if gbs < 0:
-        raise ValueError("read_bandwidth_of: nothing to read")
-    return gbs
-
-
 def symbol(fmt, group_size=None, weights=1):
+    """The exported name of the projection kernel for `fmt`, `group_size` and `weights`, or None where there is none
+    (a group size not in GROUP_SIZES; no kernel source, so no tables)."""
+    if not FORMATS:
+        return None
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if weights not in (1, 2, 3):
@@ -228,8 +226,10 @@ def linear_op(fmt, group_size=None, weights=1):
     `weights` = 2 or 3: one call projects the same x with that many weights of the same format and K (q/k/v,
     gate/up), op(x, w1, w2[, w3]) or op(x, q1, s1, q2, s2[, q3, s3]) -> a tuple of outputs, in one thread region
     (decode: one preparation of x, no weight copied or concatenated)."""
+    if isa() is None:
+        return None
     name = symbol(fmt, group_size, weights)
-    if name is None or isa() is None:
+    if name is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
@@ -244,8 +244,8 @@ def linear_op(fmt, group_size=None, weights=1):
 
 
 def _layout_op(name, out_shape, outputs=1):
-    """A float32 custom op of kernels.cc with one symbol for every instruction-set path (it picks its own inside),
-    or None when the kernels cannot run."""
+    """A float32 custom op of the model library with one symbol for every instruction-set path (it picks its own
+    inside), or None when the kernels cannot run."""
     if isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
@@ -256,7 +256,7 @@ def _layout_op(name, out_shape, outputs=1):
 
 def swap_axes12_op():
     """op(x) = x.swapaxes(1, 2) for float32 4D x, without the per-element index table MindSpore's CPU Transpose
-    keeps (see SwapAxes12 in kernels.cc); None when the kernels cannot run here. No gradient: inference only.
+    keeps (see SwapAxes12 in csrc/layer_ops.h); None when the kernels cannot run here. No gradient: inference only.
     Attention's head transposes, [B, S, N, D] <-> [B, N, S, D]."""
     return _layout_op("SwapAxes12", lambda x: [x[0], x[2], x[1], x[3]])
 
@@ -269,7 +269,8 @@ def rope_swap_axes12_op():
 
 def decode_attention_op():
     """op(q, k, v, k_cache, v_cache, slot, bias) -> (out [B, 1, N, D], k_cache', v_cache'): one decode step of
-    attention with its cache writes (see DecodeAttention in kernels.cc); float32, slot int32. None when unavailable."""
+    attention with its cache writes (see DecodeAttention in csrc/layer_ops.h); float32, slot int32. None when
+    unavailable."""
     return _layout_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc),
                       outputs=3)
 
@@ -279,7 +280,7 @@ def cached_stack_op(head_tensors=0):
     step (prefill or decode) of S new tokens per sequence through every decoder layer (each: RMSNorm, q/k/v,
     positions and visibility from the mask, RoPE or ALiBi, the cache writes and attention, o_proj, residual, RMSNorm,
     SwiGLU MLP, residual) and the final RMSNorm, in one launch, the caches [layers, B, N, L, D] written in place (see
-    CachedStack in kernels.cc for the layout). `per_layer`: each layer's ln1, ln2, then q, k, v, o, gate, up, down,
+    csrc/stack.h for the layout). `per_layer`: each layer's ln1, ln2, then q, k, v, o, gate, up, down,
     each (weight,) or (qweight, scales), one format for all. y: the hidden states [B * S, H]; with `head_tensors`
     1 or 2 the lm_head's weight (or qweight, scales) comes last and y is the logits [B, V] of each sequence's last
     new token. None when the kernels cannot run."""

@@ -14,8 +14,8 @@ fused QKV (what Baichuan's own fine-tune script adapts), which in our model mean
 In the model, adapter parameters are named after the model path, e.g. `model.layers.0.self_attn.q_proj.lora_a`
 (A, [r, in]) and `...q_proj.lora_b` (B, [out, r]). On disk an adapter is a directory in Hugging Face PEFT's layout
 (adapter_config.json + adapter_model.safetensors, W_pack for Baichuan; see peft_adapter.py for the exact mapping),
-so PEFT, vLLM and LLaMA-Factory load ours and ours loads theirs. Files of the earlier layout (our names, rank/alpha/
-targets in the safetensors metadata) still load.
+so PEFT, vLLM and LLaMA-Factory load ours and ours loads theirs. A plain adapter file with our parameter names and
+rank/alpha/targets in its safetensors metadata loads too.
 """
 import json
 import os
@@ -65,6 +65,10 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("W_pack",)):
     """
     if has_lora(model):
         raise ValueError("this model already has LoRA adapters")
+    if not model.backend.trainable:
+        raise ValueError(f"LoRA adapters need a trainable backend; this model runs on {model.backend.name!r} "
+                         "(built for inference): build it with BaichuanForCausalLM(config) or "
+                         "from_pretrained(dir, backend='composed'), or merge the adapter (merge_lora.py) to serve")
     rank, alpha, dropout = int(rank), float(alpha), float(dropout)
     if rank <= 0:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -153,8 +157,8 @@ def save_adapter(model, path, base_model_name_or_path=None, tensors=None):
 
 def read_adapter(path):
     """(tensors with our names, {"rank", "alpha", "targets", "dropout"}) of an adapter: a PEFT adapter directory
-    (ours or one trained with PEFT / LLaMA-Factory), its adapter_model.safetensors, or an adapter file of the earlier
-    layout (our names, rank/alpha/targets in the metadata)."""
+    (ours or one trained with PEFT / LLaMA-Factory), its adapter_model.safetensors, or a plain adapter file with our
+    parameter names and rank/alpha/targets in its metadata."""
     from safetensors import safe_open
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     if peft_adapter.is_peft_dir(directory):

@@ -46,6 +46,14 @@ Activations (compute dtype, per micro batch of batch_size x seq_length tokens)
 Not counted: framework workspace, communication buffers, fragmentation, the data pipeline, the dynamic loss scale's
 overflow buffers. The verdict leaves `headroom` (10%) of the device limit for them. The device limit is
 MindSpore's max_device_memory, which reads "59GB" as 59 GiB.
+
+LoRA against a full finetune on one device (lora_budget, describe_lora; example/lora_memory_budget.py prints it):
+batch_size x seq_length tokens, no model or optimizer sharding, bf16 compute.
+- full: fp32 master weights + a bf16 compute copy, fp32 gradients, AdamW m and v in fp32.
+- LoRA: the frozen base in bf16 (no gradients, no optimizer state), fp32 adapters with fp32 gradients and moments.
+- activations as above (bf16, fused attention, float32 logits and their log-softmax), without or with full
+  recomputation. LoRA keeps the same set (counted conservatively: a frozen projection's input is not needed for a
+  weight gradient, but the autodiff keeps most of them anyway).
 """
 from .training.parallel import check_model_split, parallel_settings, recompute_settings
 
@@ -201,8 +209,54 @@ def describe(name, config, parallel, recompute, seq_length, batch_size, param_dt
     return lines
 
 
-# MindFormers r1.3 research/baichuan2 finetune recipes (Atlas 800T A2, 8 x 64 GB a node), and this project's recipes
-# before this budget existed: float32 parameters, plain data parallelism.
+# ---------------------------------------------------------------------------------------------- LoRA, one device
+def lora_budget(config, lora_params, seq_length, batch_size):
+    """{row: (full finetune bytes, LoRA bytes)} on one device (the module docstring's LoRA assumptions);
+    `lora_params`: the adapters' parameter count (lora.lora_parameter_count)."""
+    p = config.num_parameters()
+    rows = {
+        "weights": (4 * p + 2 * p, 2 * p + 4 * lora_params),
+        "gradients": (4 * p, 4 * lora_params),
+        "optimizer states (AdamW m, v)": (8 * p, 8 * lora_params),
+    }
+    static = tuple(sum(r[k] for r in rows.values()) for k in (0, 1))
+    tokens = seq_length * batch_size
+    act = activation_bytes(config, tokens, DTYPE_BYTES["bfloat16"], mode="none")
+    act_rc = activation_bytes(config, tokens, DTYPE_BYTES["bfloat16"], mode="full")
+    rows["activations, no recomputation"] = (act, act)
+    rows["activations, full recomputation"] = (act_rc, act_rc)
+    rows["total, no recomputation"] = (static[0] + act, static[1] + act)
+    rows["total, full recomputation"] = (static[0] + act_rc, static[1] + act_rc)
+    return rows
+
+
+def describe_lora(name, config, rank, targets, seq_length=4096, batch_size=1, device_gb=64.0, headroom=0.10):
+    """The printed table of full finetuning against LoRA (rank `rank` on the projections `targets`), as lines."""
+    from .lora import lora_parameter_count, resolve_targets  # pylint: disable=import-outside-toplevel
+    lora_params = lora_parameter_count(config, rank, targets)
+    rows = lora_budget(config, lora_params, seq_length, batch_size)
+    lines = [
+        f"{name}: {config.num_parameters() / 1e9:.2f}B parameters; LoRA rank {rank} on "
+        f"{', '.join(resolve_targets(targets))}: {lora_params / 1e6:.2f}M trainable "
+        f"({100 * lora_params / config.num_parameters():.3f}%)",
+        f"batch {batch_size} x seq {seq_length}, one {device_gb:g} GiB device, bf16 compute",
+        "",
+        f"| {'GiB':33} | {'full finetune':>13} | {'LoRA':>8} |",
+        f"|{'-' * 35}|{'-' * 14}:|{'-' * 9}:|",
+    ]
+    for row, (full, lora) in rows.items():
+        lines.append(f"| {row:33} | {full / GIB:13.1f} | {lora / GIB:8.1f} |")
+    verdict = {True: "yes", False: "no"}
+    for label in ("no recomputation", "full recomputation"):
+        full, lora = rows["total, " + label]
+        title = f"fits (<= {100 - 100 * headroom:.0f}%), {label}"
+        lines.append(f"| {title:33} | {verdict[fits(full, device_gb, headroom)]:>13} | "
+                     f"{verdict[fits(lora, device_gb, headroom)]:>8} |")
+    return lines
+
+
+# MindFormers r1.3 research/baichuan2 finetune recipes (Atlas 800T A2, 8 x 64 GB a node), and the plain settings
+# the budget compares them with: float32 parameters, plain data parallelism.
 PUBLISHED = {
     "baichuan2_7b": dict(preset="baichuan2_7b", parallel={"data_parallel": 8, "enable_parallel_optimizer": True},
                          recompute={"recompute": False}),

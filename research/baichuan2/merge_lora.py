@@ -6,8 +6,9 @@
 output). --adapter: a LoRA checkpoint directory of finetune.py (checkpoints/step_XXXXXX or <output_dir>/adapter), its
 adapter_model.safetensors, or a PEFT LoRA directory trained elsewhere (PEFT, LLaMA-Factory) on the same base. Every
 adapted projection becomes W + B A * alpha/r (q/k/v are separate projections in our model, so a W_pack adapter lands
-in each of them: its B split into three row blocks). The result is written with save_pretrained + finish_model_dir,
-with the tokenizer copied from the base directory, so openmind / mindformers pipelines can serve it.
+in each of them: its B split into three row blocks). The result is written by model_dir.write_servable_dir (the
+writer of every model directory), with the tokenizer copied from the base directory, so openmind / mindformers
+pipelines can serve it.
 
 The merged directory keeps the base's weight format: a float32 base gives float32, a bfloat16 base (convert_weight.py
 --dtype bfloat16) gives bfloat16 (the sum is computed in float32, then rounded to bfloat16 once). A quantised base
@@ -35,9 +36,9 @@ def merge(base_dir, adapter_path, output_path):
     """Writes the merged model directory; returns its path."""
     from baichuan2.configuration_baichuan import BaichuanConfig
     from baichuan2.lora import ADAPTER_FILE, merge_into_weights, read_adapter
-    from baichuan2.model_dir import atomic_dir, finish_model_dir
+    from baichuan2.model_dir import write_servable_dir
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
-    from baichuan2.weights_check import check_model_dir, check_safetensors, load_weights_checked
+    from baichuan2.weights_check import check_model_dir, check_safetensors
     from mindspore import Tensor
 
     if os.path.exists(output_path):
@@ -56,16 +57,13 @@ def merge(base_dir, adapter_path, output_path):
         check_safetensors(weights)
     adapter, lora = read_adapter(adapter_path)
     model = BaichuanForCausalLM(config)
-    load_weights_checked(model, base_dir)  # checks names and shapes against the config
+    model.load_weights(base_dir)  # checks names and shapes against the config
     params = {p.name: p for p in model.get_parameters()}
     merged = merge_into_weights({name: p.asnumpy() for name, p in params.items()}, adapter, lora)
     for name, array in merged.items():
         params[name].set_data(Tensor(array).astype(params[name].dtype))
 
-    with atomic_dir(output_path) as tmp:
-        model.save_pretrained(tmp)
-        finish_model_dir(tmp, config, tokenizer_dir=base_dir)
-    return output_path
+    return write_servable_dir(output_path, config, model=model, tokenizer_dir=base_dir)
 
 
 def main(argv=None):

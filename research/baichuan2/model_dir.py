@@ -6,10 +6,16 @@
     tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
     configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py,
-    quantization.py, safetensors_io.py, kernels.py, kernels.cc, mindspore_compat.py      the model code
+    generation_settings.py, chat_format.py,
+    quantization.py, safetensors_io.py, weights_check.py, weights_io.py, kernels.py, csrc/ (the kernels' C++),
+    mindspore_compat.py      the model code
+
+write_servable_dir writes all of it, atomically: every command that makes a model directory (convert_weight.py,
+merge_lora.py, finetune's <output_dir>/model, export_model.py) goes through it.
 
 mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
-they import relatively (modeling_baichuan -> generation for `model.generate`), so all four must be there.
+those modules import relatively themselves (not the imports of those files in turn: modeling_baichuan names generation,
+generation_settings and chat_format for `model.generate`), so all of them must be there.
 Without tokenizer_config.json mindformers falls back to a fast tokenizer that splits `<reserved_106>`: it is written
 whenever tokenizer.model is present.
 """
@@ -21,10 +27,14 @@ import shutil
 
 from . import chat_format
 from .configuration_baichuan import BaichuanConfig
+from .generation_settings import family_defaults
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "kernels.py", "kernels.cc",
-                    "mindspore_compat.py")
+                    "generation_settings.py", "chat_format.py",
+                    "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "weights_check.py",
+                    "weights_io.py", "backend_composed.py", "backend_ascend.py", "backend_cpu.py",
+                    "kernels.py", "csrc",
+                    "mindspore_compat.py")  # csrc: a folder, copied whole
 AUTO_MAP = {
     "AutoConfig": "configuration_baichuan.BaichuanConfig",
     "AutoModel": "modeling_baichuan.BaichuanForCausalLM",
@@ -48,9 +58,9 @@ def load_tokenizer(model_dir):
 
 
 def generation_config(config: BaichuanConfig):
-    """generation_config.json contents for the variant: the chat format's defaults (chat_format.py; greedy for a
-    base model, whose chat_format convert_weight.py --variant sets null)."""
-    data = dict(chat_format.get(config.chat_format).generation)
+    """generation_config.json contents for the variant: the family's defaults (generation_settings.family_defaults,
+    from chat_format.py; greedy for a base model, whose chat_format convert_weight.py --variant sets null)."""
+    data = dict(family_defaults(config))
     data.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                 pad_token_id=config.pad_token_id)
     if config.user_token_id is not None:
@@ -96,7 +106,10 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
     write_config(model_dir, config)
     here = os.path.dirname(os.path.abspath(__file__))
     for name in MODEL_CODE_FILES:
-        if os.path.isfile(os.path.join(here, name)):
+        if os.path.isdir(os.path.join(here, name)):
+            shutil.copytree(os.path.join(here, name), os.path.join(model_dir, name), dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        elif os.path.isfile(os.path.join(here, name)):
             shutil.copy2(os.path.join(here, name), os.path.join(model_dir, name))
     write_generation_config(model_dir, config)
     template = chat_format.get(config.chat_format).chat_template()
@@ -116,6 +129,36 @@ def finish_model_dir(model_dir, config, tokenizer_dir=None):
         from .tokenization_xverse import write_tokenizer_files as write_xverse
         write_xverse(model_dir, hf_tokenizer, model_max_length=config.model_max_length, chat_template=template)
     set_chat_template(model_dir, template)  # a tokenizer_config.json copied from tokenizer_dir gets it too
+
+
+def write_servable_dir(path, config, model=None, weights=None, tokenizer_dir=None, replace=False):
+    """Writes a complete servable model directory at `path`: the weights, config.json with auto_map, tokenizer
+    files, generation_config.json and the model code (finish_model_dir). Returns `path`.
+
+    The weights come from exactly one of
+      model     a model: each parameter in its stored format into model.safetensors, one tensor at a time
+                (weights_io.save_parameters)
+      weights   a function weights(directory) writing the weights file(s) into `directory` (model.safetensors,
+                or shards with model.safetensors.index.json; convert_weight.py streams its conversion this way)
+    tokenizer_dir: where tokenizer.model / tokenizer.json and their config files are copied from (None, or a
+    directory that does not exist: none are). Everything is written into a temp directory beside `path`, checked
+    as every loader checks it (weights_check.check_model_dir: config.json parses, each weights file's header and
+    size agree), fsynced and renamed into place (atomic_dir): readers see no directory, or the whole new one.
+    replace=False: an existing `path` raises FileExistsError; replace=True: it is swapped out.
+    """
+    # pylint: disable=import-outside-toplevel
+    from .weights_check import WEIGHTS_NAME, check_model_dir
+    if (model is None) == (weights is None):
+        raise TypeError("write_servable_dir takes exactly one of model= and weights=")
+    with atomic_dir(path, replace=replace) as tmp:
+        if model is not None:
+            from .weights_io import save_parameters
+            save_parameters(model, os.path.join(tmp, WEIGHTS_NAME))
+        else:
+            weights(tmp)
+        finish_model_dir(tmp, config, tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
+        check_model_dir(tmp)
+    return path
 
 
 @contextlib.contextmanager

@@ -5,8 +5,8 @@ What openmind 1.0.0 does, and what we change (only when its modules are imported
 1. `import openmind` sets `sys.tracebacklimit = 0` unless OPENMIND_HIDE_STACKTRACE=FALSE, which hides every
    traceback of the user's program. We default the variable to FALSE (a value the user set is kept).
 2. Its MindSpore pipelines check at run time for mindspore==2.4.0 and mindformers==1.3.0 (`requirement_dependency`
-   on the pipeline classes), versions that cannot be installed next to it any more (see shared facts). We drop those
-   two pins from the check; every other requirement is still checked.
+   on the pipeline classes), versions that pip cannot install beside the rest of this stack (requirements.txt pins
+   what it installs). We drop those two pins from the check; every other requirement is still checked.
 3. The Baichuan2 model card calls `pipeline(task="text_generation", ...)`, but openmind only knows
    "text-generation" (KeyError 'Task text_generation has no config'). We map underscore spellings of known tasks.
 4. Generation itself needs no patch: mindformers' generator calls `mint.argmax` (no CPU kernel), so
@@ -27,7 +27,7 @@ import sysconfig
 
 PTH_NAME = "baichuan2_openmind_compat.pth"
 _MARKER = "_baichuan2_openmind_compat"
-# pins openmind checks that this stack replaces (mindspore 2.7.x, mindformers 1.6.0 are what installs beside it)
+# pins openmind checks that this stack does not meet (mindspore 2.7.x, mindformers 1.6.0 are what installs beside it)
 _RELAXED_PACKAGES = ("mindspore", "mindformers")
 TASK_ALIASES = {"text_generation": "text-generation"}
 

@@ -1,6 +1,6 @@
 """Weight formats in numpy: bfloat16 bits and round-to-nearest int8 / int4 with per-group scales.
 
-The layouts are the contract in QUANT_FORMAT.md (shared with the C++ kernels); in short, for a weight w [out, in]:
+The layouts are the contract of docs/WEIGHT_FORMATS.md (shared with the C++ kernels); in short, for w [out, in]:
   int8  qweight int8 [out, in],                        scales float16 [out, ceil(in / group)]
   int4  qweight uint8 [out, ceil(in / 32) * 16] packed, scales float16 [out, ceil(in / group)]
   w[o, i] ~= float(scales[o, i // group]) * q[o, i]    (symmetric: no zero point)

@@ -250,13 +250,13 @@ def load_model_dir(model_dir, compute_dtype=None):
     from .configuration_baichuan import BaichuanConfig
     from .model_dir import generation_config, load_tokenizer
     from .modeling_baichuan import BaichuanForCausalLM
-    from .weights_check import check_model_dir
+    from .weights_check import check_config
 
     model_dir = str(model_dir)
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); "
                                 "make one with research/baichuan2/convert_weight.py")
-    check_model_dir(model_dir)  # a damaged or truncated file: one line naming it, before anything is built
+    check_config(model_dir)  # a damaged config.json: one line naming it (from_pretrained checks the weights files)
     config = BaichuanConfig.from_hf_config(model_dir)
     dtype = compute_dtype or inference_dtype(ms.get_context("device_target"), config.compute_dtype)
     model = BaichuanForCausalLM.from_pretrained(model_dir, config=config, compute_dtype=dtype)

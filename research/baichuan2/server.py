@@ -18,9 +18,11 @@ A client that disconnects marks its request cancelled: a queued one is dropped b
 running row stops being decoded and the batch ends as soon as all its rows are finished or cancelled (generation.py's
 static batch cannot take a new request in mid-generation). Bad input gets a 4xx with an OpenAI-style error body.
 
-Sampling fields a request leaves out come from the model directory's generation_config.json (greedy stays plain
-greedy: a repetition_penalty from the file applies only when sampling). With `api_key`, every /v1 path wants
-`Authorization: Bearer <key>` (401 otherwise, as vLLM's --api-key); /health and the page stay open.
+Generation settings are generation_settings.resolve'd, as for chat.py, inference.py and the pipeline: the request's
+fields over the model directory's generation_config.json over the family's defaults (temperature 0 is greedy
+decoding, and greedy stays plain greedy: a sampling file's repetition_penalty applies only when sampling); a
+request without max_tokens gets the file's max_new_tokens, cut to what the context leaves. With `api_key`, every
+/v1 path wants `Authorization: Bearer <key>` (401 otherwise, as vLLM's --api-key); /health and the page stay open.
 """
 import asyncio
 import collections
@@ -39,12 +41,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import chat_format
 from .chat import build_chat_input
-from .generation import Generator, read_generation_config
+from .generation import Generator
+from .generation_settings import read_generation_config, resolve
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-DEFAULT_MAX_TOKENS = 256  # when the request gives none (also cut to what the context leaves)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -80,7 +81,7 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    # None = left out: the model directory's generation_config.json decides (see sampling_defaults)
+    # None = left out: the model directory's generation_config.json decides (see request_settings)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
@@ -112,20 +113,20 @@ def message_text(message, index):
     return "\n".join(texts)
 
 
-def sampling_defaults(generation_config):
-    """What a request that leaves a sampling field out gets, from generation_config.json (vLLM's
-    `--generation-config auto`). A file with do_sample false means greedy (temperature 0)."""
-    saved = generation_config or {}
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0,
-                "max_tokens": DEFAULT_MAX_TOKENS}
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if saved.get(key) is not None:
-            defaults[key] = saved[key]
-    if saved.get("max_new_tokens") is not None:
-        defaults["max_tokens"] = int(saved["max_new_tokens"])
-    if saved.get("do_sample") is False:
-        defaults["temperature"] = 0.0
-    return defaults
+def request_settings(config, generation_config, req, chat):
+    """Generation settings of one request (generation_settings.resolve): its fields over generation_config (the
+    model directory's generation_config.json) over the family's defaults. temperature 0 means greedy decoding, as
+    in OpenAI's API; a temperature above 0 means sampling. chat: a chat completion (the format's stop ids)."""
+    explicit = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
+                "seed": req.seed}
+    if req.temperature is not None:
+        explicit["do_sample"] = req.temperature > 0
+        if req.temperature > 0:
+            explicit["temperature"] = req.temperature
+    try:
+        return resolve(config, explicit, generation_config=generation_config, chat=chat)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
 
 
 class ChatCompletionRequest(_Sampling):
@@ -153,15 +154,17 @@ class Job:
     cancelled: bool = False
     top_k: int = 0
     repetition_penalty: float = 1.0
+    eos_token_id: Optional[Union[int, List[int]]] = None  # None: the model config's
 
     def batch_key(self):
         """Jobs with equal keys can run in one Generator.stream call (None: must run alone)."""
+        eos = tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else self.eos_token_id
         if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, tuple(self.stop_token_ids))
+            return ("greedy", self.repetition_penalty, tuple(self.stop_token_ids), eos)
         if self.seed is not None:
             return None
         return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty,
-                tuple(self.stop_token_ids))
+                tuple(self.stop_token_ids), eos)
 
     def send(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -267,7 +270,8 @@ class BatchWorker:
         prompts = [j.prompt for j in batch] + [first.prompt] * (width - rows)
         options = dict(max_new_tokens=max(j.max_tokens for j in batch), stop_token_ids=first.stop_token_ids,
                        do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
-                       top_k=first.top_k, repetition_penalty=first.repetition_penalty, seed=first.seed)
+                       top_k=first.top_k, repetition_penalty=first.repetition_penalty, seed=first.seed,
+                       eos_token_id=first.eos_token_id)
         texts = [RowText(self.tokenizer, j.stops) for j in batch]
         done = [False] * rows
 
@@ -335,7 +339,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
     created = int(time.time())
     if generation_config is None:
         generation_config = read_generation_config(getattr(config, "name_or_path", None))
-    defaults = sampling_defaults(generation_config)
+    resolve(config, generation_config=generation_config)  # a bad value in the file: ValueError before serving
     worker = BatchWorker(generator, tokenizer, max_batch)
 
     app = FastAPI(title="Baichuan2 OpenAI-compatible server")
@@ -374,7 +378,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
     async def _http_error(_request, exc):
         return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail), code=exc.status_code))
 
-    def check_common(req, prompt, prompt_param):
+    def check_common(req, prompt, prompt_param, default_max_tokens):
         if req.n != 1:
             raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
         if req.model is not None and req.model != model_name:
@@ -393,7 +397,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
             raise APIError(400, f"this model's maximum context length is {context} tokens, and the prompt alone has "
                                 f"{len(prompt)} tokens", param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = min(defaults["max_tokens"], room)
+            max_tokens = min(default_max_tokens, room)
         if len(prompt) + max_tokens > context:
             raise APIError(400, f"this model's maximum context length is {context} tokens; the request asks for "
                                 f"{len(prompt) + max_tokens} ({len(prompt)} prompt tokens + max_tokens {max_tokens}):"
@@ -401,16 +405,14 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
                            code="context_length_exceeded")
         return stops, max_tokens
 
-    def make_job(req, prompt, stop_token_ids):
-        stops, max_tokens = check_common(req, prompt, "messages" if hasattr(req, "messages") else "prompt")
-        pick = lambda key: getattr(req, key) if getattr(req, key) is not None else defaults[key]  # noqa: E731
-        temperature = pick("temperature")
-        # greedy stays plain greedy: the file's repetition_penalty belongs to its sampling settings
-        penalty = req.repetition_penalty if req.repetition_penalty is not None else (
-            defaults["repetition_penalty"] if temperature > 0 else 1.0)
-        return Job(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=pick("top_p"),
-                   top_k=pick("top_k"), repetition_penalty=penalty, seed=req.seed, stops=stops,
-                   stop_token_ids=stop_token_ids, loop=asyncio.get_running_loop())
+    def make_job(req, prompt, chat):
+        settings = request_settings(config, generation_config, req, chat)
+        stops, max_tokens = check_common(req, prompt, "messages" if chat else "prompt", settings["max_new_tokens"])
+        return Job(prompt=prompt, max_tokens=max_tokens,
+                   temperature=settings["temperature"] if settings["do_sample"] else 0.0, top_p=settings["top_p"],
+                   top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
+                   seed=settings.get("seed"), stops=stops, stop_token_ids=list(settings.get("stop_token_ids", [])),
+                   eos_token_id=settings.get("eos_token_id"), loop=asyncio.get_running_loop())
 
     async def events_of(job, request):
         """Worker events for `job`; marks it cancelled when the client goes away."""
@@ -486,9 +488,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
         if getattr(config, "chat_format", None) is None:
             raise APIError(400, f"{model_name} is a base model without a chat template: use /v1/completions",
                            param="messages")
-        prompt = chat_prompt(req.messages)
-        stop_ids = chat_format.get(config.chat_format).stop_ids(chat_format.config_ids(config))
-        job = make_job(req, prompt, stop_ids)
+        job = make_job(req, chat_prompt(req.messages), chat=True)
 
         def chunk(request_id, text, finish_reason):
             delta = {"content": text} if text or finish_reason is None else {}
@@ -509,7 +509,7 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "prompt must be one string (batches of prompts are not supported)", param="prompt")
-        job = make_job(req, list(tokenizer.encode(prompts[0])), [])
+        job = make_job(req, list(tokenizer.encode(prompts[0])), chat=False)
 
         def chunk(request_id, text, finish_reason):
             return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
@@ -551,4 +551,4 @@ class _ContextOverride:
         return getattr(self._config, name)
 
 
-__all__ = ["create_app", "BatchWorker", "APIError"]
+__all__ = ["create_app", "BatchWorker", "APIError", "request_settings"]

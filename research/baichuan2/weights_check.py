@@ -4,14 +4,16 @@ A truncated, zeroed or missing safetensors file otherwise surfaces as a raw `Saf
 (or worse, loads and serves garbage). These checks read only each file's header and size, so they cost nothing next
 to the load itself:
 
+    weight_files(path)           the safetensors files of a model directory (single or sharded) or one file
     check_safetensors(file)      the header parses, every tensor lies inside the file, nothing is missing at the end
-    check_weights(path)          every weights file of a model directory (single or sharded) or one file
-    check_model_dir(path)        config.json parses + check_weights
-    load_weights_checked(model, path)   check_weights, then modeling_baichuan.load_safetensors_into
+    check_weights(path)          every weights file of a model directory or one file
+    check_config(model_dir)      config.json is there and parses as a JSON object
+    check_model_dir(path)        check_config + check_weights: what every loader runs first
 
-Corruption that keeps the structure intact (flipped bits inside a tensor) is invisible to a header check: finetune
-checkpoints carry sha256 checksums for that (training/checkpoint.py, manifest.json). This module is not copied into
-model directories; the model code (modeling_baichuan.py) does not import it.
+Loading itself (tensor by tensor, names and shapes checked) is weights_io.py. Corruption that keeps the structure
+intact (flipped bits inside a tensor) is invisible to a header check: finetune checkpoints carry sha256 checksums for
+that (training/checkpoint.py, manifest.json). Standard library only; copied into model directories
+(model_dir.MODEL_CODE_FILES), where weights_io.py and so BaichuanForCausalLM.from_pretrained use it.
 """
 import hashlib
 import json
@@ -22,6 +24,8 @@ import struct
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 class WeightsFileError(ValueError):
@@ -89,25 +93,30 @@ def check_safetensors(path):
     return header
 
 
-def weights_files_of(path):
-    """The safetensors files of a model directory or weights file (modeling_baichuan.weight_files), with a missing
-    or unreadable index or weights file turned into WeightsFileError."""
-    from .modeling_baichuan import weight_files  # pylint: disable=import-outside-toplevel
-    if not os.path.exists(path):
+def weight_files(path):
+    """The safetensors files of a model directory (model.safetensors, or the shards model.safetensors.index.json
+    names) or [path] for a file; a missing directory, weights file or index, or a damaged index: WeightsFileError."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
         raise WeightsFileError(path, "does not exist")
-    try:
-        return weight_files(path)
-    except FileNotFoundError as e:
-        raise WeightsFileError(path, str(e).replace(f"{path!r}", "the directory")) from e
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged model.safetensors.index.json
-        index = [n for n in os.listdir(path) if n.endswith(".index.json")] if os.path.isdir(path) else []
-        where = os.path.join(path, index[0]) if index else path
-        raise WeightsFileError(where, f"cannot be read as a weights index ({type(e).__name__}: {e})") from e
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsFileError(index, f"cannot be read as a weights index ({type(e).__name__}: {e})") from e
+        return [os.path.join(path, s) for s in shards]
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        return [os.path.join(path, WEIGHTS_NAME)]
+    raise WeightsFileError(path, f"no weights in the directory: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
+                                 "(convert a Hugging Face checkpoint with convert_weight.py first)")
 
 
 def check_weights(path):
     """Checks every weights file of a model directory (or one .safetensors file); returns the list of files."""
-    files = weights_files_of(path)
+    files = weight_files(path)
     for file in files:
         check_safetensors(file)
     return files
@@ -126,26 +135,23 @@ def read_json_file(path):
         raise WeightsFileError(path, f"cannot be read ({e.strerror or e})") from e
 
 
-def check_model_dir(model_dir):
-    """A model directory's config.json and weights files, checked; raises WeightsFileError naming the bad file."""
+def check_config(model_dir):
+    """A model directory's config.json, parsed (a dict); WeightsFileError when the directory or file is missing or
+    the file is damaged."""
     if not os.path.isdir(model_dir):
         raise WeightsFileError(model_dir, "model directory does not exist")
-    if not isinstance(read_json_file(os.path.join(model_dir, "config.json")), dict):
-        raise WeightsFileError(os.path.join(model_dir, "config.json"), "is not a JSON object; the file is damaged")
+    path = os.path.join(model_dir, "config.json")
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise WeightsFileError(path, "is not a JSON object; the file is damaged")
+    return data
+
+
+def check_model_dir(model_dir):
+    """A model directory's config.json and weights files, checked; returns the weights files or raises
+    WeightsFileError naming the bad file."""
+    check_config(model_dir)
     return check_weights(model_dir)
-
-
-def load_weights_checked(model, path, strict=True):
-    """check_weights(path), then load_safetensors_into(model, path): a damaged file raises WeightsFileError (one
-    line); mismatched names or shapes still raise load_safetensors_into's ValueError."""
-    from .modeling_baichuan import load_safetensors_into  # pylint: disable=import-outside-toplevel
-    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-    files = check_weights(path)
-    try:
-        load_safetensors_into(model, path, strict=strict)
-    except (OSError, SafetensorError) as e:  # damage the header check cannot see, or a read failing mid-way
-        raise WeightsFileError(files[0] if len(files) == 1 else path, f"cannot be read ({e})") from e
-    return model
 
 
 def sha256_file(path, chunk=1 << 22):

@@ -4,7 +4,7 @@
                                optimizer.safetensors, trainer_state.json (step, data position),
                                manifest.json (size and sha256 of each of the other files)
     checkpoints/step_XXXXXX.damaged-N/   a checkpoint that failed verification on --resume, moved aside (kept)
-    model/                     the final weights as a servable model directory
+    model/                     the final weights as a servable model directory (model_dir.write_servable_dir)
     adapter/                   the final LoRA adapters (config.json + adapter_model.safetensors)
 Every directory is written through model_dir.atomic_dir (files and directory fsynced, then renamed): a crash leaves a
 `.tmp_*` directory, never a partial one.
@@ -26,8 +26,8 @@ import shutil
 import time
 
 from baichuan2.lora import ADAPTER_FILE
-from baichuan2.model_dir import atomic_dir, finish_model_dir
-from baichuan2.weights_check import WeightsFileError, check_safetensors, load_weights_checked, sha256_file
+from baichuan2.model_dir import atomic_dir, write_servable_dir
+from baichuan2.weights_check import WeightsFileError, check_safetensors, sha256_file
 
 from .recipe import FinetuneError
 
@@ -112,7 +112,7 @@ def verify_checkpoint(checkpoint, files=None, checksums=True):
     for key in ("step", "global_batch", "num_samples"):
         if not isinstance(state.get(key), int):
             raise CheckpointDamaged(checkpoint, STATE_FILE, f"has no integer {key!r}")
-    if "manifest" not in state:  # written before manifests existed: verify by reading the files
+    if "manifest" not in state:  # a checkpoint without a manifest: verify by reading the files
         weights = ADAPTER_FILE if os.path.exists(os.path.join(checkpoint, ADAPTER_FILE)) else WEIGHTS_FILE
         for name in files or ("config.json", weights, OPTIMIZER_FILE):
             if name.endswith(".json"):
@@ -391,7 +391,7 @@ def restore_checkpoint(path, model, train_cell):
         check_safetensors(os.path.join(path, ADAPTER_FILE))
         load_adapter(model, os.path.join(path, ADAPTER_FILE))
     else:
-        load_weights_checked(model, os.path.join(path, WEIGHTS_FILE))
+        model.load_weights(os.path.join(path, WEIGHTS_FILE))
     check_safetensors(os.path.join(path, OPTIMIZER_FILE))
     saved = load_file(os.path.join(path, OPTIMIZER_FILE))
     params = train_cell_state(train_cell, model)
@@ -415,30 +415,26 @@ def write_adapter_dir(output_dir, model):
     return final
 
 
-def write_servable_dir(path, model, config, tokenizer_dir, replace=False):
-    """The model's weights as a servable model directory at `path` (save_pretrained + finish_model_dir)."""
-    with atomic_dir(path, replace=replace) as tmp:
-        model.save_pretrained(tmp)
-        finish_model_dir(tmp, config, tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
-    return path
-
-
 def write_model_dir(output_dir, model, config, tokenizer_dir):
     """<output_dir>/model: the final weights as a servable model directory (replaced atomically)."""
-    return write_servable_dir(os.path.join(output_dir, "model"), model, config, tokenizer_dir, replace=True)
+    return write_servable_dir(os.path.join(output_dir, "model"), config, model=model, tokenizer_dir=tokenizer_dir,
+                              replace=True)
 
 
 def write_outputs_from_checkpoint(output_dir, checkpoint, config, tokenizer_dir, lora):
     """A sharded run's final <output_dir>/model (or /adapter) directory, copied from its last checkpoint: rank 0's
     parameters hold only its slices, the checkpoint holds them gathered. Same files as write_model_dir /
     write_adapter_dir write (replaced atomically)."""
-    final = os.path.join(output_dir, "adapter" if lora else "model")
+    if not lora:
+        def copy_weights(directory):
+            shutil.copyfile(os.path.join(checkpoint, WEIGHTS_FILE), os.path.join(directory, WEIGHTS_FILE))
+        return write_servable_dir(os.path.join(output_dir, "model"), config, weights=copy_weights,
+                                  tokenizer_dir=tokenizer_dir, replace=True)
+    final = os.path.join(output_dir, "adapter")
     with atomic_dir(final, replace=True) as tmp:
         for name in os.listdir(checkpoint):
             if name not in (OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE):
                 shutil.copyfile(os.path.join(checkpoint, name), os.path.join(tmp, name))
-        if not lora:
-            finish_model_dir(tmp, config, tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
     return final
 
 
@@ -465,7 +461,7 @@ def export_checkpoint(checkpoint, output_path, tokenizer_dir):
     try:
         config = BaichuanConfig.from_hf_config(checkpoint)
         model = BaichuanForCausalLM(config)
-        load_weights_checked(model, os.path.join(checkpoint, WEIGHTS_FILE))
+        model.load_weights(os.path.join(checkpoint, WEIGHTS_FILE))
     except ValueError as e:  # WeightsFileError included
         raise FinetuneError(str(e)) from e
-    return write_servable_dir(output_path, model, config, tokenizer_dir)
+    return write_servable_dir(output_path, config, model=model, tokenizer_dir=tokenizer_dir)

@@ -2,14 +2,14 @@
 
 MindSpore's nn.AdamWeightDecay clones its moments from the parameters, so half-precision parameters get
 half-precision moments: AdamW's eps (1e-8) is 0 in float16, v underflows, and a float16 run of the tiny model went
-NaN at step 2 (docs: the CPU facts file). MindFormers' Baichuan2 recipes used an AdamW keeping float32 moments
-(FP32StateAdamWeightDecay, no longer shipped in mindformers 1.6); this is our own version of the idea, with one
+NaN at step 2 (tests/test_half_precision_training.py). MindFormers' Baichuan2 recipes name an AdamW keeping float32
+moments (FP32StateAdamWeightDecay, which mindformers 1.6 does not ship); this is our own version of the idea, with one
 addition: a float32 master copy of every parameter, so updates smaller than a half-precision step are not lost.
 
 The update is nn.AdamWeightDecay's (no bias correction; weight decay added to the update, then scaled by the lr):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  u = m / (eps + sqrt(v)) [+ wd * w];  w = w - lr u
 computed in float32 on the master copy, then cast into the parameter. With float32 parameters it gives
-nn.AdamWeightDecay's numbers (tests/test_fp32_state_adamw.py checks both).
+nn.AdamWeightDecay's numbers (tests/test_half_precision_training.py checks both).
 
 The state is cloned from the parameters (Parameter.clone, then cast to float32), so MindSpore's parallel optimizer
 can shard it over data_parallel like AdamWeightDecay's own moments (Ascend only; not run here).

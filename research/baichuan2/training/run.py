@@ -194,7 +194,7 @@ def build_model(recipe, shape):
     # pylint: disable=import-outside-toplevel
     import mindspore as ms
     from baichuan2.modeling_baichuan import BaichuanForCausalLM
-    from baichuan2.weights_check import load_weights_checked
+    from baichuan2.weights_io import load_weights_checked
     from .parallel import apply_ascend_parallel, apply_recompute, set_ascend_parallel_context
     ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
     if shape.semi_auto:  # Ascend only: MindSpore wants the parallel context before the network is built
