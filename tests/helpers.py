@@ -193,6 +193,25 @@ class Terminal:
         os.write(self.master, (line + "\n").encode("utf-8"))
 
 
+def chat_script_replies(args, cwd, prompts):
+    """example/chat.py with `args` on a pseudo-terminal: each prompt sent in turn, the assistant's replies
+    (stripped); the script must then leave with status 0 on /exit."""
+    term = Terminal([sys.executable, os.path.join(REPO, "example", "chat.py"), *args], cwd=str(cwd))
+    try:
+        term.read_until("User: ")
+        replies = []
+        for prompt in prompts:
+            term.send(prompt)
+            replies.append(term.read_until("User: ").split("Assistant: ", 1)[1].strip())
+        term.send("/exit")
+        assert term.proc.wait(timeout=60) == 0
+        return replies
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+        os.close(term.master)
+
+
 @contextlib.contextmanager
 def running(app):
     """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""

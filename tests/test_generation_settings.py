@@ -23,7 +23,7 @@ from baichuan2.generation import Generator
 from baichuan2.generation_settings import NEUTRAL, add_arguments, arguments_of, resolve
 from baichuan2.model_dir import MODEL_CODE_FILES
 from baichuan2.runtime import load_model_dir
-from helpers import REPO, Terminal, call_script, running
+from helpers import REPO, call_script, chat_script_replies, running
 
 USER, ASSISTANT, EOS = 3, 4, 2
 PROMPT = "你好"
@@ -219,18 +219,8 @@ def test_chat_script_follows_the_file(reference, tmp_path):
     assert expected != chat(model, tokenizer, messages, max_new_tokens=5, **spelled_out), \
         "the fixture's reply should go on past 3 tokens"
     model_dir = edited(reference, tmp_path, do_sample=False, max_new_tokens=3)
-    term = Terminal([sys.executable, os.path.join(REPO, "example", "chat.py"), "--model_dir", model_dir,
-                     "--mode", "pynative"], cwd=str(tmp_path))
-    try:
-        term.read_until("User: ")
-        term.send(PROMPT)
-        assert term.read_until("User: ").split("Assistant: ", 1)[1].strip() == expected.strip()
-        term.send("/exit")
-        assert term.proc.wait(timeout=60) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
+    assert chat_script_replies(["--model_dir", model_dir, "--mode", "pynative"], tmp_path, [PROMPT]) == \
+        [expected.strip()]
 
 
 OPENMIND = """

@@ -24,7 +24,7 @@ from baichuan2.merge_lora import main as merge_main
 from baichuan2.quantization import bf16_bits
 from baichuan2.runtime import load_model_dir
 from baichuan2.safetensors_io import SafetensorsFile
-from helpers import FIXTURES, REPO, Terminal, run_module, running
+from helpers import FIXTURES, chat_script_replies, run_module, running
 
 FORMATS = {"bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"), "int4": dict(quantize="int4")}
 PROMPT = "你好"
@@ -72,18 +72,8 @@ def test_inference_script(dirs, fmt, tmp_path):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_chat_script_one_turn(dirs, fmt, tmp_path):
     expected = greedy_reply(dirs[fmt], 4)
-    term = Terminal([sys.executable, os.path.join(REPO, "example", "chat.py"), "--model_dir", dirs[fmt], "--greedy",
-                     "--max_new_tokens", "4", "--mode", "pynative"], cwd=str(tmp_path))
-    try:
-        term.read_until("User: ")
-        term.send(PROMPT)
-        assert term.read_until("User: ").split("Assistant: ", 1)[1].strip() == expected.strip()
-        term.send("/exit")
-        assert term.proc.wait(timeout=60) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
+    args = ["--model_dir", dirs[fmt], "--greedy", "--max_new_tokens", "4", "--mode", "pynative"]
+    assert chat_script_replies(args, tmp_path, [PROMPT]) == [expected.strip()]
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -24,21 +24,14 @@ def library():
     return kernels.build_library(PROBES_SOURCE, "baichuan2_probes") if kernels.isa() else None
 
 
+_SIGNATURES = {"ReadBandwidth": (ctypes.c_double, (ctypes.c_double, ctypes.c_int)),
+               "PeakGops": (ctypes.c_double, (ctypes.c_int, ctypes.c_double)),
+               "ReadBandwidthOf": (ctypes.c_double, (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                                     ctypes.POINTER(ctypes.c_int64), ctypes.c_int))}
+
+
 def _lib():
-    path = library()
-    if path is None:
-        return None
-    if _state.get("path") != path:
-        lib = ctypes.CDLL(path)
-        lib.ReadBandwidth.restype = ctypes.c_double
-        lib.ReadBandwidth.argtypes = (ctypes.c_double, ctypes.c_int)
-        lib.PeakGops.restype = ctypes.c_double
-        lib.PeakGops.argtypes = (ctypes.c_int, ctypes.c_double)
-        lib.ReadBandwidthOf.restype = ctypes.c_double
-        lib.ReadBandwidthOf.argtypes = (ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
-                                        ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
-        _state.update(path=path, lib=lib)
-    return _state["lib"]
+    return kernels.load_library(library(), _SIGNATURES, _state)
 
 
 def peak_gops(fmt, seconds=0.2):

@@ -158,18 +158,26 @@ def unavailable_reason():
     return _unavailable()
 
 
-def _lib():
-    path = library()
+def load_library(path, signatures, state):
+    """The ctypes handle of the library at `path` (None stays None), its functions typed by `signatures`
+    {name: (restype, argtypes)}; kept in `state` and reloaded only when the path changes (a rebuilt library)."""
     if path is None:
         return None
-    if _state.get("path") != path:
+    if state.get("path") != path:
         lib = ctypes.CDLL(path)
-        lib.KernelIsa.restype = ctypes.c_char_p
-        lib.KernelThreads.restype = ctypes.c_int
-        lib.KernelHasIsa.restype = ctypes.c_int
-        lib.KernelHasIsa.argtypes = (ctypes.c_char_p,)
-        _state.update(path=path, lib=lib)
-    return _state["lib"]
+        for name, (restype, argtypes) in signatures.items():
+            getattr(lib, name).restype = restype
+            getattr(lib, name).argtypes = argtypes
+        state.update(path=path, lib=lib)
+    return state["lib"]
+
+
+_SIGNATURES = {"KernelIsa": (ctypes.c_char_p, ()), "KernelThreads": (ctypes.c_int, ()),
+               "KernelHasIsa": (ctypes.c_int, (ctypes.c_char_p,))}
+
+
+def _lib():
+    return load_library(library(), _SIGNATURES, _state)
 
 
 def isa():
