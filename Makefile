@@ -5,10 +5,15 @@
 #   make perf-check  only the perf tests: wall-clock bounds, speed, bandwidth and peak ratios; run them on a quiet
 #                    machine (a shared one moves the figures). No perf test collected (pytest's exit status 5, e.g.
 #                    under a PYTEST_ADDOPTS="-k ..." that matches none) counts as a pass: there is nothing to check.
+# test and test-fast run in TEST_WORKERS pytest-xdist workers (default 2), a test file each at a time: the suite is
+# mostly single-threaded work (GRAPH compiles, process start-ups), so two workers take it from ~19 to ~10 minutes on
+# a 2-core machine. TEST_WORKERS=0 runs in one process. perf-check always runs in one process (timing).
 # DEMO_ARGS passes options to example/demo.py (e.g. DEMO_ARGS="--output_dir /tmp/demo").
 # Each target creates .venv first when it is missing or when requirements.txt / pyproject.toml changed.
 VENV_STAMP := .venv/.installed
 PY := .venv/bin/python
+TEST_WORKERS ?= 2
+WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: demo test test-fast perf-check setup
 setup: $(VENV_STAMP)
@@ -20,10 +25,10 @@ demo: $(VENV_STAMP)
 	$(PY) example/demo.py $(DEMO_ARGS)
 
 test: $(VENV_STAMP)
-	$(PY) -m pytest tests -m "not perf"
+	$(PY) -m pytest tests -m "not perf" $(WORKERS)
 
 test-fast: $(VENV_STAMP)
-	$(PY) -m pytest tests -m "not slow and not perf"
+	$(PY) -m pytest tests -m "not slow and not perf" $(WORKERS)
 
 perf-check: $(VENV_STAMP)
 	$(PY) -m pytest tests -m perf; status=$$?; \
