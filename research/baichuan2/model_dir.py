@@ -5,10 +5,10 @@
     tokenizer.model          + tokenizer_config.json (SentencePiece families; with the chat_template of chat models)
     tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
-    configuration_baichuan.py, modeling_baichuan.py, tokenization_baichuan.py, generation.py,
-    generation_settings.py, chat_format.py,
-    quantization.py, safetensors_io.py, weights_check.py, weights_io.py, kernels.py, csrc/ (the kernels' C++),
-    mindspore_compat.py      the model code
+    configuration_baichuan.py, modeling_baichuan.py, backend_composed.py, backend_ascend.py, backend_cpu.py,
+    tokenization_baichuan.py, generation.py, generation_settings.py, chat_format.py, quantization.py,
+    safetensors_io.py, weights_check.py, weights_io.py, kernels.py, csrc/ (the kernels' C++),
+    mindspore_compat.py      the model code (MODEL_CODE_FILES)
 
 write_servable_dir writes all of it, atomically: every command that makes a model directory (convert_weight.py,
 merge_lora.py, finetune's <output_dir>/model, export_model.py) goes through it.
