@@ -91,6 +91,12 @@ def test_bad_values_name_where_they_came_from(tmp_path):
         resolve(chat_config(), {"temperature": 0.0}, generation_config={})  # the family samples
     with pytest.raises(TypeError, match="unknown generation setting"):
         resolve(chat_config(), {"max_tokens": 3}, generation_config={})
+    with pytest.raises(ValueError, match="the arguments: seed must be >= 0, got -1"):
+        resolve(chat_config(), {"seed": -1}, generation_config={})
+    for knob in ("temperature", "top_p", "repetition_penalty"):
+        for value in (float("inf"), float("nan")):
+            with pytest.raises(ValueError, match=f"{knob} must be a finite number"):
+                resolve(chat_config(), {knob: value}, generation_config={})
 
 
 def test_command_line_options_default_to_none():

@@ -166,6 +166,10 @@ BAD_REQUESTS = [
     ("completion without prompt", "/v1/completions", {"max_tokens": 4}, 400),
     ("empty completion prompt", "/v1/completions", {"prompt": ""}, 400),
     ("five stop strings", "/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("negative seed", "/v1/chat/completions", {"messages": user("hi"), "temperature": 0.5, "seed": -1}, 400),
+    ("infinite repetition_penalty", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', 400),
+    ("NaN temperature", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400),
     ("unknown path", "/v1/embeddings", {"input": "hi"}, 404),
 ]
 

@@ -27,6 +27,7 @@ the standard library and chat_format.py only, and chat_format.py imports nothing
 code loader copies only the relative imports of the auto_map module itself, so modeling_baichuan.py imports both.
 """
 import json
+import math
 import numbers
 import os
 from types import MappingProxyType
@@ -72,7 +73,8 @@ def check(settings, where=None):
     """ValueError (one line) for a value out of range; `settings` may hold any subset of KINDS. where: a string
     naming where every value came from, or a dict key -> where (one per key)."""
     get = settings.get
-    problems = []
+    problems = [(key, f"{key} must be a finite number, got {get(key)}") for key in SAMPLING_KNOBS
+                if isinstance(get(key), float) and not math.isfinite(get(key))]
     if get("max_new_tokens") is not None and get("max_new_tokens") < 1:
         problems.append(("max_new_tokens", f"max_new_tokens must be >= 1, got {get('max_new_tokens')}"))
     if get("temperature") is not None and (get("temperature") < 0 or (get("do_sample") and get("temperature") == 0)):
@@ -83,6 +85,8 @@ def check(settings, where=None):
         problems.append(("top_k", f"top_k must be >= 0, got {get('top_k')}"))
     if get("repetition_penalty") is not None and get("repetition_penalty") <= 0:
         problems.append(("repetition_penalty", f"repetition_penalty must be > 0, got {get('repetition_penalty')}"))
+    if get("seed") is not None and get("seed") < 0:  # numpy's generators take seeds >= 0
+        problems.append(("seed", f"seed must be >= 0, got {get('seed')}"))
     if problems:
         key, message = problems[0]
         origin = where.get(key) if isinstance(where, dict) else where
