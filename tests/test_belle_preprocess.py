@@ -183,6 +183,39 @@ def test_glob_matches_nothing(tmp_path, capsys):
     assert_nothing_written(tmp_path)
 
 
+def test_a_directory_or_an_empty_file_is_named(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    code, _ = run(tmp_path, str(tmp_path / "data"))
+    err = capsys.readouterr().err
+    assert code == 2 and "matches the directory" in err and os.path.join(str(tmp_path / "data"), "*.json") in err
+    assert len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    code, _ = run(tmp_path, str(empty))
+    err = capsys.readouterr().err
+    assert code == 2 and f"{empty} is empty (0 bytes)" in err and len(err.strip().splitlines()) == 1
+    assert_nothing_written(tmp_path)
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """A SIGKILL during writing leaves .NAME.tmp-PID-*/ behind (no cleanup runs): the next writer of that output
+    removes it once PID is gone, and leaves a running writer's folder and anything else alone."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    finished = subprocess.Popen(["true"])  # its process id no longer runs once it is waited for
+    finished.wait()
+    dead_pid = finished.pid
+    dead = out_dir / f".out.mindrecord.tmp-{dead_pid}-abc123"
+    alive = out_dir / f".out.mindrecord.tmp-{os.getpid()}-def456"
+    other = out_dir / ".other.mindrecord.tmp-1-xyz"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "out.mindrecord").write_bytes(b"partial")
+    code, out = run(tmp_path, write_json(tmp_path / "a.json", good_records(3)))
+    assert code == 0 and out.is_file()
+    assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
 def test_missing_tokenizer(tmp_path, capsys):
     path = write_json(tmp_path / "a.json", good_records(1))
     (tmp_path / "out").mkdir()

@@ -4,7 +4,8 @@ Packed files (--pack) have a third int32 column, actual_seq_len [pack width] (sc
 The shard is written into a temporary folder next to the output and renamed into place by `commit` (MindRecord
 files embed their own file name, so the temporary file already has the final name; nothing time-dependent is
 embedded, so equal rows give equal bytes). Until then nothing appears at the output path, and `close` removes
-the temporary folder whatever happened. Read it with `mindspore.dataset.MindDataset(path, num_shards=k,
+the temporary folder whatever happened. The folder's name holds the writing process's id: a writer that was killed
+(SIGKILL: no `close`) leaves one behind, which the next writer of the same output removes once that process is gone. Read it with `mindspore.dataset.MindDataset(path, num_shards=k,
 shard_id=r)`: shards are disjoint and cover every row; when the row count is not a multiple of k, MindDataset
 itself repeats a row so that every shard has ceil(rows / k).
 """
@@ -24,6 +25,29 @@ def check_output(out, overwrite):
         raise DataError("config", f"output folder {os.path.dirname(out)} does not exist")
 
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out):
+    """Removes the temporary folders of earlier writers of `out` whose process no longer runs; returns them."""
+    prefix = "." + os.path.basename(out) + ".tmp-"
+    folder = os.path.dirname(out)
+    removed = []
+    for name in os.listdir(folder):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            removed.append(os.path.join(folder, name))
+    return removed
+
+
 class RowWriter:
     """Rows of seq_length + 1 tokens into `out` (absolute path); use as a context manager, call commit() last.
     pack_width > 0 adds the int32 column actual_seq_len of that width (packed rows)."""
@@ -32,7 +56,9 @@ class RowWriter:
         from mindspore.mindrecord import FileWriter  # pylint: disable=import-outside-toplevel
 
         self.out = out
-        self.tmp_dir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
+        remove_stale_temporaries(out)
+        self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-",
+                                        dir=os.path.dirname(out))
         self.tmp_out = os.path.join(self.tmp_dir, os.path.basename(out))  # MindRecord embeds its name
         try:
             self.writer = FileWriter(self.tmp_out, shard_num=1, overwrite=True)

@@ -35,6 +35,13 @@ def preprocess(args):
     if not paths:
         raise DataError("config", f"--input_glob {args.input_glob!r} matches no file; check the pattern "
                                   f"(quote it so the shell does not expand it)")
+    for path in paths:  # before anything is read or written: a wrong pattern is not a data problem
+        if os.path.isdir(path):
+            raise DataError("config", f"--input_glob {args.input_glob!r} matches the directory {path!r}; give a "
+                                      f"pattern of files, e.g. '{os.path.join(path, '*.json')}'")
+        if os.path.getsize(path) == 0:
+            raise DataError("config", f"{path} is empty (0 bytes): no record to read; fill it or leave it out of "
+                                      "--input_glob")
     if not os.path.isfile(args.model_file):
         raise DataError("config", f"--model_file {args.model_file!r}: tokenizer file not found")
     if args.seq_length < 1 or args.num_workers < 1:
