@@ -216,6 +216,19 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_run(tmp_path):
     assert not dead.exists() and alive.is_dir() and other.is_dir()
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """A read-only file system (simulated: root writes anywhere else) is one line naming the folder, exit 2."""
+    import errno  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    code, _ = run(tmp_path, write_json(tmp_path / "a.json", good_records(2)))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Read-only file system" in err and str(tmp_path / "out") in err and "\n" not in err
+
+
 def test_missing_tokenizer(tmp_path, capsys):
     path = write_json(tmp_path / "a.json", good_records(1))
     (tmp_path / "out").mkdir()

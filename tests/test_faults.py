@@ -290,6 +290,29 @@ def test_killed_between_checkpoint_files_then_resume(workdir, baseline):
     np.testing.assert_allclose(losses(out), losses(baseline), rtol=1e-5)
 
 
+class _Scalars:
+    def add_scalar(self, *args):
+        pass
+
+
+def test_a_torn_train_log_line_does_not_stop_the_next_run(tmp_path, capsys):
+    """A full disk cuts a train_log.jsonl line short: the next run's records start on a line of their own, and the
+    loss curve skips the torn line (one warning naming it) instead of failing the run after training."""
+    from baichuan2.training.monitor import TrainMonitor, read_train_log, write_loss_curve
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')  # torn: no end, no newline
+    monitor = TrainMonitor(rank=0, world_size=1, output_dir=str(tmp_path), plan=[], lrs=[1e-3], first_step=2,
+                           total_steps=4, tokens_per_step=8, log_steps=100, save_steps=100, save=lambda step: None,
+                           writer=_Scalars())
+    monitor._log(3, 1.5, 0.1, False, 1.0, 0.5)  # pylint: disable=protected-access
+    monitor._log(4, 1.0, 0.1, False, 1.0, 0.5)  # pylint: disable=protected-access
+    assert [r["step"] for r in read_train_log(str(log))] == [1, 3, 4]
+    assert "line 2" in capsys.readouterr().err
+    curve = write_loss_curve(str(tmp_path))
+    assert curve == str(tmp_path / "loss_curve.png") and os.path.isfile(curve)
+    assert len(log.read_text().splitlines()) == 4
+
+
 @pytest.mark.slow
 def test_disk_full_during_a_checkpoint(workdir, tmp_path, monkeypatch):
     """The optimizer file of step 2 fails half-way (ENOSPC): one line, exit 2, step 1 kept, no temp dir left."""

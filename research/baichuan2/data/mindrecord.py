@@ -56,9 +56,13 @@ class RowWriter:
         from mindspore.mindrecord import FileWriter  # pylint: disable=import-outside-toplevel
 
         self.out = out
-        remove_stale_temporaries(out)
-        self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-",
-                                        dir=os.path.dirname(out))
+        try:
+            remove_stale_temporaries(out)
+            self.tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-",
+                                            dir=os.path.dirname(out))
+        except OSError as e:  # a read-only file system, no permission
+            raise DataError("config", f"cannot write in {os.path.dirname(out)} ({e.strerror or e}); choose "
+                                      "another --output_file") from None
         self.tmp_out = os.path.join(self.tmp_dir, os.path.basename(out))  # MindRecord embeds its name
         try:
             self.writer = FileWriter(self.tmp_out, shard_num=1, overwrite=True)

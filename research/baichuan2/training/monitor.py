@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import sys
 import time
 
 from mindspore.train import Callback
@@ -26,6 +27,7 @@ class TrainMonitor(Callback):
         self.last_time = time.time()
         self.failed = None
         self.step = first_step
+        self.log_checked = False  # whether train_log.jsonl's end was checked (see _record)
 
     def on_train_step_end(self, run_context):
         outputs = run_context.original_args().net_outputs
@@ -64,7 +66,12 @@ class TrainMonitor(Callback):
                   flush=True)
 
     def _record(self, step, record):
-        with open(os.path.join(self.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as f:
+        path = os.path.join(self.output_dir, "train_log.jsonl")
+        with open(path, "a", encoding="utf-8") as f:
+            if not self.log_checked:  # the first record of this process: a torn last line stays a line of its own
+                self.log_checked = True
+                if f.tell() > 0 and not _ends_with_newline(path):
+                    f.write("\n")
             f.write(json.dumps(record) + "\n")
         for name in ("loss", "lr", "grad_norm", "tokens_per_s"):
             self.writer.add_scalar(f"train/{name}", record[name], step)
@@ -109,6 +116,34 @@ def format_duration(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _ends_with_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def read_train_log(path):
+    """The records of a train_log.jsonl. A line that does not parse (a write cut short: a full disk, a kill) is
+    skipped and reported in one line on stderr, so the log of an interrupted run never stops a later one."""
+    records, torn = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn.append(number)
+                continue
+            if isinstance(record, dict) and "step" in record and "loss" in record:
+                records.append(record)
+            else:
+                torn.append(number)
+    if torn:
+        print(f"warning: {path}: skipped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+              f"{', ...' if len(torn) > 5 else ''}): a write cut short, e.g. by a full disk", file=sys.stderr,
+              flush=True)
+    return records
+
+
 def write_loss_curve(output_dir):
     """loss_curve.png from train_log.jsonl (later lines win, so a resumed run overwrites replayed steps)."""
     # pylint: disable=import-outside-toplevel
@@ -118,11 +153,9 @@ def write_loss_curve(output_dir):
     path = os.path.join(output_dir, "train_log.jsonl")
     if not os.path.isfile(path):
         return None
-    losses = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            losses[rec["step"]] = rec["loss"]
+    losses = {rec["step"]: rec["loss"] for rec in read_train_log(path)}
+    if not losses:
+        return None
     steps = sorted(losses)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, [losses[s] for s in steps])
