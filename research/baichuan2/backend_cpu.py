@@ -13,7 +13,7 @@ runs is chosen when the model is built (modeling_baichuan.select_backend), never
 """
 import mindspore as ms
 
-from .backend_composed import ComposedBackend, apply_rotary, attend, rms_norm, write_cache
+from .backend_composed import ComposedBackend, apply_rotary, rms_norm
 # `from .kernels import` (not `from . import kernels`): mindformers' remote-code loader copies the modules it finds
 # imported in that form into its module cache, so a model directory's kernels.py travels with this file
 from .kernels import (cached_stack_op, decode_attention_op, isa, linear_op, rms_norm_op, rope_swap_axes12_op,
@@ -74,11 +74,7 @@ class CpuKernelBackend(ComposedBackend):
         if cache is not None and s == 1 and q.dtype == ms.float32:
             out, k, v = self.decode_op(q, k, v, cache[0], cache[1], write[2], inputs)
             return out.reshape(b, s, n * d), (k, v)
-        if cache is not None:
-            k = write_cache(cache[0], k, write[0], write[1])
-            v = write_cache(cache[1], v, write[0], write[1])
-            cache = (k, v)
-        return self.merge_heads(attend(q, k, v, inputs, scale)).reshape(b, s, n * d), cache
+        return ComposedBackend.attention(self, q, k, v, cache, write, inputs, scale)  # with this merge_heads
 
     def merge_heads(self, out):
         return self.swap_op(out) if out.dtype == ms.float32 else out.swapaxes(1, 2)
