@@ -239,21 +239,16 @@ def linear_op(fmt, group_size=None, weights=1):
     name = symbol(fmt, group_size, weights)
     if name is None:
         return None
-    from mindspore import ops  # pylint: disable=import-outside-toplevel
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
     per = 2 if fmt.startswith("int") else 1
     if weights == 1:
-        out_shape = lambda x, w, *scales: [x[0], w[0]]  # noqa: E731
-        out_dtype = lambda x, *rest: ms.float32  # noqa: E731
-    else:
-        out_shape = lambda x, *ws: tuple([x[0], w[0]] for w in ws[::per])  # noqa: E731
-        out_dtype = lambda x, *rest: (ms.float32,) * weights  # noqa: E731
-    return ops.Custom(f"{_state['path']}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+        return _custom_op(name, lambda x, w, *scales: [x[0], w[0]])
+    return _custom_op(name, lambda x, *ws: tuple([x[0], w[0]] for w in ws[::per]), outputs=weights)
 
 
-def _layout_op(name, out_shape, outputs=1):
-    """A float32 custom op of the model library with one symbol for every instruction-set path (it picks its own
-    inside), or None when the kernels cannot run."""
+def _custom_op(name, out_shape, outputs=1):
+    """A custom op of the model library with `outputs` float32 outputs, or None when the kernels cannot run. The
+    projections have one symbol per format, the layout / attention / stack ops one for every instruction-set path
+    (each picks its own path inside)."""
     if isa() is None:
         return None
     from mindspore import ops  # pylint: disable=import-outside-toplevel
@@ -266,20 +261,20 @@ def swap_axes12_op():
     """op(x) = x.swapaxes(1, 2) for float32 4D x, without the per-element index table MindSpore's CPU Transpose
     keeps (see SwapAxes12 in csrc/layer_ops.h); None when the kernels cannot run here. No gradient: inference only.
     Attention's head transposes, [B, S, N, D] <-> [B, N, S, D]."""
-    return _layout_op("SwapAxes12", lambda x: [x[0], x[2], x[1], x[3]])
+    return _custom_op("SwapAxes12", lambda x: [x[0], x[2], x[1], x[3]])
 
 
 def rope_swap_axes12_op():
     """op(x, cos, sin) = RoPE (half rotation) of x.swapaxes(1, 2); x [B, S, N, D], cos / sin [B, N, S, D], float32.
     One op for the query / key heads at inference; None when the kernels cannot run here."""
-    return _layout_op("RopeSwapAxes12", lambda x, cos, sin: [x[0], x[2], x[1], x[3]])
+    return _custom_op("RopeSwapAxes12", lambda x, cos, sin: [x[0], x[2], x[1], x[3]])
 
 
 def decode_attention_op():
     """op(q, k, v, k_cache, v_cache, slot, bias) -> (out [B, 1, N, D], k_cache', v_cache'): one decode step of
     attention with its cache writes (see DecodeAttention in csrc/layer_ops.h); float32, slot int32. None when
     unavailable."""
-    return _layout_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc),
+    return _custom_op("DecodeAttention", lambda q, k, v, kc, vc, slot, bias: ([q[0], 1, q[1], q[3]], kc, vc),
                       outputs=3)
 
 
@@ -293,14 +288,14 @@ def cached_stack_op(head_tensors=0):
     1 or 2 the lm_head's weight (or qweight, scales) comes last and y is the logits [B, V] of each sequence's last
     new token. None when the kernels cannot run."""
     if head_tensors:
-        return _layout_op("CachedStackLogits", lambda x, norm, eps, spec, mask, *rest: [mask[0],
+        return _custom_op("CachedStackLogits", lambda x, norm, eps, spec, mask, *rest: [mask[0],
                                                                                       rest[-head_tensors][0]])
-    return _layout_op("CachedStack", lambda x, *rest: x)
+    return _custom_op("CachedStack", lambda x, *rest: x)
 
 
 def rms_norm_op():
     """op(x, weight, eps) = RMSNorm of x [M, H] over H; weight [H], eps [1]; float32. None when unavailable."""
-    return _layout_op("RmsNormF32", lambda x, w, eps: x)
+    return _custom_op("RmsNormF32", lambda x, w, eps: x)
 
 
 def main(argv=None):
