@@ -15,10 +15,15 @@ PY := .venv/bin/python
 TEST_WORKERS ?= 2
 WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: demo test test-fast perf-check setup
+.PHONY: demo test test-fast perf-check setup venv-ms210
 setup: $(VENV_STAMP)
 
-$(VENV_STAMP): requirements.txt pyproject.toml scripts/setup_env.sh
+# The second tested MindSpore: .venv-ms210 with mindspore 2.10.0 (README, "Tested MindSpore versions"); not part of
+# `make test`. Then: .venv-ms210/bin/python -m pytest tests -m "not slow and not perf" -n 2 --dist loadfile
+venv-ms210: $(VENV_STAMP)
+	bash scripts/setup_venv_ms210.sh
+
+$(VENV_STAMP): requirements.txt pyproject.toml scripts/setup_env.sh tools/parity/requirements.txt
 	bash scripts/setup_env.sh
 
 demo: $(VENV_STAMP)

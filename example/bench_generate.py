@@ -152,8 +152,9 @@ def bench(name, weights, args, rt):
     length = args.prefill_tokens
     ids = ms.Tensor(rng.integers(3, config.vocab_size, size=(1, length)).astype(np.int32))
     mask = ms.Tensor(np.ones((1, length), np.int32))
-    generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy()
-    best = min(_seconds(lambda: generator.prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
+    prefill = model.cached_step_cells()[0]  # one prompt's cached step, outside the engine's scheduling
+    prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy()
+    best = min(_seconds(lambda: prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
                for _ in range(2))
     row["prefill"] = length / best
     row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernel_probes.peak_gops(weights)

@@ -13,6 +13,12 @@ and weight shape N x K:
 Both paths run as GRAPH-mode Cells; decode cycles through enough weight copies (>= 256 MB) that the weights come
 from memory, not the 32 MB L3. Stock paths: float32 MatMul(transpose_b); bfloat16 Cast + MatMul; int8 Cast x
 scales + MatMul; int4 nibble unpack (FloorDiv, Sub, Concat) + the same. Random weights, group size 32.
+
+    python example/bench_kernels.py --paged 128 1024 --formats int4   # the whole-stack ops instead
+
+--paged DEPTH ...: a batch-1 decode step of the whole stack (every layer, the final norm, the lm_head; random layers
+of --stack_shape, RoPE) at each depth (keys already cached), ms per step: CachedStackLogits (contiguous float32
+caches) against PagedStackLogits (a pool of 16-row blocks in shuffled order; float32, bfloat16 and int8 pools).
 """
 import argparse
 import math
@@ -28,6 +34,10 @@ from baichuan2 import kernel_probes, kernels, runtime
 SHAPES = ("4096x4096", "11008x4096", "4096x11008", "125696x4096")
 GROUP = 32
 MIN_DECODE_BYTES = 256e6
+# --paged: (layers, hidden, heads, MLP width, vocabulary), bench_generate.py's shapes S and M and the 7B
+STACK_SHAPES = {"S": (8, 512, 8, 1376, 32000), "M": (12, 1024, 16, 2816, 125696), "7B": (32, 4096, 32, 11008, 125696)}
+POOL_BLOCK = 16
+POOL_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def parse_args(argv=None):
@@ -37,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--prefill", nargs="*", type=int, default=[64, 512], help="prefill row counts M")
     parser.add_argument("--no_stock", action="store_true", help="skip the stock MindSpore paths")
     parser.add_argument("--seconds", type=float, default=0.5, help="least time per measurement")
+    parser.add_argument("--paged", nargs="+", type=int, metavar="DEPTH",
+                        help="time the whole-stack ops' decode step at these depths instead (cached vs paged)")
+    parser.add_argument("--stack_shape", default="S", choices=list(STACK_SHAPES), help="--paged: the layers' shape")
     return parser.parse_args(argv)
 
 
@@ -105,6 +118,71 @@ def seconds_per_product(cell, x, weights, copies, least):
             return elapsed / (runs * copies)
 
 
+class Step(nn.Cell):
+    """One call of a whole-stack op."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, *inputs):
+        return self.op(*inputs)
+
+
+def seconds_per_step(op, inputs, least):
+    cell = Step(op)
+    cell(*inputs).asnumpy()  # compile + warm up
+    runs, start = 0, time.perf_counter()
+    while True:
+        cell(*inputs).asnumpy()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= least and runs >= 2:
+            return elapsed / runs
+
+
+def bench_stack(args, rng):
+    """--paged: ms per batch-1 decode step, CachedStackLogits against PagedStackLogits per pool dtype."""
+    layers, hidden, heads, width, vocab = STACK_SHAPES[args.stack_shape]
+    dim = hidden // heads
+    positions = max(args.paged) + 1
+    cos, sin = (Tensor(rng.standard_normal((positions, dim), dtype=np.float32)) for _ in range(2))
+    x = Tensor(rng.standard_normal((1, hidden), dtype=np.float32))
+    shared = [Tensor(np.ones(hidden, np.float32)), Tensor(np.array([1e-6], np.float32)),
+              Tensor(np.array([GROUP, 1], np.int32))]  # norm, eps, spec (RoPE)
+    slopes = Tensor(np.ones(heads, np.float32))
+    print(f"stack {args.stack_shape}: {layers} layers, hidden {hidden}, {heads} heads, MLP {width}, "
+          f"vocabulary {vocab}; pool blocks of {POOL_BLOCK} rows; ms per decode step (paged / cached)")
+    for fmt in args.formats:
+        per_layer = []
+        for _ in range(layers):
+            per_layer += [Tensor(np.ones(hidden, np.float32))] * 2
+            for n, k in [(hidden, hidden)] * 4 + [(width, hidden)] * 2 + [(hidden, width)]:
+                per_layer += make_weights(fmt, n, k, rng)[0]
+        head = make_weights(fmt, vocab, hidden, rng)[0]
+        for depth in args.paged:
+            slots = depth + 1
+            caches = [Tensor(np.zeros((layers, 1, heads, slots, dim), np.float32)) for _ in range(2)]
+            cached = seconds_per_step(kernels.cached_stack_op(len(head)), [
+                x, *shared, Tensor(np.ones((1, slots), np.int32)), Tensor(np.array([depth], np.int32)), cos, sin,
+                slopes, *caches, *per_layer, *head], args.seconds)
+            del caches
+            row = f"{fmt:9} depth {depth:6} | cached {cached * 1e3:8.2f}"
+            blocks = -(-slots // POOL_BLOCK)
+            tables = Tensor(rng.permutation(blocks).astype(np.int32).reshape(1, blocks))
+            for pool in POOL_DTYPES:
+                shape = (layers, blocks, heads, POOL_BLOCK, dim)
+                pools = [Tensor(np.zeros(shape, np.int8 if pool == "int8" else np.float32)) for _ in range(2)]
+                if pool == "bfloat16":
+                    pools = [p.astype(ms.bfloat16) for p in pools]
+                scales = [Tensor(np.ones(shape[:4], np.float32)) for _ in range(2)]
+                paged = seconds_per_step(kernels.paged_stack_op(len(head)), [
+                    x, *shared, Tensor(np.array([[0, depth]], np.int32)), Tensor(np.array([0], np.int32)), tables,
+                    cos, sin, slopes, *pools, *scales, *per_layer, *head], args.seconds)
+                row += f" | paged {pool} {paged * 1e3:8.2f} ({paged / cached:4.2f})"
+            print(row, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     ms.set_device("CPU")
@@ -118,6 +196,9 @@ def main(argv=None):
     print(f"kernels: path {path}, {kernels.threads()} threads; memory read bandwidth {bandwidth:.1f} GB/s "
           "(the machine may be shared: figures are noisy)")
     rng = np.random.default_rng(0)
+    if args.paged:
+        bench_stack(args, rng)
+        return 0
     header = f"{'format':9} {'N x K':>12} | {'bw GB/s':>7} {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
     header += f" {'peak GOPS':>9} |" if args.prefill else ""
     header += "".join(f" {'M=' + str(m) + ' GFLOPS':>13} {'of peak':>7} {'stock':>7} |" for m in args.prefill)

@@ -1,7 +1,8 @@
 """Training memory per device for a full finetune, and whether it fits the device (assumptions:
 research/baichuan2/memory_budget.py's docstring).
 
-    python example/memory_budget.py                          # MindFormers' published 7B/13B settings and ours
+    python example/memory_budget.py                          # the shipped 7B/13B recipes, one and two nodes
+    python example/memory_budget.py --published              # MindFormers' published settings, for comparison
     python example/memory_budget.py --recipe configs/finetune_baichuan2_13b.yaml
     python example/memory_budget.py --preset baichuan2_13b --data_parallel 8 --parallel_optimizer level1 \\
         --recompute select --param_dtype float16 --compute_dtype float16
@@ -10,6 +11,7 @@ A recipe supplies model.preset, model.overrides.param_dtype/compute_dtype, data.
 train.grad_accum_steps, train.moment_dtype and its parallel:/recompute: sections; the options override them.
 """
 import argparse
+import os
 import sys
 
 import yaml
@@ -19,6 +21,9 @@ from baichuan2.memory_budget import SETTINGS, describe
 from baichuan2.training.parallel import ParallelRecipeError
 
 RECOMPUTE = {"none": {}, "full": {"recompute": True}, "select": {"select_recompute": True}}
+RECIPES = ("finetune_baichuan2_7b.yaml", "finetune_baichuan2_7b_2nodes.yaml", "finetune_baichuan2_13b.yaml",
+           "finetune_baichuan2_13b_2nodes.yaml")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def from_recipe(path):
@@ -42,6 +47,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="finetune recipe yaml")
     p.add_argument("--preset", help="BaichuanConfig preset (without --recipe: plain data parallelism on 1 device)")
+    p.add_argument("--published", action="store_true",
+                   help="MindFormers' published settings (and our old float32 one) instead of the shipped recipes")
     for name in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--parallel_optimizer", choices=["off", "level1", "level2", "level3"])
@@ -79,8 +86,10 @@ def main(argv=None):
                 if getattr(args, name) is not None:
                     settings[name] = getattr(args, name)
             named = {args.recipe or args.preset: settings}
-        else:
+        elif args.published:
             named = SETTINGS
+        else:
+            named = {f"configs/{name}": from_recipe(os.path.join(CONFIGS, name)) for name in RECIPES}
         blocks = []
         for name, s in named.items():
             s = dict(dict(seq_length=4096, batch_size=1), **s)

@@ -61,3 +61,36 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 touch .venv/.installed
 echo "[setup] .venv ready"
+
+# The reference venv .venv-ref: torch (CPU), transformers, peft, gguf and no MindSpore, for the tests that load our
+# exports with PyTorch tools (tests/test_export_llama.py runs tools/parity/check_exports.py in it) and for
+# tools/parity/. Python 3.11; rebuilt only when tools/parity/requirements.txt changes (its hash is the stamp).
+find_python311() {
+  local candidates=("${PYTHON311:-}")
+  if command -v pyenv >/dev/null 2>&1; then
+    for p in "$(pyenv root)"/versions/3.11.*/bin/python3.11; do candidates+=("$p"); done
+  fi
+  candidates+=(python3.11 /usr/bin/python3.11 /usr/local/bin/python3.11)
+  for c in "${candidates[@]}"; do
+    [ -n "$c" ] || continue
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then
+      echo "$c"; return 0
+    fi
+  done
+  return 1
+}
+REF_STAMP=.venv-ref/.installed
+REF_HASH=$(sha256sum tools/parity/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$REF_STAMP" 2>/dev/null)" != "$REF_HASH" ]; then
+  if ! PY311=$(find_python311); then
+    echo "error: Python 3.11 not found (the reference venv .venv-ref needs it)." >&2
+    echo "  install it (e.g. 'pyenv install 3.11.7' or 'apt-get install python3.11 python3.11-venv')," >&2
+    echo "  or point PYTHON311=/path/to/python3.11 at one, then run this again." >&2
+    exit 1
+  fi
+  echo "[setup] creating .venv-ref (torch CPU, transformers, peft) with $PY311"
+  [ -x .venv-ref/bin/python ] || "$PY311" -m venv .venv-ref
+  .venv-ref/bin/python -m pip install -q --disable-pip-version-check -r tools/parity/requirements.txt
+  echo "$REF_HASH" > "$REF_STAMP"
+fi
+echo "[setup] .venv-ref ready"

@@ -18,10 +18,13 @@ PyNative only (the contract checks are Python code on concrete shapes and dtypes
 from collections import Counter
 
 import mindspore as ms
-from mindspore import ops
+import numpy as np
+from mindspore import Tensor, ops
 
 CALLS = Counter()
 HALF = (ms.float16, ms.bfloat16)
+COMPRESSED = 2048  # side of the compressed mask of sparse modes 2, 3 and 4
+COMPRESSED_SHIFT_ROWS = 1024  # rows of a lower-triangle ALiBi real_shift when S1 > 1024
 FLOATS = (ms.float16, ms.bfloat16, ms.float32)
 
 
@@ -42,9 +45,16 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
 
     Contract enforced (BNSD, the layout the model uses): query/key/value float16 or bfloat16, all one dtype;
     query [B, N1, S1, D], key = value [B, N2, S2, D], N2 divides N1, head_num = N1, D a multiple of 16 up to 512;
-    real_shift of query's dtype, [B, N1, S1, S2] or [1, N1, S1, S2]; attn_mask bool or uint8 (0/1),
-    [B, N1, S1, S2], [B, 1, S1, S2] or [S1, S2]. Dropout, padding_mask, prefix, varlen and sparse modes are not
-    emulated (the model passes none of them) and raise."""
+    real_shift of query's dtype; attn_mask bool or uint8 (0/1).
+    sparse_mode 0: attn_mask [B, N1, S1, S2], [B, 1, S1, S2] or [S1, S2]; real_shift [B|1, N1, S1, S2].
+    sparse_mode 2 (leftUpCausal: query i sees keys j <= i) and 3 (rightDownCausal: j <= i + S2 - S1): the
+    compressed attn_mask is required, [2048, 2048] with 1 above the diagonal (the documented "optimized" mask,
+    which MindFormers builds as triu(ones, 1)); pre_tokens / next_tokens do not take effect; a real_shift is the
+    lower-triangle ALiBi case: [B|1, N1, S1, S2] up to S1 = 1024, else its last 1024 rows [B|1, N1, 1024, S2], and
+    it must follow the ALiBi rule (each row the same function of key - query on the visible part), which is how
+    the rows above the last 1024 are known: here from the last row.
+    Modes 6-8 are documented as not implemented and raise; 1, 4 and 5, dropout, padding_mask, prefix and varlen
+    (TND, actual_seq_qlen / actual_seq_kvlen) are not emulated (the model passes none of them) and raise."""
     name = "FlashAttentionScore"
     CALLS[name] += 1
     _require(input_layout == "BNSD", name, f"emulated for input_layout 'BNSD' only, got {input_layout!r}")
@@ -60,23 +70,44 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     _require(head_num == n1, name, f"head_num {head_num} must equal query's N ({n1})")
     _require(d % 16 == 0 and d <= 512, name, f"head size D must be a multiple of 16 up to 512, got {d}")
     _require(1 <= b <= 2048 and 1 <= n1 <= 256, name, f"B must be 1..2k and N 1..256, got B={b}, N={n1}")
+    _require(sparse_mode not in (6, 7, 8), name, f"sparse_mode {sparse_mode} is documented as not implemented")
+    _require(sparse_mode in (0, 2, 3), name, f"sparse_mode {sparse_mode} is not emulated (0, 2 and 3 are)")
     _require(drop_mask is None and padding_mask is None and prefix is None and actual_seq_qlen is None
-             and actual_seq_kvlen is None and keep_prob == 1.0 and sparse_mode == 0, name,
-             "dropout, padding_mask, prefix, varlen and sparse modes are not emulated")
+             and actual_seq_kvlen is None and keep_prob == 1.0, name,
+             "dropout, padding_mask, prefix and varlen are not emulated")
+    causal = sparse_mode in (2, 3)
+    shift_rows = min(s1, COMPRESSED_SHIFT_ROWS) if causal else s1
     if real_shift is not None:
         _require(real_shift.dtype == query.dtype, name,
                  f"real_shift must have query's dtype {query.dtype}, got {real_shift.dtype}")
-        _require(tuple(real_shift.shape) in ((b, n1, s1, s2), (1, n1, s1, s2)), name,
-                 f"real_shift must be [B|1, N1, S1, S2] = [{b}|1, {n1}, {s1}, {s2}], got {tuple(real_shift.shape)}")
+        _require(tuple(real_shift.shape) in ((b, n1, shift_rows, s2), (1, n1, shift_rows, s2)), name,
+                 f"real_shift must be [B|1, N1, {'min(S1, 1024)' if causal else 'S1'}, S2] = "
+                 f"[{b}|1, {n1}, {shift_rows}, {s2}] with sparse_mode {sparse_mode}, got {tuple(real_shift.shape)}")
     n_rep = n1 // n2
     q32 = query.astype(ms.float32)
     k32 = ops.repeat_interleave(key.astype(ms.float32), n_rep, 1) if n_rep > 1 else key.astype(ms.float32)
     v32 = ops.repeat_interleave(value.astype(ms.float32), n_rep, 1) if n_rep > 1 else value.astype(ms.float32)
     scores = ops.matmul(q32, k32.swapaxes(-1, -2))
-    if real_shift is not None:
+    if causal:
+        _require(attn_mask is not None and tuple(attn_mask.shape) == (COMPRESSED, COMPRESSED), name,
+                 f"sparse_mode {sparse_mode} requires the compressed attn_mask [2048, 2048], got "
+                 f"{None if attn_mask is None else tuple(attn_mask.shape)}")
+        _require(attn_mask.dtype in (ms.bool_, ms.uint8), name,
+                 f"attn_mask must be bool or uint8, got {attn_mask.dtype}")
+        upper = np.triu(np.ones((COMPRESSED, COMPRESSED), np.uint8), 1)
+        _require(bool((attn_mask.asnumpy().astype(np.uint8) == upper).all()), name,
+                 "the compressed attn_mask must be 1 exactly above the diagonal (triu(ones, 1))")
+        offset = 0 if sparse_mode == 2 else s2 - s1
+        keep = Tensor(np.arange(s2)[None, :] <= np.arange(s1)[:, None] + offset).broadcast_to(scores.shape)
+        if real_shift is not None:
+            scores = scores + Tensor(_alibi_rows(real_shift.astype(ms.float32).asnumpy(), s1, offset, name))
+        scores = scores * scalar_value
+        attn_mask = None
+    elif real_shift is not None:
         scores = scores + real_shift.astype(ms.float32)
-    scores = scores * scalar_value  # the scale multiplies the shift too
-    keep = ops.ones(scores.shape, ms.bool_)
+    if not causal:
+        scores = scores * scalar_value  # the scale multiplies the shift too
+        keep = ops.ones(scores.shape, ms.bool_)
     if attn_mask is not None:
         _require(attn_mask.dtype in (ms.bool_, ms.uint8), name,
                  f"attn_mask must be bool or uint8, got {attn_mask.dtype}")
@@ -90,6 +121,22 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     probs = ops.softmax(scores, -1)  # NaN on rows with every key discarded: undefined in the kernel's docs
     probs = ops.where(keep.any(-1, keep_dims=True), probs, ops.full(probs.shape, float("nan"), dtype=ms.float32))
     return ops.matmul(probs, v32).astype(query.dtype)
+
+
+def _alibi_rows(shift, s1, offset, name):
+    """The full [B|1, N, S1, S2] shift from the lower-triangle ALiBi form (its last R = min(S1, 1024) rows): row i
+    holds f(j - i) for the visible keys j <= i + offset, so any row is the last row moved right by S1 - 1 - i.
+    Raises when the given rows break that rule."""
+    rows, s2 = shift.shape[2], shift.shape[3]
+    last = shift[:, :, -1, :]
+    full = np.zeros(shift.shape[:2] + (s1, s2), np.float32)
+    for i in range(s1):
+        visible = min(s2, i + offset + 1)
+        full[:, :, i, :visible] = last[:, :, s1 - 1 - i:s1 - 1 - i + visible]
+    _require(np.allclose(np.tril(full[:, :, s1 - rows:, :], offset + s1 - rows),
+                         np.tril(shift, offset + s1 - rows), rtol=1e-3, atol=1e-2), name,
+             "real_shift does not follow the ALiBi rule (each row the same function of key - query)")
+    return full
 
 
 def rms_norm(x, gamma, epsilon=1e-6):

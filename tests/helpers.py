@@ -213,12 +213,13 @@ def chat_script_replies(args, cwd, prompts):
 
 
 @contextlib.contextmanager
-def running(app):
-    """uvicorn serving `app` in a thread on a free loopback port; yields its base URL."""
+def running(app, **config):
+    """uvicorn serving `app` in a thread on a free loopback port (config: more uvicorn.Config arguments); yields its
+    base URL."""
     import uvicorn  # pylint: disable=import-outside-toplevel
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 60

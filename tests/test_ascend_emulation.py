@@ -199,3 +199,75 @@ def test_fused_kernels_take_the_recipes_dtypes(pynative, monkeypatch):
     want = composed.attend(q, q, q, composed.attention_bias(visible, None, 4), 0.25).asnumpy()
     assert out.dtype == ms.float32 and np.abs(out.asnumpy() - want).max() < 0.05
     assert emu.CALLS["RmsNorm"] == 1 and emu.CALLS["FlashAttentionScore"] == 1
+
+
+def test_sparse_causal_mode_contract():
+    """sparse_mode 2/3 take only the compressed causal mask, the lower-triangle ALiBi shift form, and modes 6-8 are
+    documented as not implemented."""
+    q = _t((1, 2, 3, 16), ms.bfloat16)
+    fa = emu.flash_attention_score
+    compressed = Tensor(np.triu(np.ones((2048, 2048), np.uint8), 1))
+    with pytest.raises(emu.KernelContractError, match=r"requires the compressed attn_mask \[2048, 2048\], got None"):
+        fa(q, q, q, 2, input_layout="BNSD", sparse_mode=2)
+    with pytest.raises(emu.KernelContractError, match=r"got \(3, 3\)"):
+        fa(q, q, q, 2, attn_mask=Tensor(np.triu(np.ones((3, 3), np.uint8), 1)), input_layout="BNSD", sparse_mode=2)
+    with pytest.raises(emu.KernelContractError, match="exactly above the diagonal"):
+        fa(q, q, q, 2, attn_mask=Tensor(np.triu(np.ones((2048, 2048), np.uint8), 2)), input_layout="BNSD",
+           sparse_mode=3)
+    for mode, why in ((6, "not implemented"), (7, "not implemented"), (1, "not emulated"), (4, "not emulated")):
+        with pytest.raises(emu.KernelContractError, match=why):
+            fa(q, q, q, 2, attn_mask=compressed, input_layout="BNSD", sparse_mode=mode)
+    # a shift of the sparse causal mode: up to 1024 rows it is whole; it must follow the ALiBi rule
+    slopes = np.array([0.5, 0.25], np.float32).reshape(1, 2, 1, 1)
+    alibi = slopes * (np.arange(3)[None, :] - np.arange(3)[:, None]).astype(np.float32)
+    broken = alibi.copy()
+    broken[0, 0, 1, 0] += 1.0  # one visible entry off the slope x (key - query) line
+    with pytest.raises(emu.KernelContractError, match="ALiBi rule"):
+        fa(q, q, q, 2, real_shift=Tensor(broken).astype(ms.bfloat16), attn_mask=compressed, input_layout="BNSD",
+           sparse_mode=2)
+    # the sparse causal mode computes what the dense causal mask gives
+    dense = Tensor(np.triu(np.ones((3, 3), np.uint8), 1))
+    shift = Tensor(alibi).astype(ms.bfloat16)
+    got = fa(q, q, q, 2, real_shift=shift, attn_mask=compressed, scalar_value=0.25, input_layout="BNSD",
+             sparse_mode=2)
+    want = fa(q, q, q, 2, real_shift=shift, attn_mask=dense, scalar_value=0.25, input_layout="BNSD")
+    np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want.astype(ms.float32).asnumpy(), atol=1e-2)
+
+
+def test_sparse_causal_shift_beyond_1024_rows_is_its_last_rows():
+    """S1 > 1024: the shift is its last 1024 rows [1, N, 1024, S2]; the full S1 rows are refused."""
+    s = 1040
+    q = _t((1, 1, s, 16), ms.bfloat16)
+    compressed = Tensor(np.triu(np.ones((2048, 2048), np.uint8), 1))
+    alibi = (0.01 * (np.arange(s)[None, :] - np.arange(s)[:, None])).astype(np.float32).reshape(1, 1, s, s)
+    fa = emu.flash_attention_score
+    with pytest.raises(emu.KernelContractError, match=r"\[1\|1, 1, 1024, 1040\]"):
+        fa(q, q, q, 1, real_shift=Tensor(alibi).astype(ms.bfloat16), attn_mask=compressed, input_layout="BNSD",
+           sparse_mode=2)
+    got = fa(q, q, q, 1, real_shift=Tensor(alibi[:, :, -1024:]).astype(ms.bfloat16), attn_mask=compressed,
+             scalar_value=0.25, input_layout="BNSD", sparse_mode=2)
+    want = fa(q, q, q, 1, real_shift=Tensor(alibi).astype(ms.bfloat16),
+              attn_mask=Tensor(np.triu(np.ones((s, s), np.uint8), 1)), scalar_value=0.25, input_layout="BNSD")
+    np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want.astype(ms.float32).asnumpy(), atol=2e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_causal_backend_matches_composed_on_training_rows(converted, pynative, monkeypatch, family):
+    """AscendBackend(causal_rows=True), what training/run.py builds on Ascend for unpacked data: sparse_mode 2 with
+    the compressed mask (and the ALiBi shift's last rows) gives the composed logits on whole causal rows."""
+    from baichuan2.backend_ascend import AscendBackend  # pylint: disable=import-outside-toplevel
+    model_dir, ref = converted[family]
+    composed = BaichuanForCausalLM.from_pretrained(model_dir, backend="composed")
+    emu.install(monkeypatch)
+    modes = []
+    real = emu.flash_attention_score
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("sparse_mode", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms.ops, "flash_attention_score", spy)
+    fused = BaichuanForCausalLM.from_pretrained(model_dir, backend=AscendBackend(causal_rows=True))
+    ids = Tensor(ref["input_ids"].astype(np.int32))
+    assert_close(fused(ids).asnumpy(), composed(ids).asnumpy(), f"{family} sparse causal")
+    assert modes and set(modes) == {2}

@@ -51,6 +51,10 @@ def test_recipes_carry_mindformers_published_numbers(size):
     published = {"7b": (0.98, 1e-4, 0.0, False), "13b": (0.95, 0.0, 0.03, True)}[size]
     assert (train["beta2"], train["weight_decay"], train["warmup_ratio"], recipe["recompute"]["recompute"]) == \
         published
+    # where ours differ, for the memory budget with every term (example/memory_budget.py): 7B recomputes its MLP
+    # blocks, 13B's parallel optimizer regathers the weights per layer (level3) on one node
+    assert (recipe["recompute"]["select_recompute"], parallel["optimizer_level"]) == {
+        "7b": (True, "level1"), "13b": (False, "level3")}[size]
     two_nodes, _ = recipe_and_config(f"finetune_baichuan2_{size}_2nodes.yaml")
     assert (two_nodes["parallel"]["pipeline_stage"], two_nodes["parallel"]["micro_batch_num"]) == (2, 8)
     # the two-node recipe is the one-node recipe with 2 stages: nothing else changes but the output directory

@@ -75,7 +75,7 @@ def test_system_turn_comes_first():
 def test_rows_without_loss_are_dropped(tmp_path):
     path = write_json(tmp_path / "a.json", [record(0, "x " * 40, "answer"), record(1, "hi", "ok")])
     code, out = run(tmp_path, path, seq_length=8)
-    assert code == 0 and len(read_rows(out)) == 1
+    assert code == 3 and len(read_rows(out)) == 1  # written, with a record skipped: exit status 3
 
 
 def test_role_token_flags(tmp_path, capsys):
@@ -142,16 +142,16 @@ def test_bad_records_skipped_and_counted(tmp_path, capsys):
     lines = [json.dumps(r) for r in good_records(3)] + [json.dumps(b) for b, _ in BAD_RECORDS.values()]
     lines.insert(1, '{"id": 9, "conversations": [')  # malformed line: JSON Lines go on after it
     path = write_jsonl(tmp_path / "a.jsonl", lines)
-    with open(path, "ab") as f:
-        f.write(b'{"conversations": [{"from": "human", "value": "\xff"}]}\n')
     stats = bp.preprocess(bp.parse_args(["--input_glob", path, "--model_file", MODEL, "--output_file",
                                          str(tmp_path / "x.mindrecord"), "--seq_length", "16", "--quiet"]))
-    assert stats["written"] == 3 and stats["read"] == 3 + len(BAD_RECORDS) + 2
+    assert stats["written"] == 3 and stats["read"] == 3 + len(BAD_RECORDS) + 1
     assert stats["skipped_by_reason"] == {"bad_order": 2, "conversations_not_list": 1, "empty_value": 1,
                                           "malformed_json": 1, "missing_conversations": 1, "non_string_value": 1,
-                                          "non_utf8": 1, "unknown_role": 1}
+                                          "unknown_role": 1}
+    assert stats["per_file"] == {path: {"read": 3 + len(BAD_RECORDS) + 1, "written": 3,
+                                        "skipped": len(BAD_RECORDS) + 1}}
     err = capsys.readouterr().err
-    assert f"{path}:2: malformed JSON" in err and f"{path}:{len(lines) + 1}: byte" in err
+    assert f"{path}:2: malformed JSON" in err
 
 
 def test_malformed_json_array(tmp_path, capsys):
@@ -163,8 +163,64 @@ def test_malformed_json_array(tmp_path, capsys):
     assert code == 2 and "malformed JSON in array element 2" in err and f"{path}:{text.count(chr(10))}" in err
     assert_nothing_written(tmp_path)
     code, out = run(tmp_path, path)  # default: the two good records before the error are kept
-    assert code == 0 and len(read_rows(out)) == 2
+    assert code == 3 and len(read_rows(out)) == 2
     assert "rest of this file was not read" in capsys.readouterr().err
+
+
+def break_record(text, number):
+    """`text` with the closing quote of record `number`'s question removed (good_records' questions are unique)."""
+    question = f'"{good_records(number + 1)[number]["conversations"][0]["value"]}"'
+    assert text.count(question) == 1
+    return text.replace(question, question[:-1])
+
+
+@pytest.mark.parametrize("layout", ["pretty", "one_a_line", "compact", "json_lines"])
+def test_a_malformed_record_costs_that_record_only(tmp_path, capsys, layout):
+    """One missing quote in record 10 of 30 loses record 10, not the rest of the file; exit status 3."""
+    records = good_records(30)
+    text = {"pretty": lambda: json.dumps(records, indent=1, ensure_ascii=False),
+            "one_a_line": lambda: "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]",
+            "compact": lambda: json.dumps(records, ensure_ascii=False),
+            "json_lines": lambda: "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n"}[layout]()
+    path = str(tmp_path / ("a.jsonl" if layout == "json_lines" else "a.json"))
+    open(path, "w", encoding="utf-8").write(break_record(text, 10))
+    code, out = run(tmp_path, path)
+    captured = capsys.readouterr()
+    assert code == 3 and len(read_rows(out)) == 29, captured.err
+    assert "records read: 30  written: 29  skipped: 1" in captured.out
+    assert captured.out.strip().splitlines()[-1] == f"records per file: {path}: read 30, written 29, skipped 1"
+    skips = [line for line in captured.err.splitlines() if line.startswith("skipped: ")]
+    assert len(skips) == 1 and "malformed JSON" in skips[0], captured.err
+    assert "rest of this file" not in captured.err
+
+
+def test_everything_written_exits_0_with_the_per_file_line(tmp_path, capsys):
+    a = write_json(tmp_path / "a.json", good_records(3))
+    write_jsonl(tmp_path / "b.jsonl", [json.dumps(r) for r in good_records(2)])
+    code, out = run(tmp_path, str(tmp_path / "*.json*"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and last == (f"records per file: {a}: read 3, written 3, skipped 0; "
+                                  f"{tmp_path / 'b.jsonl'}: read 2, written 2, skipped 0")
+
+
+def test_an_unreadable_file_stops_the_run_unless_skip_bad_files(tmp_path, capsys):
+    """One invalid UTF-8 byte in one file of a two-file glob: exit 2 naming it, nothing written; with
+    --skip_bad_files the other file is written, the bad one reported, exit status 3."""
+    good = write_json(tmp_path / "a.json", good_records(4))
+    bad = tmp_path / "b.json"
+    bad.write_bytes(json.dumps(good_records(3)).encode()[:-2] + b'"\xe9"]')
+    code, _ = run(tmp_path, str(tmp_path / "*.json"))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and str(bad) in lines[0] and "not valid UTF-8" in lines[0], err
+    assert "--skip_bad_files" in lines[0]
+    assert_nothing_written(tmp_path)
+    code, out = run(tmp_path, str(tmp_path / "*.json"), "--skip_bad_files")
+    captured = capsys.readouterr()
+    assert code == 3 and len(read_rows(out)) == 4
+    assert f"skipped file: {bad}: bytes at offset" in captured.err
+    assert captured.out.strip().splitlines()[-1] == (f"records per file: {good}: read 4, written 4, skipped 0; "
+                                                     f"{bad}: not read (unreadable, --skip_bad_files)")
 
 
 def test_non_utf8_file(tmp_path, capsys):

@@ -221,3 +221,25 @@ def test_variant_does_not_touch_xverse(tmp_path):
     make_hf_checkpoint(tmp_path / "hf", config)
     convert(str(tmp_path / "hf"), str(tmp_path / "ms"), show_progress=False, variant="base")
     assert BaichuanConfig.from_hf_config(str(tmp_path / "ms")).chat_format == "xverse"
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_tied_embeddings_convert_without_a_lm_head(tmp_path, with_head):
+    """A checkpoint with tie_word_embeddings (SmolLM2 and other small Llama models) needs no lm_head: the converter
+    writes the embedding as our lm_head (a stored copy is ignored) and the directory says it is untied."""
+    config = BaichuanConfig.from_preset("tiny", fused_qkv=False, norm_head=False, chat_format="xverse",
+                                        tie_word_embeddings=True)
+    original = make_hf_checkpoint(tmp_path / "hf", config)
+    if not with_head:
+        del original["lm_head.weight"]
+        save_file(original, str(tmp_path / "hf" / "model.safetensors"))
+    for fmt in ({}, {"quantize": "int8"}):
+        out = tmp_path / f"ms{len(fmt)}"
+        convert(str(tmp_path / "hf"), str(out), show_progress=False, **fmt)
+        ours = load_file(str(out / "model.safetensors"))
+        assert not BaichuanConfig.from_hf_config(str(out)).tie_word_embeddings
+        if not fmt:
+            assert np.array_equal(ours["lm_head.weight"], original["model.embed_tokens.weight"])
+        else:
+            assert np.array_equal(ours["lm_head.qweight"], ours["model.embed_tokens.qweight"])
+        BaichuanForCausalLM.from_pretrained(str(out))

@@ -4,6 +4,21 @@ One tiny single-process baseline run (3 steps, a checkpoint every step) is train
 Each fault damages the newest checkpoint (step 3) and resumes: the run must report the file, move the checkpoint
 aside, resume from step 2 and end with the weights and losses of an undamaged run resumed from step 2.
 Training runs in this process (example/finetune.py's main) except the one that is killed.
+
+The fault table of issue 39, row by row, and where each is tested (rows handled before it stay tested too):
+    checkpoints: truncated / bit-flipped / zeroed / deleted files, no manifest, all damaged, SIGKILL or a full disk
+        during a save, two ranks                          this module (checkpoints), test_finetune.py (msrun)
+    a torn last line of train_log.jsonl                   this module: test_a_torn_train_log_line_...
+    finetune into a previous run's output directory       this module: test_finetune_refuses_..., _overwrite_...
+    damaged model directories (every entry point)         this module: test_check_model_dir ... test_server_...
+    config.json disagreeing with the weights              this module: test_config_json_that_disagrees_...
+    the openmind pipeline on a damaged directory          this module: test_openmind_pipeline_...
+    server: a 20 MB body, a prompt too long to tokenize, tokenizing on the event loop, unfinished requests, a
+        failed generation (logged 500), the same greedy text afterwards          test_server_faults.py
+    server: seed -1, Infinity, wrong types, NaN, huge max_tokens, unknown model  test_server.py (BAD_REQUESTS),
+                                                                                 test_generation_settings.py
+    preprocessing: a malformed record, an invalid UTF-8 byte in one file of two, a directory or an empty file
+        as input, an unwritable output, a killed writer's temp folder, exit status 3   test_belle_preprocess.py
 """
 import contextlib
 import io
@@ -290,6 +305,45 @@ def test_killed_between_checkpoint_files_then_resume(workdir, baseline):
     np.testing.assert_allclose(losses(out), losses(baseline), rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------------------------- output directory
+def previous_run(baseline, dest, names):
+    """`names` of the baseline's outputs (no checkpoints: as if checkpoints/ had been deleted) in a new directory."""
+    dest.mkdir()
+    for name in names:
+        (shutil.copytree if (baseline / name).is_dir() else shutil.copy)(baseline / name, dest / name)
+    return dest
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("names,flags,expected", [
+    (("model", "train_log.jsonl"), (), "holds a previous run's model and train_log.jsonl; pass --resume"),
+    (("train_log.jsonl",), (), "holds a previous run's train_log.jsonl; pass --resume"),
+    (("model", "train_log.jsonl"), ("--resume",), "starting again would replace the previous run's model/; pass "
+                                                  "--overwrite"),
+    (("model",), ("--resume", "--overwrite"), "give one of them")])
+def test_finetune_refuses_to_replace_a_previous_run(workdir, baseline, tmp_path, names, flags, expected):
+    out = previous_run(baseline, tmp_path / "earlier", names)
+    before = snapshot(out)
+    code, stdout, stderr = finetune(workdir, out, *flags)
+    line = error_line(stderr)
+    assert code == 2 and expected in line, line
+    assert snapshot(out) == before  # nothing replaced, nothing appended
+
+
+@pytest.mark.slow
+def test_finetune_overwrite_replaces_the_previous_run(workdir, baseline, tmp_path):
+    out = previous_run(baseline, tmp_path / "earlier", ("model", "train_log.jsonl", "loss_curve.png"))
+    (out / "train_log.jsonl").write_text('{"step": 99, "loss": 5.0}\n')  # must not survive into the new log
+    code, stdout, stderr = finetune(workdir, out, "--overwrite")
+    assert code == 0, stderr[-3000:]
+    assert "--overwrite: removed the previous run's model, train_log.jsonl, loss_curve.png" in stdout
+    assert losses(out) == losses(baseline)  # a log of this run only
+    assert_same_weights(out / "model" / "model.safetensors", baseline / "model" / "model.safetensors")
+
+
 class _Scalars:
     def add_scalar(self, *args):
         pass
@@ -530,3 +584,61 @@ def test_server_refuses_a_damaged_model_dir(damaged_model_dir):
     with pytest.raises(ValueError) as exc:
         create_app(str(model_dir))
     assert "model.safetensors" in str(exc.value)
+
+
+def test_config_json_that_disagrees_with_the_weights_is_named(baseline, tmp_path):
+    """A config.json whose sizes are not the weights' (here hidden_size and num_hidden_layers): one line naming
+    config.json and each disagreement, from the check every loader runs and from an entry point (exit 2)."""
+    from baichuan2.weights_check import WeightsFileError, check_model_dir
+    model_dir = tmp_path / "mismatched"
+    shutil.copytree(baseline / "model", model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    config.update(hidden_size=hidden * 2, num_hidden_layers=layers + 1)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsFileError) as exc:
+        check_model_dir(str(model_dir))
+    message = str(exc.value)
+    assert message.startswith(f"{model_dir / 'config.json'}: disagrees with the weights") and "\n" not in message
+    assert f"hidden_size is {hidden * 2} but the weights have model.norm.weight [{hidden}]" in message, message
+    assert f"num_hidden_layers is {layers + 1} but the weights have layers 0..{layers - 1}" in message, message
+    code, stdout, stderr = call_script(os.path.join(REPO, "example", "inference.py"),
+                                       ["--model_dir", model_dir, "--prompt", "hi", "--max_new_tokens", "2"])
+    line = error_line(stderr)
+    assert code == 2 and str(model_dir / "config.json") in line and "hidden_size is" in line, line
+
+
+def test_openmind_pipeline_error_is_ours_not_mindformers_fallback():
+    """mindformers wraps the model's error in RuntimeError("... experimental mode ... yaml file"); the openmind
+    adaptation raises the WeightsFileError behind it (matched by name: the model code runs from its copy)."""
+    from baichuan2.openmind_compat import _model_dir_error  # pylint: disable=protected-access
+    from baichuan2.weights_check import WeightsFileError
+    ours = WeightsFileError("/m/model.safetensors", "file is 10 bytes (truncated)")
+    try:
+        try:
+            raise ours
+        except WeightsFileError as e:
+            raise RuntimeError("You are using AutoModelForCausalLM in experimental mode ... yaml file") from e
+    except RuntimeError as wrapped:
+        assert _model_dir_error(wrapped) is ours
+    assert _model_dir_error(RuntimeError("unrelated")) is None
+
+
+OPENMIND_CALL = """
+from openmind import pipeline
+pipeline(task="text_generation", model={model_dir!r}, framework='ms', trust_remote_code=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,name", [("truncated", "model.safetensors"), ("zeroed", "config.json")])
+def test_openmind_pipeline_on_a_damaged_model_dir(damaged_model_dir, tmp_path, fault, name):
+    """The model card's call on a damaged directory ends with our line naming the file, not mindformers'."""
+    model_dir = damaged_model_dir(fault, name)
+    env = dict(os.environ)
+    env.pop("OPENMIND_HIDE_STACKTRACE", None)
+    proc = subprocess.run([PYTHON, "-c", OPENMIND_CALL.format(model_dir=str(model_dir))], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "WeightsFileError: " in last and str(model_dir / name) in last, proc.stderr[-3000:]
+    assert "experimental mode" not in proc.stderr

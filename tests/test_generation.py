@@ -51,8 +51,9 @@ def test_cached_greedy_matches_reference_batched_and_alone(family_models, kind):
     assert gen.generate(reference_prompts(ref), max_new_tokens=16, eos_token_id=()) == expected
     for prompt, out in zip(reference_prompts(ref), expected):
         assert gen.generate([prompt], max_new_tokens=16, eos_token_id=()) == [out]
-    # those decode steps ran the compiled graph directly (mindspore_compat.CompiledCall), all but one per shape
-    assert gen.decode.graph_call.fast_calls >= 3 * 15 - 3
+    # those engine steps ran the compiled graph directly (mindspore_compat.CompiledCall), all but one per shape
+    # and a few shape changes (the batch's two rows decode at the same steps, the padded sizes repeat)
+    assert gen.engine.step_cell.graph_call.fast_calls >= 3 * 15 - 10
 
 
 def test_compiled_call_equals_the_normal_call(family_models):

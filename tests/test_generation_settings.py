@@ -121,16 +121,18 @@ def test_model_directories_carry_every_module_generation_imports():
             return set(pattern.findall(f.read()))
 
     direct = relative_imports("modeling_baichuan")
-    chain, seen = ["generation"], []
-    while chain:
-        name = chain.pop()
+    seen = set()
+
+    def visit(name, path):  # depth first; a module met again on its own import path is a cycle
+        assert name not in path, f"import cycle: {' -> '.join(path + (name,))}"
         assert name + ".py" in MODEL_CODE_FILES, f"{name}.py is imported for generation but not copied"
         assert name in direct, f"{name}.py is imported for generation but not by modeling_baichuan.py itself"
-        seen.append(name)
-        for imported in relative_imports(name):
-            assert imported not in seen, f"import cycle through {imported}"
-            chain.append(imported)
-    assert {"generation_settings", "chat_format"} <= set(seen)
+        seen.add(name)
+        for imported in sorted(relative_imports(name)):
+            visit(imported, path + (name,))
+
+    visit("generation", ())
+    assert {"generation_settings", "chat_format", "engine", "kv_pool", "sampling"} <= seen
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -30,6 +30,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from baichuan2 import kernel_probes, kernels
+from baichuan2.quantization import pack_int4
 
 pytestmark = pytest.mark.skipif(kernels.isa() is None, reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
@@ -127,6 +128,30 @@ def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
     bound = err @ np.abs(w64).T + (k + 2 * (group or 0) + 16) * U * ((np.abs(x64) + err) @ magnitude.T)
     worst = np.max(np.abs(y - want) - bound)
     assert worst <= 0, f"{fmt} {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 2100), (13, 37, 2100), (3, 3, 300), (64, 1, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_int4_full_range_and_signed_scales(shape, forced_isa, graph):
+    """int4 as the "search" scale method stores it: q over all 16 levels (-8 too: stored nibble 0) and scales of
+    either sign, on decode and prefill shapes of every path; the same bound as test_projection_matches_numpy."""
+    m, n, k = shape
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    q = rng.integers(-8, 8, (n, k))
+    q[:, ::32] = -8  # every group holds a -8
+    scales = (rng.standard_normal((n, math.ceil(k / 32))) * 0.05).astype(np.float16)
+    s = np.repeat(scales.astype(np.float64), 32, axis=1)[:, :k]
+    w64 = s * q
+    key = ("int4", 32, shape)
+    if key not in _cells:
+        _cells[key] = Projection(kernels.linear_op("int4", 32))
+    y = _cells[key](Tensor(x), (Tensor(pack_int4(q)), Tensor(scales))).asnumpy()
+    x64 = x.astype(np.float64)
+    err = x_error("int4", x64, forced_isa)
+    bound = err @ np.abs(w64).T + (k + 2 * 32 + 16) * U * ((np.abs(x64) + err) @ (np.abs(s) * (q + 16)).T)
+    worst = np.max(np.abs(y - x64 @ w64.T) - bound)
+    assert worst <= 0, f"int4 {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
 
 
 def test_decode_quantises_x_within_half_a_step(graph):

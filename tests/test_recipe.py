@@ -24,7 +24,7 @@ def finetune_recipe(monkeypatch):
 
     def call(*argv):
         recipes = []
-        monkeypatch.setattr(training_run, "run", lambda recipe, *args: recipes.append(recipe))
+        monkeypatch.setattr(training_run, "run", lambda recipe, *args, **kwargs: recipes.append(recipe))
         code, _, err = call_script(FINETUNE, argv)
         return code, (recipes or [None])[-1], err
     return call

@@ -94,7 +94,7 @@ def test_auto_detects_each_file_from_its_first_record(tmp_path):
     write_jsonl(tmp_path / "d" / "b.jsonl", [RECORDS["alpaca"], RECORDS["alpaca"]])
     (tmp_path / "d" / "c.jsonl").write_text('{"conversations": [\n' + json.dumps(RECORDS["belle"]) + "\n")
     code, out = run(tmp_path, str(tmp_path / "d" / "*"))
-    assert code == 0 and read_rows(out) == [TWO_ROUNDS] * 4
+    assert code == 3 and read_rows(out) == [TWO_ROUNDS] * 4  # 3: the malformed line was skipped
     assert [bp.detect_format(RECORDS[n], "x") for n in sorted(RECORDS)] == ["alpaca", "belle", "messages", "belle"]
 
 

@@ -10,8 +10,10 @@ import threading
 import time
 
 import mindspore as ms
+import numpy as np
 import pytest
 import requests
+from mindspore import Tensor
 
 from baichuan2 import BaichuanForCausalLM
 from baichuan2.chat import build_chat_input
@@ -49,7 +51,8 @@ def served(parity_model_dir):
     model_dir = parity_model_dir("baichuan2_7b")
     generator = Generator(BaichuanForCausalLM.from_pretrained(model_dir))
     tokenizer = BaichuanTokenizer.from_pretrained(model_dir)
-    app = create_app(generator, tokenizer=tokenizer, model_name=MODEL, max_batch=8)
+    # float32 cache rows: the replies and logprobs are compared with the model's own float32 generation
+    app = create_app(generator, tokenizer=tokenizer, model_name=MODEL, max_batch=8, kv_cache_dtype="float32")
     try:
         with running(app) as url:
             yield Served(url, generator, tokenizer, app)
@@ -111,7 +114,7 @@ def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
     prompts = [f"question {i}: {'why ' * (i % 5)}tell me about number {i * 7}" for i in range(16)]
     expected = [served.direct_chat(user(p), 10) for p in prompts]
     assert len(set(expected)) > 8, "distinct prompts should give distinct replies"
-    batches_before = len(served.app.state.worker.batches)
+    steps_before = len(served.app.state.worker.step_sizes)
     start = threading.Barrier(16)
 
     def ask(prompt):
@@ -124,14 +127,14 @@ def test_sixteen_concurrent_streams_are_batched_and_kept_apart(served):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(ask, prompts, timeout=120))
     assert got == expected
-    sizes = served.app.state.worker.batches[batches_before:]
-    assert sum(sizes) == 16 and max(sizes) > 1, f"requests were not batched: {sizes}"
+    sizes = served.app.state.worker.step_sizes[steps_before:]
+    assert max(sizes) > 1, f"requests were not batched: {sizes}"
 
 
 @pytest.mark.slow
 def test_sampling_and_greedy_requests_side_by_side(served):
-    """Different sampling settings cannot share a batch: each group runs on its own and greedy stays exact; a
-    seeded request runs alone, so it repeats."""
+    """Requests with different sampling settings share the engine's steps: greedy stays exact and a seeded
+    request repeats whatever runs beside it."""
     def ask(kwargs):
         return served.client().chat.completions.create(model=MODEL, messages=user("pick a colour"), max_tokens=8,
                                                        **kwargs).choices[0].message.content
@@ -145,6 +148,104 @@ def test_sampling_and_greedy_requests_side_by_side(served):
     assert got[3] == got[4]
 
 
+def test_metrics_in_prometheus_format_count_what_was_served(served):
+    served.client().chat.completions.create(model=MODEL, messages=user("count me"), max_tokens=5, temperature=0)
+    text = requests.get(served.url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    label = f'model_name="{MODEL}"'
+    engine = served.app.state.engine
+    assert values[f"vllm:generation_tokens_total{{{label}}}"] == engine.generated_tokens >= 5
+    assert values[f"vllm:prompt_tokens_total{{{label}}}"] == engine.prompt_tokens > 0
+    assert values[f"vllm:num_requests_running{{{label}}}"] == 0  # idle again
+    assert values[f"vllm:kv_cache_usage_perc{{{label}}}"] == 0.0
+    finished = sum(v for k, v in values.items() if k.startswith("vllm:request_success_total"))
+    ttft = values[f"vllm:time_to_first_token_seconds_count{{{label}}}"]
+    assert ttft >= 1 and finished >= ttft  # every request that got a token was counted when it ended
+    assert values[f'vllm:time_to_first_token_seconds_bucket{{{label},le="+Inf"}}'] == ttft
+
+
+def log_softmax_rows(served, ids):
+    """float64 log-probabilities [S, V] of an uncached forward over ids (the independent check of logprobs)."""
+    logits = served.generator.model(Tensor(np.array([ids], np.int32))).asnumpy()[0].astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+@pytest.mark.slow
+def test_completions_logprobs_echo_n_and_a_list_of_prompts(served):
+    """lm-eval's API mode: echo + logprobs score a prompt's tokens; n copies and a list of prompts give a choice
+    each, in order."""
+    prompts = ["The capital of France is", "One two three"]
+    body = requests.post(served.url + "/v1/completions", timeout=120, json={
+        "prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True}).json()
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    for number, prompt in enumerate(prompts):
+        ids = list(served.tokenizer.encode(prompt))
+        new = served.generator.generate([ids], max_new_tokens=3, do_sample=False)[0]
+        reference = log_softmax_rows(served, ids + new)
+        for choice in choices[2 * number:2 * number + 2]:
+            assert choice["text"].startswith(prompt)
+            logprobs = choice["logprobs"]
+            values = logprobs["token_logprobs"]
+            assert values[0] is None and len(values) == len(ids) + len(new)
+            wanted = [reference[i - 1, token] for i, token in enumerate(ids + new) if i > 0]
+            np.testing.assert_allclose(values[1:], wanted, atol=1e-4)
+            assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+            for k, top in enumerate(logprobs["top_logprobs"][len(ids):]):  # generated tokens: the 2 most likely
+                best = np.sort(reference[len(ids) - 1 + k])[::-1][:len(top)]
+                assert 1 <= len(top) <= 2  # two tokens with the same text share a key
+                np.testing.assert_allclose(sorted(top.values(), reverse=True), best, atol=1e-4)
+    assert body["usage"]["prompt_tokens"] == sum(len(served.tokenizer.encode(p)) for p in prompts)
+
+
+@pytest.mark.slow
+def test_chat_logprobs_and_the_first_streamed_chunk(served):
+    messages = user("Name a colour.")
+    reply = served.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                                    logprobs=True, top_logprobs=3, extra_body={"top_k": -1})
+    content = reply.choices[0].logprobs.content
+    prompt = build_chat_input(served.config, served.tokenizer.encode, messages, max_new_tokens=4)
+    new = served.generator.generate([prompt], max_new_tokens=4, do_sample=False,
+                                    stop_token_ids=[served.config.user_token_id])[0]
+    reference = log_softmax_rows(served, prompt + new)
+    assert len(content) == len(new)
+    for i, (item, token) in enumerate(zip(content, new)):
+        assert item.logprob == pytest.approx(reference[len(prompt) - 1 + i, token], abs=1e-4)
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    chunks = list(served.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+                                                          temperature=0, stream=True, n=2))
+    firsts = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            firsts.setdefault(choice.index, choice.delta)
+    assert sorted(firsts) == [0, 1] and all(delta.role == "assistant" for delta in firsts.values())
+
+
+@pytest.mark.slow
+def test_bench_serve_drives_concurrent_streaming_clients(served):
+    code, out, err = call_script(os.path.join(REPO, "example", "bench_serve.py"), [
+        "--url", served.url, "--clients", "3", "--requests", "1", "--prompt_tokens", "6", "--output_tokens", "4"])
+    ms.set_context(mode=ms.GRAPH_MODE)  # call_script leaves PyNative; the module's server compiled in GRAPH mode
+    assert code == 0, err
+    assert out.startswith("CPU: ") and "failed request" not in out, out
+    row = [line.split() for line in out.splitlines() if line.split()[:1] == ["3"]][0]
+    assert float(row[1]) > 0 and row[2].endswith("s")  # output tokens/s, TTFT p50
+
+
+def test_a_full_queue_answers_429(served, monkeypatch):
+    app = create_app(served.generator, tokenizer=served.tokenizer, model_name=MODEL, max_queue=2)
+    monkeypatch.setattr(app.state.worker, "waiting", lambda: 2)
+    with running(app) as url:
+        response = requests.post(url + "/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2},
+                                 timeout=30)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+
+
 BAD_REQUESTS = [
     ("bad JSON", "/v1/chat/completions", b'{"messages": [', 400),
     ("missing messages", "/v1/chat/completions", {"model": MODEL}, 400),
@@ -156,7 +257,14 @@ BAD_REQUESTS = [
     ("negative max_tokens", "/v1/chat/completions", {"messages": user("hi"), "max_tokens": -3}, 400),
     ("temperature out of range", "/v1/chat/completions", {"messages": user("hi"), "temperature": 7.5}, 400),
     ("top_p zero", "/v1/chat/completions", {"messages": user("hi"), "top_p": 0}, 400),
-    ("n=2", "/v1/chat/completions", {"messages": user("hi"), "n": 2}, 400),
+    ("n over 16", "/v1/chat/completions", {"messages": user("hi"), "n": 17}, 400),
+    ("tools", "/v1/chat/completions", {"messages": user("hi"), "tools": [{"type": "function"}]}, 400),
+    ("json response_format", "/v1/chat/completions",
+     {"messages": user("hi"), "response_format": {"type": "json_object"}}, 400),
+    ("logit_bias", "/v1/completions", {"prompt": "a", "logit_bias": {"5": 10}}, 400),
+    ("misspelt field", "/v1/completions", {"prompt": "a", "max_token": 3}, 400),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": user("hi"), "top_logprobs": 2}, 400),
+    ("legacy logprobs over 5", "/v1/completions", {"prompt": "a", "logprobs": 6}, 400),
     ("stream not a bool", "/v1/chat/completions", {"messages": user("hi"), "stream": "yes"}, 400),
     ("unknown model", "/v1/chat/completions", {"model": "gpt-9", "messages": user("hi")}, 404),
     ("prompt over the context", "/v1/chat/completions", {"messages": user("word " * 200)}, 400),
@@ -191,26 +299,28 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving(serve
 
 
 def test_a_client_leaving_mid_stream_frees_the_server(served, monkeypatch):
-    worker = served.app.state.worker
-    real_stream = served.generator.stream
+    worker, engine = served.app.state.worker, served.app.state.engine
+    real_step = engine.step
+    generated_before = engine.generated_tokens
 
-    def slow_stream(*args, **kwargs):  # 50 ms a token: the client surely leaves before 40 tokens are done
-        for step in real_stream(*args, **kwargs):
-            time.sleep(0.05)
-            yield step
+    def slow_step():  # 50 ms a token: the client surely leaves before 40 tokens are done
+        time.sleep(0.05)
+        return real_step()
 
-    monkeypatch.setattr(served.generator, "stream", slow_stream)
+    monkeypatch.setattr(engine, "step", slow_step)
     with requests.post(served.url + "/v1/chat/completions", stream=True, timeout=60,
                        json={"messages": user("a long answer please"), "max_tokens": 40, "temperature": 0,
                              "stream": True}) as response:
         first = next(response.iter_lines(chunk_size=1, decode_unicode=True))
         assert first.startswith("data: ")
-    # the abandoned request must not hold the model: its batch ends early and the worker goes idle
+    # the abandoned request must not hold the model: it is aborted, its blocks freed, and the worker goes idle
     deadline = time.time() + 30
     while worker.pending or worker.busy:
         assert time.time() < deadline, "the worker kept generating for a client that left"
         time.sleep(0.05)
-    assert worker.steps[-1] < 40, f"generation ran to the end ({worker.steps[-1]} steps) for a client that left"
+    generated = engine.generated_tokens - generated_before
+    assert generated < 40, f"generation ran to the end ({generated} tokens) for a client that left"
+    assert engine.pool.active_hits([]) == 0 and all(refs == 0 for refs in engine.pool.refs)
     monkeypatch.undo()
     reply = served.client().chat.completions.create(model=MODEL, messages=user("next"), max_tokens=4, temperature=0)
     assert reply.choices[0].message.content == served.direct_chat(user("next"), 4)
@@ -256,9 +366,9 @@ def test_chat_page_in_headless_chromium(served, tmp_path, monkeypatch):
             # Stop: slow generation down, stop after the first piece; the page is ready for the next message
             full = served.direct_chat(user("a long one"), 30)
             assert len(full) > 10, "the fixture should give a long reply"
-            real_stream = served.generator.stream
-            monkeypatch.setattr(served.generator, "stream",
-                                lambda *a, **k: (time.sleep(0.1) or step for step in real_stream(*a, **k)))
+            engine = served.app.state.engine
+            real_step = engine.step
+            monkeypatch.setattr(engine, "step", lambda: time.sleep(0.1) or real_step())
             page.fill("#max_tokens", "30")
             page.fill("#input", "a long one")
             page.click("#send")

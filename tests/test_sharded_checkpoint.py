@@ -1,7 +1,12 @@
-"""Checkpoints of a sharded (Ascend semi-auto) run, on CPU: MindSpore's gathering save is replaced by a fake that
-writes what the gather would (whole arrays, by Parameter name, as safetensors), and the ranks are called one after
-another in this process. What is checked: who takes part, who writes, and that the result reads back like an
-unsharded run's checkpoint (verify, export, resume). The gather itself is Ascend-only (checkpoint.gather_to_files)."""
+"""Checkpoints of a sharded (Ascend semi-auto) run, on CPU, through MindSpore's own save and merge.
+
+Each simulated rank calls the real mindspore.save_checkpoint (integrated_save=False, what pipeline stages require;
+on CPU every parameter is whole, so a rank's file holds whole tensors), and rank 0 merges the files with
+mindspore.parallel.merge_pipeline_strategys and transform_checkpoints. The strategy files, which MindSpore writes
+when a semi-auto graph compiles (impossible on CPU: "Invalid backend: CPU"), are written here in MindSpore's own
+protobuf schema (mindspore.train.node_strategy_pb2) with the layout the recipe implies. A second test slices the
+tensors as MindSpore's parallel optimizer does and checks that the merge reassembles them. What only a device run
+shows: that MindSpore's real strategy files and slices match these (docs/ASCEND_TRAINING.md)."""
 import copy
 import os
 
@@ -9,18 +14,20 @@ import numpy as np
 import pytest
 
 import mindspore as ms
+from mindspore.train import node_strategy_pb2
 
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.modeling_baichuan import BaichuanForCausalLM
 from baichuan2.training import load_recipe
-from baichuan2.training.checkpoint import (OPTIMIZER_FILE, WEIGHTS_FILE, checkpoint_dirs, checkpoint_root,
-                                           export_checkpoint, restore_checkpoint, train_cell_state,
+from baichuan2.training.checkpoint import (OPTIMIZER_FILE, SHARD_FILE, STRATEGY_FILE, WEIGHTS_FILE, Sharding,
+                                           checkpoint_dirs, checkpoint_root, export_checkpoint, merge_rank_shards,
+                                           rank_strategy_file, restore_checkpoint, shard_names, train_cell_state,
                                            verify_checkpoint, write_outputs_from_checkpoint)
-from baichuan2.training.recipe import DEFAULT_CONFIG
+from baichuan2.training.recipe import DEFAULT_CONFIG, FinetuneError
 from baichuan2.training.run import RunShape, build_model, build_train_cell, checkpoint_saver
 from baichuan2.training.schedule import lr_schedule
 from baichuan2.weights_io import load_weights_checked
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 WORLD = 4
 
@@ -44,33 +51,65 @@ def shape_of(config, rank, semi_auto, stages=1):
 
 
 def stage_of(name):
-    """The fake pipeline's split of a 2-layer model: layer 1, the final norm and lm_head on stage 1."""
+    """The pipeline split of a 2-layer model: layer 1, the final norm and lm_head on stage 1."""
     return 1 if any(part in name for part in ("layers.1.", "model.norm.", "lm_head.")) else 0
 
 
-class FakeGather:
-    """Stands in for mindspore.save_checkpoint: records each call (with the rank being simulated) and writes the
-    whole arrays the gather would; with `stages`, only the simulated rank's stage's parameters (names without a
-    stage, such as global_step, in every stage), as pipeline ranks do."""
+def write_strategy(path, stage, shapes, data_parallel, opt_shard=False):
+    """A rank's strategy file as MindSpore writes it (ParallelStrategyMap protobuf): every parameter of `shapes`
+    ({name: shape}) replicated over the stage's data_parallel devices (tensor_map -1: no model-parallel split),
+    with opt_shard: split on its first axis over them as the parallel optimizer does (opt_weight_shard_size)."""
+    strategy = node_strategy_pb2.ParallelStrategyMap()
+    strategy.current_stage = stage
+    item = strategy.parallel_strategy_item.add()
+    item.node_name = "MatMul-op0"
+    item.parallel_strategys.stage = stage
+    for name, shape in shapes.items():
+        layout = strategy.parallel_layout_item.add()
+        layout.param_name = name
+        layouts = layout.parallel_layouts
+        layouts.dev_matrix.add().dim.extend([data_parallel])
+        layouts.tensor_map.add().dim.extend([-1] * len(shape))
+        layouts.param_split_shape.add()
+        layouts.indices_offset.add()
+        layouts.field = 0
+        sliced = opt_shard and len(shape) > 1 and shape[0] % data_parallel == 0
+        layouts.opt_weight_shard_step = 1 if sliced else 0
+        layouts.opt_weight_shard_size = data_parallel if sliced else 0
+    with open(path, "wb") as f:
+        f.write(strategy.SerializeToString())
 
-    def __init__(self, stages=1):
-        self.stages, self.rank, self.calls = stages, None, []
 
-    def __call__(self, cell, path, integrated_save=True, format="ckpt", choice_func=None, **_):
-        self.calls.append((self.rank, os.path.basename(path), integrated_save, format))
-        stage = self.rank // (WORLD // self.stages)
-        arrays = {p.name: p.asnumpy() for p in cell.get_parameters() if choice_func(p.name) and (
-            self.stages == 1 or "." not in p.name or stage_of(p.name) == stage)}
-        save_file(arrays, path, metadata={"format": "ms"})
-        os.chmod(path, 0o400)  # as MindSpore leaves its files
+def write_rank_strategies(output_dir, model, cell, stages, opt_shard=False):
+    """What compiling a stages-way pipeline writes: each rank its stage's layouts (the stage leaders suffice)."""
+    names = shard_names(model, cell)
+    shapes = {p.name: tuple(p.shape) for p in cell.get_parameters() if p.name in names and "." in p.name}
+    per_stage = WORLD // stages
+    os.makedirs(os.path.dirname(rank_strategy_file(output_dir, 0)), exist_ok=True)
+    for rank in range(WORLD):
+        stage = rank // per_stage
+        mine = {n: s for n, s in shapes.items() if stages == 1 or stage_of(n) == stage}
+        write_strategy(rank_strategy_file(output_dir, rank), stage, mine, per_stage, opt_shard)
 
 
-def save_on_every_rank(recipe, model, cell, fake, stages=1, order=(3, 2, 1, 0)):
-    """Each simulated rank's save of step 2 (rank 0 last: it reads what the stage leaders wrote); returns
+class SaveSpy:
+    """Records each call of mindspore.save_checkpoint (with the simulated rank) and then makes the real call."""
+
+    def __init__(self, real):
+        self.real, self.rank, self.calls = real, None, []
+
+    def __call__(self, cell, path, *args, **kwargs):
+        self.calls.append((self.rank, os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.dirname(path)))),
+                           kwargs.get("integrated_save", True), kwargs.get("format")))
+        return self.real(cell, path, *args, **kwargs)
+
+
+def save_on_every_rank(recipe, model, cell, spy, stages=1, order=(3, 2, 1, 0)):
+    """Each simulated rank's save of step 2 (rank 0 last: it merges what every rank wrote); returns
     {rank: what save returned}."""
     got = {}
     for rank in order:
-        fake.rank = rank
+        spy.rank = rank
         got[rank] = checkpoint_saver(recipe, shape_of(model.config, rank, True, stages), model, cell)(2)
         if rank:
             assert not checkpoint_dirs(recipe["output"]["output_dir"])  # only rank 0 writes the directory
@@ -82,55 +121,111 @@ def whole(model):
 
 
 @pytest.mark.parametrize("stages", [1, 2])
-def test_every_rank_gathers_and_rank_0_writes_a_checkpoint_that_exports(tmp_path, monkeypatch, stages):
+def test_every_rank_saves_its_shard_and_rank_0_merges_them_into_a_checkpoint_that_exports(tmp_path, monkeypatch,
+                                                                                           stages):
     recipe, model, cell = tiny_run(tmp_path / "out")
-    fake = FakeGather(stages)
-    monkeypatch.setattr(ms, "save_checkpoint", fake)
-    got = save_on_every_rank(recipe, model, cell, fake, stages)
+    output_dir = recipe["output"]["output_dir"]
+    write_rank_strategies(output_dir, model, cell, stages)
+    spy = SaveSpy(ms.save_checkpoint)
+    monkeypatch.setattr(ms, "save_checkpoint", spy)
+    got = save_on_every_rank(recipe, model, cell, spy, stages)
 
-    assert sorted({c[0] for c in fake.calls}) == list(range(WORLD)) and len(fake.calls) == 2 * WORLD
-    assert all(integrated and fmt == "safetensors" for _, _, integrated, fmt in fake.calls)
+    # MindSpore's real per-rank save, never the integrated one (pipeline stages refuse it)
+    assert [(r, p) for r, p, _, _ in spy.calls] == [
+        (r, os.path.join(".tmp_shards_step_000002", f"rank_{r}", SHARD_FILE)) for r in (3, 2, 1, 0)]
+    assert all(integrated is False and fmt == "safetensors" for _, _, integrated, fmt in spy.calls)
     assert [got[r] for r in range(1, WORLD)] == [None] * (WORLD - 1)
     ckpt = got[0]
-    assert checkpoint_dirs(recipe["output"]["output_dir"]) == [ckpt]
-    assert sorted(os.listdir(checkpoint_root(recipe["output"]["output_dir"]))) == ["step_000002"]  # no temp left
+    assert checkpoint_dirs(output_dir) == [ckpt]
+    assert sorted(os.listdir(checkpoint_root(output_dir))) == ["step_000002"]  # shards merged and removed
     assert verify_checkpoint(ckpt)["step"] == 2
+    merged_strategy = ms.parallel.build_searched_strategy(os.path.join(ckpt, STRATEGY_FILE))
+    prefix = "1-" if stages == 2 else ""  # merge_pipeline_strategys prefixes a stage's names with the stage
+    assert f"{prefix}lm_head.weight" in merged_strategy
     saved = load_file(os.path.join(ckpt, WEIGHTS_FILE))
-    assert saved.keys() == whole(model).keys()  # with 2 stages: both halves merged
+    assert saved.keys() == whole(model).keys()
     for name, array in whole(model).items():
         np.testing.assert_array_equal(saved[name], array)
-    assert set(load_file(os.path.join(ckpt, OPTIMIZER_FILE))) == set(train_cell_state(cell, model))
+    optimizer = load_file(os.path.join(ckpt, OPTIMIZER_FILE))
+    assert set(optimizer) == set(train_cell_state(cell, model))
+    np.testing.assert_array_equal(optimizer["adam_m.lm_head.weight"],
+                                  train_cell_state(cell, model)["adam_m.lm_head.weight"].asnumpy())
 
     exported = export_checkpoint(ckpt, str(tmp_path / "exported"), None)
     again = load_weights_checked(BaichuanForCausalLM(model.config), os.path.join(exported, WEIGHTS_FILE))
     np.testing.assert_array_equal(whole(again)["lm_head.weight"], whole(model)["lm_head.weight"])
 
-    # resume: the whole tensors load into a fresh (here unsharded) model and train cell
+    # resume: the merged tensors load into a fresh (here unsharded) model and train cell
     _, model2, cell2 = tiny_run(tmp_path / "other")
     assert restore_checkpoint(ckpt, model2, cell2)["step"] == 2
     np.testing.assert_array_equal(whole(model2)["model.layers.1.mlp.down_proj.weight"],
                                   whole(model)["model.layers.1.mlp.down_proj.weight"])
 
 
-def test_final_model_dir_is_copied_from_the_gathered_checkpoint(tmp_path, monkeypatch):
+def test_merge_reassembles_parallel_optimizer_slices_of_a_pipeline(tmp_path):
+    """2 stages x dp 2, parallel optimizer: each rank holds half (first axis) of each of its stage's matrices. The
+    shards are cut here as MindSpore's optimizer sharding cuts them and saved with mindspore.save_checkpoint; the
+    merge must give back the whole tensors."""
     recipe, model, cell = tiny_run(tmp_path / "out")
-    fake = FakeGather()
-    monkeypatch.setattr(ms, "save_checkpoint", fake)
-    ckpt = save_on_every_rank(recipe, model, cell, fake)[0]
+    output_dir = recipe["output"]["output_dir"]
+    write_rank_strategies(output_dir, model, cell, stages=2, opt_shard=True)
+    names = shard_names(model, cell)
+    params = {p.name: p.asnumpy() for p in cell.get_parameters() if p.name in names}
+    shards = str(tmp_path / "shards")
+    for rank in range(WORLD):
+        stage, index = divmod(rank, 2)
+        tensors = []
+        for name, array in params.items():
+            if "." in name and stage_of(name) != stage:
+                continue
+            if "." in name and array.ndim > 1:
+                array = np.split(array, 2)[index]
+            tensors.append({"name": name, "data": ms.Tensor(array)})
+        os.makedirs(os.path.join(shards, f"rank_{rank}"))
+        ms.save_checkpoint(tensors, os.path.join(shards, f"rank_{rank}", SHARD_FILE), format="safetensors")
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    merge_rank_shards(model, cell, shards, output_dir, Sharding.of_run(0, WORLD, 2), str(target))
+    saved = load_file(str(target / WEIGHTS_FILE))
+    for name, array in whole(model).items():
+        np.testing.assert_array_equal(saved[name], array)
+    optimizer = load_file(str(target / OPTIMIZER_FILE))
+    np.testing.assert_array_equal(optimizer["adam_v.model.embed_tokens.weight"],
+                                  params["adam_v.model.embed_tokens.weight"])
+
+
+def test_a_missing_strategy_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    recipe, model, cell = tiny_run(tmp_path / "out")
+    output_dir = recipe["output"]["output_dir"]
+    write_rank_strategies(output_dir, model, cell, stages=2)
+    os.remove(rank_strategy_file(output_dir, 2))  # stage 1's leader never compiled
+    monkeypatch.setattr("baichuan2.training.checkpoint.SHARD_TIMEOUT_S", 0)
+    with pytest.raises(FinetuneError, match=r"rank_2\.ckpt did not appear within 0 s") as caught:
+        save_on_every_rank(recipe, model, cell, SaveSpy(ms.save_checkpoint), stages=2)
+    assert "\n" not in str(caught.value)
+    assert checkpoint_dirs(output_dir) == []
+
+
+def test_final_model_dir_is_copied_from_the_merged_checkpoint(tmp_path, monkeypatch):
+    recipe, model, cell = tiny_run(tmp_path / "out")
+    write_rank_strategies(recipe["output"]["output_dir"], model, cell, stages=1)
+    spy = SaveSpy(ms.save_checkpoint)
+    monkeypatch.setattr(ms, "save_checkpoint", spy)
+    ckpt = save_on_every_rank(recipe, model, cell, spy)[0]
     model_dir = write_outputs_from_checkpoint(str(tmp_path / "out"), ckpt, model.config, None, lora=False)
-    assert sorted(n for n in os.listdir(model_dir) if n in ("config.json", WEIGHTS_FILE, OPTIMIZER_FILE)) == [
-        "config.json", WEIGHTS_FILE]
+    assert sorted(n for n in os.listdir(model_dir) if n in ("config.json", WEIGHTS_FILE, OPTIMIZER_FILE,
+                                                              STRATEGY_FILE)) == ["config.json", WEIGHTS_FILE]
     loaded = BaichuanForCausalLM.from_pretrained(model_dir)
     np.testing.assert_array_equal(whole(loaded)["model.embed_tokens.weight"], whole(model)["model.embed_tokens.weight"])
 
 
-def test_plain_data_parallel_never_gathers(tmp_path, monkeypatch):
+def test_plain_data_parallel_never_saves_shards(tmp_path, monkeypatch):
     recipe, model, cell = tiny_run(tmp_path / "out")
-    fake = FakeGather()
-    monkeypatch.setattr(ms, "save_checkpoint", fake)
+    spy = SaveSpy(ms.save_checkpoint)
+    monkeypatch.setattr(ms, "save_checkpoint", spy)
     assert checkpoint_saver(recipe, shape_of(model.config, 1, False), model, cell)(2) is None
     assert not os.path.exists(checkpoint_root(recipe["output"]["output_dir"]))  # rank 1 touches nothing
     ckpt = checkpoint_saver(recipe, shape_of(model.config, 0, False), model, cell)(2)
-    assert fake.calls == []
+    assert spy.calls == []
     verify_checkpoint(ckpt)
     assert load_file(os.path.join(ckpt, WEIGHTS_FILE)).keys() == whole(model).keys()

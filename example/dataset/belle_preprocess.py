@@ -2,7 +2,7 @@
 
     python example/dataset/belle_preprocess.py --input_glob 'data/*.json' --model_file dataset/tokenizer.model \
         --output_file out.mindrecord --seq_length 512 [--format auto|belle|sharegpt|alpaca|messages] \
-        [--num_workers 2] [--strict] [--overwrite] [--quiet] [--pack] \
+        [--num_workers 2] [--strict] [--skip_bad_files] [--overwrite] [--quiet] [--pack] \
         [--user_token '<reserved_106>'] [--assistant_token '<reserved_107>'] [--template baichuan2|xverse]
 
 --model_file is a SentencePiece tokenizer.model (Baichuan families) or a Hugging Face tokenizer.json (XVERSE);
@@ -20,7 +20,11 @@ All are labelled alike: system text laid out as in the model's chat template and
 answers and one eos per answer trained.
 Output: one MindRecord shard (+ .db) with int32 columns input_ids and labels of shape [seq_length + 1], renamed
 into place only when complete; identical bytes for any --num_workers. A bad record is skipped and counted
-(--strict: stop, exit status 2, nothing written). On a terminal a progress bar counts the input bytes read.
+(--strict: stop, exit status 2, nothing written); a malformed one costs that record only (the reader resynchronises
+at the next record). A file that is not UTF-8 stops the run naming it (exit 2) unless --skip_bad_files leaves it out.
+The last line gives records read / written / skipped per file. Exit status: 0 when nothing was skipped, 3 when
+records or files were (the output is written without them), 2 on bad input. On a terminal a progress bar counts
+the input bytes read.
 --pack: several whole conversations per row (first-fit-decreasing per block of 2048 conversations), labels unchanged,
 plus an int32 column actual_seq_len [max(8, (seq_length + 1) // 32)] holding the cumulative conversation ends,
 padded with seq_length + 1 (schema and worked example in baichuan2/data/packing.py). finetune.py detects the column

@@ -10,7 +10,11 @@ Every backend offers the same primitives to the neutral definition in modeling_b
                                                      ALiBi term (float32 [B, N, S, Sk] or None) in the form
                                                      `attention` takes; built once a call for every layer
     attention(q, k, v, cache, write, inputs, scale)  q/k/v [B, N, S, D] -> ([B, S, N * D], the cache with the new
-                                                     rows written, or None without a cache)
+                                                     rows written, or None without a cache). The cache is a
+                                                     sequence's slots (k, v [B, N, L, D], write from
+                                                     BaichuanModel.cache_writes) or a paged pool (k, v [rows, N, D],
+                                                     B = 1 and S the step's tokens, write = (slot_rows, key_rows):
+                                                     BaichuanModel.paged)
     linear_kernel(config, fmt, count)                at construction: the op projecting `count` weights of one x, or
                                                      None (stock ops: `project`)
 Positions and visibility themselves are computed once, backend-neutrally, by BaichuanModel.position_inputs.
@@ -69,6 +73,22 @@ def attend(q, k, v, bias, scale):
     scores = _BATCH_MATMUL_NT(q, k).astype(ms.float32) * scale + bias
     probs = ops.softmax(scores, -1).astype(v.dtype)
     return ops.matmul(probs, v)
+
+
+def paged_attention(q, k, v, pools, write, bias, scale):
+    """Attention over a paged pool (the engine's step): q/k/v [1, N, T, D] for T tokens of any sequences, pools
+    (k, v) [rows, N, D] (row = block * block_size + offset), write = (slot_rows [T]: where each token's key/value
+    row goes; key_rows [T, K]: the pool rows of the keys each token attends to, in position order), bias
+    [T, N, 1, K] (hidden keys and ALiBi, from BaichuanModel.paged_inputs). Returns ([1, T, N * D], new pools)."""
+    _, n, t, d = q.shape
+    slot_rows, key_rows = write
+    new_rows = slot_rows.reshape(t, 1)
+    k_pool = ops.tensor_scatter_update(pools[0], new_rows, k.reshape(n, t, d).swapaxes(0, 1).astype(pools[0].dtype))
+    v_pool = ops.tensor_scatter_update(pools[1], new_rows, v.reshape(n, t, d).swapaxes(0, 1).astype(pools[1].dtype))
+    keys = ops.gather(k_pool, key_rows, 0).swapaxes(1, 2).astype(q.dtype)  # [T, N, K, D]
+    values = ops.gather(v_pool, key_rows, 0).swapaxes(1, 2).astype(v.dtype)
+    out = attend(q.reshape(n, t, 1, d).swapaxes(0, 1), keys, values, bias, scale)  # [T, N, 1, D]
+    return out.reshape(1, t, n * d), (k_pool, v_pool)
 
 
 def write_cache(cache, new, write_index, write_window):
@@ -165,6 +185,8 @@ class ComposedBackend:
         return attention_bias(visible, alibi, num_heads)
 
     def attention(self, q, k, v, cache, write, inputs, scale):
+        if cache is not None and len(cache[0].shape) == 3:
+            return paged_attention(q, k, v, cache, write, inputs, scale)
         if cache is not None:
             k = write_cache(cache[0], k, write[0], write[1])
             v = write_cache(cache[1], v, write[0], write[1])

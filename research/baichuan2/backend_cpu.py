@@ -13,11 +13,11 @@ runs is chosen when the model is built (modeling_baichuan.select_backend), never
 """
 import mindspore as ms
 
-from .backend_composed import ComposedBackend, apply_rotary, rms_norm
+from .backend_composed import ComposedBackend, apply_rotary, paged_attention, rms_norm
 # `from .kernels import` (not `from . import kernels`): mindformers' remote-code loader copies the modules it finds
 # imported in that form into its module cache, so a model directory's kernels.py travels with this file
-from .kernels import (cached_stack_op, decode_attention_op, isa, linear_op, rms_norm_op, rope_swap_axes12_op,
-                      swap_axes12_op, symbol)
+from .kernels import (cached_stack_op, decode_attention_op, isa, linear_op, paged_stack_op, rms_norm_op,
+                      rope_swap_axes12_op, swap_axes12_op, symbol)
 from .kernels import unavailable_reason as kernels_unavailable_reason
 
 
@@ -71,6 +71,8 @@ class CpuKernelBackend(ComposedBackend):
 
     def attention(self, q, k, v, cache, write, inputs, scale):
         b, n, s, d = q.shape
+        if cache is not None and len(cache[0].shape) == 3:  # a paged pool (the engine's step): stock ops
+            return paged_attention(q, k, v, cache, write, inputs, scale)
         if cache is not None and s == 1 and q.dtype == ms.float32:
             out, k, v = self.decode_op(q, k, v, cache[0], cache[1], write[2], inputs)
             return out.reshape(b, s, n * d), (k, v)
@@ -89,3 +91,7 @@ class CpuStackBackend(CpuKernelBackend):
     def stack_op(self, head_tensors=0):
         """kernels.cached_stack_op: the stack and final norm, with `head_tensors` (1 or 2) the lm_head too."""
         return cached_stack_op(head_tensors)
+
+    def paged_stack_op(self, head_tensors):
+        """kernels.paged_stack_op: the generation engine's step over a block pool (bf16 / int8 / float32 rows)."""
+        return paged_stack_op(head_tensors)

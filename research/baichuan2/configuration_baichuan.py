@@ -14,14 +14,26 @@ This file imports nothing from the project so it can be copied into a model dire
 """
 import json
 import os
+import re
 
-from mindformers.models.configuration_utils import PretrainedConfig
-from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+try:  # before mindformers: keeps MindSpore 2.10's deprecation line off the console (mindspore_compat.py)
+    from . import mindspore_compat  # noqa: F401  pylint: disable=unused-import
+except ImportError:  # no MindSpore, or this file copied into a model directory without it
+    pass
+try:  # MindSpore side: a MindFormers config, registered for its pipelines
+    from mindformers.models.configuration_utils import PretrainedConfig
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    _register = MindFormerRegister.register(MindFormerModuleType.CONFIG)
+except ImportError:  # transformers alone: AutoTokenizer(dir, trust_remote_code=True) reads this config first
+    from transformers import PretrainedConfig
+
+    def _register(cls):
+        return cls
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-@MindFormerRegister.register(MindFormerModuleType.CONFIG)
+@_register
 class BaichuanConfig(PretrainedConfig):
     """Shape and family switches of a Baichuan-family causal LM.
 
@@ -128,6 +140,9 @@ class BaichuanConfig(PretrainedConfig):
                 raise ValueError("quantization_config must be {'quant_method': 'rtn', 'bits': 8 or 4, "
                                  "'group_size': N, 'sym': true} (as convert_weight.py --quantize writes it), "
                                  f"got {quant!r}")
+            if quant.get("scale_method", "absmax") not in ("search", "absmax"):
+                raise ValueError("quantization_config scale_method must be 'search' or 'absmax' (absent: absmax, "
+                                 f"as directories written before it say nothing), got {quant['scale_method']!r}")
             group = quant.get("group_size")
             if not isinstance(group, int) or group <= 0 or (quant["bits"] == 4 and group % 32):
                 raise ValueError(f"quantization_config group_size must be a positive integer (a multiple of 32 for "
@@ -230,7 +245,14 @@ class BaichuanConfig(PretrainedConfig):
             assistant_token_id=config.get("assistant_token_id", defaults["assistant_token_id"]),
             chat_format=chat,
             tie_word_embeddings=config.get("tie_word_embeddings", False),
+            **({"source_model": config["_name_or_path"]} if _hub_name(config.get("_name_or_path")) else {}),
         )
+
+
+def _hub_name(name):
+    """Whether a config's `_name_or_path` is a Hugging Face name ("baichuan-inc/Baichuan2-7B-Chat"), kept as
+    `source_model` (the base named by exported adapters and model cards), rather than a local path."""
+    return isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not os.path.exists(name)
 
 
 _BAICHUAN2_7B = dict(

@@ -4,6 +4,7 @@
     python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <dir> --dtype bfloat16
     python research/baichuan2/convert_weight.py --input_path <HF model dir> --output_path <dir> --quantize int4
     python research/baichuan2/convert_weight.py --reverse --input_path <model dir> --output_path <HF dir>
+    python research/baichuan2/convert_weight.py --reverse --to llama --input_path <model dir> --output_path <dir>
 
 Forward: reads config.json (Baichuan2-7B/13B, Baichuan-7B, XVERSE-7B or oppo-experiemental-7B), then the weights
 shard by shard (safetensors, sharded with model.safetensors.index.json or single; `pytorch_model*.bin` only when
@@ -15,8 +16,10 @@ a temporary directory and renamed at the end, so a failed run leaves nothing at 
 
 Weight formats (config.json says which; layouts in quantization.py): float32 (the default and the reference;
 bfloat16 sources are widened exactly), --dtype bfloat16 (the published weights as they are, no float32 detour),
---quantize int8|int4 [--group_size 32] (weight-only, round-to-nearest, symmetric per-group float16 scales; every
-projection, the embedding and lm_head are quantised, tensors that are not projections follow --dtype). Baichuan2's
+--quantize int8|int4 [--group_size 32] (weight-only, round-to-nearest, symmetric per-group float16 scales chosen by
+--scale_method, an error-minimising search by default; every projection, the embedding and lm_head are quantised,
+tensors that are not projections follow --dtype). A checkpoint with tied embeddings (tie_word_embeddings, no
+lm_head needed) gets the embedding written out as its lm_head. Baichuan2's
 NormHead rows are stored already L2-normalised in bfloat16 and quantised directories (normalised in float32, then
 rounded). Safetensors input is streamed: tensors are read and written a block of rows at a time, each input shard
 becoming one output shard, so memory stays at a few hundred MB whatever the model size.
@@ -27,6 +30,8 @@ model_dir.write_servable_dir like every other model directory.
 --input_path may also be one of our float32 / bfloat16 directories (e.g. a finetuned or merged model): the forward
 conversion then re-stores it in --dtype / --quantize, keeping its chat settings (--variant auto).
 --reverse refuses a quantised directory (exit status 2): the original weights cannot be recovered from it.
+--reverse --to llama writes a native Hugging Face Llama directory instead (export_llama.py: NormHead folded into
+lm_head, a fast tokenizer.json giving our ids, the chat template; no remote code); Baichuan2-13B (ALiBi) is refused.
 
 Base vs Chat (--variant, Baichuan2 / oppo checkpoints only; the two variants share config.json and weights layout):
   chat   chat_format "baichuan2", role ids from the source's generation_config.json (else `<reserved_106>`/
@@ -50,8 +55,10 @@ from baichuan2.runtime import setup_logs
 
 setup_logs()  # before mindformers loads: its log folder and INFO lines stay out of the cwd and the console
 from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config  # noqa: E402
-from baichuan2.model_dir import atomic_dir, write_generation_config, write_servable_dir  # noqa: E402
+from baichuan2.model_dir import atomic_dir, write_generation_config, write_model_card  # noqa: E402
+from baichuan2.model_dir import write_servable_dir  # noqa: E402
 from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits  # noqa: E402
+from baichuan2.quantization import SCALE_METHODS, check_scale_method  # noqa: E402
 from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows  # noqa: E402
 from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors  # noqa: E402
 
@@ -180,6 +187,7 @@ def _cast(array, dtype):
 
 
 VARIANTS = ("auto", "chat", "base")
+REVERSE_LAYOUTS = ("baichuan", "llama")  # --reverse --to
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 QUANTIZE = ("int8", "int4")
 _NUMPY = {"F32": np.float32, "F16": np.float16}
@@ -208,18 +216,21 @@ class _ArraySource:
 class _OutputFormat:
     """What each output tensor becomes: a float dtype (--dtype), or qweight + scales (--quantize)."""
 
-    def __init__(self, dtype, quantize, group_size, config):
+    def __init__(self, dtype, quantize, group_size, config, scale_method=SCALE_METHODS[0]):
         if dtype not in DTYPES:
             raise ConversionError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if quantize not in (None,) + QUANTIZE:
             raise ConversionError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         self.dtype, self.bits, self.group_size, self.config = dtype, None, group_size, config
+        self.scale_method = scale_method
+        self.tied = config.tie_word_embeddings  # as the source says (describe() unties the output's config)
         if quantize:
             self.bits = 8 if quantize == "int8" else 4
             try:
                 check_group_size(self.bits, group_size)
+                check_scale_method(scale_method)
             except ValueError as exc:
-                raise ConversionError(f"--group_size: {exc}") from exc
+                raise ConversionError(f"--group_size / --scale_method: {exc}") from exc
 
     def quantized(self, name, shape):
         return self.bits is not None and len(shape) == 2 and _QUANTIZED.match(name) is not None
@@ -258,7 +269,7 @@ class _OutputFormat:
             if normalized:
                 block = l2_normalize_rows(block)
             if quantized:
-                qweight, block_scales = quantize_rows(block, self.bits, self.group_size)
+                qweight, block_scales = quantize_rows(block, self.bits, self.group_size, self.scale_method)
                 writer.write(qweight)
                 scales.append(block_scales)
             else:
@@ -269,17 +280,19 @@ class _OutputFormat:
     def describe(self, config):
         """Sets the config fields that tell the model how its weights are stored."""
         config.torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(self.dtype, "float32")
+        config.tie_word_embeddings = False  # a tied source's head is written out as lm_head (_forward_shard)
         config.quantization_config = None if self.bits is None else {
             "quant_method": "rtn", "bits": self.bits, "group_size": self.group_size, "sym": True,
-            "embed_tokens": True, "lm_head": True}
+            "scale_method": self.scale_method, "embed_tokens": True, "lm_head": True}
 
 
 def _forward_shard(shard_path, reader, target, config, checker, out_format):
     """One Hugging Face shard -> one output shard, tensor by tensor and block by block; returns the names written."""
     source = SafetensorsFile(shard_path) if reader is read_safetensors else _ArraySource(reader(shard_path))
     h, jobs = config.hidden_size, []  # (our name, source name, first row, end row)
+    tied = out_format.tied  # the head is the embedding: written out from it, any stored copy ignored
     for name in source.keys():
-        if _DERIVED.search(name):
+        if _DERIVED.search(name) or (tied and name == "lm_head.weight"):
             continue
         shape = source.shape(name)
         checker.check(name, shape)  # input names against the input layout
@@ -288,6 +301,9 @@ def _forward_shard(shard_path, reader, target, config, checker, out_format):
             jobs += [(match.group(1) + f"{x}_proj.weight", name, j * h, (j + 1) * h) for j, x in enumerate("qkv")]
         elif shape:
             jobs.append((name, name, 0, shape[0]))
+            if tied and name == "model.embed_tokens.weight":
+                checker.check("lm_head.weight", shape)
+                jobs.append(("lm_head.weight", name, 0, shape[0]))
     entries = []
     for out_name, name, first, end in jobs:
         entries += out_format.entries(out_name, source.dtype(name), (end - first,) + source.shape(name)[1:])
@@ -313,9 +329,15 @@ def _reverse_shard(shard_path, reader, target, config, checker, pending_qkv, dty
 
 
 def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=False, show_progress=True,
-            variant="auto", quantize=None, group_size=DEFAULT_GROUP_SIZE):
+            variant="auto", quantize=None, group_size=DEFAULT_GROUP_SIZE, to="baichuan",
+            scale_method=SCALE_METHODS[0]):
     """Converts a checkpoint directory; returns the config. See the module docstring."""
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    if to not in REVERSE_LAYOUTS:
+        raise ConversionError(f"--to must be one of {REVERSE_LAYOUTS}, got {to!r}")
+    if to == "llama" and not reverse:
+        raise ConversionError("--to llama applies to --reverse (one of our directories -> a Llama directory)")
 
     if not os.path.isfile(os.path.join(input_path, "config.json")):
         raise ConversionError(f"{input_path} has no config.json: pass the checkpoint directory as --input_path")
@@ -329,7 +351,14 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
                               "weights cannot be recovered from it: convert from the Hugging Face checkpoint instead")
     if reverse and quantize:
         raise ConversionError("--quantize applies to the forward conversion only, not with --reverse")
-    out_format = _OutputFormat(dtype, quantize, group_size, config)
+    if to == "llama":  # export_llama.py: the whole --reverse --to llama path
+        from baichuan2.export_llama import export_llama  # pylint: disable=import-outside-toplevel
+        try:
+            return export_llama(input_path, output_path, dtype=dtype, overwrite=overwrite,
+                                show_progress=show_progress)
+        except ValueError as exc:  # its ConversionError is baichuan2.convert_weight's, not this file's as __main__
+            raise ConversionError(str(exc)) from exc
+    out_format = _OutputFormat(dtype, quantize, group_size, config, scale_method)
     ours = is_our_model_dir(input_path)  # forward from one of ours: q/k/v already split, chat settings kept
     if not reverse and (not ours or variant != "auto"):
         _apply_variant(config, input_path, variant)
@@ -372,6 +401,8 @@ def convert(input_path, output_path, reverse=False, dtype="keep", overwrite=Fals
         if config.user_token_id is not None:  # a Chat model: its generation_config.json, as Chat ships it
             write_generation_config(tmp_dir, config)
         _copy_tokenizer(input_path, tmp_dir)
+        write_model_card(tmp_dir, config, layout="baichuan", source=input_path,
+                         dtype=dtype if dtype in ("bfloat16", "float16") else "float32")
     return config
 
 
@@ -441,6 +472,16 @@ def _copy_tokenizer(src, dst):
     for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    # the module tokenizer_config.json's auto_map names comes along (it runs on transformers alone), so
+    # AutoTokenizer.from_pretrained(dst, trust_remote_code=True) finds what it is told to load
+    path = os.path.join(dst, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            auto = (json.load(f).get("auto_map") or {}).get("AutoTokenizer") or []
+        here = os.path.dirname(os.path.abspath(__file__))
+        for module in {entry.split(".")[0] for entry in auto if entry}:
+            if os.path.isfile(os.path.join(here, module + ".py")):
+                shutil.copy2(os.path.join(here, module + ".py"), os.path.join(dst, module + ".py"))
 
 
 def main(argv=None):
@@ -450,12 +491,18 @@ def main(argv=None):
     parser.add_argument("--output_path", required=True, help="directory to create")
     parser.add_argument("--reverse", "--reversed", action="store_true", dest="reverse",
                         help="our model directory -> Hugging Face layout (--reversed: MindFormers' spelling)")
+    parser.add_argument("--to", default="baichuan", choices=REVERSE_LAYOUTS,
+                        help="with --reverse: baichuan (the Hugging Face Baichuan/XVERSE layout, default) or llama "
+                             "(a native LlamaForCausalLM directory, NormHead folded; not Baichuan2-13B)")
     parser.add_argument("--dtype", default="keep", choices=DTYPES,
                         help="weight dtype to write (keep: as the source, bfloat16 sources widened to float32)")
     parser.add_argument("--quantize", choices=QUANTIZE, default=None,
                         help="weight-only round-to-nearest quantisation of projections, embedding and lm_head")
     parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="input elements sharing one scale with --quantize (int4: a multiple of 32)")
+    parser.add_argument("--scale_method", choices=SCALE_METHODS, default=SCALE_METHODS[0],
+                        help="--quantize's per-group scales: search (least squared error, the default) or absmax "
+                             "(absmax / qmax, the first rule)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
     parser.add_argument("--variant", default="auto", choices=VARIANTS,
                         help="Baichuan2 Chat or Base defaults (auto: chat when the source's generation_config.json "
@@ -464,7 +511,7 @@ def main(argv=None):
     try:
         config = convert(args.input_path, args.output_path, reverse=args.reverse, dtype=args.dtype,
                          overwrite=args.overwrite, variant=args.variant, quantize=args.quantize,
-                         group_size=args.group_size)
+                         group_size=args.group_size, to=args.to, scale_method=args.scale_method)
     except (ConversionError, FileNotFoundError, KeyError, json.JSONDecodeError) as exc:
         print(f"convert_weight.py: error: {exc}", file=sys.stderr)
         return 2

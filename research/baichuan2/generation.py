@@ -1,103 +1,45 @@
-"""Text generation for BaichuanForCausalLM: greedy and sampling, batched left-padded prompts, streaming.
+"""Text generation for BaichuanForCausalLM: greedy and sampling, batches of prompts, streaming.
 
     gen = Generator(model)
     new_ids = gen.generate([[5, 6, 7], [8, 9]], max_new_tokens=32)            # greedy, list of new ids per prompt
     new_ids = gen.generate(prompts, do_sample=True, temperature=0.3, top_k=5, top_p=0.85, seed=0)
     for step in gen.stream(prompts, max_new_tokens=32): ...                 # one id (or None) per prompt per step
 
-With the cache (default) the prompt goes through one prefill graph and every further token through one decode
-graph, both on fixed shapes: prompts are left-padded to a multiple of `bucket` tokens and the key/value caches are
-preallocated for the whole generation, so GRAPH mode compiles each graph once per (batch, bucket) and never per
-token. `use_cache=False` recomputes the full sequence every step (fixed-length buffer, one graph as well); greedy
-output is the same either way.
+With the cache (default) the prompts run on the generation engine (engine.py: continuous batching over a paged
+key/value cache in float32 rows, each prompt at its own positions, its own random generator seeded with `seed`);
+the Generator keeps one engine per model and makes its pool larger when a call needs more. `use_cache=False`
+recomputes the full, left-padded sequence every step (fixed-length buffer, one graph): the reference the cached
+path is checked against; greedy output is the same either way.
 
-Token choice runs on the host in numpy (CPU has no `mint.argmax` kernel, and the sampling knobs are simpler there).
-Finished sequences stop at an eos or stop id, which is not returned.
+Token choice runs on the host in numpy (sampling.py; CPU has no `mint.argmax` kernel, and the knobs are simpler
+there). Finished sequences stop at an eos or stop id, which is not returned.
 
 The Generator's own defaults (greedy, every knob off, a base model's max_new_tokens) are generation_settings.NEUTRAL;
 what a chat, a command line, the server or a pipeline call generates with is `generation_settings.resolve`d (the
 model directory's generation_config.json, the family's defaults, the caller's arguments).
 
-This file imports from the project only generation_settings.py (and through it chat_format.py), both standard
-library only; the model hands over its step cells. It is copied into model directories with them, and an import
-back into modeling_baichuan would make a cycle that mindformers' remote-code loader never finishes resolving (it
-loops forever on circular relative imports).
+This file imports from the project only engine.py, kv_pool.py, sampling.py and generation_settings.py (and through
+it chat_format.py); the model hands over its step cells. It is copied into model directories with them, and an
+import back into modeling_baichuan would make a cycle that mindformers' remote-code loader never finishes resolving
+(it loops forever on circular relative imports).
 """
 import warnings
 import weakref
-from dataclasses import dataclass, fields
-from typing import Optional, Sequence
 
 import numpy as np
 from mindspore import Tensor
 
-from .generation_settings import NEUTRAL, check, fit_new_tokens, resolve
+from .engine import Engine
+from .generation_settings import fit_new_tokens, resolve
+from .kv_pool import blocks_for
+from .sampling import GenerationOptions, apply_repetition_penalty, choose_tokens, option_names, sample_filter
 
 DEFAULT_BUCKET = 64
-
-
-@dataclass
-class GenerationOptions:
-    """What to generate. eos_token_id None means the model config's eos; pass () for no eos stop."""
-    max_new_tokens: int = NEUTRAL["max_new_tokens"]
-    do_sample: bool = NEUTRAL["do_sample"]
-    temperature: float = NEUTRAL["temperature"]
-    top_k: int = NEUTRAL["top_k"]  # 0 = off
-    top_p: float = NEUTRAL["top_p"]  # 1.0 = off
-    repetition_penalty: float = NEUTRAL["repetition_penalty"]  # 1.0 = off; > 1 discourages tokens already seen
-    eos_token_id: Optional[object] = None
-    stop_token_ids: Sequence[int] = ()
-    seed: Optional[int] = None
-    use_cache: bool = True
-
-    def validate(self):
-        check({f.name: getattr(self, f.name) for f in fields(self)})
-        return self
 
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
-
-# ---------------------------------------------------------------------------------------------- token choice
-def apply_repetition_penalty(scores, seen, penalty):
-    """CTRL-style penalty (as Hugging Face): seen tokens' positive scores are divided, negative ones multiplied."""
-    if penalty == 1.0:
-        return scores
-    picked = scores[seen]
-    scores[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
-    return scores
-
-
-def sample_filter(scores, temperature, top_k, top_p):
-    """Temperature, then top-k, then top-p (nucleus) filtering; filtered-out scores become -inf."""
-    scores = scores / temperature
-    vocab = scores.shape[-1]
-    if 0 < top_k < vocab:
-        kth = np.partition(scores, vocab - top_k, axis=-1)[:, vocab - top_k][:, None]
-        scores = np.where(scores < kth, -np.inf, scores)
-    if top_p < 1.0:
-        order = np.argsort(-scores, axis=-1, kind="stable")
-        sorted_scores = np.take_along_axis(scores, order, -1)
-        probs = np.exp(sorted_scores - sorted_scores[:, :1])
-        probs /= probs.sum(-1, keepdims=True)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        drop_sorted = np.cumsum(probs, -1) - probs >= top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        scores = np.where(drop, -np.inf, scores)
-    return scores
-
-
-def choose_tokens(logits, seen, options, rng):
-    """Next token per row from float32 logits [B, V]."""
-    scores = apply_repetition_penalty(np.array(logits, dtype=np.float32), seen, options.repetition_penalty)
-    if not options.do_sample:
-        return scores.argmax(-1).astype(np.int64)
-    scores = sample_filter(scores, options.temperature, options.top_k, options.top_p).astype(np.float64)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -109,14 +51,28 @@ class Generator:
         model.set_train(False)  # dropout off (LoRA); the model's backend was fixed when it was built
         self.config = model.config
         self.bucket = int(bucket)
-        self.prefill, self.decode = model.cached_step_cells()
+        self.engine = None  # made on first use, remade larger when a call needs a bigger pool
 
     def options(self, **kwargs):
-        unknown = set(kwargs) - {f.name for f in fields(GenerationOptions)}
+        unknown = set(kwargs) - set(option_names())
         if unknown:
-            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; "
-                            f"valid: {[f.name for f in fields(GenerationOptions)]}")
+            raise TypeError(f"unknown generation option(s) {sorted(unknown)}; valid: {option_names()}")
         return GenerationOptions(**kwargs).validate()
+
+    def engine_for(self, prompts, max_new_tokens):
+        """The engine, with a pool that holds every prompt to its end at once (a power of two blocks, so repeated
+        calls of similar sizes keep the compiled graphs)."""
+        block = self.engine.block_size if self.engine else 16
+        need = sum(blocks_for(len(p) + max_new_tokens, block) for p in prompts) + 1
+        if self.engine is None or self.engine.pool.num_blocks < need or self.engine.max_seqs < len(prompts):
+            blocks = max(64, 1 << (need - 1).bit_length())  # a pool of a new size is a new graph shape
+            seqs = max(16, 1 << (len(prompts) - 1).bit_length())
+            # float32 rows where the model offers them: generate() keeps the model's own precision (a server
+            # chooses a narrower cache for memory, create_app's kv_cache_dtype)
+            dtype = "float32" if "float32" in self.model.kv_cache_dtypes() else "auto"
+            self.engine = Engine(self.model, blocks, block, max_step_tokens=max(256, seqs), max_seqs=seqs,
+                                 kv_cache_dtype=dtype)
+        return self.engine
 
     def _stop_ids(self, options):
         eos = options.eos_token_id
@@ -151,6 +107,9 @@ class Generator:
         if prompts and isinstance(prompts[0], (int, np.integer)):
             raise TypeError("prompts must be a list of token-id lists (wrap a single prompt in a list)")
         prompts = self.fit_prompts(prompts, options.max_new_tokens)
+        if options.use_cache:
+            yield from self._engine_stream(prompts, options)
+            return
         stop_ids = self._stop_ids(options)
         rng = np.random.default_rng(options.seed)
         batch = len(prompts)
@@ -167,8 +126,7 @@ class Generator:
         for row, prompt in enumerate(prompts):
             seen[row, prompt] = True
         finished = np.zeros(batch, dtype=bool)
-        steps = self._cached_logits if options.use_cache else self._full_logits
-        logit_steps = steps(tokens, mask, prompt_len)
+        logit_steps = self._full_logits(tokens, mask, prompt_len)
         for step in range(options.max_new_tokens):
             logits = next(logit_steps)
             chosen = choose_tokens(logits, seen, options, rng)
@@ -191,25 +149,23 @@ class Generator:
                 tokens[:, column] = np.where(finished, pad, chosen)
                 mask[:, column] = 1
 
-    def _cached_logits(self, tokens, mask, prompt_len):
-        """Logits [B, V] for each next token: one prefill, then one decode per token the caller wrote."""
-        batch, slots = tokens.shape
-        k_caches, v_caches = self.model.empty_caches(batch, slots)
-        # Every slot past the prompt will hold a token (the caller opens each one, finished rows included) and no
-        # query sees a slot after its own, so one mask with them all open serves every step: a new Tensor per step
-        # costs more than its data (see the Tensor.from_numpy note below).
-        opened = mask.copy()
-        opened[:, prompt_len:] = 1
-        opened = Tensor(opened)
-        logits, k_caches, v_caches = self.prefill.step(Tensor(tokens[:, :prompt_len]), opened, k_caches, v_caches)
-        yield logits.asnumpy()
-        for slot in range(prompt_len, slots):
-            # The caller has written the chosen token into tokens[:, slot]. Tensor.from_numpy wraps fresh arrays
-            # (never written again) without Tensor()'s checks: 2-core EPYC, shape S, 34 against 150 us a step.
-            ids = Tensor.from_numpy(tokens[:, slot:slot + 1].copy())
-            logits, k_caches, v_caches = self.decode.step(ids, opened, Tensor.from_numpy(np.array(slot, np.int32)),
-                                                          k_caches, v_caches)
-            yield logits.asnumpy()
+    def _engine_stream(self, prompts, options):
+        """stream() on the engine: the i-th new token of every prompt together (the engine may reach them at
+        different steps: prompts are read in chunks)."""
+        engine = self.engine_for(prompts, options.max_new_tokens)
+        seqs = [engine.add(p, options) for p in prompts]
+        emitted = 0
+        try:
+            while True:
+                while all(s.finished or len(s.output) > emitted for s in seqs):
+                    if all(len(s.output) <= emitted for s in seqs):
+                        return
+                    yield [s.output[emitted] if len(s.output) > emitted else None for s in seqs]
+                    emitted += 1
+                engine.step()
+        finally:  # a caller that stops early gives the blocks back
+            for s in seqs:
+                engine.abort(s)
 
     def _full_logits(self, tokens, mask, prompt_len):
         """No cache: the whole fixed-length buffer every step (future columns are masked), same shapes each time."""

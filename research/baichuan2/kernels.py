@@ -9,7 +9,8 @@ The weight formats are those of docs/WEIGHT_FORMATS.md: float32 / bfloat16 `[out
     y = op(x, qweight, scales)       # inside a Cell's construct; x float32 [M, K] -> y float32 [M, N]
 
 cached_stack_op() runs a whole cached step through every decoder layer in one op (see BaichuanModel in
-modeling_baichuan.py), the other *_op() functions single layout / attention steps of the per-op path.
+modeling_baichuan.py), paged_stack_op() the same for a serving batch over a paged block pool, the other *_op()
+functions single layout / attention steps of the per-op path.
 FORMATS, ISA_PATHS and GROUP_SIZES are read from csrc/tables.h, the one list the C++ is generated from too.
 
 The shared library is compiled with the system C++ compiler (g++, or $CXX) on first use into a cache directory
@@ -291,6 +292,20 @@ def cached_stack_op(head_tensors=0):
         return _custom_op("CachedStackLogits", lambda x, norm, eps, spec, mask, *rest: [mask[0],
                                                                                       rest[-head_tensors][0]])
     return _custom_op("CachedStack", lambda x, *rest: x)
+
+
+def paged_stack_op(head_tensors):
+    """op(x, norm, eps, spec, tokens, out_rows, block_tables, cos, sin, slopes, k_pool, v_pool, k_scales, v_scales,
+    *per_layer, *head) -> y: cached_stack_op's step for a serving batch whose keys and values live in a block pool
+    (csrc/paged_stack.h has the contract): x float32 [T, H] the new tokens of several sequences, tokens int32 [T, 2]
+    (sequence, position) per row, block_tables int32 [B, blocks], the pools [layers, blocks, heads, block size,
+    head_dim] in float32, bfloat16 or int8 (with float32 scales [layers, blocks, heads, block size]) written in
+    place; y float32 [R, V] the logits of the rows out_rows int32 [R] names. `head_tensors`: 1 or 2, the lm_head's
+    (weight,) or (qweight, scales). None when the kernels cannot run."""
+    if head_tensors not in (1, 2):
+        raise ValueError(f"paged_stack_op takes the lm_head as 1 or 2 tensors, not {head_tensors!r}")
+    return _custom_op("PagedStackLogits", lambda x, norm, eps, spec, tokens, out_rows, *rest: [
+        out_rows[0], rest[-head_tensors][0]])
 
 
 def rms_norm_op():

@@ -140,8 +140,9 @@ def lora_parameter_count(config, rank, targets):
 
 def save_adapter(model, path, base_model_name_or_path=None, tensors=None):
     """Writes the adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors in `path` (a directory,
-    or the adapter_model.safetensors file inside one). base_model_name_or_path defaults to the directory the model
-    was loaded from. `tensors` (our names -> arrays): the adapter's values when the model's own parameters hold only
+    or the adapter_model.safetensors file inside one). base_model_name_or_path defaults to the base's Hugging Face
+    name (config.source_model, from the converted checkpoint's `_name_or_path`), else the directory the model was
+    loaded from. `tensors` (our names -> arrays): the adapter's values when the model's own parameters hold only
     this rank's slices (a sharded run's gathered copy)."""
     cfg = model.lora_config
     directory = os.path.dirname(path) if path.endswith(".safetensors") else path
@@ -150,7 +151,9 @@ def save_adapter(model, path, base_model_name_or_path=None, tensors=None):
     tensors = {name: np.asarray(a).astype(np.float32) for name, a in tensors.items()}
     fused = bool(getattr(model.config, "fused_qkv", True))
     peft_tensors, fields, metadata = peft_adapter.to_peft(tensors, cfg, fused, LORA_A, LORA_B)
-    base = base_model_name_or_path or cfg.get("base_model") or getattr(model.config, "name_or_path", None)
+    # the base's Hugging Face name when the converted checkpoint had one, else the directory it was loaded from
+    base = (base_model_name_or_path or getattr(model.config, "source_model", None) or cfg.get("base_model")
+            or getattr(model.config, "name_or_path", None))
     peft_adapter.write_peft_dir(directory, peft_tensors, peft_adapter.peft_config(fields, base, cfg["dropout"]),
                                 metadata)
 
@@ -217,3 +220,56 @@ def merge_into_weights(weights, adapter, lora):
             raise ValueError(f"{prefix}: B A has shape {delta.shape}, the base weight {base.shape}")
         merged[weight_name] = (base.astype(np.float64) + delta).astype(base.dtype)
     return merged
+
+
+EXPORT_LAYOUTS = ("llama", "baichuan")
+
+
+def export_adapter(adapter_path, output_path, to="llama", base_model_name_or_path=None):
+    """Re-writes an adapter (any layout read_adapter reads) in PEFT's layout for another base:
+    to="llama": q_proj / k_proj / v_proj targets at the trained rank, for the Llama directory of
+    `convert_weight.py --reverse --to llama` (PEFT loads it there); to="baichuan": Baichuan's fused W_pack (PEFT's
+    rank is then 3 x the trained rank when q, k and v have their own A: see peft_adapter.py).
+    base_model_name_or_path: adapter_config.json's base (default: the source adapter's). Returns output_path."""
+    if to not in EXPORT_LAYOUTS:
+        raise ValueError(f"--to must be one of {EXPORT_LAYOUTS}, got {to!r}")
+    if os.path.exists(output_path):
+        raise FileExistsError(f"--output_path {output_path} already exists; choose a new directory")
+    tensors, lora = read_adapter(adapter_path)
+    if base_model_name_or_path is None:
+        directory = adapter_path if os.path.isdir(adapter_path) else os.path.dirname(adapter_path)
+        if peft_adapter.is_peft_dir(directory):
+            with open(os.path.join(directory, peft_adapter.CONFIG_FILE), encoding="utf-8") as f:
+                base_model_name_or_path = json.load(f).get("base_model_name_or_path")
+    peft_tensors, fields, metadata = peft_adapter.to_peft(tensors, lora, to == "baichuan", LORA_A, LORA_B)
+    peft_adapter.write_peft_dir(output_path, peft_tensors,
+                                peft_adapter.peft_config(fields, base_model_name_or_path, lora["dropout"]), metadata)
+    return output_path
+
+
+def main(argv=None):
+    """python -m baichuan2.lora export --to llama --adapter DIR --output_path OUT [--base_model NAME]"""
+    import argparse  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    parser = argparse.ArgumentParser(prog="python -m baichuan2.lora", description="LoRA adapter tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="re-write an adapter for another layout of its base model")
+    export.add_argument("--adapter", required=True, help="adapter directory (PEFT layout) or its safetensors file")
+    export.add_argument("--output_path", required=True, help="new adapter directory to create")
+    export.add_argument("--to", default="llama", choices=EXPORT_LAYOUTS,
+                        help="llama: q/k/v targets at the trained rank, for convert_weight.py --reverse --to llama "
+                             "output; baichuan: the fused W_pack layout")
+    export.add_argument("--base_model", default=None,
+                        help="adapter_config.json's base_model_name_or_path (default: the source adapter's)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_adapter(args.adapter, args.output_path, args.to, args.base_model)
+    except (OSError, ValueError) as e:
+        print(f"baichuan2.lora export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"adapter written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

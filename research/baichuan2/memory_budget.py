@@ -33,7 +33,7 @@ Parallelism (MindSpore semi-auto parallel, as MindFormers' recipes use it)
 
 Activations (compute dtype, per micro batch of batch_size x seq_length tokens)
 - Fused (flash) attention, as the model uses on Ascend: no [S, S] scores are stored (its per-row softmax
-  statistics are not counted).
+  statistics are a row of their own, below).
 - Kept per layer without recomputation: the attention norm input and output, the MLP norm input and output
   (4 x hidden, whole under mp: no sequence parallelism), q, k, v and the attention output (4 x hidden / mp), gate,
   up, silu(gate) and their product (4 x intermediate / mp).
@@ -42,6 +42,24 @@ Activations (compute dtype, per micro batch of batch_size x seq_length tokens)
   plus one MLP's working set at a time.
 - Logits in float32 and their log-softmax (2 x 4 bytes x vocabulary / mp per token), last stage only.
 - Pipeline (1F1B schedule): stage s holds min(pp - s, micro_batch_num) micro batches of activations in flight.
+
+The rest of the training graph, op by op (modeling_baichuan.py, backend_ascend.py), printed as rows of their own
+(extra_terms):
+- FlashAttentionScore keeps its softmax max and sum, [B, N, S, 8] float32 each, per layer for the backward pass
+  (only the recomputed layer's under full recomputation).
+- Position masks, per call: `visible` (bool) and the kernel's discard mask (uint8), B x S x S bytes each.
+- ALiBi (13B): the shift handed to FlashAttentionScore, [B, N, S, S] in the compute dtype, kept for every layer's
+  backward; building it takes two float32 [B, N, S, S] temporaries (slope x distance, then / scale).
+- The final norm's input and output (2 x hidden per token), last stage.
+- NormHead: training computes x (w / |w|) as (x w) / |w| (NormHead.construct), so it keeps the product x w,
+  [S, V] in the compute dtype, and no V x H tensor beyond the compute-dtype copy counted with the weights. (Dividing
+  the weight in float32, as before, kept 3 x V x H x 4 bytes: the float32 weight, the broadcast norms and the
+  quotient; normhead_bytes(division=True) gives that figure for comparison.)
+- The loss backward's temporaries: the log-softmax gradient makes two float32 [S, V] tensors at the start of the
+  backward pass, while every kept activation is still alive (last stage).
+Transient tensors do not all live at once: the total is the static memory (weights, gathered copies, gradients,
+optimizer state) plus the larger of (kept activations + the loss backward's temporaries) and (the kept activations
+of the other micro batches in flight + the ALiBi build's temporaries).
 
 Not counted: framework workspace, communication buffers, fragmentation, the data pipeline, the dynamic loss scale's
 overflow buffers. The verdict leaves `headroom` (10%) of the device limit for them. The device limit is
@@ -105,6 +123,38 @@ def activation_bytes(config, tokens, compute_bytes, model_parallel=1, layers=Non
     return kept
 
 
+def normhead_bytes(config, tokens, compute_bytes, model_parallel=1, division=False):
+    """What the NormHead keeps for the backward pass beyond its weights: the [S, V] product x w in the compute dtype
+    (our construction), or with division=True the float32 V x H tensors of dividing the weight by its row norms."""
+    v, h = config.vocab_size, config.hidden_size
+    if not config.norm_head:
+        return 0
+    if division:
+        return 3 * v * h * 4 // model_parallel
+    return tokens * v * compute_bytes // model_parallel
+
+
+def extra_terms(config, batch_size, seq_length, compute_bytes, model_parallel=1, layers=None, in_flight=1,
+                mode="none", last_stage=True):
+    """{row: bytes} of the graph's other tensors (the module docstring's list): kept ones, and the two transient
+    sets under names starting with "transient"."""
+    layers = config.num_hidden_layers if layers is None else layers
+    tokens, heads, v = batch_size * seq_length, config.num_attention_heads // model_parallel, config.vocab_size
+    stats_layers = 1 if mode == "full" else layers * in_flight
+    square = batch_size * heads * seq_length * seq_length  # one [B, N/mp, S, S] tensor's elements
+    alibi = config.position_encoding == "alibi"
+    rows = {
+        "attention softmax max/sum": stats_layers * 2 * batch_size * heads * seq_length * 8 * 4,
+        "position masks": in_flight * 2 * batch_size * seq_length * seq_length,
+        "ALiBi shift": in_flight * square * compute_bytes if alibi else 0,
+        "final norm in/out": 2 * tokens * config.hidden_size * compute_bytes if last_stage else 0,
+        "NormHead x w": normhead_bytes(config, tokens, compute_bytes, model_parallel) if last_stage else 0,
+        "transient: loss backward": 2 * 4 * tokens * v // model_parallel if last_stage else 0,
+        "transient: ALiBi build": 2 * 4 * square if alibi else 0,
+    }
+    return rows
+
+
 def recompute_mode(recompute):
     r = recompute_settings(recompute)
     return "full" if r["recompute"] else "select" if r["select_recompute"] else "none"
@@ -141,11 +191,20 @@ def stage_budget(config, parallel, recompute, seq_length, batch_size, param_dtyp
         gathered = max(units.values(), default=0)
 
     in_flight = min(pp - stage, p["micro_batch_num"]) if pp > 1 else 1
-    act = activation_bytes(config, batch_size * seq_length, bc, p["model_parallel"], config.num_hidden_layers // pp,
-                           in_flight, recompute_mode(recompute), logits=stage == pp - 1)
+    layers, mode = config.num_hidden_layers // pp, recompute_mode(recompute)
+    act = activation_bytes(config, batch_size * seq_length, bc, p["model_parallel"], layers, in_flight, mode,
+                           logits=stage == pp - 1)
     rows = {"weights": stored, "weights gathered/cast for compute": gathered, "gradients": grads,
             "optimizer state": moments, "activations": act}
-    rows["total"] = sum(rows.values())
+    rows.update(extra_terms(config, batch_size, seq_length, bc, p["model_parallel"], layers, in_flight, mode,
+                            last_stage=stage == pp - 1))
+    static = stored + gathered + grads + moments
+    kept = sum(value for row, value in rows.items() if row not in ("weights", "weights gathered/cast for compute",
+                                                                   "gradients", "optimizer state")
+               and not row.startswith("transient"))
+    # the ALiBi build runs before this micro batch's activations exist; the loss backward after all of them
+    alibi_peak = kept * (in_flight - 1) / in_flight + rows["transient: ALiBi build"]
+    rows["total"] = static + max(kept + rows["transient: loss backward"], alibi_peak)
     return rows
 
 
@@ -190,7 +249,14 @@ def describe(name, config, parallel, recompute, seq_length, batch_size, param_dt
         "gradients": f"gradients ({param_dtype}{grad_shard})",
         "optimizer state": f"AdamW m, v{', master' if master else ''} ({moment_dtype}{shard})",
         "activations": f"activations ({in_flight} micro batch{'es' if in_flight > 1 else ''})",
-        "total": "total",
+        "attention softmax max/sum": "attention softmax max/sum (float32)",
+        "position masks": "position masks (bool, uint8)",
+        "ALiBi shift": f"ALiBi shift [B, N, S, S] ({compute_dtype})",
+        "final norm in/out": f"final norm in/out ({compute_dtype})",
+        "NormHead x w": f"NormHead x w [S, V] ({compute_dtype})",
+        "transient: loss backward": "transient: loss backward (2 x float32 [S, V])",
+        "transient: ALiBi build": "transient: ALiBi build (2 x float32 [B, N, S, S])",
+        "total": "total (peak: transients not at once)",
     }
     lines = [
         f"{name}: {config.family}, {config.num_parameters() / 1e9:.2f}B parameters, "
@@ -198,11 +264,11 @@ def describe(name, config, parallel, recompute, seq_length, batch_size, param_dt
         f"params {param_dtype}, compute {compute_dtype}, AdamW moments {moment_dtype}; {optimizer}; {mode}; "
         f"batch {batch_size} x seq {seq_length}{accum}",
         "",
-        f"| {'GiB per device' + (f', stage {stage} of {pp}' if pp > 1 else ''):34} | {'':>6} |",
-        f"|{'-' * 36}|{'-' * 7}:|",
+        f"| {'GiB per device' + (f', stage {stage} of {pp}' if pp > 1 else ''):50} | {'':>6} |",
+        f"|{'-' * 52}|{'-' * 7}:|",
     ]
     for row, value in rows.items():
-        lines.append(f"| {labels[row]:34} | {value / GIB:6.1f} |")
+        lines.append(f"| {labels[row]:50} | {value / GIB:6.2f} |")
     verdict = "fits" if fits(rows["total"], limit_gib, headroom) else "does NOT fit"
     lines.append(f"{verdict}: {rows['total'] / GIB:.1f} GiB against {(1 - headroom) * limit_gib:.1f} "
                  f"({100 - 100 * headroom:.0f}% of a {limit_gib:g} GiB device limit)")

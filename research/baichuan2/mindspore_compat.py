@@ -6,17 +6,49 @@ on these CPUs, where a decode step of the 58M shape S takes ~6.5 ms in all (meas
 6.3 ms a step). `CompiledCall` runs the graph compiled by the cell's last call directly (MindSpore's own run path,
 _CellGraphExecutor._exec_pip) when the arguments have that call's signature (shapes, dtypes, tuple structure,
 Python values); any other signature, PyNative mode, or any error from these private functions goes through the
-normal call, which compiles or re-selects the graph. Private API of mindspore 2.7: `tests/test_generation.py`
-checks that the fast path is taken and gives the normal call's logits.
+normal call, which compiles or re-selects the graph. Private API of mindspore 2.7 and 2.10 (where the executor
+moved to mindspore.graph.api): `tests/test_generation.py` checks that the fast path is taken and gives the normal
+call's logits.
 """
+import logging
+import sys
+
 import mindspore as ms
 from mindspore import Tensor
 
-try:
-    from mindspore.common.api import _cell_graph_executor
+
+def _import_moved_modules_quietly():
+    """MindSpore 2.9+ logs a deprecation warning on the first import of a module it moved (mindspore.common.api ->
+    mindspore.graph.api), which mindformers 1.6 imports: one WARNING line on every program's console. Imported once
+    here, before mindformers, with MindSpore's logger at ERROR; the module works as before."""
+    if "mindspore.graph.api" not in sys.modules or "mindspore.common.api" in sys.modules:
+        return  # mindspore 2.7 has no mindspore.graph (nothing moved), or it is imported already
+    from mindspore.log import _get_logger  # pylint: disable=import-outside-toplevel
+    logger = _get_logger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import mindspore.common.api  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    finally:
+        logger.setLevel(level)
+
+
+_import_moved_modules_quietly()
+
+try:  # mindspore 2.7 (2.10 has no nn.cell._get_args_for_run, and warns on importing mindspore.common.api)
     from mindspore.nn.cell import _get_args_for_run
-except ImportError:  # another MindSpore: always the normal call
-    _cell_graph_executor = _get_args_for_run = None
+    from mindspore.common.api import _cell_graph_executor
+except ImportError:
+    try:  # mindspore 2.10: the executor moved to mindspore.graph.api, argument packing into the executor itself
+        from mindspore.graph.api import _cell_graph_executor
+
+        def _get_args_for_run(cell, args, kwargs, mutable_flags, _predict):
+            """What Cell.compile_and_run (2.10) hands the executor: the same call, outside the cell."""
+            return _cell_graph_executor._graph_executor.get_args_for_run(  # pylint: disable=protected-access
+                cell, args, kwargs, list(mutable_flags or []), list(getattr(cell, "sequence_modified", None) or []),
+                False, False)
+    except ImportError:  # another MindSpore: always the normal call
+        _cell_graph_executor = _get_args_for_run = None
 
 
 def signature(value):

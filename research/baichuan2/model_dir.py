@@ -5,6 +5,7 @@
     tokenizer.model          + tokenizer_config.json (SentencePiece families; with the chat_template of chat models)
     tokenizer.json           + tokenizer_config.json, tokenization_xverse.py (XVERSE: XverseTokenizer; chat_template)
     generation_config.json   defaults for the variant (chat or base)
+    README.md                the model card (model_card: family, source, format, how it was made and loaded)
     configuration_baichuan.py, modeling_baichuan.py, backend_composed.py, backend_ascend.py, backend_cpu.py,
     tokenization_baichuan.py, generation.py, generation_settings.py, chat_format.py, quantization.py,
     safetensors_io.py, weights_check.py, weights_io.py, kernels.py, csrc/ (the kernels' C++),
@@ -15,7 +16,7 @@ merge_lora.py, finetune's <output_dir>/model, export_model.py) goes through it.
 
 mindformers' `trust_remote_code` loading imports the `auto_map` modules from the directory and copies the files
 those modules import relatively themselves (not the imports of those files in turn: modeling_baichuan names generation,
-generation_settings and chat_format for `model.generate`), so all of them must be there.
+generation_settings, chat_format, engine, kv_pool and sampling for `model.generate`), so all of them must be there.
 Without tokenizer_config.json mindformers falls back to a fast tokenizer that splits `<reserved_106>`: it is written
 whenever tokenizer.model is present.
 """
@@ -24,13 +25,14 @@ import json
 import os
 import secrets
 import shutil
+import sys
 
 from . import chat_format
 from .configuration_baichuan import BaichuanConfig
 from .generation_settings import family_defaults
 
 MODEL_CODE_FILES = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py", "generation.py",
-                    "generation_settings.py", "chat_format.py",
+                    "generation_settings.py", "chat_format.py", "engine.py", "kv_pool.py", "sampling.py",
                     "tokenization_xverse.py", "quantization.py", "safetensors_io.py", "weights_check.py",
                     "weights_io.py", "backend_composed.py", "backend_ascend.py", "backend_cpu.py",
                     "kernels.py", "csrc",
@@ -101,9 +103,78 @@ def set_chat_template(model_dir, template):
         f.write("\n")
 
 
+_FAMILY_NAMES = {"baichuan2_7b": "Baichuan2-7B", "baichuan2_13b": "Baichuan2-13B", "baichuan_7b": "Baichuan-7B",
+                 "xverse_7b": "XVERSE-7B", "oppo_experiemental_7b": "oppo-experiemental-7B"}
+
+
+def _format_line(config):
+    fmt = config.weight_format()
+    if fmt in ("int8", "int4"):
+        return (f"{fmt} weight-only (round-to-nearest, symmetric, one float16 scale per {config.group_size} inputs; "
+                f"embedding and lm_head too), other tensors bfloat16")
+    return "bfloat16" if fmt == "bfloat16" else "float32"
+
+
+def model_card(config, layout="ours", source=None, command=None, dtype=None):
+    """README.md text of a model directory: family, source, format, how it was made, how to load it.
+    layout: "ours" (MindSpore, this suite's code inside), "llama" (native Hugging Face Llama) or "baichuan" (the
+    Hugging Face Baichuan / XVERSE layout); dtype: the stored dtype of an exported layout (default the config's)."""
+    family = _FAMILY_NAMES.get(config.family, config.family)
+    variant = "chat" if config.chat_format else "base"
+    made = command or "python " + " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    fmt = _format_line(config) if layout == "ours" else dtype or config.torch_dtype
+    lines = ["---", f"library_name: {'mindspore' if layout == 'ours' else 'transformers'}"]
+    origin = getattr(config, "source_model", None)
+    if origin:
+        lines.append(f"base_model: {origin}")
+    lines += ["---", "", f"# {family} ({variant})", "",
+              f"- Family: {family} (preset `{config.family}`), {variant} model, "
+              f"{config.num_parameters():,} parameters",
+              f"- Source: {origin or (os.path.abspath(source) if source else 'trained with this suite')}",
+              f"- Format: {fmt}; layout: {_LAYOUTS[layout]}",
+              f"- Made by: `{made}` (baichuan-mindspore-suite)", ""]
+    if layout == "ours":
+        lines += ["## Load it here (MindSpore)", "", "```python",
+                  "from openmind import pipeline",
+                  "p = pipeline(task=\"text_generation\", model=\"THIS_DIR\", framework=\"ms\", "
+                  "trust_remote_code=True)",
+                  "```", "", "Or `baichuan2-chat --model_dir THIS_DIR`, `baichuan2-serve --model_dir THIS_DIR`.", "",
+                  "## Elsewhere", "",
+                  "The tokenizer loads with transformers alone (`AutoTokenizer.from_pretrained(THIS_DIR, "
+                  "trust_remote_code=True)`, `apply_chat_template`). For PyTorch tools (transformers, vLLM, SGLang, "
+                  "llama.cpp, MLX) export a native Llama directory: `baichuan2-convert --reverse --to llama "
+                  "--input_path THIS_DIR --output_path LLAMA_DIR`" + (
+                      " (not for Baichuan2-13B: ALiBi)." if config.position_encoding == "alibi" else ".")]
+    elif layout == "llama":
+        lines += ["## Load it", "", "```python",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "model = AutoModelForCausalLM.from_pretrained(\"THIS_DIR\")   # no trust_remote_code",
+                  "tokenizer = AutoTokenizer.from_pretrained(\"THIS_DIR\")",
+                  "```", "", "vLLM: `vllm serve THIS_DIR`; llama.cpp: `convert_hf_to_gguf.py THIS_DIR`. "
+                  "Baichuan2's NormHead is folded into lm_head, so it is a plain Llama."]
+    else:
+        lines += ["## Load it", "", "The Hugging Face layout of this family (fused `W_pack` for Baichuan). Convert "
+                  "it back with `baichuan2-convert --input_path THIS_DIR --output_path MS_DIR`."]
+    if config.chat_format:
+        lines += ["", "`tokenizer_config.json` holds the chat template: `apply_chat_template(messages, "
+                  "add_generation_prompt=True)` gives the prompt ids the model was trained on."]
+    return "\n".join(lines) + "\n"
+
+
+_LAYOUTS = {"ours": "this suite's MindSpore model directory (config.json auto_map, model code inside)",
+            "llama": "native Hugging Face Llama (LlamaForCausalLM, no remote code)",
+            "baichuan": "Hugging Face Baichuan / XVERSE checkpoint"}
+
+
+def write_model_card(model_dir, config, layout="ours", source=None, command=None, dtype=None):
+    with open(os.path.join(model_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(config, layout, source, command, dtype))
+
+
 def finish_model_dir(model_dir, config, tokenizer_dir=None):
     """Adds everything but the weights to `model_dir`."""
     write_config(model_dir, config)
+    write_model_card(model_dir, config, source=tokenizer_dir)
     here = os.path.dirname(os.path.abspath(__file__))
     for name in MODEL_CODE_FILES:
         if os.path.isdir(os.path.join(here, name)):
@@ -207,8 +278,13 @@ def _fsync_path(path):
 
 
 def _fsync_tree(root):
-    """Flushes every file, then every directory, under `root` (data on disk before the rename publishes it)."""
+    """Flushes every file, then every directory, under `root` (data on disk before the rename publishes it), giving
+    each the mode the user's umask gives (MindSpore may have changed the process umask since: see __init__)."""
+    from . import USER_UMASK  # pylint: disable=import-outside-toplevel
     for directory, _, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync_path(os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            os.chmod(path, (0o777 if os.access(path, os.X_OK) else 0o666) & ~USER_UMASK)
+            _fsync_path(path)
+        os.chmod(directory, 0o777 & ~USER_UMASK)
         _fsync_path(directory)

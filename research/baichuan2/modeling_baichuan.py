@@ -17,9 +17,10 @@ import os
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
-from mindspore.common.initializer import Normal, initializer
+from mindspore.common.initializer import Normal, Zero, initializer
 from mindspore.nn.utils import no_init_parameters
 
+from . import mindspore_compat  # noqa: F401  (before mindformers: MindSpore 2.10's deprecation line, see there)
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
@@ -364,6 +365,32 @@ class BaichuanModel(nn.Cell):
             return head_op(*inputs, *head)
         return self.stack_op(*inputs).reshape(x.shape)
 
+    def paged(self, input_ids, positions, slot_rows, key_rows, key_valid, k_pools, v_pools):
+        """A step of the generation engine over paged pools (kv_pool.py): input_ids [1, T] new tokens of any
+        sequences, positions [T] each one's position in its sequence, slot_rows [T] the pool row its key/value go
+        to, key_rows [T, K] the pool rows of its sequence's positions 0 .. K - 1, key_valid [T, K] which of those it
+        sees (positions <= its own). k_pools / v_pools: one [rows, N, D] per layer. Returns (hidden [1, T, H], new
+        pools)."""
+        t, keys = key_rows.shape
+        visible = key_valid.reshape(t, 1, 1, keys)
+        if self.use_rope:
+            cos = ops.gather(self.cos_table, positions, 0).reshape(1, 1, t, -1).astype(self.compute_dtype)
+            sin = ops.gather(self.sin_table, positions, 0).reshape(1, 1, t, -1).astype(self.compute_dtype)
+            rope, alibi = self.backend.rope_inputs(cos, sin, self.num_heads), None
+        else:  # key k holds position k: ALiBi's distance is k - position
+            distance = ops.arange(0, keys, dtype=ms.int32).reshape(1, keys) - positions.reshape(t, 1)
+            alibi = self.slopes.reshape(1, -1, 1, 1) * distance.astype(ms.float32).reshape(t, 1, 1, keys)
+            rope = None
+        attn_inputs = self.backend.attention_inputs(visible, alibi, self.head_scale, self.compute_dtype,
+                                                    self.num_heads)
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        new_k, new_v = (), ()
+        for i in range(len(self.layers)):
+            x, pools = self.layers[i](x, rope, attn_inputs, (k_pools[i], v_pools[i]), (slot_rows, key_rows))
+            new_k += (pools[0],)
+            new_v += (pools[1],)
+        return self.norm(x), new_k, new_v
+
     def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
         """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
         segment_ids [B, S] (packed rows, without a cache; see segments_from_ends): which conversation each token
@@ -435,8 +462,13 @@ class NormHead(nn.Cell):
             return y.astype(self.compute_dtype)
         w = self.weight
         if self.norm and not self.normalized:
-            w = self.l2_normalize(w)
-        elif self.kernel is not None:
+            # training: x (w / |w|) computed as (x w) / |w|: the same numbers without the V x H temporaries that
+            # dividing the weight keeps for its backward (~3 x V x H x 4 bytes; memory_budget.py counts the [S, V]
+            # product this keeps instead). The squares come from the compute-dtype copy the matmul keeps anyway.
+            wc = w.astype(self.compute_dtype)
+            norms = ops.maximum(ops.sqrt((wc * wc).astype(ms.float32).sum(-1)), 1e-12)
+            return linear(x, w, self.compute_dtype) * (1.0 / norms).astype(self.compute_dtype)
+        if self.kernel is not None:
             return project(x, (w,), "float32", None, self.in_features, self.kernel)
         return linear(x, w, self.compute_dtype)
 
@@ -474,10 +506,11 @@ class BaichuanForCausalLM(PreTrainedModel):
         self.lm_head = NormHead(config, backend)
         self.vocab_size = config.vocab_size
         # on a whole-stack backend, the lm_head inside the cached step's op too (its rows are normalised at load)
-        self.head_stack_op = None
+        self.head_stack_op = self.paged_stack_op = None
         if backend.whole_stack and self.lm_head.kernel is not None:
             self.head_weights = self.lm_head.stored_weights()
             self.head_stack_op = backend.stack_op(len(self.head_weights))
+            self.paged_stack_op = backend.paged_stack_op(len(self.head_weights))
         if inference:
             self.set_train(False)
 
@@ -494,7 +527,9 @@ class BaichuanForCausalLM(PreTrainedModel):
                 segment_ids = segment_ids[:, :-1]
         if attention_mask is None:
             attention_mask = ops.ones(input_ids.shape, ms.int32)
-        hidden, _, _ = self.model(input_ids, attention_mask, segment_ids=segment_ids)
+        # only the hidden states: unpacking the two None cache outputs too made GRAPH mode warn "Some side effect
+        # nodes were eliminated by mistake" (their tuple_getitem nodes, dropped as unused) at every finetune
+        hidden = self.model(input_ids, attention_mask, segment_ids=segment_ids)[0]
         logits = self.lm_head(hidden).astype(ms.float32)
         if labels is None:
             return logits
@@ -515,6 +550,43 @@ class BaichuanForCausalLM(PreTrainedModel):
         make = lambda: tuple(ops.zeros(shape, dtype) for _ in range(config.num_hidden_layers))  # noqa: E731
         return ms.mutable(make()), ms.mutable(make())
 
+    def kv_cache_dtypes(self):
+        """The key/value pool dtypes the engine can use with this model, the default ("auto") first: the whole-stack
+        op stores bfloat16, int8 (a scale per token and head) or float32 rows; stock ops the compute dtype."""
+        if self.paged_stack_op is not None:
+            return ("bfloat16", "int8", "float32")
+        return (self.config.compute_dtype,)
+
+    def empty_pools(self, num_blocks, block_size, dtype="auto"):
+        """Zeroed paged key/value pools for the engine (kv_pool.py), in the form the model's paged step takes: with
+        the whole-stack op (k_pool, v_pool [layers, num_blocks, heads, block_size, head_dim] in `dtype`, k_scales,
+        v_scales float32 [layers, num_blocks, heads, block_size]), written in place; else (k pools, v pools), one
+        [num_blocks * block_size, heads, head_dim] tensor per layer each in the compute dtype, wrapped in
+        `ms.mutable` (see empty_caches)."""
+        config = self.config
+        dtype = self.kv_cache_dtypes()[0] if dtype == "auto" else dtype
+        if dtype not in self.kv_cache_dtypes():
+            raise ValueError(f"kv_cache_dtype {dtype!r} is not available with the {self.backend.name} backend: "
+                             f"choose one of auto, {', '.join(self.kv_cache_dtypes())}")
+        heads, head_dim, layers = config.num_attention_heads, config.head_dim, config.num_hidden_layers
+        if self.paged_stack_op is not None:
+            rows = (layers, num_blocks, heads, block_size)
+            pool_dtype = {"bfloat16": ms.bfloat16, "int8": ms.int8, "float32": ms.float32}[dtype]
+            scales = rows if dtype == "int8" else (1,)
+            return (_zeros(rows + (head_dim,), pool_dtype), _zeros(rows + (head_dim,), pool_dtype),
+                    _zeros(scales, ms.float32), _zeros(scales, ms.float32))
+        shape = (num_blocks * block_size, heads, head_dim)
+        make = lambda: tuple(ops.zeros(shape, _DTYPES[dtype]) for _ in range(layers))  # noqa: E731
+        return ms.mutable(make()), ms.mutable(make())
+
+    def paged_step_cell(self):
+        """The model's step cell for the generation engine, one per model (its graphs compile once): the
+        whole-stack op's (PagedStackStep) where the backend has it, else the stock-op form (PagedStep)."""
+        if "_paged_step" not in self.__dict__:  # a plain attribute: as a sub-cell it would make a cycle of cells
+            cell = PagedStackStep(self) if self.paged_stack_op is not None else PagedStep(self)
+            object.__setattr__(self, "_paged_step", cell)
+        return self.__dict__["_paged_step"]
+
     def cached_step_cells(self):
         """New (prefill, decode) cells for cached generation; the Generator keeps them so graphs compile once."""
         return CachedPrefill(self), CachedDecode(self)
@@ -530,6 +602,12 @@ class BaichuanForCausalLM(PreTrainedModel):
         from .chat_format import get as _chat_format  # noqa: F401
         # pylint: disable-next=import-outside-toplevel,unused-import
         from .generation_settings import resolve as _resolve  # noqa: F401
+        # pylint: disable-next=import-outside-toplevel,unused-import
+        from .engine import Engine as _Engine  # noqa: F401
+        # pylint: disable-next=import-outside-toplevel,unused-import
+        from .kv_pool import BlockPool as _BlockPool  # noqa: F401
+        # pylint: disable-next=import-outside-toplevel,unused-import
+        from .sampling import RowSampler as _RowSampler  # noqa: F401
         from .generation import generate_for_pipeline  # pylint: disable=import-outside-toplevel
         return generate_for_pipeline(self, input_ids, **kwargs)
 
@@ -656,6 +734,78 @@ class CachedDecode(_CachedStep):
 
     def construct(self, input_ids, attention_mask, slot, k_caches, v_caches):
         return self.outputs(input_ids, attention_mask, k_caches, v_caches, slot)
+
+
+def _zeros(shape, dtype):
+    """A zeroed tensor made by its initializer: CPU's Zeros op has no bfloat16 kernel, and a float32 tensor cast
+    down would hold twice the pool's memory for a moment."""
+    tensor = Tensor(shape=shape, dtype=dtype, init=Zero())
+    tensor.init_data()
+    return tensor
+
+
+class PagedStep(nn.Cell):
+    """The generation engine's step over paged pools: step(input_ids [1, T], positions [T], slot_rows [T],
+    key_rows [T, K], key_valid [T, K], out_rows [R], k_pools, v_pools) -> (float32 logits [R, V] of the tokens at
+    out_rows, new k pools, new v pools); see BaichuanModel.paged. On the composed backend its inputs are declared
+    with dynamic sizes, so GRAPH mode compiles it once for every T, K, R and pool size (measured on a 2-core EPYC,
+    tiny model: 8 s for the first call, then none, against ~2 s for each padded shape); the kernel backends' custom
+    ops need static shapes (`dynamic` False: the engine pads to powers of two, one compile each)."""
+
+    def __init__(self, lm):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.lm = lm
+        self.graph_call = CompiledCall(self)
+        self.dynamic = lm.backend.name == "composed"
+        if not self.dynamic:
+            return
+        config = lm.config
+        dtype = _DTYPES[config.compute_dtype]
+        pools = lambda: ms.mutable(tuple(  # noqa: E731
+            Tensor(shape=[None, config.num_attention_heads, config.head_dim], dtype=dtype)
+            for _ in range(config.num_hidden_layers)))
+        vector = lambda: Tensor(shape=[None], dtype=ms.int32)  # noqa: E731
+        self.set_inputs(Tensor(shape=[1, None], dtype=ms.int32), vector(), vector(),
+                        Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None, None], dtype=ms.bool_),
+                        vector(), pools(), pools())
+
+    def construct(self, input_ids, positions, slot_rows, key_rows, key_valid, out_rows, k_pools, v_pools):
+        hidden, k_pools, v_pools = self.lm.model.paged(input_ids, positions, slot_rows, key_rows, key_valid,
+                                                       k_pools, v_pools)
+        logits = self.lm.lm_head(ops.gather(hidden.reshape(hidden.shape[1], -1), out_rows, 0))
+        return logits.astype(ms.float32), k_pools, v_pools
+
+    whole_stack = False
+
+    def step(self, inputs, pools):
+        """(float32 logits [R, V], new pools)."""
+        logits, k_pools, v_pools = self.graph_call(*inputs, ms.mutable(pools[0]), ms.mutable(pools[1]))
+        return logits, (k_pools, v_pools)
+
+
+class PagedStackStep(nn.Cell):
+    """The generation engine's step on the whole-stack op (kernels.paged_stack_op, csrc/paged_stack.h):
+    step((input_ids [T], tokens [T, 2] = (sequence, position) per token, out_rows [R], block_tables [B, MB]),
+    pools) -> (float32 logits [R, V], the same pools, written in place). Compiled per shape: the engine pads T, B,
+    MB and R to powers of two (`dynamic` False)."""
+    whole_stack = True
+    dynamic = False
+
+    def __init__(self, lm):
+        super().__init__(auto_prefix=False)  # keep the model's parameter names
+        self.lm = lm
+        self.graph_call = CompiledCall(self)
+
+    def construct(self, input_ids, tokens, out_rows, block_tables, k_pool, v_pool, k_scales, v_scales):
+        lm, model = self.lm, self.lm.model
+        x = model.embed_tokens(input_ids).astype(model.compute_dtype)
+        cos, sin, slopes = model.position_tables
+        return lm.paged_stack_op(x, model.norm.weight, model.norm.eps_tensor, model.stack_spec, tokens, out_rows,
+                                 block_tables, cos, sin, slopes, k_pool, v_pool, k_scales, v_scales,
+                                 *model.stack_inputs, *lm.head_weights)
+
+    def step(self, inputs, pools):
+        return self.graph_call(*inputs, *pools), pools
 
 
 def segments_from_ends(seq_ends, length):

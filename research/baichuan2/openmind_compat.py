@@ -9,6 +9,9 @@ What openmind 1.0.0 does, and what we change (only when its modules are imported
    what it installs). We drop those two pins from the check; every other requirement is still checked.
 3. The Baichuan2 model card calls `pipeline(task="text_generation", ...)`, but openmind only knows
    "text-generation" (KeyError 'Task text_generation has no config'). We map underscore spellings of known tasks.
+   mindformers turns any error of the model's from_pretrained into RuntimeError("... experimental mode ... yaml
+   file"), which misleads: a damaged or inconsistent model directory (the model code's WeightsFileError, one line
+   naming the file) is raised as itself instead.
 4. Generation itself needs no patch: mindformers' generator calls `mint.argmax` (no CPU kernel), so
    BaichuanForCausalLM.generate routes the pipeline to our generator (generation.py).
 
@@ -62,10 +65,41 @@ def _patch_interface(module):
         return
 
     def build_pipeline(task=None, *args, **kwargs):
-        return original(TASK_ALIASES.get(task, task), *args, **kwargs)
+        _check_our_model_dir(args[0] if args else kwargs.get("model"))
+        try:
+            return original(TASK_ALIASES.get(task, task), *args, **kwargs)
+        except RuntimeError as e:
+            ours = _model_dir_error(e)
+            if ours is None:
+                raise
+            raise ours from None  # our line, not mindformers' fallback message
 
     setattr(build_pipeline, _MARKER, True)
     module.build_pipeline = build_pipeline
+
+
+def _check_our_model_dir(model):
+    """A model directory of ours (it holds our model code) is checked before mindformers reads it: a damaged or
+    missing config.json or weights file, or a config.json that disagrees with the weights, is our one line."""
+    if not (isinstance(model, str) and os.path.isfile(os.path.join(model, "modeling_baichuan.py"))):
+        return
+    try:
+        from baichuan2.weights_check import check_model_dir  # pylint: disable=import-outside-toplevel
+    except ImportError:  # the package is not importable here: the model code checks when it loads
+        return
+    check_model_dir(model)
+
+
+def _model_dir_error(error):
+    """The model code's WeightsFileError behind `error` (its __cause__ chain), or None. Matched by class name: the
+    model code runs from the model directory's copy (trust_remote_code), not from this package."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "WeightsFileError":
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 _PATCHES = {

@@ -7,9 +7,18 @@ The layouts are the contract of docs/WEIGHT_FORMATS.md (shared with the C++ kern
 int4 packing follows llama.cpp's q4_0 block: the input dimension is cut into blocks of 32; byte 16b + j of a row
 holds element 32b + j in its low nibble and element 32b + j + 16 in its high nibble, each stored as q + 8.
 
-Quantising a group: scale = float16(absmax / qmax) with qmax 127 (int8) or 7 (int4), then q = round(w / scale)
-with that float16 scale (so dequantisation reproduces exactly what was rounded), ties to even, clipped to
-[-qmax, qmax]. An all-zero group (or one whose scale underflows float16) gets scale 0 and q 0.
+Quantising a group, two scale methods (config.json's quantization_config "scale_method"):
+  "absmax" (the first one, and what a directory without "scale_method" holds): scale = float16(absmax / qmax) with
+    qmax 127 (int8) or 7 (int4), then q = round(w / scale) with that float16 scale (so dequantisation reproduces
+    exactly what was rounded), ties to even, clipped to [-qmax, qmax].
+  "search" (the default): the float16 scale, possibly negative, that gives the group the least weighted squared
+    error sum_i c_i (w_i - scale q_i)^2, c_i = |w_i| + rms(group) (larger weights count more, as in llama.cpp's
+    k-quants without an importance matrix), among candidates: the group's signed extreme m over each divisor of
+    SEARCH_DIVISORS (m / -8 is llama.cpp's q4_0 rule, m / 7 the absmax rule, |divisor| > 8 clips the extreme),
+    then two weighted least-squares refits of the best one's scale to its q; with each scale q = round(w / scale)
+    clipped to [-8, 7] (int4: all 16 levels) or [-127, 127] (int8). The absmax rule is one of the candidates and
+    a candidate only replaces a strictly better one, so no group's weighted error is ever above the absmax rule's.
+An all-zero group (or one whose scale underflows float16) gets scale 0 and q 0.
 
 numpy has no bfloat16: bfloat16 tensors travel as their uint16 bit patterns.
 
@@ -22,6 +31,13 @@ BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 32
 INT4_BLOCK = 32  # elements per packed int4 block (16 bytes)
 _QMAX = {8: 127, 4: 7}
+SCALE_METHODS = ("search", "absmax")  # the first is the default
+_QRANGE = {8: (-127, 127), 4: (-8, 7)}  # q the search may use (int4: the 16 levels the nibble stores)
+# scale = m / divisor, m the group's signed extreme: int4 from q4_0's -8 (m at -8) through clipping (|divisor| > 8)
+# to the absmax rule's 7; int8 near 127 only (its rounding error is already ~1/250 of the group's range)
+SEARCH_DIVISORS = {4: (-9.0, -8.5, -8.25, -8.0, -7.75, -7.5, 7.0, 7.25, 7.5, 7.75),
+                   8: (127.0, 126.0, 125.0, 123.0)}
+_REFITS = 2  # weighted least-squares refits of the best candidate's scale
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -86,9 +102,61 @@ def unpack_int4(packed, in_features):
 
 
 # ---------------------------------------------------------------------------------------------- quantisation
-def quantize(w, bits, group_size=DEFAULT_GROUP_SIZE):
-    """w [out, in] (float) -> (qweight, float16 scales) in the format of `bits` (see the module docstring)."""
+def check_scale_method(method):
+    if method not in SCALE_METHODS:
+        raise ValueError(f"scale_method must be one of {SCALE_METHODS}, got {method!r}")
+
+
+class _Search:
+    """The "search" method's state over groups x [..., g] (float32): the best float16 scale, q and (weighted)
+    error so far. Working arrays are reused (the search runs over every weight of a model several times)."""
+
+    def __init__(self, x, bits, weight):
+        self.x, self.weight, self.lo, self.hi = x, weight, *_QRANGE[bits]
+        self.scale = np.zeros(x.shape[:-1] + (1,), np.float16)
+        self.q = np.zeros_like(x)
+        self.err = np.einsum("...i,...i->...", x * x, weight)  # scale 0: every q 0
+        self.trial, self.diff = np.empty_like(x), np.empty_like(x)
+
+    def offer(self, scale16):
+        """Takes float16 `scale16` [..., 1] in the groups where it gives a strictly lower error."""
+        finite = np.isfinite(scale16)
+        scale = np.where(finite, scale16, 0).astype(np.float32)
+        # q = round(x / scale) in range; a scale of 0 divides by infinity: q 0
+        np.divide(self.x, np.where(scale != 0, scale, np.inf), out=self.trial)
+        np.rint(self.trial, out=self.trial)
+        np.clip(self.trial, self.lo, self.hi, out=self.trial)
+        np.multiply(self.trial, scale, out=self.diff)
+        np.subtract(self.x, self.diff, out=self.diff)
+        np.multiply(self.diff, self.diff, out=self.diff)
+        err = np.einsum("...i,...i->...", self.diff, self.weight)
+        better = (err < self.err) & finite[..., 0]
+        np.copyto(self.scale, scale16, where=better[..., None])
+        np.copyto(self.q, self.trial, where=better[..., None])
+        np.copyto(self.err, err, where=better)
+
+
+def search_scales(x, bits):
+    """The "search" method on groups x [..., g] (float32): (float16 scales [...], float q [..., g])."""
+    extreme = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)  # signed, [..., 1]
+    weight = np.abs(x) + np.sqrt((x * x).mean(axis=-1, keepdims=True))  # error weights: |w| + rms(group)
+    search = _Search(x, bits, weight)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for divisor in SEARCH_DIVISORS[bits]:
+            search.offer((extreme / divisor).astype(np.float16))
+        for _ in range(_REFITS):  # the weighted least-squares scale for the best q so far
+            wq = search.q * weight
+            qq = np.einsum("...i,...i->...", wq, search.q)[..., None]
+            xq = np.einsum("...i,...i->...", x, wq)[..., None]
+            search.offer((xq / np.where(qq > 0, qq, 1.0)).astype(np.float16))
+    return search.scale[..., 0], search.q
+
+
+def quantize(w, bits, group_size=DEFAULT_GROUP_SIZE, scale_method=SCALE_METHODS[0]):
+    """w [out, in] (float) -> (qweight, float16 scales) in the format of `bits`, scales chosen by `scale_method`
+    (see the module docstring)."""
     check_group_size(bits, group_size)
+    check_scale_method(scale_method)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D weight [out, in], got shape {w.shape}")
@@ -101,10 +169,13 @@ def quantize(w, bits, group_size=DEFAULT_GROUP_SIZE):
     absmax = np.abs(padded).max(axis=2)
     if not np.isfinite(absmax).all() or absmax.max(initial=0.0) / qmax > _FLOAT16_MAX:
         raise ValueError(f"weight holds values ({absmax.max()}) that float16 scales cannot represent")
-    scales = (absmax / qmax).astype(np.float16)
-    scale = scales.astype(np.float32)[:, :, None]
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.where(scale > 0, np.clip(np.rint(padded / safe), -qmax, qmax), 0.0)
+    if scale_method == "search":
+        scales, q = search_scales(padded, bits)
+    else:
+        scales = (absmax / qmax).astype(np.float16)
+        scale = scales.astype(np.float32)[:, :, None]
+        safe = np.where(scale > 0, scale, 1.0)
+        q = np.where(scale > 0, np.clip(np.rint(padded / safe), -qmax, qmax), 0.0)
     q = q.reshape(out_features, groups * group_size)[:, :in_features].astype(np.int8)
     return (q if bits == 8 else pack_int4(q)), scales
 

@@ -6,30 +6,36 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (OpenAI request/response schema, `stream: true` gives
 Server-Sent Events ending with `data: [DONE]`), GET /v1/models, GET /health, GET / (static/chat.html).
 
-Batching: one worker thread owns the model. It takes the oldest queued request plus up to `max_batch - 1` queued
-requests that can share its generation call and runs them as one left-padded batch (Generator.stream).
-generation.py samples a whole batch with one set of options and one random generator, so requests are grouped by
-sampling parameters: greedy requests (temperature 0) are compatible with each other; sampling requests are compatible
-when temperature, top_p, top_k and repetition_penalty are equal and neither asked for a seed (a seeded request runs
-alone, so it is reproducible). max_tokens may differ: the batch runs to the largest and each row stops at its own.
-The batch size is padded to a power of two (repeating a prompt) so GRAPH mode compiles only a few shapes.
+Continuous batching: one worker thread owns the model's generation engine (engine.py, engine_worker.py). Every step
+decodes all running requests together; a request that arrives meanwhile joins at the next step (its prompt read in
+chunks between the others' tokens), a finished or cancelled one leaves at once and frees its key/value blocks. Each
+request keeps its own sampling options (rows with different temperatures, seeds, stops share a step) and a greedy
+reply does not depend on what else runs. The cache is a pool of blocks (kv_pool.py; its size and dtype are
+create_app's kv_cache_* arguments, printed at start by serve.py); a request that could never fit gets 400, one that
+fits waits in the queue while the pool is full, and beyond `max_queue` waiting requests the server answers 429.
+Identical prompt prefixes (a system prompt, a conversation's history) are computed once and shared (prefix_cache).
+GET /metrics reports the engine in the Prometheus text format (vLLM's metric names).
 
-A client that disconnects marks its request cancelled: a queued one is dropped before it takes a batch slot, a
-running row stops being decoded and the batch ends as soon as all its rows are finished or cancelled (generation.py's
-static batch cannot take a new request in mid-generation). Bad input gets a 4xx with an OpenAI-style error body.
+A client that disconnects marks its request cancelled: a queued one is dropped, a running one is aborted at the next
+step. Bad input gets a 4xx with an OpenAI-style error body.
 
 Generation settings are generation_settings.resolve'd, as for chat.py, inference.py and the pipeline: the request's
 fields over the model directory's generation_config.json over the family's defaults (temperature 0 is greedy
 decoding, and greedy stays plain greedy: a sampling file's repetition_penalty applies only when sampling); a
 request without max_tokens gets the file's max_new_tokens, cut to what the context leaves. With `api_key`, every
 /v1 path wants `Authorization: Bearer <key>` (401 otherwise, as vLLM's --api-key); /health and the page stay open.
+
+Nobody blocked by one request: a body over max_request_bytes gets 413 before it is read (http_limits.BodyLimit); a
+prompt with more characters than the context could hold (context x the longest token's characters) gets 400 before
+it is tokenized; tokenizing runs in a thread of its own, off the event loop. A 500 is logged with its cause in the
+server log (uvicorn.error), a generation failure with its traceback.
 """
 import asyncio
-import collections
+import concurrent.futures
 import hmac
 import json
+import logging
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,15 +43,19 @@ from typing import List, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import build_chat_input
+from .engine import DEFAULT_BLOCK_SIZE, DEFAULT_STEP_TOKENS, KV_ELEMENT_BYTES, Engine, RequestTooLarge, pool_blocks
+from .engine_worker import EngineWorker, Metrics
 from .generation import Generator
 from .generation_settings import read_generation_config, resolve
+from .http_limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+_LOG = logging.getLogger("uvicorn.error")  # the server log
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -67,8 +77,30 @@ def error_body(message, type_="invalid_request_error", param=None, code=None):
 
 # ---------------------------------------------------------------------------------------------- request schema
 class _Strict(BaseModel):
-    # strict: "5" is not an int, 1 is not a bool; unknown OpenAI fields (presence_penalty, user, ...) are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "5" is not an int, 1 is not a bool; unknown fields are kept (model_extra) and refused by name
+    # (unsupported_fields): a field this server does not implement is never silently ignored
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier"}  # bookkeeping fields that change no output
+
+
+def unsupported_fields(req, path=""):
+    """400 naming the first field of `req` this server does not implement (tools, response_format other than
+    text, logit_bias with entries, any unknown field)."""
+    for name in sorted(req.model_extra or {}):
+        if name in IGNORED_FIELDS and not path:
+            continue
+        value = req.model_extra[name]
+        if name == "response_format" and value in ({"type": "text"}, None):
+            continue
+        if name == "logit_bias" and not value:
+            continue
+        what = {"tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
+                "function_call": "function calls", "response_format": "structured output (only {\"type\": "
+                "\"text\"})", "logit_bias": "logit_bias"}.get(name, "this field")
+        raise APIError(400, f"{path}{name}: {what} is not supported by this server", param=path + name,
+                       code="unsupported_field")
 
 
 class ChatMessage(_Strict):
@@ -86,12 +118,17 @@ class _Sampling(_Strict):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=0)  # vLLM's extra sampling fields
+    top_k: Optional[int] = Field(default=None, ge=-1)  # vLLM's extra sampling fields; -1 (as 0) = off
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: Optional[Union[str, List[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=16)
     seed: Optional[int] = None
 
 
@@ -117,7 +154,8 @@ def request_settings(config, generation_config, req, chat):
     """Generation settings of one request (generation_settings.resolve): its fields over generation_config (the
     model directory's generation_config.json) over the family's defaults. temperature 0 means greedy decoding, as
     in OpenAI's API; a temperature above 0 means sampling. chat: a chat completion (the format's stop ids)."""
-    explicit = {"top_p": req.top_p, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
+    explicit = {"top_p": req.top_p, "top_k": 0 if req.top_k == -1 else req.top_k,
+                "repetition_penalty": req.repetition_penalty,
                 "seed": req.seed}
     if req.temperature is not None:
         explicit["do_sample"] = req.temperature > 0
@@ -132,10 +170,14 @@ def request_settings(config, generation_config, req, chat):
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)  # newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str]]
+    prompt: Union[str, List[str]] = Field(min_length=1)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)  # the legacy API's: the top N per token
+    echo: bool = False  # the prompt's text (and with logprobs its tokens' logprobs) before the completion
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -155,162 +197,17 @@ class Job:
     top_k: int = 0
     repetition_penalty: float = 1.0
     eos_token_id: Optional[Union[int, List[int]]] = None  # None: the model config's
-
-    def batch_key(self):
-        """Jobs with equal keys can run in one Generator.stream call (None: must run alone)."""
-        eos = tuple(self.eos_token_id) if isinstance(self.eos_token_id, list) else self.eos_token_id
-        if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, tuple(self.stop_token_ids), eos)
-        if self.seed is not None:
-            return None
-        return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty,
-                tuple(self.stop_token_ids), eos)
+    submitted: float = 0.0  # time.monotonic() when queued (time to first token)
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Optional[int] = None  # None: none; N: each token's logprob and the N most likely
+    prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
 
     def send(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class RowText:
-    """Turns one row's token ids into text pieces to send: holds back an incomplete multi-byte character (decoded
-    as U+FFFD) and any tail that could be the start of a stop string."""
-
-    def __init__(self, tokenizer, stops):
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
-        self.ids, self.text, self.sent = [], "", 0
-
-    def add(self, token):
-        """Returns (piece to send, whether a stop string was hit)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", False
-        self.text = text
-        hits = [text.find(s, max(0, self.sent - len(s))) for s in self.stops]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            return self._take(min(hits)), True
-        hold = max([k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
-        return self._take(len(text) - hold), False
-
-    def flush(self):
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._take(len(self.text))
-
-    def _take(self, end):
-        piece = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return piece
-
-
-class BatchWorker:
-    """The thread that owns the model: takes batches of compatible jobs from the queue and generates them."""
-
-    def __init__(self, generator, tokenizer, max_batch=8):
-        self.generator, self.tokenizer, self.max_batch = generator, tokenizer, max(1, int(max_batch))
-        self.pending = collections.deque()
-        self.cond = threading.Condition()
-        self.closed = False
-        self.batches = []  # sizes of the batches run, for tests and logs
-        self.steps = []  # generation steps each batch ran (ends early when every client left)
-        self.busy = False  # generating a batch right now
-        self.thread = threading.Thread(target=self._run, name="baichuan2-generation", daemon=True)
-        self.thread.start()
-
-    def submit(self, job):
-        with self.cond:
-            self.pending.append(job)
-            self.cond.notify()
-
-    def close(self):
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=30)
-
-    def _next_batch(self):
-        with self.cond:
-            while not self.closed and not any(not j.cancelled for j in self.pending):
-                self.pending.clear()
-                self.cond.wait()
-            if self.closed:
-                return []
-            live = [j for j in self.pending if not j.cancelled]
-            first, batch, rest = live[0], [live[0]], []
-            key = first.batch_key()
-            context = self.generator.config.max_context
-            for job in live[1:]:
-                fits = (max(len(j.prompt) for j in batch + [job]) + max(j.max_tokens for j in batch + [job])
-                        <= context)
-                if key is not None and job.batch_key() == key and fits and len(batch) < self.max_batch:
-                    batch.append(job)
-                else:
-                    rest.append(job)
-            self.pending = collections.deque(rest)
-            return batch
-
-    def _run(self):
-        while True:
-            batch = self._next_batch()
-            if not batch:
-                return
-            self.batches.append(len(batch))
-            self.busy = True
-            try:
-                self._generate(batch)
-            except Exception as exc:  # pylint: disable=broad-except  # one bad batch must not stop the server
-                for job in batch:
-                    job.send("error", f"generation failed: {type(exc).__name__}: {exc}")
-            finally:
-                self.busy = False
-
-    def _generate(self, batch):
-        first = batch[0]
-        rows = len(batch)
-        width = 1 << (rows - 1).bit_length()  # power of two: few distinct compiled shapes
-        prompts = [j.prompt for j in batch] + [first.prompt] * (width - rows)
-        options = dict(max_new_tokens=max(j.max_tokens for j in batch), stop_token_ids=first.stop_token_ids,
-                       do_sample=first.temperature > 0, temperature=first.temperature or 1.0, top_p=first.top_p,
-                       top_k=first.top_k, repetition_penalty=first.repetition_penalty, seed=first.seed,
-                       eos_token_id=first.eos_token_id)
-        texts = [RowText(self.tokenizer, j.stops) for j in batch]
-        done = [False] * rows
-
-        def finish(row, reason):
-            done[row] = True
-            job = batch[row]
-            if not job.cancelled:
-                tail = texts[row].flush() if reason != "stop_string" else ""
-                if tail:
-                    job.send("delta", tail)
-                job.send("done", "stop" if reason == "stop_string" else reason, len(texts[row].ids))
-
-        steps = self.generator.stream(prompts, **options)
-        self.steps.append(0)
-        try:
-            for step in steps:
-                self.steps[-1] += 1
-                for row, job in enumerate(batch):
-                    if done[row]:
-                        continue
-                    if job.cancelled:
-                        done[row] = True
-                    elif step[row] is None:  # eos or a stop id
-                        finish(row, "stop")
-                    else:
-                        piece, hit = texts[row].add(step[row])
-                        if piece:
-                            job.send("delta", piece)
-                        if hit:
-                            finish(row, "stop_string")
-                        elif len(texts[row].ids) >= job.max_tokens:
-                            finish(row, "length")
-                if all(done):
-                    break
-        finally:
-            steps.close()
-        for row in range(rows):  # the stream ended: every remaining row stopped at eos
-            if not done[row]:
-                finish(row, "stop")
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -320,11 +217,19 @@ def _load(model_dir):
     return Generator(model), tokenizer, generation
 
 
-def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=None, generation_config=None):
+def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=None, generation_config=None,
+               max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, kv_cache_dtype="auto", kv_cache_memory=None,
+               block_size=DEFAULT_BLOCK_SIZE, max_num_batched_tokens=DEFAULT_STEP_TOKENS, prefix_cache=True,
+               max_queue=None):
     """FastAPI app serving `source`: a model directory, or a Generator (then pass its tokenizer).
 
     generation_config: request defaults (a dict as in generation_config.json); default: the model directory's file.
-    api_key: when set, /v1 requests must carry it as a Bearer token."""
+    api_key: when set, /v1 requests must carry it as a Bearer token. max_request_bytes: larger bodies get 413.
+    The engine: max_batch sequences at once (vLLM's max_num_seqs), at most max_num_batched_tokens tokens a step
+    (prompts are read in chunks of what is left), the key/value pool in kv_cache_dtype ("auto": the model's
+    preferred, model.kv_cache_dtypes()) with kv_cache_memory GiB (default: engine.pool_blocks, most of the memory
+    available after the weights), blocks of block_size tokens, prefix sharing unless prefix_cache is False; with
+    max_queue, requests beyond that many waiting get 429."""
     if isinstance(source, (str, os.PathLike)):
         generator, tokenizer, saved = _load(str(source))
         generation_config = saved if generation_config is None else generation_config
@@ -340,11 +245,32 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
     if generation_config is None:
         generation_config = read_generation_config(getattr(config, "name_or_path", None))
     resolve(config, generation_config=generation_config)  # a bad value in the file: ValueError before serving
-    worker = BatchWorker(generator, tokenizer, max_batch)
+    if int(max_request_bytes) < 1:
+        raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
+    max_prompt_chars = context * _longest_token_chars(tokenizer)
+    model = generator.model
+    dtype = model.kv_cache_dtypes()[0] if kv_cache_dtype == "auto" else kv_cache_dtype
+    blocks = pool_blocks(config, block_size, None if kv_cache_memory is None else kv_cache_memory * 2 ** 30,
+                         KV_ELEMENT_BYTES[dtype], max_seqs=max_batch)
+    engine = Engine(model, blocks, block_size, max_step_tokens=max(max_num_batched_tokens, max_batch),
+                    max_seqs=max_batch, prefix_cache=prefix_cache, kv_cache_dtype=dtype)
+    worker = EngineWorker(engine, tokenizer)
+    metrics = Metrics(engine, worker, model_name)
+    # one thread tokenizes (off the event loop; one at a time, as the tokenizer was used before)
+    tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="baichuan2-tokenize")
 
     app = FastAPI(title="Baichuan2 OpenAI-compatible server")
     app.state.worker, app.state.generator, app.state.tokenizer = worker, generator, tokenizer
+    app.state.engine = engine
     app.router.add_event_handler("shutdown", worker.close)
+    app.router.add_event_handler("shutdown", lambda: tokenizing.shutdown(wait=False))
+
+    def too_large(size):
+        said = f"{size} bytes" if size is not None else "more than that"
+        return JSONResponse(status_code=413, headers={"Connection": "close"}, content=error_body(
+            f"the request body is {said}; this server takes at most {max_request_bytes} bytes "
+            f"(serve.py --max_request_bytes)", code="request_too_large"))
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, reject=too_large)
 
     if api_key:
         @app.middleware("http")
@@ -358,7 +284,9 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
             return await call_next(request)
 
     @app.exception_handler(APIError)
-    async def _api_error(_request, exc):
+    async def _api_error(request, exc):
+        if exc.status >= 500:  # the server's fault: its cause goes to the server log, not only to the client
+            _LOG.error("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -378,9 +306,23 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
     async def _http_error(_request, exc):
         return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail), code=exc.status_code))
 
+    def check_chars(count, param):
+        """The cheap bound before tokenizing: a prompt of more characters cannot fit in the context."""
+        if count > max_prompt_chars:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, and the prompt has {count}"
+                                f" characters: more than {max_prompt_chars} cannot fit (a token stands for at most "
+                                f"{max_prompt_chars // context} characters)", param=param,
+                           code="context_length_exceeded")
+
+    async def tokenized(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, function, *args)
+
     def check_common(req, prompt, prompt_param, default_max_tokens):
-        if req.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
+        unsupported_fields(req)
+        if req.stream_options is not None:
+            unsupported_fields(req.stream_options, "stream_options.")
+        for i, message in enumerate(getattr(req, "messages", ())):
+            unsupported_fields(message, f"messages.{i}.")
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -405,14 +347,23 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
                            code="context_length_exceeded")
         return stops, max_tokens
 
-    def make_job(req, prompt, chat):
+    def make_jobs(req, prompt, chat, logprobs=None, prompt_logprobs=False):
+        """The request's n jobs for one prompt (choice j of a seeded request samples with seed + j)."""
         settings = request_settings(config, generation_config, req, chat)
         stops, max_tokens = check_common(req, prompt, "messages" if chat else "prompt", settings["max_new_tokens"])
-        return Job(prompt=prompt, max_tokens=max_tokens,
-                   temperature=settings["temperature"] if settings["do_sample"] else 0.0, top_p=settings["top_p"],
-                   top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
-                   seed=settings.get("seed"), stops=stops, stop_token_ids=list(settings.get("stop_token_ids", [])),
-                   eos_token_id=settings.get("eos_token_id"), loop=asyncio.get_running_loop())
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) is larger than max_tokens ({max_tokens})",
+                           param="min_tokens")
+        seed = settings.get("seed")
+        return [Job(prompt=prompt, max_tokens=max_tokens,
+                    temperature=settings["temperature"] if settings["do_sample"] else 0.0, top_p=settings["top_p"],
+                    top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
+                    seed=None if seed is None else seed + j, stops=stops,
+                    stop_token_ids=list(settings.get("stop_token_ids", [])),
+                    eos_token_id=settings.get("eos_token_id"), loop=asyncio.get_running_loop(), min_p=req.min_p,
+                    min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                for j in range(req.n)]
 
     async def events_of(job, request):
         """Worker events for `job`; marks it cancelled when the client goes away."""
@@ -430,54 +381,124 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
         finally:
             job.cancelled = True  # no-op once done; frees the row / queue place otherwise
 
-    def usage_of(job, completion_tokens):
-        return {"prompt_tokens": len(job.prompt), "completion_tokens": completion_tokens,
-                "total_tokens": len(job.prompt) + completion_tokens}
+    def usage_of(jobs, completion_tokens):
+        prompt_tokens = sum(len(job.prompt) for job in {id(j.prompt): j for j in jobs}.values())
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
-    async def respond(job, request, req, prefix, make_chunk, make_full):
+    def submit(jobs):
+        for job in jobs:
+            try:
+                engine.check_fits(len(job.prompt), job.max_tokens)
+            except RequestTooLarge as exc:
+                raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
+        if max_queue is not None and worker.waiting() + len(jobs) > max_queue:
+            raise APIError(429, f"the server has {worker.waiting()} requests waiting (at most {max_queue}): retry "
+                                f"later", type_="rate_limit_exceeded", code="queue_full")
+        for job in jobs:
+            job.submitted = time.monotonic()
+            worker.submit(job)
+
+    async def respond(jobs, request, req, prefix, make_chunk, make_full):
+        """The response for `jobs` (choice i is jobs[i]): one body, or with req.stream Server-Sent Events whose
+        chunks carry their choice's index. make_chunk(request_id, index, text, finish_reason, logprob_entries,
+        first) and make_full(request_id, choices, usage), where each choice is (index, text, finish_reason,
+        logprob entries, prompt logprobs)."""
         request_id = f"{prefix}-{uuid.uuid4().hex}"
-        worker.submit(job)
+        submit(jobs)
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
 
-            def chunk(text, finish_reason):
-                body = make_chunk(request_id, text, finish_reason)
+            def data(body):
                 if include_usage:  # OpenAI: every chunk has a null usage, an extra last one the totals
-                    body["usage"] = None
+                    body.setdefault("usage", None)
                 return f"data: {json.dumps(body)}\n\n"
 
-            async def sse():
+            async def pump(index, job, queue):
                 async for event in events_of(job, request):
-                    if event[0] == "delta":
-                        yield chunk(event[1], None)
-                    elif event[0] == "done":
-                        yield chunk("", event[1])
-                        if include_usage:
-                            last = dict(make_chunk(request_id, "", event[1]), choices=[],
-                                        usage=usage_of(job, event[2]))
-                            yield f"data: {json.dumps(last)}\n\n"
-                    else:
-                        yield f"data: {json.dumps(error_body(event[1], 'server_error'))}\n\n"
-                yield "data: [DONE]\n\n"
+                    await queue.put((index, event))
+                await queue.put((index, None))
+
+            async def sse():
+                queue, open_jobs, tokens, started = asyncio.Queue(), len(jobs), 0, set()
+                pumps = [asyncio.ensure_future(pump(i, job, queue)) for i, job in enumerate(jobs)]
+                try:
+                    while open_jobs:
+                        index, event = await queue.get()
+                        if event is None:
+                            open_jobs -= 1
+                            continue
+                        first = index not in started
+                        started.add(index)
+                        if event[0] == "delta":
+                            yield data(make_chunk(request_id, index, event[1], None, event[2], first))
+                        elif event[0] == "done":
+                            tokens += event[2]
+                            yield data(make_chunk(request_id, index, "", event[1], event[3], first))
+                        else:
+                            yield data(error_body(event[1], "server_error"))
+                    if include_usage:
+                        last = dict(make_chunk(request_id, 0, "", None, None, False), choices=[],
+                                    usage=usage_of(jobs, tokens))
+                        yield f"data: {json.dumps(last)}\n\n"
+                    yield "data: [DONE]\n\n"
+                finally:
+                    for task in pumps:
+                        task.cancel()
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        pieces, finish_reason, completion_tokens = [], None, 0
-        async for event in events_of(job, request):
-            if event[0] == "delta":
-                pieces.append(event[1])
-            elif event[0] == "done":
-                finish_reason, completion_tokens = event[1], event[2]
-            else:
-                raise APIError(500, event[1], type_="server_error")
-        if finish_reason is None:  # the client left
-            return JSONResponse(status_code=499, content=error_body("client closed the request"))
-        return make_full(request_id, "".join(pieces), finish_reason, usage_of(job, completion_tokens))
 
-    def chat_prompt(messages):
+        async def collect(index, job):
+            pieces, entries, done = [], [], None
+            async for event in events_of(job, request):
+                if event[0] == "delta":
+                    pieces.append(event[1])
+                    entries += event[2] or []
+                elif event[0] == "done":
+                    done = event
+                    entries += event[3] or []
+                else:
+                    raise APIError(500, event[1], type_="server_error")
+            if done is None:
+                return None
+            return index, "".join(pieces), done[1], entries if job.logprobs is not None else None, done[4], done[2]
+
+        results = await asyncio.gather(*(collect(i, job) for i, job in enumerate(jobs)))
+        if any(r is None for r in results):  # the client left
+            for job in jobs:
+                job.cancelled = True
+            return JSONResponse(status_code=499, content=error_body("client closed the request"))
+        usage = usage_of(jobs, sum(r[5] for r in results))
+        return make_full(request_id, [r[:5] for r in results], usage)
+
+    def token_text(token):
+        return tokenizer.decode([token], skip_special_tokens=False)
+
+    def chat_logprobs(entries):
+        """OpenAI chat's logprobs object: each token's text, logprob, bytes and its top_logprobs."""
+        def item(token, logprob):
+            text = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"content": [dict(item(token, logprob), top_logprobs=[item(t, lp) for t, lp in top])
+                            for token, logprob, top in entries]}
+
+    def legacy_logprobs(entries, echoed=(), offset=0):
+        """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset); `echoed`:
+        the prompt's (token, logprob or None) first, when echo."""
+        tokens, values, tops, offsets = [], [], [], []
+        for token, logprob, top in list(echoed) + list(entries):
+            text = token_text(token)
+            offsets.append(offset)
+            offset += len(text)
+            tokens.append(text)
+            values.append(logprob)
+            tops.append(None if top is None else {token_text(t): lp for t, lp in top})
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def chat_prompt(plain):
         """The chat template without history cutting: what does not fit is rejected (check_common), never silently
         dropped."""
         unlimited = _ContextOverride(config, model_max_length=10 ** 9)
-        plain = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
         try:
             return build_chat_input(unlimited, tokenizer.encode, plain, max_new_tokens=1)
         except ValueError as exc:
@@ -488,44 +509,76 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
         if getattr(config, "chat_format", None) is None:
             raise APIError(400, f"{model_name} is a base model without a chat template: use /v1/completions",
                            param="messages")
-        job = make_job(req, chat_prompt(req.messages), chat=True)
+        plain = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(req.messages)]
+        check_chars(sum(len(m["content"]) for m in plain), "messages")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        jobs = make_jobs(req, await tokenized(chat_prompt, plain), chat=True,
+                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
-        def chunk(request_id, text, finish_reason):
-            delta = {"content": text} if text or finish_reason is None else {}
-            if finish_reason is None and not text:
-                delta = {"role": "assistant", "content": ""}
+        def chunk(request_id, index, text, finish_reason, entries, first):
+            delta = {"content": text} if text else {}
+            if first:  # each choice's first chunk says who speaks (OpenAI)
+                delta = {"role": "assistant", "content": text}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            if req.logprobs:
+                choice["logprobs"] = chat_logprobs(entries) if entries else None
             return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": model_name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                    "model": model_name, "choices": [choice]}
 
-        def full(request_id, text, finish_reason, usage):
+        def full(request_id, choices, usage):
             return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish_reason}], "usage": usage}
+                    "choices": [{"index": index, "message": {"role": "assistant", "content": text},
+                                 "logprobs": chat_logprobs(entries) if entries is not None else None,
+                                 "finish_reason": finish_reason}
+                                for index, text, finish_reason, entries, _ in choices], "usage": usage}
 
-        return await respond(job, request, req, "chatcmpl", chunk, full)
+        return await respond(jobs, request, req, "chatcmpl", chunk, full)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if len(prompts) != 1:
-            raise APIError(400, "prompt must be one string (batches of prompts are not supported)", param="prompt")
-        job = make_job(req, list(tokenizer.encode(prompts[0])), chat=False)
+        check_chars(max(len(p) for p in prompts), "prompt")
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported with stream=true", param="echo")
+        encoded = [await tokenized(lambda text: list(tokenizer.encode(text)), p) for p in prompts]
+        jobs = [job for ids in encoded for job in make_jobs(
+            req, ids, chat=False, logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None)]
+        texts = [p for p in prompts for _ in range(req.n)]
 
-        def chunk(request_id, text, finish_reason):
+        def chunk(request_id, index, text, finish_reason, entries, first):
+            del first
+            logprobs = legacy_logprobs(entries) if req.logprobs is not None and entries else None
             return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                 "finish_reason": finish_reason}]}
 
-        def full(request_id, text, finish_reason, usage):
+        def full(request_id, choices, usage):
+            out = []
+            for index, text, finish_reason, entries, prompt_lp in choices:
+                logprobs = None
+                if req.logprobs is not None:
+                    echoed = []
+                    if req.echo:  # the first prompt token has no logprob: nothing precedes it
+                        prompt = jobs[index].prompt
+                        echoed = [(prompt[0], None, None)] + [
+                            (token, value, top) for (token, value), top in zip(prompt_lp or [], _tops(prompt_lp))]
+                    logprobs = legacy_logprobs(entries or [], echoed)
+                out.append({"index": index, "text": (texts[index] if req.echo else "") + text,
+                            "logprobs": logprobs, "finish_reason": finish_reason})
             return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-                    "usage": usage}
+                    "choices": out, "usage": usage}
 
-        return await respond(job, request, req, "cmpl", chunk, full)
+        return await respond(jobs, request, req, "cmpl", chunk, full)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "baichuan2"}]}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():
@@ -537,6 +590,22 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
             return f.read()
 
     return app
+
+
+def _tops(prompt_logprobs):
+    """Top entries for echoed prompt tokens: each token's own (the engine reports no alternatives for prompts)."""
+    return [[(token, value)] for token, value in prompt_logprobs or []]
+
+
+def _longest_token_chars(tokenizer):
+    """The most characters one token of `tokenizer` stands for (its longest vocabulary piece; 64 when the tokenizer
+    lists no vocabulary). A byte token stands for at most one character, so no text encodes to fewer tokens than
+    its characters divided by this."""
+    try:
+        pieces = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return 64
+    return max((len(p) for p in pieces), default=64) or 64
 
 
 class _ContextOverride:
@@ -551,4 +620,4 @@ class _ContextOverride:
         return getattr(self._config, name)
 
 
-__all__ = ["create_app", "BatchWorker", "APIError", "request_settings"]
+__all__ = ["create_app", "APIError", "request_settings"]

@@ -7,7 +7,9 @@ they encode to single ids wherever they appear in text (and decode back as text,
 One deliberate difference: decoding never inserts a space before special tokens, so decode(encode(text)) == text.
 
 This file imports nothing from the project (only mindformers, sentencepiece and the standard library): it is copied
-into model directories for `trust_remote_code=True`.
+into model directories for `trust_remote_code=True`. Where mindformers is absent (a PyTorch environment) the same
+class is built on transformers' `PreTrainedTokenizer`, so transformers' `AutoTokenizer.from_pretrained(dir,
+trust_remote_code=True)` and `apply_chat_template` give the same ids there.
 """
 import json
 import os
@@ -15,8 +17,15 @@ import shutil
 from typing import Any, Dict, List, Optional
 
 import sentencepiece as spm
-from mindformers.models.tokenization_utils import AddedToken, PreTrainedTokenizer
-from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+try:  # MindSpore side: a MindFormers tokenizer, registered for its pipelines
+    from mindformers.models.tokenization_utils import AddedToken, PreTrainedTokenizer
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    _register = MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+except ImportError:  # transformers alone (PyTorch tools): the same class on transformers' base, same ids
+    from transformers import AddedToken, PreTrainedTokenizer
+
+    def _register(cls):
+        return cls
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<unk>"}
@@ -27,7 +36,7 @@ def _added(token):
     return AddedToken(token, lstrip=False, rstrip=False, normalized=False) if isinstance(token, str) else token
 
 
-@MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+@_register
 class BaichuanTokenizer(PreTrainedTokenizer):
     """SentencePiece tokenizer of the Baichuan family.
 

@@ -11,7 +11,9 @@ special tokens first (they encode to their single ids wherever they appear), the
 `tokenizers` pipeline, so `encode` gives the same ids as `tokenizers.Tokenizer.encode(text).ids`.
 
 This file imports nothing from the project (only mindformers, tokenizers and the standard library): it is copied
-into model directories for `trust_remote_code=True`.
+into model directories for `trust_remote_code=True`. Where mindformers is absent (a PyTorch environment) the same
+class is built on transformers' `PreTrainedTokenizer`, so transformers' `AutoTokenizer.from_pretrained(dir,
+trust_remote_code=True)` and `apply_chat_template` give the same ids there.
 """
 import json
 import os
@@ -19,8 +21,15 @@ import shutil
 from typing import List, Optional
 
 from tokenizers import Tokenizer
-from mindformers.models.tokenization_utils import AddedToken, PreTrainedTokenizer
-from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+try:  # MindSpore side: a MindFormers tokenizer, registered for its pipelines
+    from mindformers.models.tokenization_utils import AddedToken, PreTrainedTokenizer
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+    _register = MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+except ImportError:  # transformers alone (PyTorch tools): the same class on transformers' base, same ids
+    from transformers import AddedToken, PreTrainedTokenizer
+
+    def _register(cls):
+        return cls
 
 VOCAB_FILES_NAMES = {"tokenizer_file": "tokenizer.json"}
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
@@ -32,7 +41,7 @@ def _added(token):
     return AddedToken(token, lstrip=False, rstrip=False, normalized=False) if isinstance(token, str) else token
 
 
-@MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+@_register
 class XverseTokenizer(PreTrainedTokenizer):
     """BPE tokenizer of the XVERSE family, read from a `tokenizer.json`.
 
@@ -56,10 +65,11 @@ class XverseTokenizer(PreTrainedTokenizer):
         self.tokenizer_file = tokenizer_file
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
-        # the base class asks for the vocabulary while it initialises, so the file must be read first
-        self.backend = Tokenizer.from_file(tokenizer_file)
+        # the base class asks for the vocabulary while it initialises, so the file must be read first (named bpe:
+        # transformers 5's base class uses `backend` for itself)
+        self.bpe = Tokenizer.from_file(tokenizer_file)
         for name, token in (("unk", unk_token), ("bos", bos_token), ("eos", eos_token), ("pad", pad_token)):
-            if token is not None and self.backend.token_to_id(str(token)) is None:
+            if token is not None and self.bpe.token_to_id(str(token)) is None:
                 raise ValueError(f"XverseTokenizer: {name}_token {str(token)!r} is not in {tokenizer_file}")
         super().__init__(unk_token=_added(unk_token), bos_token=_added(bos_token), eos_token=_added(eos_token),
                          pad_token=_added(pad_token), add_bos_token=add_bos_token, add_eos_token=add_eos_token,
@@ -67,37 +77,37 @@ class XverseTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self):
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        return self.bpe.get_vocab_size(with_added_tokens=True)
 
     def __len__(self):
         # the special tokens are already entries of tokenizer.json: do not count them twice
         return len(self.get_vocab())
 
     def get_vocab(self):
-        vocab = dict(self.backend.get_vocab(with_added_tokens=True))
+        vocab = dict(self.bpe.get_vocab(with_added_tokens=True))
         vocab.update(self.added_tokens_encoder)
         return vocab
 
     def _tokenize(self, text, **kwargs):
-        return self.backend.encode(text, add_special_tokens=False).tokens
+        return self.bpe.encode(text, add_special_tokens=False).tokens
 
     def _convert_token_to_id(self, token):
-        token_id = self.backend.token_to_id(token)
-        return self.backend.token_to_id(str(self.unk_token)) if token_id is None else token_id
+        token_id = self.bpe.token_to_id(token)
+        return self.bpe.token_to_id(str(self.unk_token)) if token_id is None else token_id
 
     def _convert_id_to_token(self, index):
-        return self.backend.id_to_token(int(index))
+        return self.bpe.id_to_token(int(index))
 
     def convert_tokens_to_string(self, tokens):
         # special tokens verbatim; runs of ordinary tokens through the byte-level decoder (joins split characters)
         out, run = [], []
         for token in tokens:
             if token in self.all_special_tokens:
-                out.append(self.backend.decoder.decode(run) + token)
+                out.append(self.bpe.decoder.decode(run) + token)
                 run = []
             else:
                 run.append(token)
-        out.append(self.backend.decoder.decode(run))
+        out.append(self.bpe.decoder.decode(run))
         return "".join(out)
 
     def build_inputs_with_special_tokens(self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None):
@@ -136,7 +146,7 @@ class XverseTokenizer(PreTrainedTokenizer):
             if os.path.isfile(self.tokenizer_file):
                 shutil.copyfile(self.tokenizer_file, out_file)
             else:  # the source file is gone: write the tokenizer we hold in memory
-                self.backend.save(out_file)
+                self.bpe.save(out_file)
         return (out_file,)
 
 

@@ -8,7 +8,8 @@ to the load itself:
     check_safetensors(file)      the header parses, every tensor lies inside the file, nothing is missing at the end
     check_weights(path)          every weights file of a model directory or one file
     check_config(model_dir)      config.json is there and parses as a JSON object
-    check_model_dir(path)        check_config + check_weights: what every loader runs first
+    check_config_matches(...)    config.json's sizes agree with the weights' shapes (else config.json is named)
+    check_model_dir(path)        all of the above: what every loader runs first
 
 Loading itself (tensor by tensor, names and shapes checked) is weights_io.py. Corruption that keeps the structure
 intact (flipped bits inside a tensor) is invisible to a header check: finetune checkpoints carry sha256 checksums for
@@ -147,11 +148,49 @@ def check_config(model_dir):
     return data
 
 
+def _rows(shapes, module):
+    """Output rows of a stored module: its .weight's, or (int8/int4) its .qweight's first dimension."""
+    for suffix in (".weight", ".qweight"):
+        shape = shapes.get(module + suffix)
+        if shape:
+            return shape[0], f"{module}{suffix} {shape}"
+    return None, None
+
+
+def check_config_matches(config_path, config, shapes):
+    """config.json's sizes against the tensor shapes ({name: shape}) of the weights beside it: a config that does not
+    belong to the weights is one WeightsFileError naming config.json and each disagreement (not a list of every
+    mis-shaped tensor when loading)."""
+    found = []
+    norm = shapes.get("model.norm.weight")
+    if norm:
+        found.append(("hidden_size", norm[-1], f"model.norm.weight {norm}"))
+    layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if layers:
+        found.append(("num_hidden_layers", max(layers) + 1, f"layers 0..{max(layers)}"))
+    for key, module in (("vocab_size", "model.embed_tokens"), ("intermediate_size", "model.layers.0.mlp.gate_proj")):
+        rows, what = _rows(shapes, module)
+        if rows is not None:
+            found.append((key, rows, what))
+    problems = [f"{key} is {config[key]} but the weights have {what}" for key, value, what in found
+                if isinstance(config.get(key), int) and config[key] != value]
+    if problems:
+        raise WeightsFileError(config_path, f"disagrees with the weights beside it: {'; '.join(problems)}; this "
+                                            "config.json does not belong to these weights (restore the one written "
+                                            "with them)")
+
+
 def check_model_dir(model_dir):
-    """A model directory's config.json and weights files, checked; returns the weights files or raises
-    WeightsFileError naming the bad file."""
-    check_config(model_dir)
-    return check_weights(model_dir)
+    """A model directory's config.json and weights files, checked, and config.json's sizes against the weights'
+    shapes; returns the weights files or raises WeightsFileError naming the bad file."""
+    config = check_config(model_dir)
+    files = weight_files(model_dir)
+    shapes = {}
+    for file in files:
+        shapes.update((name, [int(d) for d in info["shape"]]) for name, info in check_safetensors(file).items()
+                      if name != "__metadata__")
+    check_config_matches(os.path.join(model_dir, "config.json"), config, shapes)
+    return files
 
 
 def sha256_file(path, chunk=1 << 22):

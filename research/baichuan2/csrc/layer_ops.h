@@ -121,7 +121,8 @@ int DecodeAttention(AOT_PARAMS) {
     memcpy(kh + slot * D, k + h * D, sizeof(float) * D);
     memcpy(vh + slot * D, v + h * D, sizeof(float) * D);
     const BiasedKeys keys{bias + h * L};
-    attend_query(q + h * D, kh, vh, D, L - 1, keys, scale, p.data(), out + h * D);  // [B, 1, N, D]: offset h D
+    const CacheRows rows{kh, vh, D};
+    attend_query(q + h * D, rows, D, L - 1, keys, scale, p.data(), out + h * D);  // [B, 1, N, D]: offset h D
   }
   return kOk;
 }

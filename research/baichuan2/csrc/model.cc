@@ -15,8 +15,9 @@
 //   repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k); int8 / int4: x quantised
 //   as for decode and integer dots against tiles of W rows interleaved 4 bytes at a time (see gemm_q).
 // Besides the projections: CachedStack (stack.h), a whole cached step (prefill or decode) through every decoder
-// layer in one op with the caches written in place, and the per-op path's layout / attention / norm ops
-// (layer_ops.h). RMSNorm and RoPE (norm_rope.h) and attention (attention.inc) are each defined once for both.
+// layer in one op with the caches written in place, its paged sibling PagedStackLogits (paged_stack.h: a serving
+// batch over a block pool; both run stack_layers.h's layer body), and the per-op path's layout / attention / norm
+// ops (layer_ops.h). RMSNorm and RoPE (norm_rope.h) and attention (attention.inc) are each defined once for both.
 // Accumulation is float32 throughout. The per-path code (model_isa.inc) is compiled once per instruction-set path
 // (avx2: AVX2+FMA+F16C; avxvnni: + AVX-VNNI; avx512: F/BW/VL/DQ; avx512vnni: + AVX512-VNNI + AVX512-BF16; see
 // isa_common.h) and the best path is picked at run time from cpuid; BAICHUAN_KERNEL_ISA=<path> forces one the CPU
@@ -33,6 +34,7 @@
 #include "linear.h"
 #include "layer_ops.h"
 #include "stack.h"
+#include "paged_stack.h"
 
 extern "C" {
 const char *KernelIsa() { return isa_name(chosen_isa()); }

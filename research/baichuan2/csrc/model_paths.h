@@ -11,10 +11,10 @@ Status project(Fmt fmt, const Problem *ps, int nw) { ON_CHOSEN_ISA(run(fmt, ps, 
 // The callers below run only after a check that a path exists (a projection ran, or the entry checked).
 void silu_mul(float *g, const float *u, int64_t n) { ON_CHOSEN_ISA(silu_mul(g, u, n), return) }
 
-template <class Keys>
-void attend_query(const float *q, const float *kc, const float *vc, int64_t D, int64_t last, const Keys &keys,
-                  float scale, float *p, float *out) {
-  ON_CHOSEN_ISA(attend_query(q, kc, vc, D, last, keys, scale, p, out), return)
+template <class Keys, class Rows>
+void attend_query(const float *q, const Rows &rows, int64_t D, int64_t last, const Keys &keys, float scale, float *p,
+                  float *out) {
+  ON_CHOSEN_ISA(attend_query(q, rows, D, last, keys, scale, p, out), return)
 }
 
 }  // namespace

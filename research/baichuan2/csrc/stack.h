@@ -1,7 +1,7 @@
 // CachedStack / CachedStackLogits: a cached step through the whole decoder stack and the final RMSNorm in one op,
 // the key/value caches written in place: Ly layers over S new tokens of each of B sequences (prefill: S = the
-// prompt, from slot 0; decode: S = 1), float32 activations, all weights in one format. Per layer, on the hidden
-// state x:
+// prompt, from slot 0; decode: S = 1), float32 activations, all weights in one format. Per layer (stack_layers.h's
+// body, shared with PagedStack in paged_stack.h), on the hidden state x:
 //   h = x + o_proj(attention(rope(q), rope(k), v));  x = h + down(silu(gate(n2)) * up(n2))
 //   where q, k, v = q/k/v_proj(n1), n1 = RMSNorm(x) * ln1, n2 = RMSNorm(h) * ln2;  then y = RMSNorm(x) * norm.
 // Why one op: op by op, a decode step launches ~18 MindSpore ops a layer plus ~25 for the positions and the
@@ -19,18 +19,9 @@
 // positions p_l = max(cumsum(mask)_l - 1, 0); the query in slot j has position p_j and sees key l when l <= j and
 // (mask_l or l == j); RoPE (half rotation) at the token's position, or ALiBi adds slope_n (p_l - p_j).
 #pragma once
-#include "aot.h"
-#include "model_paths.h"
-#include "norm_rope.h"
+#include "stack_layers.h"
 
 namespace {
-
-constexpr int kLayerWeights = 7;  // q, k, v, o, gate, up, down
-
-struct LayerArgs {
-  Arg ln1, ln2;                    // float32 [H]: the RMSNorm weights before attention and before the MLP
-  WeightArgs proj[kLayerWeights];  // q, k, v, o [H, H]; gate, up [I, H]; down [H, I]
-};
 
 // The inputs in the order the Python op lists them, then the output y.
 struct StackArgs {
@@ -42,43 +33,19 @@ struct StackArgs {
   Arg slot;      // int32, 0-d or [1]: the first new token's cache slot; they fill [slot, slot + S)
   Arg cos, sin;  // float32 [P, D]: RoPE tables, a row per position (any float32 tensor with ALiBi)
   Arg slopes;    // float32 [N]: ALiBi's slopes (any float32 tensor with RoPE)
-  Arg k_caches, v_caches;          // float32 [Ly, B, N, L, D], written in place
-  std::vector<LayerArgs> layers;   // each layer's; the format is read from the weights' dtypes
-  WeightArgs head;  // CachedStackLogits: the lm_head's (any format; the layers' group size)
-  Arg y;            // CachedStack: float32 [B * S, H]; CachedStackLogits: the logits [B, V] of each sequence's
-                    // last new token (the lm_head, the strided slice before it and their launches leave the graph)
-  Fmt fmt, head_fmt;
+  Arg k_caches, v_caches;  // float32 [Ly, B, N, L, D], written in place
+  StackWeights w;  // each layer's (the format is read from the weights' dtypes); CachedStackLogits: the lm_head's
+  Arg y;           // CachedStack: float32 [B * S, H]; CachedStackLogits: the logits [B, V] of each sequence's
+                   // last new token (the lm_head, the strided slice before it and their launches leave the graph)
 
   // The call's tensors split into those above; kArgCount or kDtype when they cannot be.
   Status bind(const AotCall &call, bool with_head) {
     constexpr int kFixed = 11;  // x .. v_caches
-    if (call.count < kFixed + 2 + kLayerWeights + 1 + with_head) return kArgCount;
-    const bool head_scaled = with_head && call[call.count - 2].is("float16");
-    const int head_at = call.count - 1 - (with_head ? (head_scaled ? 2 : 1) : 0);
-    const int f = format_of(call[kFixed + 2]), hf = with_head ? format_of(call[head_at]) : -1;
-    if (f < 0 || (with_head && (hf < 0 || head_scaled != quantised(hf)))) return kDtype;
-    fmt = static_cast<Fmt>(f);
-    head_fmt = with_head ? static_cast<Fmt>(hf) : fmt;
-    const bool quant = quantised(fmt);
-    const int per_layer = 2 + (quant ? 2 : 1) * kLayerWeights;
-    if ((head_at - kFixed) % per_layer != 0) return kArgCount;
+    if (Status err = w.bind(call, kFixed, with_head)) return err;
     int at = 0;
     for (Arg *a : {&x, &norm, &eps, &spec, &mask, &slot, &cos, &sin, &slopes, &k_caches, &v_caches}) *a = call[at++];
-    layers.resize((head_at - kFixed) / per_layer);
-    for (LayerArgs &layer : layers) {
-      layer.ln1 = call[at++];
-      layer.ln2 = call[at++];
-      for (WeightArgs &w : layer.proj) at = w.bind(call, at, quant);
-    }
-    if (with_head) head.bind(call, head_at, head_scaled);
     y = call[call.count - 1];
     return kOk;
-  }
-
-  static int format_of(const Arg &weight) {
-    for (int f = 0; f < kFormatCount; ++f)
-      if (weight.is(kWeightDtype[f])) return f;
-    return -1;
   }
 };
 
@@ -92,7 +59,7 @@ Status cached_stack(bool with_head, const AotCall &call) {
   if (a.x.ndim != 2 || a.norm.ndim != 1 || a.k_caches.ndim != 5 || a.v_caches.ndim != 5 || a.mask.ndim != 2 ||
       a.spec.ndim != 1 || a.spec.dim(0) != 2)
     return kRank;
-  const int64_t layers = static_cast<int64_t>(a.layers.size());
+  const int64_t layers = static_cast<int64_t>(a.w.layers.size());
   const int64_t M = a.x.dim(0), H = a.x.dim(1);
   const int64_t B = a.k_caches.dim(1), N = a.k_caches.dim(2), L = a.k_caches.dim(3), D = a.k_caches.dim(4);
   for (const Arg *c : {&a.k_caches, &a.v_caches})
@@ -110,30 +77,18 @@ Status cached_stack(bool with_head, const AotCall &call) {
   if (!rope && (a.slopes.ndim != 1 || a.slopes.dim(0) != N)) return kShape;
   const int64_t slot = *a.slot.as<const int32_t>();
   if (slot < 0 || slot + S > L) return kBadValue;
-  const int64_t I = a.layers[0].proj[4].weight.dim(0);  // gate rows
-  // Weight w (0..6 = q k v o gate up down) of layer l: shape [rows, K], checked against the format's layout.
-  std::vector<Problem> ps(static_cast<size_t>(layers * kLayerWeights));
-  const int64_t rows[kLayerWeights] = {H, H, H, H, I, I, H}, cols[kLayerWeights] = {H, H, H, H, H, H, I};
-  for (int64_t l = 0; l < layers; ++l) {
-    const LayerArgs &layer = a.layers[l];
-    for (const Arg *t : {&layer.ln1, &layer.ln2})
-      if (!t->is("float32") || t->ndim != 1 || t->dim(0) != H) return kShape;
-    for (int w = 0; w < kLayerWeights; ++w) {
-      Problem *p = &ps[l * kLayerWeights + w];
-      p->M = M;
-      if (Status err = bind_weight(a.fmt, group, layer.proj[w], rows[w], cols[w], p)) return err;
-    }
-  }
+  StackProblems sp;
+  if (Status err = sp.bind(a.w, group, M, H)) return err;
   Problem head;  // the lm_head over the last new token of each sequence: B rows
   if (with_head) {
     head.M = B;
-    if (Status err = bind_weight(a.head_fmt, group, a.head, -1, H, &head)) return err;
+    if (Status err = bind_weight(a.w.head_fmt, group, a.w.head, -1, H, &head)) return err;
     if (a.y.dim(0) != B || a.y.dim(1) != head.N) return kShape;
   } else if (a.y.dim(0) != M || a.y.dim(1) != H) {
     return kShape;
   }
-  const float *x_in = a.x.as<const float>(), *cos_table = a.cos.as<const float>(),
-              *sin_table = a.sin.as<const float>(), *slopes = a.slopes.as<const float>();
+  const float *cos_table = a.cos.as<const float>(), *sin_table = a.sin.as<const float>(),
+              *slopes = a.slopes.as<const float>();
   const int32_t *mask = a.mask.as<const int32_t>();
   const float eps = *a.eps.as<const float>();
   float *y = a.y.as<float>();
@@ -150,27 +105,11 @@ Status cached_stack(bool with_head, const AotCall &call) {
     }
     if (rope && pos[b * keys + keys - 1] >= P) return kBadValue;  // past the RoPE tables: the caller's context check
   }
-  // scratch: the hidden state x, n, q, k, v, attn, h [M, H] each; gate, up [M, I] each
-  std::vector<float> scratch(static_cast<size_t>(M * (7 * H + 2 * I)));
-  float *x = scratch.data(), *n = x + M * H, *q = n + M * H, *k = q + M * H, *v = k + M * H, *att = v + M * H,
-        *h = att + M * H, *gate = h + M * H, *up = gate + M * I;
-  memcpy(x, x_in, sizeof(float) * M * H);
+  LayerScratch s(M, H, sp.I);
+  memcpy(s.x, a.x.as<const float>(), sizeof(float) * M * H);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int64_t layer = 0; layer < layers; ++layer) {
-    const float *ln1 = a.layers[layer].ln1.as<const float>(), *ln2 = a.layers[layer].ln2.as<const float>();
+  auto attend = [&](int64_t layer, float *q, float *k, const float *v, float *att) {
     float *kc = a.k_caches.as<float>() + layer * B * N * L * D, *vc = a.v_caches.as<float>() + layer * B * N * L * D;
-    Problem *lp = &ps[layer * kLayerWeights];
-    auto run = [&](int first, int count, const float *in, std::initializer_list<float *> outs) {
-      int i = 0;
-      for (float *out : outs) {
-        lp[first + i].x = in;
-        lp[first + i].y = out;
-        ++i;
-      }
-      return project(a.fmt, lp + first, count);
-    };
-    rms_norm_rows(x, ln1, eps, M, H, n);
-    if (Status err = run(0, 3, n, {q, k, v})) return err;
     parallel(kernel_threads(), [&](int t, int nt) {
       int64_t h0, h1;
       thread_range(B * N, 1, t, nt, &h0, &h1);
@@ -189,33 +128,24 @@ Status cached_stack(bool with_head, const AotCall &call) {
           memcpy(vcache + j * D, v + row, sizeof(float) * D);
         }
         const MaskedKeys seen{real.data() + b * keys, pos.data() + b * keys, rope ? 0.f : slopes[head]};
+        const CacheRows rows{kcache, vcache, D};
         for (int64_t s = 0; s < S; ++s) {
           const int64_t row = (b * S + s) * H + head * D;
-          attend_query(q + row, kcache, vcache, D, slot + s, seen, scale, p.data(), att + row);
+          attend_query(q + row, rows, D, slot + s, seen, scale, p.data(), att + row);
         }
       }
     });
-    if (Status err = run(3, 1, att, {h})) return err;
-    for (int64_t i = 0; i < M * H; ++i) h[i] += x[i];
-    rms_norm_rows(h, ln2, eps, M, H, n);
-    if (Status err = run(4, 2, n, {gate, up})) return err;
-    parallel(kernel_threads(), [&](int t, int nt) {
-      int64_t i0, i1;
-      thread_range(M * I, 64, t, nt, &i0, &i1);
-      silu_mul(gate + i0, up + i0, i1 - i0);
-    });
-    if (Status err = run(6, 1, gate, {x})) return err;  // x is last read by h += x above: the new x replaces it
-    for (int64_t i = 0; i < M * H; ++i) x[i] += h[i];
-  }
+  };
+  if (Status err = run_layers(a.w, sp, eps, s, attend)) return err;
   const float *norm = a.norm.as<const float>();
   if (!with_head) {
-    rms_norm_rows(x, norm, eps, M, H, y);
+    rms_norm_rows(s.x, norm, eps, M, H, y);
     return kOk;
   }
-  for (int64_t b = 0; b < B; ++b) rms_norm_rows(x + (b * S + S - 1) * H, norm, eps, 1, H, n + b * H);
-  head.x = n;
+  for (int64_t b = 0; b < B; ++b) rms_norm_rows(s.x + (b * S + S - 1) * H, norm, eps, 1, H, s.n + b * H);
+  head.x = s.n;
   head.y = y;
-  return project(a.head_fmt, &head, 1);
+  return project(a.w.head_fmt, &head, 1);
 }
 
 }  // namespace

@@ -62,23 +62,25 @@ def first_fit_decreasing(lengths, capacity, width):
 def pack_block(conversations, ids, seq_length, width):
     """conversations: [(inputs, labels)] uncut int32 arrays of one block. Returns (rows, counts): rows are dicts
     {input_ids, labels, actual_seq_len} and per-row (conversations, real tokens, targets, truncated) are in counts;
-    conversations without a target (none after a cut) are left out and counted in counts["no_loss"]."""
+    conversations without a target (none after a cut) are left out and counted in counts["no_loss"], their
+    positions in `conversations` listed in counts["no_loss_at"]."""
     total = seq_length + 1
-    counts = {"rows": [], "no_loss": 0}
+    counts = {"rows": [], "no_loss": 0, "no_loss_at": []}
     whole, long_ones = [], []
-    for inputs, labels in conversations:
-        (whole if len(inputs) <= total else long_ones).append((inputs, labels))
+    for at, (inputs, labels) in enumerate(conversations):
+        (whole if len(inputs) <= total else long_ones).append((inputs, labels, at))
     rows = []
-    for inputs, labels in long_ones:  # cut as without packing, alone in its row
+    for inputs, labels, at in long_ones:  # cut as without packing, alone in its row
         cut_inputs, cut_labels, length, _ = cut_and_pad(list(inputs), list(labels), ids, seq_length)
         targets = targets_of(cut_labels[:length])
         if targets == 0:
-            counts["no_loss"] += 1
+            counts["no_loss_at"].append(at)
             continue
         rows.append((np.asarray(cut_inputs, np.int32), np.asarray(cut_labels, np.int32), [total]))
         counts["rows"].append((1, length, targets, True))
-    kept = [c for c in whole if targets_of(c[1]) > 0]
-    counts["no_loss"] += len(whole) - len(kept)
+    counts["no_loss_at"] += [at for inputs, labels, at in whole if targets_of(labels) == 0]
+    counts["no_loss"] = len(counts["no_loss_at"])
+    kept = [(inputs, labels) for inputs, labels, at in whole if targets_of(labels) > 0]
     for members in first_fit_decreasing([len(c[0]) for c in kept], total, width):
         inputs = np.concatenate([kept[i][0] for i in members])
         labels = np.concatenate([kept[i][1] for i in members])

@@ -9,9 +9,14 @@
 Every directory is written through model_dir.atomic_dir (files and directory fsynced, then renamed): a crash leaves a
 `.tmp_*` directory, never a partial one.
 
-A sharded run (Ascend semi-auto parallel: each rank holds slices of the parameters) saves through Sharding: every
-rank takes part in MindSpore's gathering save and rank 0 writes the same directory, with the same names and
-formats, as an unsharded run (gather_to_files).
+A sharded run (Ascend semi-auto parallel: each rank holds slices of the parameters, a pipeline stage only its
+stage's layers) saves the MindSpore way, through Sharding: every rank writes its own slices
+(mindspore.save_checkpoint with integrated_save=False; MindSpore refuses integrated_save=True under pipeline stages)
+to checkpoints/.tmp_shards_step_XXXXXX/rank_<r>/, and rank 0 merges them with MindSpore's checkpoint transformation
+(mindspore.parallel.merge_pipeline_strategys over the ranks' strategy files, which MindSpore writes at compile time
+to <output_dir>/strategy/rank_<r>.ckpt, then mindspore.parallel.transform_checkpoints to an unsharded layout) into
+the same directory, with the same names and formats, as an unsharded run, plus the merged strategy.ckpt it came
+from; the rank shards are deleted once merged (save_rank_shard, merge_rank_shards).
 
 Verification (verify_checkpoint): every file listed in manifest.json has its recorded size and sha256. Checkpoints
 written before manifests existed (no "manifest" key in trainer_state.json) are verified by reading them: the JSON
@@ -35,22 +40,36 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+SHARD_FILE = "shard.safetensors"  # one rank's slices of the weights and optimizer state (sharded runs)
+STRATEGY_FILE = "strategy.ckpt"  # MindSpore's parallel strategy (protobuf) a sharded checkpoint was merged with
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-GATHER_TIMEOUT_S = 1800  # how long rank 0 waits for another pipeline stage's gathered files
+SHARD_TIMEOUT_S = 1800  # how long rank 0 waits for another rank's shard or strategy file
 
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:
     """Where this rank stands in a sharded run. `stage_leaders`: the first rank of each pipeline stage (just rank 0
-    without pipeline stages); their gathered files together hold every parameter."""
+    without pipeline stages); their strategy files together describe every parameter."""
     rank: int
+    world_size: int = 1
     stage_leaders: tuple = (0,)
 
     @classmethod
     def of_run(cls, rank, world_size, pipeline_stages):
         """MindSpore puts ranks [s * n, (s + 1) * n) on stage s, n = world_size / pipeline_stages."""
         per_stage = world_size // max(1, pipeline_stages)
-        return cls(rank, tuple(range(0, world_size, per_stage)))
+        return cls(rank, world_size, tuple(range(0, world_size, per_stage)))
+
+
+def strategy_dir(output_dir):
+    """Where the ranks of a sharded run write their parallel strategy files (one per rank: stages differ)."""
+    return os.path.join(output_dir, "strategy")
+
+
+def rank_strategy_file(output_dir, rank):
+    """The file MindSpore writes rank `rank`'s strategy to (parallel.set_ascend_parallel_context's
+    strategy_ckpt_config save_file): protobuf, mindspore.train.node_strategy_pb2.ParallelStrategyMap."""
+    return os.path.join(strategy_dir(output_dir), f"rank_{rank}.ckpt")
 
 
 def checkpoint_root(output_dir):
@@ -218,7 +237,7 @@ def save_checkpoint(output_dir, model, train_cell, state, keep, sharding=None):
     rotation never removes the last good checkpoint; directories moved aside as damaged are never touched.
 
     sharding None: the parameters are whole on this process; call on rank 0 only. A Sharding: call on EVERY rank
-    at the same step (the gather is a collective); only rank 0 writes the directory (others return None).
+    at the same step; each writes its shard, rank 0 merges them into the directory (others return None).
     """
     # pylint: disable=import-outside-toplevel
     from safetensors import SafetensorError
@@ -226,15 +245,15 @@ def save_checkpoint(output_dir, model, train_cell, state, keep, sharding=None):
     final = os.path.join(checkpoint_root(output_dir), f"step_{state['step']:06d}")
     if os.path.isdir(final):  # every rank sees the same answer: only an earlier run could have written it
         return final if sharding is None or sharding.rank == 0 else None
-    gathered = None
+    shards = None
     if sharding is not None:
-        gathered = gather_to_files(model, train_cell, checkpoint_root(output_dir), state["step"], sharding)
+        shards = save_rank_shard(model, train_cell, checkpoint_root(output_dir), state["step"], sharding.rank)
         if sharding.rank != 0:
             return None
     try:
         with atomic_dir(final) as tmp:
-            if gathered:
-                place_gathered(model, gathered, tmp)
+            if shards:
+                merge_rank_shards(model, train_cell, shards, output_dir, sharding, tmp)
             else:
                 save_weights(model, tmp)
                 _debug_pause_between_files(output_dir, state["step"])
@@ -251,8 +270,8 @@ def save_checkpoint(output_dir, model, train_cell, state, keep, sharding=None):
         raise FinetuneError(f"cannot write checkpoint {final} ({why}); the older checkpoints are kept: fix the "
                             "cause and rerun with --resume") from e
     finally:
-        if gathered:
-            shutil.rmtree(gathered["dir"], ignore_errors=True)
+        if shards:
+            shutil.rmtree(shards, ignore_errors=True)
     try:
         verify_checkpoint(final, checksums=False)
     except CheckpointDamaged as e:
@@ -270,100 +289,110 @@ def weight_names(model):
     return {p.name for p in (adapter_params(model) if has_lora(model) else model.get_parameters())}
 
 
-def gather_to_files(model, train_cell, root, step, sharding):  # pragma: no cover - the gather runs on Ascend only
-    """ASCEND ONLY, NOT RUN HERE: every rank's share of saving a sharded run's checkpoint of `step`.
+def shard_names(model, train_cell):
+    """What a rank's shard holds: the weights (only the adapters under LoRA) and the optimizer state."""
+    return weight_names(model) | set(train_cell_state(train_cell, model))
 
-    Each rank calls mindspore.save_checkpoint(cell, file, integrated_save=True, format="safetensors",
-    choice_func=...) twice: the model's weights (the adapters only under LoRA), then the train cell's optimizer
-    state (train_cell_state's names). In (semi-)auto parallel mode that call all-gathers every sliced parameter
-    (model-parallel slices and parallel-optimizer shards) into the whole tensor on every rank, so all ranks must
-    call it, at the same point, for the same parameters; returning from it means the gather is done everywhere.
-    The names it writes are Parameter.name, the names model.save_pretrained writes (checked on CPU for the model
-    and the train cell); dtypes stay the parameters' own. Files go to a rank-private pair under
-    <root>/.tmp_gather_step_XXXXXX/ (MindSpore writes <name>.tmp and renames it, so a visible file is whole).
-    Ranks that are not a stage leader delete theirs at once; rank 0 waits for the other stage leaders' files
-    (pipeline ranks gather only their own stage's parameters) and returns {"dir", "weights": [paths],
-    "optimizer": [paths]} (rank 0's first); other ranks return None.
 
-    How it is checked: not by MindSpore's dry run on a CANN host (it mocks the collectives, so nothing is gathered).
-    The first 8-device run (docs/ascend-first-run.md) must save a checkpoint, export it with example/export_model.py
-    and compare a sliced parameter's shape and values (e.g. model.layers.0.mlp.down_proj.weight) against the
-    model's own parameters (CPU tests cover everything around it with this function's effect faked).
-    Resume: restore_checkpoint loads these whole tensors into the freshly built, not yet compiled network; MindSpore
-    slices each to the rank's layout when the graph compiles (not verifiable here either).
-    """
+def save_rank_shard(model, train_cell, root, step, rank):
+    """Every rank of a sharded run: its own slices of the weights and optimizer state at `step`, as MindSpore
+    saves them (mindspore.save_checkpoint(train_cell, ..., integrated_save=False, format="safetensors"): no
+    collective, each rank writes what it holds; MindSpore writes <name>.tmp and renames it, so a visible file is
+    whole) to <root>/.tmp_shards_step_XXXXXX/rank_<rank>/shard.safetensors, the layout
+    mindspore.parallel.transform_checkpoints reads. Returns the shards directory (.tmp_*: a crash leftover is
+    removed at the next start). Runs on CPU too (there every parameter is whole: tests/test_sharded_checkpoint.py)."""
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    directory = os.path.join(root, f".tmp_gather_step_{step:06d}")  # .tmp_*: a crash leftover is cleaned at start
+    shards = os.path.join(root, f".tmp_shards_step_{step:06d}")
+    directory = os.path.join(shards, f"rank_{rank}")
     os.makedirs(directory, exist_ok=True)
-    weights, state = weight_names(model), set(train_cell_state(train_cell, model))
-    mine = {"weights": os.path.join(directory, f"rank{sharding.rank}_{WEIGHTS_FILE}"),
-            "optimizer": os.path.join(directory, f"rank{sharding.rank}_{OPTIMIZER_FILE}")}
-    ms.save_checkpoint(model, mine["weights"], integrated_save=True, format="safetensors",
-                       choice_func=lambda name: name in weights)
-    ms.save_checkpoint(train_cell, mine["optimizer"], integrated_save=True, format="safetensors",
-                       choice_func=lambda name: name in state)
-    if sharding.rank != 0:
-        if sharding.rank not in sharding.stage_leaders:  # rank 0 reads only the stage leaders' files
-            for path in mine.values():
-                os.remove(path)
-        return None
-    found = {"dir": directory, "weights": [], "optimizer": []}
+    names = shard_names(model, train_cell)
+    ms.save_checkpoint(train_cell, os.path.join(directory, SHARD_FILE), integrated_save=False, format="safetensors",
+                       choice_func=lambda name: name in names)
+    return shards
+
+
+def merge_strategies(output_dir, sharding, target):
+    """Rank 0: one strategy file at `target` for the whole run. Each stage's ranks write their stage's layouts;
+    mindspore.parallel.merge_pipeline_strategys joins the stages (prefixing names with the stage), as
+    transform_checkpoints expects them. Waits for the stage leaders' files (written when their graphs compile)."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
     for leader in sharding.stage_leaders:
-        for kind, name in (("weights", WEIGHTS_FILE), ("optimizer", OPTIMIZER_FILE)):
-            path = os.path.join(directory, f"rank{leader}_{name}")
-            _wait_for(path, GATHER_TIMEOUT_S)
-            found[kind].append(path)
-    return found
+        _wait_for(rank_strategy_file(output_dir, leader), SHARD_TIMEOUT_S)
+    if len(sharding.stage_leaders) == 1:
+        shutil.copyfile(rank_strategy_file(output_dir, 0), target)
+        return target
+    # only this run's stage leaders: merge_pipeline_strategys reads every file of a folder, and strategy/ may hold
+    # files of an earlier run with more ranks
+    leaders = target + ".leaders"
+    os.makedirs(leaders, exist_ok=True)
+    try:
+        for leader in sharding.stage_leaders:
+            shutil.copyfile(rank_strategy_file(output_dir, leader), os.path.join(leaders, f"rank_{leader}.ckpt"))
+        ms.parallel.merge_pipeline_strategys(leaders, target)
+    finally:
+        shutil.rmtree(leaders, ignore_errors=True)
+    return target
+
+
+def merge_rank_shards(model, train_cell, shards, output_dir, sharding, directory):
+    """Rank 0: every rank's shard (save_rank_shard) merged by MindSpore's checkpoint transformation into a
+    checkpoint's config.json, weights (or adapter) file, optimizer file and the merged strategy.ckpt.
+
+    mindspore.parallel.transform_checkpoints(shards, ..., src_strategy_file=<merged strategy>,
+    dst_strategy_file=None, output_format="safetensors") reassembles each parameter from the ranks that hold its
+    slices (model-parallel splits, parallel-optimizer shards, pipeline stages) into one unsharded file; it is split
+    here by name into the weights and the optimizer state, one tensor in memory at a time."""
+    # pylint: disable=import-outside-toplevel
+    import mindspore as ms
+    from baichuan2.lora import has_lora, save_adapter
+    from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter
+    for rank in range(sharding.world_size):
+        _wait_for(os.path.join(shards, f"rank_{rank}", SHARD_FILE), SHARD_TIMEOUT_S)
+    strategy = merge_strategies(output_dir, sharding, os.path.join(directory, STRATEGY_FILE))
+    merged_dir = shards + "_merged"  # a .tmp_* sibling of the shards
+    try:
+        try:
+            ms.parallel.transform_checkpoints(shards, merged_dir, "merged", src_strategy_file=strategy,
+                                              dst_strategy_file=None, output_format="safetensors")
+        except (ValueError, TypeError, RuntimeError) as e:  # MindSpore's message, on one line
+            why = " ".join(str(e).split())
+            raise FinetuneError(f"mindspore.parallel.transform_checkpoints could not merge the rank shards under "
+                                f"{shards} with {strategy} ({why}); the older checkpoints are kept") from e
+        found = [os.path.join(merged_dir, "rank_0", n) for n in os.listdir(os.path.join(merged_dir, "rank_0"))
+                 if n.endswith(".safetensors")]
+        if len(found) != 1:
+            raise FinetuneError(f"mindspore.parallel.transform_checkpoints wrote {len(found)} files to "
+                                f"{merged_dir}/rank_0, expected one")
+        merged = SafetensorsFile(found[0])
+        weights, state = weight_names(model), set(train_cell_state(train_cell, model))
+        names = set(merged.keys())
+        if not weights | state <= names:  # a parameter no strategy file lists would be lost
+            raise FinetuneError(f"the merged checkpoint lacks {sorted((weights | state) - names)[:5]}: a rank's "
+                                f"strategy file under {strategy_dir(output_dir)} is missing or from another run")
+        model.config.to_json_file(os.path.join(directory, "config.json"))
+        target = os.path.join(directory, ADAPTER_FILE if has_lora(model) else WEIGHTS_FILE)
+        for path, chosen in ((target, weights), (os.path.join(directory, OPTIMIZER_FILE), state)):
+            entries = [(n, merged.dtype(n), tuple(merged.shape(n))) for n in sorted(chosen)]
+            with SafetensorsWriter(path, entries, {"format": "np"}) as writer:
+                for name, _, _ in entries:
+                    writer.write(merged.read(name))
+    finally:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    if has_lora(model):  # PEFT's layout and names, as save_adapter writes them (adapters are small)
+        adapter = SafetensorsFile(target)
+        tensors = {name: adapter.read(name) for name in adapter.keys()}
+        os.remove(target)
+        save_adapter(model, target, tensors=tensors)
 
 
 def _wait_for(path, timeout):
-    """Another rank's gathered file appears whole (renamed into place) on the shared output directory."""
+    """Another rank's file appears whole (renamed into place) on the shared output directory."""
     deadline = time.time() + timeout
     while not os.path.isfile(path):
         if time.time() > deadline:
-            raise FinetuneError(f"{path} did not appear within {timeout} s: another pipeline stage's rank failed to "
-                                "save (its log says why), or the output directory is not shared between nodes")
+            raise FinetuneError(f"{path} did not appear within {timeout} s: another rank failed to save (its log "
+                                "says why), or the output directory is not shared between nodes")
         time.sleep(1)
-
-
-def place_gathered(model, gathered, directory):
-    """Rank 0: the gathered files as a checkpoint's config.json, weights (or adapter) file and optimizer file."""
-    from baichuan2.lora import has_lora, save_adapter  # pylint: disable=import-outside-toplevel
-    from baichuan2.safetensors_io import SafetensorsFile  # pylint: disable=import-outside-toplevel
-    model.config.to_json_file(os.path.join(directory, "config.json"))
-    weights = os.path.join(directory, ADAPTER_FILE if has_lora(model) else WEIGHTS_FILE)
-    combine_safetensors(gathered["weights"], weights)
-    combine_safetensors(gathered["optimizer"], os.path.join(directory, OPTIMIZER_FILE))
-    found = set(SafetensorsFile(weights).keys())
-    if found != weight_names(model):  # a parameter the gather skipped (not in any rank's graph) would be lost
-        want = weight_names(model)
-        raise FinetuneError(f"the gathered weights do not match the model: missing {sorted(want - found)[:5]}, "
-                            f"unexpected {sorted(found - want)[:5]}")
-    if has_lora(model):  # PEFT's layout and names, as save_adapter writes them (adapters are small)
-        adapter = SafetensorsFile(weights)
-        tensors = {name: adapter.read(name) for name in adapter.keys()}
-        os.remove(weights)
-        save_adapter(model, weights, tensors=tensors)
-
-
-def combine_safetensors(paths, target):
-    """One safetensors file at `target` from the per-stage files (the first holding a name wins: every stage has
-    its own copy of global_step and the loss scale). A single file is moved, not copied."""
-    from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter  # pylint: disable=import-outside-toplevel
-    if len(paths) == 1:
-        os.replace(paths[0], target)
-        os.chmod(target, 0o644)  # MindSpore leaves its files read-only
-        return
-    sources, entries = {}, []
-    for path in paths:
-        f = SafetensorsFile(path)
-        for name in f.keys():
-            if name not in sources:
-                sources[name] = f
-                entries.append((name, f.dtype(name), tuple(f.shape(name))))
-    with SafetensorsWriter(target, entries, {"format": "np"}) as writer:
-        for name, _, _ in entries:  # one tensor in memory at a time
-            writer.write(sources[name].read(name))
 
 
 def _debug_pause_between_files(output_dir, step):
@@ -423,7 +452,7 @@ def write_model_dir(output_dir, model, config, tokenizer_dir):
 
 def write_outputs_from_checkpoint(output_dir, checkpoint, config, tokenizer_dir, lora):
     """A sharded run's final <output_dir>/model (or /adapter) directory, copied from its last checkpoint: rank 0's
-    parameters hold only its slices, the checkpoint holds them gathered. Same files as write_model_dir /
+    parameters hold only its slices, the checkpoint holds them merged. Same files as write_model_dir /
     write_adapter_dir write (replaced atomically)."""
     if not lora:
         def copy_weights(directory):
@@ -433,7 +462,7 @@ def write_outputs_from_checkpoint(output_dir, checkpoint, config, tokenizer_dir,
     final = os.path.join(output_dir, "adapter")
     with atomic_dir(final, replace=True) as tmp:
         for name in os.listdir(checkpoint):
-            if name not in (OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE):
+            if name not in (OPTIMIZER_FILE, STATE_FILE, MANIFEST_FILE, STRATEGY_FILE):
                 shutil.copyfile(os.path.join(checkpoint, name), os.path.join(tmp, name))
     return final
 

@@ -195,9 +195,9 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     the step adds no DistributedGradReducer (the parent's is nn.Identity in that mode) and no loss all-reduce; the
     pipeline's wrapper and reducer come from ascend_train_network. Open points a dry run / device must settle: the
     step's global-norm (sum of squares over the gradients as the single-device program sees them) relies on the
-    framework completing sums over sharded tensors; checkpoints of a sharded run are gathered whole on save by
-    every rank (training/checkpoint.py gather_to_files; not yet run on a device: docs/ASCEND_TRAINING.md says what
-    the first run must check).
+    framework completing sums over sharded tensors; checkpoints of a sharded run are saved per rank and merged
+    with MindSpore's checkpoint transformation on rank 0 (training/checkpoint.py save_rank_shard and
+    merge_rank_shards; not yet run on a device: docs/ASCEND_TRAINING.md says what the first run must check).
     """
     p = parallel_settings(parallel)
     set_ascend_parallel_context(p)
@@ -227,7 +227,7 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     return lm
 
 
-def set_ascend_parallel_context(parallel):  # pragma: no cover - compiled on Ascend only
+def set_ascend_parallel_context(parallel, strategy_file=None):  # pragma: no cover - compiled on Ascend only
     """ASCEND ONLY, NOT RUN HERE (checked as apply_ascend_parallel is): MindSpore's semi-auto parallel context.
 
     parallel_mode "semi_auto_parallel" ("auto_parallel" with search_mode "sharding_propagation" when
@@ -235,7 +235,10 @@ def set_ascend_parallel_context(parallel):  # pragma: no cover - compiled on Asc
     feeds the whole global batch and the framework takes its slice: training/run.py plans the data that way),
     gradients_mean=False (as MindFormers: the semi-auto loss is already the global batch's mean),
     enable_parallel_optimizer, parallel_optimizer_config {optimizer_level, parallel_optimizer_threshold},
-    pipeline_stages. Call after communication.init() and before the network is built.
+    pipeline_stages; with `strategy_file` (training/checkpoint.py rank_strategy_file: one per rank, since each
+    pipeline stage writes its own layouts), strategy_ckpt_config save_file there with only_trainable_params False
+    (the optimizer state's layouts too), which checkpoint.merge_rank_shards needs to merge the ranks' shards.
+    Call after communication.init() and before the network is built.
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     p = parallel_settings(parallel)
@@ -251,6 +254,8 @@ def set_ascend_parallel_context(parallel):  # pragma: no cover - compiled on Asc
         parallel_optimizer_config={"optimizer_level": p["optimizer_level"],
                                    "parallel_optimizer_threshold": p["parallel_optimizer_threshold"]},
         pipeline_stages=p["pipeline_stage"],
+        **({"strategy_ckpt_config": {"save_file": strategy_file, "only_trainable_params": False}}
+           if strategy_file else {}),
     )
 
 

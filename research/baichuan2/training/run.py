@@ -4,14 +4,15 @@ Every input is checked (and FinetuneError raised) before anything is written to 
 """
 import dataclasses
 import os
+import shutil
 
 from ..runtime import setup_training
 from .parallel import ParallelRecipeError, needs_semi_auto
 from .parallel import validate as validate_parallel
-from .checkpoint import (Sharding, checkpoint_dirs, checkpoint_to_resume, remove_partial_checkpoints,
-                         restore_checkpoint, save_checkpoint, write_adapter_dir, write_model_dir,
-                         write_outputs_from_checkpoint)
-from .plan import build_dataset, inspect_dataset, rank_sample_plan
+from .checkpoint import (Sharding, checkpoint_dirs, checkpoint_to_resume, rank_strategy_file,
+                         remove_partial_checkpoints, restore_checkpoint, save_checkpoint, write_adapter_dir,
+                         write_model_dir, write_outputs_from_checkpoint)
+from .plan import PACKED_COLUMN, build_dataset, dataset_columns, inspect_dataset, rank_sample_plan
 from .recipe import FinetuneError, dataset_hint, model_config, model_dir_config
 from .schedule import lr_schedule
 
@@ -36,7 +37,8 @@ class RunShape:
 
     @property
     def sharding(self):
-        """Every semi-auto layout here slices parameters across ranks: checkpoints are gathered (None: whole)."""
+        """Every semi-auto layout here slices parameters across ranks: checkpoints are saved per rank and merged
+        (None: whole)."""
         if not self.semi_auto:
             return None
         return Sharding.of_run(self.rank, self.world_size, self.parallel["pipeline_stage"] if self.parallel else 1)
@@ -68,23 +70,28 @@ class RunShape:
                 "total_steps": self.total_steps}
 
 
-def run(recipe, resume, device="auto", threads=None):
-    """Trains as the recipe says; with `resume`, continues from the newest complete checkpoint. `device`:
-    auto | CPU | Ascend (see baichuan2.runtime)."""
+def run(recipe, resume, device="auto", threads=None, overwrite=False):
+    """Trains as the recipe says; with `resume`, continues from the newest complete checkpoint; with `overwrite`,
+    replaces a previous run's outputs in the output directory (else they stop the run). `device`: auto | CPU |
+    Ascend (see baichuan2.runtime)."""
+    if resume and overwrite:
+        raise FinetuneError("--resume continues the previous run and --overwrite replaces it: give one of them")
     rank, world_size, device = setup_training(device, threads, prog="finetune.py")
-    shape = validate(recipe, rank, world_size, device, resume)
+    shape = validate(recipe, rank, world_size, device, resume, overwrite)
     model = build_model(recipe, shape)
     lrs = lr_schedule(shape.total_steps, float(recipe["train"]["lr"]), float(recipe["train"]["min_lr"]),
                       float(recipe["train"]["warmup_ratio"]))
     train_cell = build_train_cell(model, recipe["train"], lrs, shape)
     first_step = restore(shape, model, train_cell)
+    if overwrite and rank == 0:  # everything checked and loaded: only now is the previous run removed
+        _remove_previous_run(recipe["output"]["output_dir"])
     writer, debug_dir = prepare_outputs(recipe, shape, model, first_step)
     train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir)
     finish(recipe, shape, model, train_cell, writer, debug_dir, first_step)
 
 
 # ---------------------------------------------------------------------------------------------- validate
-def validate(recipe, rank, world_size, device, resume):
+def validate(recipe, rank, world_size, device, resume, overwrite=False):
     """Checks the model config, data, batch sizes, checkpoints and LoRA settings; returns the run's shape."""
     mcfg, dcfg, tcfg = recipe["model"], recipe["data"], recipe["train"]
     seq_length = int(dcfg["seq_length"])
@@ -109,7 +116,7 @@ def validate(recipe, rank, world_size, device, resume):
     shape.total_steps = int(tcfg["max_steps"]) if tcfg["max_steps"] else int(tcfg["epochs"]) * shape.steps_per_epoch
     if shape.total_steps <= 0:
         raise FinetuneError("nothing to train: set train.max_steps or train.epochs to a positive number")
-    shape.resume_from = _checkpoint_to_resume(recipe["output"]["output_dir"], resume, rank)
+    shape.resume_from = None if overwrite else _checkpoint_to_resume(recipe["output"]["output_dir"], resume, rank)
     if shape.lora_rank > 0:
         _validate_lora(recipe["lora"], mcfg["load_checkpoint"], rank)
     return shape
@@ -140,18 +147,54 @@ def _validate_parallel(recipe, config, world_size, device):
     return parallel, recompute
 
 
+# What a run leaves in its output directory; a new run into it needs --resume (continue) or --overwrite (replace).
+PREVIOUS_RUN_RESULTS = ("model", "adapter", "train_log.jsonl")
+PREVIOUS_RUN_OUTPUTS = ("checkpoints",) + PREVIOUS_RUN_RESULTS + ("loss_curve.png", "tensorboard")
+
+
+def _previous_results(output_dir):
+    return [name for name in PREVIOUS_RUN_RESULTS if os.path.lexists(os.path.join(output_dir, name))]
+
+
 def _checkpoint_to_resume(output_dir, resume, rank):
     """With --resume, the newest checkpoint that verifies (damaged newer ones are moved aside); refuses to train
-    over existing checkpoints without it."""
+    over existing checkpoints, or a previous run's model/, adapter/ or train_log.jsonl, without it. A --resume that
+    finds no checkpoint starts from the beginning, unless that would replace a previous run's final model."""
+    found_results = _previous_results(output_dir)
     if not resume:
         if checkpoint_dirs(output_dir):
-            raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run or "
-                                "choose another --output_dir (nothing was overwritten)")
+            raise FinetuneError(f"{output_dir} already holds checkpoints; pass --resume to continue that run, "
+                                "--overwrite to replace it, or choose another --output_dir (nothing was overwritten)")
+        if found_results:
+            raise FinetuneError(f"{output_dir} holds a previous run's {' and '.join(found_results)}; pass --resume "
+                                "to continue that run, --overwrite to replace it, or choose another --output_dir "
+                                "(nothing was overwritten)")
         return None
     found = checkpoint_to_resume(output_dir, rank)
+    finals = [name for name in found_results if name in ("model", "adapter")]
+    if not found and finals:
+        raise FinetuneError(f"--resume: no checkpoint under {output_dir}/checkpoints to continue from, and starting "
+                            f"again would replace the previous run's {' and '.join(finals)}/; pass --overwrite to "
+                            "train from the beginning and replace it, or choose another --output_dir")
     if not found and rank == 0:
         print(f"--resume: no complete checkpoint under {output_dir}/checkpoints; starting from the beginning")
     return found
+
+
+def _remove_previous_run(output_dir):
+    """--overwrite: the previous run's outputs go, so that none of them mixes with the new run's."""
+    removed = []
+    for name in PREVIOUS_RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"--overwrite: removed the previous run's {', '.join(removed)} from {output_dir}", flush=True)
 
 
 def adapter_rank(lora, rank=0):
@@ -198,8 +241,10 @@ def build_model(recipe, shape):
     from .parallel import apply_ascend_parallel, apply_recompute, set_ascend_parallel_context
     ms.set_seed(int(recipe["train"]["seed"]))  # same seed on every rank -> identical initial weights
     if shape.semi_auto:  # Ascend only: MindSpore wants the parallel context before the network is built
-        set_ascend_parallel_context(shape.parallel)
-    model = BaichuanForCausalLM(shape.config)
+        strategy = rank_strategy_file(recipe["output"]["output_dir"], shape.rank)
+        os.makedirs(os.path.dirname(strategy), exist_ok=True)
+        set_ascend_parallel_context(shape.parallel, strategy)
+    model = BaichuanForCausalLM(shape.config, backend=training_backend(recipe, shape))
     load_checkpoint, lora = recipe["model"]["load_checkpoint"], recipe["lora"]
     # A LoRA resume still needs the frozen base: only the adapters are in its checkpoints.
     if load_checkpoint and (not shape.resume_from or shape.lora_rank > 0):
@@ -224,6 +269,16 @@ def build_model(recipe, shape):
         apply_recompute(model, shape.recompute)
     model.set_train(True)
     return model
+
+
+def training_backend(recipe, shape):
+    """"auto", or on Ascend with unpacked rows (no padding, no segments: every call causal over whole rows) the
+    fused backend's sparse causal attention (backend_ascend.py); packed rows keep the dense block-diagonal mask."""
+    path = recipe["data"]["train_dataset"]
+    if shape.device != "Ascend" or not (path and os.path.isfile(path)) or PACKED_COLUMN in dataset_columns(path):
+        return "auto"
+    from baichuan2.backend_ascend import AscendBackend  # pylint: disable=import-outside-toplevel
+    return AscendBackend(causal_rows=True)
 
 
 def build_train_cell(model, tcfg, lrs, shape):
@@ -330,8 +385,8 @@ def train(recipe, shape, model, train_cell, lrs, first_step, writer, debug_dir):
 
 def checkpoint_saver(recipe, shape, model, train_cell):
     """save(step), to be called on every rank: rank 0 writes the checkpoint of `step` and gets its path, other
-    ranks get None. A sharded run's ranks all take part (the gather is a collective); in plain data parallelism
-    every rank holds the whole model and only rank 0 touches the output directory."""
+    ranks get None. A sharded run's ranks all take part (each saves its shard, rank 0 merges them); in plain data
+    parallelism every rank holds the whole model and only rank 0 touches the output directory."""
     ocfg, seed = recipe["output"], int(recipe["train"]["seed"])
 
     def save(step):
