@@ -237,6 +237,25 @@ def test_bench_serve_drives_concurrent_streaming_clients(served):
     assert float(row[1]) > 0 and row[2].endswith("s")  # output tokens/s, TTFT p50
 
 
+@pytest.mark.slow
+def test_speculative_serving_gives_the_same_text_and_counts_drafts(served):
+    app = create_app(served.generator, tokenizer=served.tokenizer, model_name=MODEL, kv_cache_dtype="float32",
+                     num_speculative_tokens=4)
+    def complete(url, prompt):
+        body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+        return requests.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    first = "Tell me about the weather."
+    prompt = first + complete(served.url, first) + first
+    plain = complete(served.url, prompt)
+    with running(app) as url:
+        got = complete(url, prompt)
+        metrics = requests.get(url + "/metrics", timeout=10).text
+    assert got == plain
+    drafted = [line for line in metrics.splitlines() if line.startswith("vllm:spec_decode_num_draft_tokens_total")]
+    # (whether this tiny random model's output repeats enough to draft is up to it: the engine's tests check that)
+    assert drafted and float(drafted[0].rsplit(" ", 1)[1]) == app.state.engine.draft_tokens
+
+
 def test_a_full_queue_answers_429(served, monkeypatch):
     app = create_app(served.generator, tokenizer=served.tokenizer, model_name=MODEL, max_queue=2)
     monkeypatch.setattr(app.state.worker, "waiting", lambda: 2)

@@ -96,6 +96,8 @@ class Sequence:
         self.finish_reason: Optional[str] = None  # "stop", "length" or "abort"
         self.prompt_logprobs = [] if prompt_logprobs else None  # [(token, logprob)] for prompt tokens 1 ..
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.draft: List[int] = []  # speculative tokens this step verifies (prompt lookup)
+        self.draft_limit = options.prompt_lookup_num_tokens  # adapts to the acceptance (see Engine._draft)
 
     @property
     def finished(self):
@@ -105,6 +107,20 @@ class Sequence:
     def prefilling(self):
         """Whether prompt tokens are still to be computed (else it decodes: one token a step)."""
         return self.computed < self.prompt_len
+
+
+def lookup_draft(tokens, max_tokens, max_ngram=3):
+    """Prompt-lookup drafting: the tokens that followed the latest earlier occurrence of the text's last n tokens
+    (n = max_ngram down to 1), at most max_tokens of them; [] when nothing repeats."""
+    if max_tokens <= 0:
+        return []
+    length = len(tokens)
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        tail = tokens[length - n:]
+        for start in range(length - n - 1, -1, -1):  # the latest match first
+            if tokens[start:start + n] == tail:
+                return list(tokens[start + n:start + n + max_tokens])
+    return []
 
 
 def _pow2(n):
@@ -195,6 +211,8 @@ class Engine:
         self.last_step_sequences = 0  # sequences the last step ran
         self.prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
         self.generated_tokens = 0
+        self.draft_tokens = 0  # speculative tokens proposed (prompt lookup)
+        self.accepted_tokens = 0  # of which the model agreed with
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of which found
 
@@ -281,10 +299,11 @@ class Engine:
         prompt is read starts at once (its first token does not wait for the whole long prompt)."""
         plan, budget = [], self.max_step_tokens
         reading = [seq for seq in self.running if seq.prefilling]
-        for seq in self.running:
-            if not seq.prefilling:
-                plan.append((seq, 1))
-                budget -= 1
+        decoding = [seq for seq in self.running if not seq.prefilling]
+        for seq in decoding:  # a token each, and drafts (prompt lookup) from an equal share of what is left
+            seq.draft = self._draft(seq, (self.max_step_tokens - len(decoding)) // len(decoding))
+            plan.append((seq, 1 + len(seq.draft)))
+            budget -= 1 + len(seq.draft)
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
             if not self._admit(seq):
@@ -299,6 +318,15 @@ class Engine:
                 budget -= count
         return plan
 
+    def _draft(self, seq, room):
+        """Up to the sequence's current draft limit of prompt-lookup tokens, within what it may still generate,
+        the context, its block reservation and the step's budget `room`."""
+        if not seq.options.prompt_lookup_num_tokens or room <= 0:
+            return []
+        left = min(seq.options.max_new_tokens - len(seq.output) - 1, self.config.max_context - len(seq.tokens) - 1,
+                   seq.reserved * self.block_size - len(seq.tokens) - 1, room, seq.draft_limit)
+        return lookup_draft(seq.tokens, left)
+
     # ------------------------------------------------------------------ the step
     def _inputs(self, plan):
         """The step cell's inputs for a plan, and which logits row is whose: (first row, rows, whether the sequence
@@ -309,12 +337,14 @@ class Engine:
             while len(seq.blocks) * bs < seq.computed + count:
                 seq.blocks.append(self.pool.allocate())
             first = len(ids)
-            ids.extend(seq.tokens[seq.computed:seq.computed + count])
+            ids.extend((seq.tokens + seq.draft)[seq.computed:seq.computed + count])
             positions.extend(range(seq.computed, seq.computed + count))
             owners.extend([index] * count)
-            samples = seq.computed + count == len(seq.tokens)
-            rows = range(first, first + count) if seq.prompt_logprobs is not None and seq.computed < seq.prompt_len \
-                else ([first + count - 1] if samples else [])
+            samples = seq.computed + count == len(seq.tokens) + len(seq.draft)
+            if seq.draft or (seq.prompt_logprobs is not None and seq.computed < seq.prompt_len):
+                rows = range(first, first + count)  # verification: every row's logits
+            else:
+                rows = [first + count - 1] if samples else []
             row_of.append((len(out_rows), len(rows), samples))
             out_rows.extend(rows)
         tables = np.zeros((len(plan), blocks_for(max(positions) + 1, bs)), np.int32)
@@ -346,10 +376,39 @@ class Engine:
                 self.prompt_tokens += min(count, seq.prompt_len - seq.computed)
             if seq.prompt_logprobs is not None and seq.computed < seq.prompt_len:
                 self._record_prompt_logprobs(seq, logits[first:first + nrows], count)
+            if seq.draft:
+                events += self._verify(seq, logits[first:first + nrows])
+                continue
             seq.computed += count
             self._register_full_blocks(seq)
             if samples:
                 events.append(self._sample(seq, logits[first + nrows - 1]))
+        return events
+
+    def _verify(self, seq, rows):
+        """Speculative decoding's verification: row i chooses the token after the last known one plus i draft
+        tokens; draft tokens are accepted while the choices agree (sampling: the acceptance rule), the first
+        disagreement gives the corrected token, and when all agree the last row gives one more. The pool keeps
+        only the accepted rows (computed moves past them; the rejected ones are overwritten later)."""
+        draft, seq.draft = seq.draft, []
+        events, accepted = [], 0
+        seq.computed += 1  # the last generated token's row
+        for i, row in enumerate(rows):
+            proposal = draft[i] if i < len(draft) else None
+            event = self._sample(seq, row, proposal)
+            events.append(event)
+            agreed = proposal is not None and event.token == proposal
+            if event.finished or not agreed:
+                break
+            accepted += 1
+            seq.computed += 1  # the draft token's row is the accepted token's
+        self.draft_tokens += len(draft)
+        self.accepted_tokens += accepted
+        # adapt: grow after a full acceptance, shrink to what was accepted (at least 1) otherwise
+        limit = seq.options.prompt_lookup_num_tokens
+        seq.draft_limit = min(limit, seq.draft_limit + 1) if accepted == len(draft) else max(1, accepted)
+        if not seq.finished:
+            self._register_full_blocks(seq)
         return events
 
     def _record_prompt_logprobs(self, seq, rows, count):
@@ -369,8 +428,11 @@ class Engine:
             seq.block_hashes.append(hash((parent, tuple(seq.tokens[i * bs:(i + 1) * bs]))))
             self.pool.register(seq.blocks[i], seq.block_hashes[-1])
 
-    def _sample(self, seq, logits):
-        token, _ = seq.sampler.choose(logits, len(seq.output))
+    def _sample(self, seq, logits, proposal=None):
+        if proposal is None:
+            token, _ = seq.sampler.choose(logits, len(seq.output))
+        else:
+            token, _ = seq.sampler.verify(logits, len(seq.output), proposal)
         event = StepEvent(seq, None, False)
         if seq.options.logprobs is not None:
             logp = log_softmax(logits)  # of the model's distribution, as OpenAI / vLLM report it

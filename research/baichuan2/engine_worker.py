@@ -63,7 +63,7 @@ def options_of(job):
                              stop_token_ids=tuple(job.stop_token_ids), eos_token_id=job.eos_token_id,
                              min_p=job.min_p, min_new_tokens=job.min_tokens, ignore_eos=job.ignore_eos,
                              presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
-                             logprobs=job.logprobs)
+                             logprobs=job.logprobs, prompt_lookup_num_tokens=job.prompt_lookup_num_tokens)
 
 
 class EngineWorker:
@@ -235,6 +235,10 @@ class Metrics:
             ("vllm:generation_tokens_total", "counter", "Tokens generated.", e.generated_tokens),
             ("vllm:prefix_cache_hits_total", "counter", "Prompt tokens taken from the prefix cache.",
              e.prefix_hit_tokens),
+            ("vllm:spec_decode_num_draft_tokens_total", "counter", "Speculative tokens drafted (prompt lookup).",
+             e.draft_tokens),
+            ("vllm:spec_decode_num_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+             e.accepted_tokens),
             ("vllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
              e.prefix_query_tokens),
         ]

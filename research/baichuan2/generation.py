@@ -200,6 +200,8 @@ def generate(model, prompts, **kwargs):
 # ---------------------------------------------------------------------------------------------- pipelines
 PIPELINE_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                      "eos_token_id", "seed")
+PIPELINE_KEYWORDS = PIPELINE_SETTINGS + ("max_length", "pad_token_id", "return_dict_in_generate",
+                                         "prompt_lookup_num_tokens")
 
 
 def generate_for_pipeline(model, input_ids, **kwargs):
@@ -209,8 +211,12 @@ def generate_for_pipeline(model, input_ids, **kwargs):
     generation_config.json over the family's defaults (so `do_sample=False` is plain greedy decoding: the sampling
     knobs of a chat generation_config apply only when sampling or when passed in the call). max_length (prompt +
     new tokens) counts when max_new_tokens is not given; max_new_tokens is cut to what the context leaves after
-    the prompt. Other keywords of the pipeline are ignored. Returns {"sequences": prompt + new ids per row} when
+    the prompt; prompt_lookup_num_tokens=K turns on prompt-lookup speculative decoding (transformers' name). Any
+    other keyword is a TypeError naming it. Returns {"sequences": prompt + new ids per row} when
     return_dict_in_generate, else the list of rows."""
+    unknown = sorted(set(kwargs) - set(PIPELINE_KEYWORDS))
+    if unknown:  # as transformers' generate: a misspelt option is an error, never silently ignored
+        raise TypeError(f"model.generate got unknown argument(s) {unknown}; it takes {list(PIPELINE_KEYWORDS)}")
     if isinstance(input_ids, Tensor):
         input_ids = input_ids.asnumpy()
     rows = np.array(input_ids, dtype=object).tolist() if not isinstance(input_ids, list) else input_ids
@@ -226,7 +232,8 @@ def generate_for_pipeline(model, input_ids, **kwargs):
         explicit["max_new_tokens"] = max(1, int(kwargs["max_length"]) - longest)
     settings = resolve(config, explicit)
     settings["max_new_tokens"] = fit_new_tokens(settings["max_new_tokens"], longest, config.max_context)
-    new = generator_for(model).generate(rows, **settings)
+    new = generator_for(model).generate(rows, **settings,
+                                        prompt_lookup_num_tokens=int(kwargs.get("prompt_lookup_num_tokens") or 0))
     sequences = [list(r) + n for r, n in zip(rows, new)]
     if kwargs.get("return_dict_in_generate"):
         return {"sequences": sequences}

@@ -36,6 +36,7 @@ class GenerationOptions:
     min_new_tokens: int = 0  # eos and stop ids are not chosen before this many new tokens
     ignore_eos: bool = False  # generate until max_new_tokens (stop ids still stop)
     logprobs: Optional[int] = None  # None: none; N >= 0: the chosen token's log-probability and the N most likely
+    prompt_lookup_num_tokens: int = 0  # speculative decoding: up to K tokens drafted from the text itself (engine.py)
 
     def validate(self):
         check({f.name: getattr(self, f.name) for f in fields(self)
@@ -48,6 +49,8 @@ class GenerationOptions:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if not 0 <= self.prompt_lookup_num_tokens <= 64:
+            raise ValueError(f"prompt_lookup_num_tokens must be in [0, 64], got {self.prompt_lookup_num_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         return self
@@ -144,6 +147,27 @@ class RowSampler:
         scores = self.scores(logits, generated)
         token = int(choose_tokens(scores, None, self.filter_options, self.rng)[0])
         return token, scores
+
+    def verify(self, logits, generated, draft):
+        """Speculative decoding's acceptance rule for a point-mass draft: (token, whether it is the draft). Greedy:
+        the choice itself, accepted when it equals the draft. Sampling: the draft is accepted with its probability
+        p(draft) under this row's filtered distribution, else a token is drawn from p with the draft taken out
+        (renormalised), so the output distribution is exactly p (Leviathan et al.'s rule with q = the draft)."""
+        scores = self.scores(logits, generated)
+        if not self.options.do_sample:
+            token = int(scores[0].argmax())
+            return token, token == draft
+        o = self.options
+        filtered = sample_filter(scores, o.temperature, o.top_k, o.top_p, o.min_p).astype(np.float64)[0]
+        probs = np.exp(filtered - filtered.max())
+        probs /= probs.sum()
+        if self.rng.random() < probs[draft]:
+            return int(draft), True
+        probs[draft] = 0.0
+        total = probs.sum()
+        if total <= 0.0:  # the draft held all the mass: it was accepted above with probability 1
+            return int(draft), True
+        return int(self.rng.choice(probs.shape[0], p=probs / total)), False
 
     def accept(self, token):
         """Records a generated token (penalties)."""

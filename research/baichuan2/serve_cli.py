@@ -38,6 +38,11 @@ def parse_args(argv=None):
     parser.add_argument("--block_size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per cache block")
     parser.add_argument("--no_prefix_cache", action="store_true",
                         help="do not share identical prompt prefixes between requests")
+    parser.add_argument("--speculative", choices=["ngram"], default=None,
+                        help="speculative decoding: ngram drafts tokens from the request's own text (prompt "
+                             "lookup) and verifies them in one step; the output is unchanged")
+    parser.add_argument("--num_speculative_tokens", type=int, default=4,
+                        help="most tokens drafted a step with --speculative (default 4)")
     parser.add_argument("--max_queue", type=int, default=None,
                         help="answer 429 when this many requests are waiting already (default: no limit)")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
@@ -56,7 +61,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     engine_numbers = {"--max_batch": args.max_batch, "--max_num_batched_tokens": args.max_num_batched_tokens,
-                      "--block_size": args.block_size}
+                      "--block_size": args.block_size, "--num_speculative_tokens": args.num_speculative_tokens}
     bad = [f"{flag} ({value})" for flag, value in engine_numbers.items() if value < 1]
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         bad.append(f"--kv_cache_memory ({args.kv_cache_memory})")
@@ -78,7 +83,8 @@ def main(argv=None):
                          api_key=args.api_key, max_request_bytes=args.max_request_bytes,
                          kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
                          block_size=args.block_size, max_num_batched_tokens=args.max_num_batched_tokens,
-                         prefix_cache=not args.no_prefix_cache, max_queue=args.max_queue)
+                         prefix_cache=not args.no_prefix_cache, max_queue=args.max_queue,
+                         num_speculative_tokens=args.num_speculative_tokens if args.speculative else 0)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"serve.py: error: cannot load {args.model_dir}: {exc}", file=sys.stderr)
         return 2

@@ -205,6 +205,7 @@ class Job:
     frequency_penalty: float = 0.0
     logprobs: Optional[int] = None  # None: none; N: each token's logprob and the N most likely
     prompt_logprobs: bool = False  # echo with logprobs: the prompt tokens' logprobs too
+    prompt_lookup_num_tokens: int = 0  # speculative decoding (serve.py --speculative ngram)
 
     def send(self, *event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -220,7 +221,7 @@ def _load(model_dir):
 def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=None, generation_config=None,
                max_request_bytes=DEFAULT_MAX_REQUEST_BYTES, kv_cache_dtype="auto", kv_cache_memory=None,
                block_size=DEFAULT_BLOCK_SIZE, max_num_batched_tokens=DEFAULT_STEP_TOKENS, prefix_cache=True,
-               max_queue=None):
+               max_queue=None, num_speculative_tokens=0):
     """FastAPI app serving `source`: a model directory, or a Generator (then pass its tokenizer).
 
     generation_config: request defaults (a dict as in generation_config.json); default: the model directory's file.
@@ -229,7 +230,8 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
     (prompts are read in chunks of what is left), the key/value pool in kv_cache_dtype ("auto": the model's
     preferred, model.kv_cache_dtypes()) with kv_cache_memory GiB (default: engine.pool_blocks, most of the memory
     available after the weights), blocks of block_size tokens, prefix sharing unless prefix_cache is False; with
-    max_queue, requests beyond that many waiting get 429."""
+    max_queue, requests beyond that many waiting get 429. num_speculative_tokens K > 0: every request decodes with
+    prompt-lookup speculation (up to K tokens drafted from its own text, verified in one step; same output)."""
     if isinstance(source, (str, os.PathLike)):
         generator, tokenizer, saved = _load(str(source))
         generation_config = saved if generation_config is None else generation_config
@@ -362,7 +364,8 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
                     stop_token_ids=list(settings.get("stop_token_ids", [])),
                     eos_token_id=settings.get("eos_token_id"), loop=asyncio.get_running_loop(), min_p=req.min_p,
                     min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                    frequency_penalty=req.frequency_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    prompt_lookup_num_tokens=num_speculative_tokens)
                 for j in range(req.n)]
 
     async def events_of(job, request):
