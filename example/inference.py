@@ -58,7 +58,7 @@ def main(argv=None):
               f"the model's context of {config.max_context} tokens: use a smaller value", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    outputs = Generator(model).generate(prompts, **settings)
+    outputs = Generator(model).generate(prompts, **settings, **generation_settings.speculation_of(args))
     seconds = time.perf_counter() - start
     for prompt, new_ids in zip(args.prompt, outputs):
         print(f"### prompt: {prompt}")

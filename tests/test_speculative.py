@@ -115,3 +115,16 @@ def test_model_generate_takes_prompt_lookup_and_refuses_unknown_arguments(loopin
     assert looping.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4) == plain
     with pytest.raises(TypeError, match="prompt_lookup_num_token"):
         looping.generate(prompt, max_new_tokens=12, prompt_lookup_num_token=4)
+
+
+def test_command_lines_take_speculative_ngram(parity_model_dir):
+    """inference.py --speculative ngram --num_speculative_tokens K prints what it prints without."""
+    from helpers import REPO, call_script  # pylint: disable=import-outside-toplevel
+    script = f"{REPO}/example/inference.py"
+    args = ["--model_dir", parity_model_dir("baichuan2_7b"), "--prompt", "one two one two one", "--greedy",
+            "--max_new_tokens", "8", "--mode", "pynative"]
+    code, plain, err = call_script(script, args)
+    assert code == 0, err
+    code, speculative, err = call_script(script, args + ["--speculative", "ngram", "--num_speculative_tokens", "3"])
+    assert code == 0, err
+    assert speculative == plain and plain.strip()

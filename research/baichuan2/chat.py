@@ -109,10 +109,12 @@ def stream_text(tokenizer, token_steps):
 
 def chat(model, tokenizer, messages, stream=False, generation_config=None, **explicit):
     """The assistant's reply to `messages` as text, or (stream=True) an iterator of text pieces. Settings as
-    chat_options resolves them (generation_config: the directory's file, read from config.name_or_path if None)."""
+    chat_options resolves them (generation_config: the directory's file, read from config.name_or_path if None);
+    prompt_lookup_num_tokens=K decodes with prompt-lookup speculation (same reply)."""
     config = model.config
+    lookup = explicit.pop("prompt_lookup_num_tokens", 0)  # speculative decoding: the engine's, not a setting
     options = chat_options(config, generation_config, **explicit)
     prompt = build_chat_input(config, tokenizer.encode, messages, options["max_new_tokens"])
-    steps = (step[0] for step in generator_for(model).stream([prompt], **options))
+    steps = (step[0] for step in generator_for(model).stream([prompt], **options, prompt_lookup_num_tokens=lookup))
     pieces = stream_text(tokenizer, steps)
     return pieces if stream else "".join(pieces)

@@ -55,7 +55,8 @@ def main(argv=None):
         messages.append({"role": "user", "content": text})
         print("Assistant: ", end="", flush=True)
         reply = []
-        for piece in chat(model, tokenizer, messages, stream=True, generation_config=saved, **explicit):
+        for piece in chat(model, tokenizer, messages, stream=True, generation_config=saved, **explicit,
+                          **generation_settings.speculation_of(args)):
             reply.append(piece)
             print(piece, end="", flush=True)
         print(flush=True)

@@ -198,7 +198,19 @@ def add_arguments(parser):
     group.add_argument("--top_p", type=float, default=None, help="1.0: off")
     group.add_argument("--repetition_penalty", type=float, default=None, help="1.0: off")
     group.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible replies)")
+    group.add_argument("--speculative", choices=["ngram"], default=None,
+                       help="speculative decoding: ngram drafts tokens from the text itself (prompt lookup) and "
+                            "verifies them in one step; the output is unchanged")
+    group.add_argument("--num_speculative_tokens", type=int, default=4,
+                       help="most tokens drafted a step with --speculative (default 4)")
     return parser
+
+
+def speculation_of(args):
+    """generate()'s speculative-decoding keyword from add_arguments' options ({} without --speculative)."""
+    if getattr(args, "speculative", None) != "ngram":
+        return {}
+    return {"prompt_lookup_num_tokens": args.num_speculative_tokens}
 
 
 def arguments_of(args):
@@ -207,4 +219,4 @@ def arguments_of(args):
 
 
 __all__ = ["resolve", "read_generation_config", "family_defaults", "fit_new_tokens", "check", "add_arguments",
-           "arguments_of", "NEUTRAL", "KINDS"]
+           "arguments_of", "speculation_of", "NEUTRAL", "KINDS"]
