@@ -15,9 +15,14 @@ back to the pool. Each sequence keeps its own options and random generator (samp
 different settings share a step, and its tokens are computed from its own rows only: a greedy output does not
 depend on what else runs.
 
+Speculative decoding (options.prompt_lookup_num_tokens = K): a decoding sequence also carries up to K tokens
+drafted from its own text (lookup_draft), verified in the same step; the tokens the model agrees with are kept,
+the first disagreement gives the corrected token (see _verify), and greedy output is the output without it.
+
 Positions are per sequence (no padding between them, no shared slot); the cache is kv_pool.BlockPool's blocks.
-The model's PagedStep runs the step (modeling_baichuan.py; compiled once for all sizes). Host-side bookkeeping only
-here: no MindSpore op.
+The model's step cell runs the step (modeling_baichuan.py: PagedStep in stock ops, compiled once for all sizes, or
+PagedStackStep on the whole-stack kernel, inputs padded to powers of two). Host-side bookkeeping only here: no
+MindSpore op.
 """
 from dataclasses import dataclass
 from typing import List, Optional
