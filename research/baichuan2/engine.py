@@ -31,7 +31,7 @@ import numpy as np
 from mindspore import Tensor
 
 from .kv_pool import NULL_BLOCK, BlockPool, blocks_for, prefix_hashes
-from .sampling import GenerationOptions, RowSampler, log_softmax
+from .sampling import GenerationOptions, RowSampler, log_softmax, stop_ids
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_STEP_TOKENS = 256  # tokens a step computes at most (vLLM's max_num_batched_tokens)
@@ -222,13 +222,6 @@ class Engine:
         self.prefix_hit_tokens = 0  # of which found
 
     # ------------------------------------------------------------------ requests
-    def stop_ids(self, options):
-        eos = options.eos_token_id
-        if eos is None:
-            eos = self.config.eos_token_id
-        eos = [] if eos is None or options.ignore_eos else ([eos] if isinstance(eos, (int, np.integer)) else eos)
-        return frozenset(int(t) for t in eos) | frozenset(int(t) for t in options.stop_token_ids)
-
     def check_fits(self, prompt_len, max_new_tokens):
         """RequestTooLarge unless a sequence of this size fits the context and the pool (alone)."""
         context = self.config.max_context
@@ -250,8 +243,8 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         self.check_fits(len(prompt), options.max_new_tokens)
-        seq = Sequence(self.next_id, prompt, options, self.stop_ids(options), self.config.vocab_size,
-                       self.block_size, len(prompt) + options.max_new_tokens, prompt_logprobs)
+        seq = Sequence(self.next_id, prompt, options, stop_ids(options, self.config.eos_token_id),
+                       self.config.vocab_size, self.block_size, len(prompt) + options.max_new_tokens, prompt_logprobs)
         self.next_id += 1
         self.waiting.append(seq)
         return seq

@@ -33,6 +33,7 @@ from .engine import Engine
 from .generation_settings import fit_new_tokens, resolve
 from .kv_pool import blocks_for
 from .sampling import GenerationOptions, apply_repetition_penalty, choose_tokens, option_names, sample_filter
+from .sampling import stop_ids as stop_ids_of
 
 DEFAULT_BUCKET = 64
 
@@ -74,13 +75,6 @@ class Generator:
                                  kv_cache_dtype=dtype)
         return self.engine
 
-    def _stop_ids(self, options):
-        eos = options.eos_token_id
-        if eos is None:
-            eos = self.config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, (int, np.integer)) else list(eos))
-        return set(int(t) for t in eos) | set(int(t) for t in options.stop_token_ids)
-
     def fit_prompts(self, prompts, max_new_tokens):
         """Cuts prompts from the left (with a warning) so prompt + new tokens fit in the model's context."""
         context = self.config.max_context
@@ -110,7 +104,7 @@ class Generator:
         if options.use_cache:
             yield from self._engine_stream(prompts, options)
             return
-        stop_ids = self._stop_ids(options)
+        stop_ids = stop_ids_of(options, self.config.eos_token_id)
         rng = np.random.default_rng(options.seed)
         batch = len(prompts)
         prompt_len = _round_up(max(len(p) for p in prompts), self.bucket)

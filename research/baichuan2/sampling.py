@@ -60,6 +60,14 @@ def option_names():
     return [f.name for f in fields(GenerationOptions)]
 
 
+def stop_ids(options, model_eos):
+    """The ids that end a sequence: its eos (options.eos_token_id; None = the model's `model_eos`; none with
+    ignore_eos) and its stop_token_ids."""
+    eos = model_eos if options.eos_token_id is None else options.eos_token_id
+    eos = [] if eos is None or options.ignore_eos else ([eos] if isinstance(eos, (int, np.integer)) else eos)
+    return frozenset(int(t) for t in eos) | frozenset(int(t) for t in options.stop_token_ids)
+
+
 # ---------------------------------------------------------------------------------------------- filters
 def apply_repetition_penalty(scores, seen, penalty):
     """CTRL-style penalty (as Hugging Face): seen tokens' positive scores are divided, negative ones multiplied."""

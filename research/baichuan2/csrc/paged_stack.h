@@ -96,14 +96,10 @@ Status paged_stack(const AotCall &call) {
   if (!a.v_pool.dims({layers, NB, N, bs, D}) || !a.k_pool.dims({layers, NB, N, bs, D})) return kShape;
   if (pool_i8 && (!a.k_scales.dims({layers, NB, N, bs}) || !a.v_scales.dims({layers, NB, N, bs}))) return kShape;
   if (T <= 0 || bs <= 0 || N <= 0 || N * D != H || a.norm.dim(0) != H || !a.tokens.dims({T, 2})) return kShape;
-  const int32_t *spec = a.spec.as<const int32_t>();
-  const int64_t group = spec[0];
-  const bool rope = spec[1] != 0;
-  const int64_t P = rope ? a.cos.dim(0) : 0;
-  if (rope && (a.cos.ndim != 2 || a.sin.ndim != 2 || a.cos.dim(1) != D || a.sin.dim(0) != P || a.sin.dim(1) != D ||
-               D % 2 != 0))
-    return kShape;
-  if (!rope && (a.slopes.ndim != 1 || a.slopes.dim(0) != N)) return kShape;
+  PositionSpec position;
+  if (Status err = position.read(a.spec, a.cos, a.sin, a.slopes, N, D)) return err;
+  const int64_t group = position.group, P = position.P;
+  const bool rope = position.rope;
   StackProblems sp;
   if (Status err = sp.bind(a.w, group, T, H)) return err;
   Problem head;  // the lm_head over the out_rows: R rows

@@ -67,14 +67,10 @@ Status cached_stack(bool with_head, const AotCall &call) {
   if (B <= 0 || M % B != 0 || N * D != H || a.norm.dim(0) != H || a.mask.dim(0) != B || a.mask.dim(1) != L)
     return kShape;
   const int64_t S = M / B;
-  const int32_t *spec = a.spec.as<const int32_t>();
-  const int64_t group = spec[0];
-  const bool rope = spec[1] != 0;
-  const int64_t P = rope ? a.cos.dim(0) : 0;
-  if (rope && (a.cos.ndim != 2 || a.sin.ndim != 2 || a.cos.dim(1) != D || a.sin.dim(0) != P || a.sin.dim(1) != D ||
-               D % 2 != 0))
-    return kShape;
-  if (!rope && (a.slopes.ndim != 1 || a.slopes.dim(0) != N)) return kShape;
+  PositionSpec position;
+  if (Status err = position.read(a.spec, a.cos, a.sin, a.slopes, N, D)) return err;
+  const int64_t group = position.group, P = position.P;
+  const bool rope = position.rope;
   const int64_t slot = *a.slot.as<const int32_t>();
   if (slot < 0 || slot + S > L) return kBadValue;
   StackProblems sp;

@@ -99,6 +99,25 @@ struct LayerScratch {
   }
 };
 
+// The position encoding both stack ops take: spec int32 [2] = (group size, 1 RoPE / 0 ALiBi) and its tables,
+// checked against N heads of D: RoPE's cos / sin [P, D] (D even), ALiBi's slopes [N]; kShape when they disagree.
+struct PositionSpec {
+  int64_t group = 0, P = 0;  // P: rows of the RoPE tables (0 with ALiBi)
+  bool rope = false;
+
+  Status read(const Arg &spec, const Arg &cos, const Arg &sin, const Arg &slopes, int64_t N, int64_t D) {
+    const int32_t *values = spec.as<const int32_t>();
+    group = values[0];
+    rope = values[1] != 0;
+    P = rope ? cos.dim(0) : 0;
+    if (rope && (cos.ndim != 2 || sin.ndim != 2 || cos.dim(1) != D || sin.dim(0) != P || sin.dim(1) != D ||
+                 D % 2 != 0))
+      return kShape;
+    if (!rope && (slopes.ndim != 1 || slopes.dim(0) != N)) return kShape;
+    return kOk;
+  }
+};
+
 // Every layer on s.x [M, H] (in place). attend(layer, q, k, v, att) is the op's attention step: RoPE of q and k
 // where the op uses it, the key / value rows written to its cache, att [M, H] the attention output per head.
 template <class Attend>
