@@ -25,6 +25,19 @@ Then per shape and format (each batch-1 decode run after a read of the model's o
                after batch 4's too
 Each shape and format runs in its own child process (this script again, with --worker), so memory is measured
 per model and one model's memory is gone before the next is built.
+--depths D ... measures instead, per shape and format, decode with D tokens already cached (--depth_batch
+sequences together, a paged cache of --kv_cache_dtype, bfloat16 by default): tokens/s, the roofline of the bytes a
+step reads (weights and caches) and the peak RSS:
+    python example/bench_generate.py --configs 7B 13B --weights int4 --depths 0 1024 3500 --prefill_tokens 64
+    python example/bench_generate.py --configs 7B --weights int4 --depths 1024 --depth_batch 8 --kv_cache_dtype int8
+--speculative ngram (prompt-lookup speculative decoding) measures instead, per shape and format: the decode step
+(batch 1, 32-token context, ms) and a verify step of K + 1 tokens over it, K = 1..8 (the engine's step with every
+row's logits; interleaved, medians); with --copy_model M --copy_text FILE also the end-to-end greedy tokens/s with
+and without it on a trained model (a model directory or a Llama GGUF such as SmolLM2's, converted to each --weights
+format) for a prompt that repeats a passage of FILE and one that shares nothing with its answer, whether the tokens
+are identical (exit status 1 if not), the acceptance and the tokens a step:
+    python example/bench_generate.py --speculative ngram --configs 7B --weights int8 int4
+    python example/bench_generate.py --speculative ngram --configs --copy_model SmolLM2.gguf --copy_text LICENSE
 The machine may be shared: re-measure on a quiet one before quoting numbers. Compilation is excluded (one warm-up
 run of each shape first). --no_cache_steps N adds the no-cache decode (recomputing a fixed buffer each step).
 """
@@ -47,15 +60,18 @@ CONFIGS = {
     "M": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, intermediate_size=2816,
               vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
     "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
-               vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
+               vocab_size=125696, max_position_embeddings=4096, model_max_length=4096),
+    "13B": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13696,
+                vocab_size=125696, model_max_length=4096),
 }
+PRESETS = {"13B": "baichuan2_13b"}  # ALiBi; the others are Baichuan2-7B's architecture (RoPE)
 GIB = 1024 ** 3
 ROUNDS = 4  # batch-1 decode runs per shape and format, each after a read of the model's weights
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
-    parser.add_argument("--configs", nargs="+", default=["S", "M"], choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=["S", "M"], choices=list(CONFIGS))
     parser.add_argument("--weights", nargs="+", default=["float32"], choices=WEIGHTS,
                         help="weight formats to build each shape in (int8 / int4: group size 32)")
     parser.add_argument("--prefill_tokens", type=int, default=512, help="prompt length of the prefill measurement")
@@ -65,11 +81,31 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph",
                         help="MindSpore execution mode; pynative is far slower per step (op by op from Python) but "
                              "holds a little less memory: GRAPH mode's compiled graphs hold ~30 MB per 7B layer")
+    depth = parser.add_argument_group("decode at depth; replaces the rows above")
+    depth.add_argument("--depths", nargs="+", type=int, metavar="TOKENS",
+                       help="decode with this many tokens already in each sequence's cache (e.g. 0 1024 3500)")
+    depth.add_argument("--depth_batch", type=int, default=1, help="sequences decoding together (default 1)")
+    depth.add_argument("--kv_cache_dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"],
+                       help="the paged cache's rows (default bfloat16, as the server's auto)")
+    spec = parser.add_argument_group("speculative decoding (prompt lookup); replaces the rows above")
+    spec.add_argument("--speculative", choices=["ngram"],
+                      help="measure a verify step of K + 1 tokens against a decode step (K = 1..8) per shape and "
+                           "format, and with --copy_model the end-to-end speed-up")
+    spec.add_argument("--copy_model", help="a trained model (model directory or Llama GGUF) for the end-to-end run")
+    spec.add_argument("--copy_text", help="UTF-8 text whose first paragraphs the copying prompt repeats")
+    spec.add_argument("--num_speculative_tokens", type=int, default=4, help="end-to-end: most tokens drafted a step")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "WEIGHTS"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.prefill_tokens < 1 or args.new_tokens < 2:
         parser.error("--prefill_tokens must be >= 1 and --new_tokens >= 2")
+    if args.depths and (args.speculative or min(args.depths) < 0 or args.depth_batch < 1):
+        parser.error("--depths takes token counts >= 0 and --depth_batch >= 1, without --speculative")
+    if bool(args.copy_model) != bool(args.copy_text) or (args.copy_model and not args.speculative):
+        parser.error("--copy_model and --copy_text go together, with --speculative ngram")
+    for path in filter(None, (args.copy_model, args.copy_text)):
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist")
     return args
 
 
@@ -134,6 +170,80 @@ def _seconds(fn):
     return time.perf_counter() - start
 
 
+VERIFY_DRAFTS = tuple(range(1, 9))  # K: draft tokens a verify step checks (K + 1 tokens)
+SPEC_ROUNDS = 3  # end-to-end runs of each prompt, with and without speculation, alternating
+
+
+def verify_costs(generator, rng, rounds=5):
+    """Batch 1 after a 32-token prompt: ms of a decode step, and a verify step of K + 1 tokens over it (K =
+    VERIFY_DRAFTS). Both are the engine's own step (Engine.forward: its step cell and inputs, every verified row's
+    logits brought back), for the same sequence at the same position each time (a step rewrites the same pool rows),
+    interleaved; medians of `rounds` after a first round that compiles each shape."""
+    import statistics  # pylint: disable=import-outside-toplevel
+    vocab = generator.config.vocab_size
+    prompt = rng.integers(3, vocab, size=32).tolist()
+    engine = generator.engine_for([prompt], 16)
+    seq = engine.add(prompt, generator.options(max_new_tokens=16, eos_token_id=()))
+    while not seq.output:
+        engine.step()
+    seconds = {k: [] for k in (0,) + VERIFY_DRAFTS}
+    for rnd in range(rounds + 1):
+        for k, runs in seconds.items():
+            seq.draft = rng.integers(3, vocab, size=k).tolist()
+            start = time.perf_counter()
+            engine.forward([(seq, k + 1)])
+            if rnd:
+                runs.append(time.perf_counter() - start)
+    seq.draft = []
+    engine.abort(seq)
+    base = statistics.median(seconds[0])
+    return {"decode_ms": 1e3 * base, **{f"verify{k}": statistics.median(seconds[k]) / base for k in VERIFY_DRAFTS}}
+
+
+def cache_bytes_per_token(config, dtype):
+    """Bytes of one position's keys and values over all layers in a paged cache of `dtype` (int8: a float32 scale
+    per token and head besides)."""
+    from baichuan2.engine import KV_ELEMENT_BYTES, block_bytes  # pylint: disable=import-outside-toplevel
+    scales = 2 * config.num_hidden_layers * config.num_attention_heads * 4 if dtype == "int8" else 0
+    return block_bytes(config, 1, KV_ELEMENT_BYTES[dtype]) + scales
+
+
+def depth_decode(model, depth, args, rng):
+    """--depth_batch sequences with `depth` random tokens each (prefilled by the engine in chunks) decode
+    --new_tokens steps together on a paged cache of --kv_cache_dtype: aggregate tokens/s, the bytes a step reads
+    (the weights once, every sequence's cache at the run's mean depth), the roofline those bytes allow at the
+    bandwidth of the model's own weights probed just before, and the peak RSS of the process (weights, pool,
+    compiled graphs: what a server of this batch holds)."""
+    # pylint: disable=import-outside-toplevel
+    from baichuan2 import kernel_probes
+    from baichuan2.engine import Engine
+    from baichuan2.kv_pool import blocks_for
+    from baichuan2.sampling import GenerationOptions
+    config, batch, steps, block = model.config, args.depth_batch, args.new_tokens, 16
+    if depth + steps + 2 > config.max_context:
+        raise SystemExit(f"--depths {depth}: with --new_tokens {steps} past the {config.max_context}-token context")
+    engine = Engine(model, batch * blocks_for(depth + steps + 2, block) + 1, block, max_step_tokens=512,
+                    max_seqs=batch, prefix_cache=False, kv_cache_dtype=args.kv_cache_dtype)
+    options = GenerationOptions(max_new_tokens=steps + 3, eos_token_id=()).validate()
+    seqs = [engine.add(rng.integers(3, config.vocab_size, size=max(1, depth)).tolist(), options)
+            for _ in range(batch)]
+    while not all(s.output for s in seqs):  # the prompts, chunk by chunk, and each one's first token
+        engine.step()
+    engine.step()  # a decode step at this batch (compiles its shape)
+    weights = [param.asnumpy() for param in model.get_parameters() if "embed_tokens" not in param.name]
+    weight_bytes, _ = bytes_per_token(model, batch, 0)
+    bandwidth = kernel_probes.read_bandwidth_of(weights, reps=1) * 1e9
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = time.perf_counter() - start
+    mean_depth = depth + 2 + steps / 2
+    step_bytes = weight_bytes + batch * mean_depth * cache_bytes_per_token(config, args.kv_cache_dtype)
+    return {"depth": depth, "batch": batch, "kv": args.kv_cache_dtype, "step_mb": step_bytes / 1e6,
+            "bandwidth": bandwidth / 1e9, "decode": batch * steps / seconds,
+            "roofline": batch * bandwidth / step_bytes, "peak_rss": peak_rss_bytes()}
+
+
 def bench(name, weights, args, rt):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
@@ -141,12 +251,16 @@ def bench(name, weights, args, rt):
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
 
     fields = CONFIGS[name]
-    model = build_random_model(fields, weights, rt.compute_dtype)
+    model = build_random_model(fields, weights, rt.compute_dtype, preset=PRESETS.get(name, "baichuan2_7b"))
     reset_peak_rss()
     generator = Generator(model)
     config = model.config
     rng = np.random.default_rng(0)
     row = {"config": name, "weights": weights, "params": config.num_parameters()}
+    if args.speculative:
+        return dict(row, **verify_costs(generator, rng))
+    if args.depths:
+        return dict(row, depths=[depth_decode(model, depth, args, rng) for depth in args.depths])
 
     # prefill, batch 1 (warm-up compiles; then the best of 2)
     length = args.prefill_tokens
@@ -216,10 +330,114 @@ def print_row(row, header=False):
     print(" | ".join(cells), flush=True)
 
 
+def print_depth_rows(row, header=False):
+    if header:
+        print("config | weights | cache | depth | batch | MB a step | bw GB/s | roofline tok/s | decode tok/s | "
+              "of roofline | peak RSS GiB", flush=True)
+    for d in row["depths"]:
+        print(f"{row['config']} | {row['weights']} | {d['kv']} | {d['depth']} | {d['batch']} | {d['step_mb']:.0f} | "
+              f"{d['bandwidth']:.1f} | {d['roofline']:.2f} | {d['decode']:.2f} | {d['decode'] / d['roofline']:.0%} | "
+              f"{d['peak_rss'] / GIB:.2f}", flush=True)
+
+
+def print_verify_row(row, header=False):
+    if header:
+        print("config | weights | decode step ms | " + " | ".join(f"K={k}" for k in VERIFY_DRAFTS)
+              + "   (a verify step of K + 1 tokens / a decode step, batch 1)", flush=True)
+    print(f"{row['config']} | {row['weights']} | {row['decode_ms']:.1f} | "
+          + " | ".join(f"{row[f'verify{k}']:.2f}x" for k in VERIFY_DRAFTS), flush=True)
+
+
+def copy_prompts(text):
+    """{name: prompt text}: "copy", a passage of `text` (its first paragraphs, ~1,000 characters) twice and then
+    its first words again, so that a trained model goes on copying it; "fresh", a story to be written, sharing
+    nothing with its answer."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    passage = ""
+    for paragraph in paragraphs:
+        passage = f"{passage}\n\n{paragraph}" if passage else paragraph
+        if len(passage) >= 1000:
+            break
+    opening = " ".join(passage.split()[:8])
+    return {"copy": f"{passage}\n\n{passage}\n\n{opening}",
+            "fresh": "Once upon a time, in a village at the edge of a great forest, there lived"}
+
+
+def load_copy_model(path, weights, work):
+    """(model, its directory): the --copy_model (a checkpoint or model directory convert_weight.py takes, or a Llama
+    GGUF) converted to `weights` in `work`."""
+    # pylint: disable=import-outside-toplevel
+    from baichuan2.convert_weight import convert
+    from baichuan2.gguf_checkpoint import gguf_to_checkpoint
+    from baichuan2.modeling_baichuan import BaichuanForCausalLM
+    source = path
+    if os.path.isfile(path):
+        source = os.path.join(work, "checkpoint")
+        gguf_to_checkpoint(path, source)
+    model_dir = os.path.join(work, weights)
+    kind = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16")}.get(weights, dict(quantize=weights))
+    convert(source, model_dir, show_progress=False, **kind)
+    return BaichuanForCausalLM.from_pretrained(model_dir), model_dir
+
+
+def copy_bench(weights, args):
+    """End-to-end greedy generation on a trained model, with and without prompt lookup, per prompt of
+    copy_prompts: best tokens/s of SPEC_ROUNDS alternating runs each, whether the tokens are identical, the
+    acceptance (accepted / drafted) and new tokens per step."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
+    from baichuan2.model_dir import load_tokenizer  # pylint: disable=import-outside-toplevel
+    with open(args.copy_text, encoding="utf-8") as f:
+        prompts = copy_prompts(f.read())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_generate-") as work:
+        model, model_dir = load_copy_model(args.copy_model, weights, work)
+        tokenizer = load_tokenizer(model_dir)
+        generator = Generator(model)
+        for name, text in prompts.items():
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            engine = generator.engine_for([ids], args.new_tokens)
+            generator.generate([ids], max_new_tokens=4, eos_token_id=())  # compiles the prefill and decode shapes
+            best, outputs, counts = {}, {}, {}
+            for _ in range(SPEC_ROUNDS):
+                for k in (0, args.num_speculative_tokens):
+                    before = (engine.steps, engine.draft_tokens, engine.accepted_tokens)
+                    start = time.perf_counter()
+                    out = generator.generate([ids], max_new_tokens=args.new_tokens, eos_token_id=(),
+                                             prompt_lookup_num_tokens=k)[0]
+                    rate = len(out) / (time.perf_counter() - start)
+                    best[k] = max(best.get(k, 0.0), rate)
+                    outputs[k] = out
+                    counts[k] = [now - then for now, then in
+                                 zip((engine.steps, engine.draft_tokens, engine.accepted_tokens), before)]
+            k = args.num_speculative_tokens
+            steps, drafted, accepted = counts[k]
+            rows.append({"weights": weights, "prompt": name, "prompt_tokens": len(ids), "new_tokens": len(outputs[k]),
+                         "plain": best[0], "speculative": best[k], "identical": outputs[0] == outputs[k],
+                         "drafted": drafted, "accepted": accepted,
+                         "per_step": len(outputs[k]) / max(1, steps - 1)})  # the first step is the prefill
+    return rows
+
+
+def print_copy_rows(rows, k):
+    print(f"\nend-to-end, greedy, prompt lookup K <= {k} against none (best of {SPEC_ROUNDS} alternating runs):")
+    print("weights | prompt | prompt tokens | new tokens | plain tok/s | speculative tok/s | speed-up | identical | "
+          "accepted / drafted | tokens a step", flush=True)
+    for r in rows:
+        print(f"{r['weights']} | {r['prompt']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['plain']:.2f} | "
+              f"{r['speculative']:.2f} | {r['speculative'] / r['plain']:.2f}x | {'yes' if r['identical'] else 'NO'} | "
+              f"{r['accepted']} / {r['drafted']} ({r['accepted'] / max(1, r['drafted']):.0%}) | "
+              f"{r['per_step']:.2f}", flush=True)
+
+
 def run_worker(args):
-    """Child process: one shape and format; prints its row as one JSON line."""
+    """Child process: one shape and format (or the copying model in one format); prints its rows as JSON lines."""
     name, weights = args.worker
     rt = runtime.setup_inference(args.device, mode=args.mode, threads=args.threads, prog="bench_generate.py")
+    if name == "copy":
+        for row in copy_bench(weights, args):
+            print("ROW " + json.dumps(row), flush=True)
+        return 0
     row = bench(name, weights, args, rt)
     print("ROW " + json.dumps(row), flush=True)
     return 0
@@ -229,6 +447,13 @@ def child_argv(args, name, weights):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", name, weights,
             "--prefill_tokens", str(args.prefill_tokens), "--new_tokens", str(args.new_tokens),
             "--no_cache_steps", str(args.no_cache_steps), "--device", args.device, "--mode", args.mode]
+    if args.depths:
+        argv += ["--depths", *map(str, args.depths), "--depth_batch", str(args.depth_batch),
+                 "--kv_cache_dtype", args.kv_cache_dtype]
+    if args.speculative:
+        argv += ["--speculative", args.speculative, "--num_speculative_tokens", str(args.num_speculative_tokens)]
+        if args.copy_model:
+            argv += ["--copy_model", args.copy_model, "--copy_text", args.copy_text]
     return argv + (["--threads", str(args.threads)] if args.threads else [])
 
 
@@ -253,7 +478,8 @@ def main(argv=None):
     first, failed = True, False
     for name in args.configs:
         for weights in args.weights:
-            params = BaichuanConfig.from_preset("baichuan2_7b", **CONFIGS[name]).num_parameters()
+            preset = PRESETS.get(name, "baichuan2_7b")
+            params = BaichuanConfig.from_preset(preset, **CONFIGS[name]).num_parameters()
             if weights == "float32" and params * 4 > 0.6 * memory:
                 print(f"{name} {weights}: skipped ({params * 4 / GIB:.0f} GiB of float32 weights do not fit next to "
                       f"the run in this machine's {memory / GIB:.0f} GiB)", flush=True)
@@ -265,8 +491,20 @@ def main(argv=None):
                 print(f"{name} {weights}: failed (exit status {proc.returncode}; its messages are above)", flush=True)
                 failed = True
                 continue
-            print_row(json.loads(rows[-1]), header=first)
+            printer = print_verify_row if args.speculative else print_depth_rows if args.depths else print_row
+            printer(json.loads(rows[-1]), header=first)
             first = False
+    if args.copy_model:
+        copy_rows = []
+        for weights in args.weights:
+            proc = subprocess.run(child_argv(args, "copy", weights), stdout=subprocess.PIPE, text=True, check=False)
+            rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+            if proc.returncode != 0 or not rows:
+                print(f"copy model {weights}: failed (exit status {proc.returncode}; its messages are above)")
+                failed = True
+            copy_rows += rows
+        print_copy_rows(copy_rows, args.num_speculative_tokens)
+        failed = failed or not all(r["identical"] for r in copy_rows)
     return 1 if failed else 0
 
 

@@ -14,6 +14,14 @@ Both paths run as GRAPH-mode Cells; decode cycles through enough weight copies (
 from memory, not the 32 MB L3. Stock paths: float32 MatMul(transpose_b); bfloat16 Cast + MatMul; int8 Cast x
 scales + MatMul; int4 nibble unpack (FloorDiv, Sub, Concat) + the same. Random weights, group size 32.
 
+    python example/bench_kernels.py --decode_rows 1 2 4 5 8 16 --formats int4 int8 --shapes 4096x4096
+
+--decode_rows M ...: small-batch decode (a server's batch, speculative verification's K + 1 rows) instead: per format
+and weight shape, ms per call at each M with the weights streamed from memory (>= 256 MB of copies, as decode), the
+M values interleaved in rounds so that each ratio to M = 1 is taken side by side (median over rounds); and the
+compute floor: the same call on one slice of the rows (<= 6 MB, read again and again, so it stays in the caches),
+scaled to the whole shape: a ratio near floor / t(M = 1) is compute-bound, one near 1 memory-bound.
+
     python example/bench_kernels.py --paged 128 1024 --formats int4   # the whole-stack ops instead
 
 --paged DEPTH ...: a batch-1 decode step of the whole stack (every layer, the final norm, the lm_head; random layers
@@ -47,6 +55,9 @@ def parse_args(argv=None):
     parser.add_argument("--prefill", nargs="*", type=int, default=[64, 512], help="prefill row counts M")
     parser.add_argument("--no_stock", action="store_true", help="skip the stock MindSpore paths")
     parser.add_argument("--seconds", type=float, default=0.5, help="least time per measurement")
+    parser.add_argument("--decode_rows", nargs="+", type=int, metavar="M",
+                        help="time decode at these row counts instead (streamed and in-cache floor, ratios to M = 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="--decode_rows: interleaved rounds per M")
     parser.add_argument("--paged", nargs="+", type=int, metavar="DEPTH",
                         help="time the whole-stack ops' decode step at these depths instead (cached vs paged)")
     parser.add_argument("--stack_shape", default="S", choices=list(STACK_SHAPES), help="--paged: the layers' shape")
@@ -183,6 +194,50 @@ def bench_stack(args, rng):
             print(row, flush=True)
 
 
+# --decode_rows floor: one slice of the weight's rows, at most this many bytes, read again and again (it stays in the
+# caches, L2 / L3); large enough that a call is far longer than a launch and the threads' fork / join
+FLOOR_BYTES = 6e6
+FLOOR_COPIES = 8
+
+
+def bench_decode_rows(args, rng):
+    """--decode_rows: ms per call at each M (weights from memory), its ratio to M = 1 taken round by round, and
+    the compute floor (one slice of rows that stays in the caches, FLOOR_COPIES times a launch, scaled to N rows)."""
+    rows = sorted(set(args.decode_rows) | {1})
+    least = args.seconds / 2
+    print(f"decode at M = {rows}: ms per call (weights streamed from memory), x M = 1 (median over {args.rounds} "
+          "interleaved rounds); floor: ms per call with the weights in cache (a slice of rows, scaled to N); "
+          "tok/s x: M / ratio")
+    print(f"{'format':7} {'N x K':>11} {'M':>3} | {'ms':>8} {'GB/s':>6} {'x M=1':>6} {'tok/s x':>7} | "
+          f"{'floor ms':>8} {'floor/t1':>8}")
+    for fmt in args.formats:
+        op = kernels.linear_op(fmt, GROUP)
+        for shape in args.shapes:
+            n, k = map(int, shape.lower().split("x"))
+            first, nbytes = make_weights(fmt, n, k, rng)
+            copies = max(1, min(16, math.ceil(MIN_DECODE_BYTES / nbytes)))
+            weights = (first,) + tuple(make_weights(fmt, n, k, rng)[0] for _ in range(copies - 1))
+            nslice = max(8, min(n, int(FLOOR_BYTES * n / nbytes)) // 8 * 8)
+            piece = tuple(w[:nslice] for w in first)
+            xs = {m: Tensor(rng.standard_normal((m, k), dtype=np.float32)) for m in rows}
+            stream = {m: Many(op, copies) for m in rows}
+            floor = {m: Many(op, FLOOR_COPIES) for m in rows}
+            times = {m: [] for m in rows}
+            floors = {m: [] for m in rows}
+            for _ in range(args.rounds):
+                for m in rows:  # interleaved: every M in each round, so drift on a shared machine hits all alike
+                    times[m].append(seconds_per_product(stream[m], xs[m], weights, copies, least))
+                    floors[m].append(seconds_per_product(floor[m], xs[m], (piece,) * FLOOR_COPIES, FLOOR_COPIES,
+                                                         least / 2) * n / nslice)
+            t1 = np.array(times[1])
+            for m in rows:
+                t, f = np.median(times[m]), np.median(floors[m])
+                ratio = np.median(np.array(times[m]) / t1)
+                print(f"{fmt:7} {shape:>11} {m:3} | {t * 1e3:8.3f} {nbytes / t / 1e9:6.1f} {ratio:6.2f} "
+                      f"{m / ratio:7.2f} | {f * 1e3:8.3f} {np.median(np.array(floors[m]) / t1):8.2f}", flush=True)
+            del weights, first, piece
+
+
 def main(argv=None):
     args = parse_args(argv)
     ms.set_device("CPU")
@@ -198,6 +253,9 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     if args.paged:
         bench_stack(args, rng)
+        return 0
+    if args.decode_rows:
+        bench_decode_rows(args, rng)
         return 0
     header = f"{'format':9} {'N x K':>12} | {'bw GB/s':>7} {'decode GB/s':>11} {'roofline':>8} {'stock GB/s':>10} {'stock':>6} |"
     header += f" {'peak GOPS':>9} |" if args.prefill else ""

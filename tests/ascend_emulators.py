@@ -1,6 +1,6 @@
 """CPU emulators of the three Ascend fused kernels that the ascend backend (backend_ascend.py) calls.
 
-    FlashAttentionScore      mindspore.ops.flash_attention_score
+    FlashAttentionScore      mindspore.ops.flash_attention_score and its Primitive (the backend calls the latter)
     RmsNorm                  mindspore.ops.rms_norm
     RotaryPositionEmbedding  mindspore.ops.rotary_position_embedding
 
@@ -20,6 +20,7 @@ from collections import Counter
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
+from mindspore.ops.operations.nn_ops import FlashAttentionScore
 
 CALLS = Counter()
 HALF = (ms.float16, ms.bfloat16)
@@ -53,11 +54,16 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     lower-triangle ALiBi case: [B|1, N1, S1, S2] up to S1 = 1024, else its last 1024 rows [B|1, N1, 1024, S2], and
     it must follow the ALiBi rule (each row the same function of key - query on the visible part), which is how
     the rows above the last 1024 are known: here from the last row.
-    Modes 6-8 are documented as not implemented and raise; 1, 4 and 5, dropout, padding_mask, prefix and varlen
-    (TND, actual_seq_qlen / actual_seq_kvlen) are not emulated (the model passes none of them) and raise."""
+    input_layout "TND" (varlen, see _varlen): the documented TND rules.
+    Modes 6-8 are documented as not implemented and raise; 1, 4 and 5, dropout, padding_mask and prefix are not
+    emulated (the model passes none of them) and raise."""
     name = "FlashAttentionScore"
     CALLS[name] += 1
-    _require(input_layout == "BNSD", name, f"emulated for input_layout 'BNSD' only, got {input_layout!r}")
+    if input_layout == "TND":
+        return _varlen(query, key, value, head_num, real_shift, drop_mask, padding_mask, attn_mask, prefix,
+                       actual_seq_qlen, actual_seq_kvlen, keep_prob, scalar_value, pre_tokens, next_tokens,
+                       sparse_mode)
+    _require(input_layout == "BNSD", name, f"emulated for input_layout 'BNSD' and 'TND' only, got {input_layout!r}")
     _require(query.dtype in HALF, name, f"query must be float16 or bfloat16, got {query.dtype}")
     _require(key.dtype == query.dtype and value.dtype == query.dtype, name,
              f"key/value dtype must equal query's ({query.dtype}), got {key.dtype}/{value.dtype}")
@@ -123,6 +129,75 @@ def flash_attention_score(query, key, value, head_num, real_shift=None, drop_mas
     return ops.matmul(probs, v32).astype(query.dtype)
 
 
+def _lengths(cumulative, total, which, name):
+    """Per-sequence lengths from a cumulative list (Tensor, tuple or list), checked against the documented rules."""
+    _require(cumulative is not None, name, f"input_layout 'TND' requires {which} (the cumulative sequence ends)")
+    ends = np.asarray(cumulative.asnumpy() if isinstance(cumulative, Tensor) else cumulative).reshape(-1)
+    _require(ends.dtype.kind == "i", name, f"{which} must hold integers, got {ends.dtype}")
+    _require(1 <= ends.size <= 1024, name, f"{which} lists the batch's sequences: 1..1024 of them, got {ends.size}")
+    lengths = np.diff(np.concatenate([[0], ends]))
+    _require(bool((lengths >= 0).all()), name, f"{which} must be non-decreasing, got {ends.tolist()}")
+    _require(int(ends[-1]) == total, name, f"{which}'s last value must equal T ({total}), got {int(ends[-1])}")
+    return lengths
+
+
+def _varlen(query, key, value, head_num, real_shift, drop_mask, padding_mask, attn_mask, prefix, actual_seq_qlen,
+            actual_seq_kvlen, keep_prob, scalar_value, pre_tokens, next_tokens, sparse_mode):
+    """input_layout "TND": query [T1, N1, D], key = value [T2, N2, D], the batch's sequences end to end, their
+    cumulative ends in actual_seq_qlen / actual_seq_kvlen (required, non-decreasing, last = T, 1..1024 sequences,
+    no zero-length key sequence); the mask lower-triangular: sparse_mode 2 or 3 with the compressed [2048, 2048]
+    mask; next_tokens 0 and pre_tokens >= the longest query sequence; with mode 3 every S1 <= its S2; prefix none.
+    A real_shift (documented only for sequences over 1024 tokens, [B|1, N1, 1024, max S2]) is not emulated."""
+    name = "FlashAttentionScore"
+    _require(query.dtype in HALF, name, f"query must be float16 or bfloat16, got {query.dtype}")
+    _require(key.dtype == query.dtype and value.dtype == query.dtype, name,
+             f"key/value dtype must equal query's ({query.dtype}), got {key.dtype}/{value.dtype}")
+    _require(query.ndim == 3 and key.ndim == 3 and value.shape == key.shape, name,
+             f"TND tensors are 3-D with value = key, got {query.shape} / {key.shape} / {value.shape}")
+    t1, n1, d = query.shape
+    t2, n2, _ = key.shape
+    _require(head_num == n1 and n2 > 0 and n1 % n2 == 0 and key.shape[2] == d, name,
+             f"key {key.shape} does not fit query {query.shape} with head_num {head_num}")
+    _require(d % 16 == 0 and d <= 512, name, f"head size D must be a multiple of 16 up to 512, got {d}")
+    _require(sparse_mode in (2, 3), name, f"TND needs a lower-triangular mask: sparse_mode 2 or 3, got {sparse_mode}")
+    _require(attn_mask is not None and tuple(attn_mask.shape) == (COMPRESSED, COMPRESSED)
+             and attn_mask.dtype in (ms.bool_, ms.uint8), name,
+             "TND requires the compressed bool/uint8 attn_mask [2048, 2048]")
+    upper = np.triu(np.ones((COMPRESSED, COMPRESSED), np.uint8), 1)
+    _require(bool((attn_mask.asnumpy().astype(np.uint8) == upper).all()), name,
+             "the compressed attn_mask must be 1 exactly above the diagonal (triu(ones, 1))")
+    _require(prefix is None and padding_mask is None, name, "TND takes no prefix or padding_mask")
+    _require(drop_mask is None and keep_prob == 1.0, name, "dropout is not emulated")
+    _require(real_shift is None, name, "a TND real_shift (sequences over 1024 tokens only) is not emulated")
+    q_len = _lengths(actual_seq_qlen, t1, "actual_seq_qlen", name)
+    k_len = _lengths(actual_seq_kvlen, t2, "actual_seq_kvlen", name)
+    _require(q_len.size == k_len.size, name, f"actual_seq_qlen and actual_seq_kvlen must list as many sequences, got "
+             f"{q_len.size} and {k_len.size}")
+    _require(bool((k_len > 0).all()), name, "a zero-length key/value sequence (0 in list_seq_k) is not allowed")
+    _require(next_tokens == 0 and pre_tokens >= int(q_len.max()), name,
+             f"TND needs next_tokens 0 and pre_tokens >= the longest query sequence ({int(q_len.max())}), got "
+             f"{next_tokens} / {pre_tokens}")
+    _require(sparse_mode == 2 or bool((q_len <= k_len).all()), name, "sparse_mode 3 needs every S1 <= its S2")
+    q32, k32, v32 = (x.astype(ms.float32).asnumpy() for x in (query, key, value))
+    n_rep = n1 // n2
+    out = np.zeros((t1, n1, d), np.float32)
+    q_start = k_start = 0
+    for s1, s2 in zip(q_len.tolist(), k_len.tolist()):
+        q_seq = q32[q_start:q_start + s1].transpose(1, 0, 2)  # [N1, S1, D]
+        k_seq = np.repeat(k32[k_start:k_start + s2].transpose(1, 0, 2), n_rep, 0)
+        v_seq = np.repeat(v32[k_start:k_start + s2].transpose(1, 0, 2), n_rep, 0)
+        scores = scalar_value * (q_seq @ k_seq.transpose(0, 2, 1))
+        offset = 0 if sparse_mode == 2 else s2 - s1
+        keep = np.arange(s2)[None, :] <= np.arange(s1)[:, None] + offset
+        scores = np.where(keep, scores, -np.inf)
+        with np.errstate(invalid="ignore"):  # a row with every key hidden: undefined, NaN
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs = probs / probs.sum(-1, keepdims=True)
+        out[q_start:q_start + s1] = (probs @ v_seq).transpose(1, 0, 2)
+        q_start, k_start = q_start + s1, k_start + s2
+    return Tensor(out).astype(query.dtype)
+
+
 def _alibi_rows(shift, s1, offset, name):
     """The full [B|1, N, S1, S2] shift from the lower-triangle ALiBi form (its last R = min(S1, 1024) rows): row i
     holds f(j - i) for the visible keys j <= i + offset, so any row is the last row moved right by S1 - 1 - i.
@@ -182,9 +257,26 @@ def rotary_position_embedding(x, cos, sin, mode=0):
     return (x32 * cos32 + rotated * sin32).astype(x.dtype)
 
 
+def _primitive_call(prim, query, key, value, real_shift=None, drop_mask=None, padding_mask=None, attn_mask=None,
+                    prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None):
+    """FlashAttentionScore (the Primitive, which backend_ascend calls so that it can carry shard strategies):
+    its init arguments and inputs through the emulator; (softmax_max, softmax_sum, softmax_out, attention_out) with
+    only attention_out computed."""
+    a = prim.init_attrs
+    out = flash_attention_score(query, key, value, a["head_num"], real_shift=real_shift, drop_mask=drop_mask,
+                                padding_mask=padding_mask, attn_mask=attn_mask, prefix=prefix,
+                                actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                                keep_prob=a["keep_prob"], scalar_value=a["scale_value"], pre_tokens=a["pre_tokens"],
+                                next_tokens=a["next_tokens"], inner_precise=a["inner_precise"],
+                                input_layout=a["input_layout"], sparse_mode=a["sparse_mode"])
+    return None, None, None, out
+
+
 def install(monkeypatch):
-    """Emulators in place of the fused mindspore.ops functions, for models built with backend="ascend"."""
+    """Emulators in place of the fused mindspore.ops functions and the FlashAttentionScore primitive, for models
+    built with backend="ascend"."""
     monkeypatch.setattr(ops, "flash_attention_score", flash_attention_score)
+    monkeypatch.setattr(FlashAttentionScore, "__call__", _primitive_call)
     monkeypatch.setattr(ops, "rms_norm", rms_norm)
     monkeypatch.setattr(ops, "rotary_position_embedding", rotary_position_embedding)
     CALLS.clear()

@@ -13,6 +13,8 @@ from safetensors.numpy import load_file
 
 import ascend_emulators as emu
 from baichuan2 import BaichuanForCausalLM
+from baichuan2.backend_ascend import AscendBackend, LayoutError, varlen_indices
+from baichuan2.configuration_baichuan import BaichuanConfig
 from helpers import PARITY
 
 FAMILIES = ["baichuan2_7b", "baichuan2_13b"]  # RoPE, ALiBi (6 heads: non-power-of-two slopes)
@@ -93,14 +95,25 @@ def test_fused_branch_matches_composed_in_the_training_forward(models, family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fused_branch_matches_composed_on_packed_rows(models, family):
-    """Packed rows (seq_ends = the actual_seq_len column) reach FlashAttentionScore as a block-diagonal mask."""
+def test_fused_branch_matches_composed_on_packed_rows(models, monkeypatch, family):
+    """Packed rows (seq_ends = the actual_seq_len column, padded by repeating the last end): a RoPE model's reach
+    FlashAttentionScore as TND with the ends (varlen), an ALiBi model's as a block-diagonal mask."""
     composed, fused, ref = models(family)
     ids = ref["input_ids"].astype(np.int32)
     batch, length = ids.shape
-    ends = Tensor(np.array([[length // 3, length - 2, length]] * batch, np.int32))  # two conversations + a tail
+    # two conversations + a tail, and the column's padding (a repeated end: a zero-length segment)
+    ends = Tensor(np.array([[length // 3, length - 2, length, length]] * batch, np.int32))
     want = composed(Tensor(ids), seq_ends=ends).asnumpy()
+    layouts = []
+    real = emu.flash_attention_score
+
+    def spy(*args, **kwargs):
+        layouts.append(kwargs["input_layout"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(emu, "flash_attention_score", spy)
     got = fused(Tensor(ids), seq_ends=ends).asnumpy()
+    assert set(layouts) == ({"TND"} if fused.config.position_encoding == "rope" else {"BNSD"})
     assert_close(got, want, "packed training forward")
     # the second conversation's logits are those of the conversation alone (positions restart, nothing leaks)
     alone = composed(Tensor(ids[:, length // 3:length - 2])).asnumpy()
@@ -195,7 +208,8 @@ def test_fused_kernels_take_the_recipes_dtypes(pynative, monkeypatch):
     assert y.dtype == ms.float16 and np.abs(y.astype(ms.float32).asnumpy() - want).max() < 1e-2
     q = _t((1, 4, 3, 16))
     visible = Tensor(np.tril(np.ones((3, 3), bool)).reshape(1, 1, 3, 3))
-    out = ascend.fused_attention(q, q, q, ascend.fused_attention_inputs(visible, None, 0.25, ms.float32), 0.25)
+    backend = ascend.AscendBackend(BaichuanConfig.from_preset("tiny", num_attention_heads=4))  # head_dim 16
+    out = backend.attention_core(q, q, q, backend.attention_inputs(visible, None, 0.25, ms.float32, 4), 0.25)
     want = composed.attend(q, q, q, composed.attention_bias(visible, None, 4), 0.25).asnumpy()
     assert out.dtype == ms.float32 and np.abs(out.asnumpy() - want).max() < 0.05
     assert emu.CALLS["RmsNorm"] == 1 and emu.CALLS["FlashAttentionScore"] == 1
@@ -266,8 +280,119 @@ def test_sparse_causal_backend_matches_composed_on_training_rows(converted, pyna
         modes.append(kwargs.get("sparse_mode", 0))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ms.ops, "flash_attention_score", spy)
-    fused = BaichuanForCausalLM.from_pretrained(model_dir, backend=AscendBackend(causal_rows=True))
+    monkeypatch.setattr(emu, "flash_attention_score", spy)
+    fused = BaichuanForCausalLM.from_pretrained(model_dir, backend=AscendBackend(composed.config, causal_rows=True))
     ids = Tensor(ref["input_ids"].astype(np.int32))
     assert_close(fused(ids).asnumpy(), composed(ids).asnumpy(), f"{family} sparse causal")
     assert modes and set(modes) == {2}
+
+
+# ---------------------------------------------------------------------------------------------- packed rows: varlen
+def test_varlen_attention_matches_the_block_diagonal_mask(pynative, monkeypatch):
+    """The TND path with the ends (a dummy token after every segment, so none is empty) gives what the dense
+    block-diagonal mask gives, also for a row filled exactly, a repeated end and a tail after the last end."""
+    from baichuan2 import backend_composed as composed  # pylint: disable=import-outside-toplevel
+    from baichuan2.modeling_baichuan import segments_from_ends  # pylint: disable=import-outside-toplevel
+    emu.install(monkeypatch)
+    backend = AscendBackend(BaichuanConfig.from_preset("tiny", num_attention_heads=2))  # head_dim 32
+    q, k, v = (_t((2, 2, 7, 32), seed=s) for s in (1, 2, 3))
+    ends = Tensor(np.array([[3, 7, 7], [2, 5, 5]], np.int32))  # row 0 full (then padding), row 1 with a tail
+    gather_in, gather_out, cumulative = varlen_indices(ends, 2, 7)
+    assert cumulative.asnumpy().tolist() == [4, 9, 10, 11, 14, 18, 19, 22]  # strictly increasing: no empty sequence
+    assert gather_in.shape == (22,) and gather_out.shape == (14,)
+    segments = segments_from_ends(ends, 7)
+    visible = (segments.reshape(2, 1, 1, 7) == segments.reshape(2, 1, 7, 1)) & \
+        Tensor(np.tril(np.ones((7, 7), bool))).reshape(1, 1, 7, 7)
+    emu.CALLS.clear()
+    got = backend.attention_core(q, k, v, backend.packed_attention_inputs(visible, ends, 32 ** -0.5, ms.float32, 2),
+                                 32 ** -0.5)
+    assert emu.CALLS["FlashAttentionScore"] == 1
+    want = composed.attend(q, k, v, composed.attention_bias(visible, None, 2), 32 ** -0.5)
+    assert got.shape == q.shape and np.abs(got.asnumpy() - want.asnumpy()).max() < 0.05
+
+
+def test_varlen_contract():
+    """TND as documented: the lists required, non-decreasing, ending at T, no empty key sequence, sparse_mode 2/3
+    with the compressed mask, next_tokens 0."""
+    fa = emu.flash_attention_score
+    q = _t((6, 2, 16), ms.bfloat16)
+    compressed = Tensor(np.triu(np.ones((2048, 2048), np.uint8), 1))
+    ok = dict(attn_mask=compressed, input_layout="TND", sparse_mode=3, next_tokens=0)
+    lists = lambda *ends: dict(actual_seq_qlen=Tensor(np.array(ends, np.int64)),  # noqa: E731
+                               actual_seq_kvlen=Tensor(np.array(ends, np.int64)))
+    with pytest.raises(emu.KernelContractError, match="requires actual_seq_qlen"):
+        fa(q, q, q, 2, **ok)
+    with pytest.raises(emu.KernelContractError, match="zero-length"):
+        fa(q, q, q, 2, **ok, **lists(2, 2, 6))
+    with pytest.raises(emu.KernelContractError, match="must equal T"):
+        fa(q, q, q, 2, **ok, **lists(2, 5))
+    with pytest.raises(emu.KernelContractError, match="non-decreasing"):
+        fa(q, q, q, 2, **ok, **lists(4, 2, 6))
+    with pytest.raises(emu.KernelContractError, match="next_tokens 0"):
+        fa(q, q, q, 2, **dict(ok, next_tokens=2147483647), **lists(2, 6))
+    with pytest.raises(emu.KernelContractError, match="sparse_mode 2 or 3"):
+        fa(q, q, q, 2, **dict(ok, sparse_mode=0), **lists(2, 6))
+    with pytest.raises(emu.KernelContractError, match="compressed"):
+        fa(q, q, q, 2, **dict(ok, attn_mask=None), **lists(2, 6))
+    # the math: each sequence causal on its own
+    out = fa(q, q, q, 2, scalar_value=0.25, **ok, **lists(2, 6)).astype(ms.float32).asnumpy()
+    q32 = q.astype(ms.float32).asnumpy()
+    for start, stop in ((0, 2), (2, 6)):
+        seq = q32[start:stop].transpose(1, 0, 2)
+        scores = 0.25 * seq @ seq.transpose(0, 2, 1)
+        scores = np.where(np.tril(np.ones((stop - start,) * 2, bool)), scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        want = ((probs / probs.sum(-1, keepdims=True)) @ seq).transpose(1, 0, 2)
+        assert np.abs(out[start:stop] - want).max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- shard strategies
+@pytest.mark.parametrize("preset,dp,mp", [("baichuan2_7b", 8, 1), ("baichuan2_13b", 8, 1), ("baichuan2_7b", 2, 4),
+                                          ("baichuan2_13b", 4, 2)])
+def test_shard_strategies_follow_the_layout(preset, dp, mp):
+    """The strategies the backend puts on its primitives for the recipes' dp 8 x mp 1 and for model parallelism:
+    q/k/v over batch (TND: tokens) and heads, masks and shifts as their shapes allow, the table builders and the
+    NormHead as MindFormers splits them. Whether MindSpore accepts them needs a semi-auto compile (Ascend dry run)."""
+    config = BaichuanConfig.from_preset(preset)
+    backend = AscendBackend(config, causal_rows=True)
+    backend.shard(dp, mp)
+    alibi = config.position_encoding == "alibi"
+    shift_dense, shift_causal = ((dp, mp, 1, 1),), ((1, mp, 1, 1),)
+    bnsd = ((dp, mp, 1, 1),) * 3
+    assert backend.fa_causal.in_strategy == bnsd + (shift_causal if alibi else ()) + ((1, 1),)
+    assert backend.fa_dense.in_strategy == bnsd + (shift_dense if alibi else ()) + ((dp, 1, 1, 1),)
+    if alibi:  # packed ALiBi rows take the dense path: the varlen primitive is never called nor sharded
+        assert "in_strategy" not in backend.fa_varlen.attrs
+    else:
+        assert backend.fa_varlen.in_strategy == ((dp, mp, 1),) * 3 + ((1, 1), (dp,), (dp,))
+    assert backend.rope_gather.in_strategy == ((1, 1), (dp, 1))
+    assert backend.alibi_mul.in_strategy == ((1, mp, 1, 1), (dp, 1, 1, 1))
+    assert backend.alibi_rel_mul.in_strategy == backend.causal_shift_scale.in_strategy[:1] + ((1, 1, 1, 1),)
+    assert backend.head_matmul.in_strategy == ((1, 1), (dp * mp, 1))
+    assert backend.head_scale.in_strategy == ((1, dp * mp), (dp * mp,))
+    # every strategy tuple has one entry per dimension of the input it splits, and each split divides it
+    heads, batch = config.num_attention_heads, dp
+    q_shape = (batch, heads, 4096, config.head_dim)
+    for dims, size in zip(backend.fa_causal.in_strategy[0], q_shape):
+        assert size % dims == 0
+    assert config.vocab_size % (dp * mp) == 0
+
+
+def test_model_parallel_must_divide_the_heads():
+    config = BaichuanConfig.from_preset("baichuan2_13b")  # 40 heads
+    with pytest.raises(LayoutError, match="model_parallel 3 does not divide the 40 attention heads"):
+        AscendBackend(config).shard(1, 3)
+
+
+def test_sharded_norm_head_computes_the_composed_norm_head(pynative):
+    """The NormHead in training through the backend's shardable primitives: the composed numbers."""
+    from baichuan2.backend_composed import ComposedBackend  # pylint: disable=import-outside-toplevel
+    backend = AscendBackend(BaichuanConfig.from_preset("tiny"))
+    x, w = _t((2, 3, 64), seed=6), _t((1000, 64), seed=7)
+    got = backend.norm_head(x, w, ms.float32).asnumpy()
+    want = ComposedBackend().norm_head(x, w, ms.float32).asnumpy()
+    assert got.shape == (2, 3, 1000)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    w_np = w.asnumpy()
+    np.testing.assert_allclose(want, x.asnumpy() @ (w_np / np.linalg.norm(w_np, axis=1, keepdims=True)).T,
+                               rtol=1e-4, atol=1e-4)

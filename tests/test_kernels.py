@@ -110,6 +110,10 @@ _cells = {}  # one compiled graph per case, shared by both instruction-set paths
 @pytest.mark.parametrize("fmt,group", CASES, ids=[f"{f}-g{g}" if g else f for f, g in CASES])
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
+    check_against_numpy(fmt, group, shape, forced_isa)
+
+
+def check_against_numpy(fmt, group, shape, forced_isa):
     m, n, k = shape
     rng = np.random.default_rng(m * 1000003 + n * 101 + k)
     x = rng.standard_normal((m, k), dtype=np.float32)
@@ -128,6 +132,33 @@ def test_projection_matches_numpy(fmt, group, shape, forced_isa, graph):
     bound = err @ np.abs(w64).T + (k + 2 * (group or 0) + 16) * U * ((np.abs(x64) + err) @ magnitude.T)
     worst = np.max(np.abs(y - want) - bound)
     assert worst <= 0, f"{fmt} {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
+
+
+# Small batches (a server's batch, speculative verification's K + 1 rows): decode's kernels (M = 2: gemv_q; 3..6:
+# gemv_qm, whole blocks two steps at a time on AVX2, the last block one) and the rows past them (prefill), K odd (a
+# partial chunk and a partial block of scales) or whole blocks only (4128), N odd and off every register block of rows.
+SMALL_BATCHES = [(2, 37, 1001), (3, 5, 4128), (4, 9, 333), (5, 37, 1001), (6, 3, 4128), (7, 19, 333), (16, 9, 1001)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("group", kernels.GROUP_SIZES)
+@pytest.mark.parametrize("shape", SMALL_BATCHES, ids=["x".join(map(str, s)) for s in SMALL_BATCHES])
+def test_small_batch_decode_matches_numpy(fmt, group, shape, forced_isa):
+    check_against_numpy(fmt, group, shape, forced_isa)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_small_batch_rows_match_single_rows(fmt):
+    """Each row of a 5-row call (one multi-row pass over W) within float32 rounding of the same row alone (M = 1's
+    kernel): the rows are not mixed up, and no row's scales or offset correction go to another."""
+    rng = np.random.default_rng(5)
+    k, group = 1001, 32
+    x = rng.standard_normal((5, k), dtype=np.float32)
+    weights = weights_for(fmt, group, rng.standard_normal((37, k), dtype=np.float32))[0]
+    cell = Projection(kernels.linear_op(fmt, group))
+    batch = cell(Tensor(x), weights).asnumpy()
+    single = np.concatenate([cell(Tensor(x[i:i + 1]), weights).asnumpy() for i in range(5)])
+    assert np.allclose(batch, single, rtol=1e-5, atol=1e-5 * np.abs(single).max())
 
 
 @pytest.mark.parametrize("shape", [(1, 37, 2100), (13, 37, 2100), (3, 3, 300), (64, 1, 33)],

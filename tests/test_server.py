@@ -6,6 +6,7 @@ GRAPH mode. The test's own Generator is the server's too (generation runs only w
 import concurrent.futures
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -20,7 +21,7 @@ from baichuan2.chat import build_chat_input
 from baichuan2.generation import Generator
 from baichuan2.server import create_app
 from baichuan2.tokenization_baichuan import BaichuanTokenizer
-from helpers import REPO, call_script, running
+from helpers import PYTHON, REPO, call_script, free_port, running
 
 openai = pytest.importorskip("openai")  # pinned in requirements.txt; importorskip only makes the reason clear
 uvicorn = pytest.importorskip("uvicorn")
@@ -201,6 +202,16 @@ def test_completions_logprobs_echo_n_and_a_list_of_prompts(served):
                 assert 1 <= len(top) <= 2  # two tokens with the same text share a key
                 np.testing.assert_allclose(sorted(top.values(), reverse=True), best, atol=1e-4)
     assert body["usage"]["prompt_tokens"] == sum(len(served.tokenizer.encode(p)) for p in prompts)
+    # token ids instead of text (lm-eval's default): the same scores; one id list or a list of them
+    ids = [list(served.tokenizer.encode(p)) for p in prompts]
+    for prompt in (ids, ids[0]):
+        again = requests.post(served.url + "/v1/completions", timeout=120, json={
+            "prompt": prompt, "n": 2, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True}).json()
+        assert [c["logprobs"]["token_logprobs"] for c in again["choices"]] == [
+            c["logprobs"]["token_logprobs"] for c in choices[:len(again["choices"])]]
+    refused = requests.post(served.url + "/v1/completions", timeout=30, json={
+        "prompt": [5, served.config.vocab_size], "max_tokens": 1})
+    assert refused.status_code == 400 and "outside the vocabulary" in refused.json()["error"]["message"]
 
 
 @pytest.mark.slow
@@ -235,6 +246,39 @@ def test_bench_serve_drives_concurrent_streaming_clients(served):
     assert out.startswith("CPU: ") and "failed request" not in out, out
     row = [line.split() for line in out.splitlines() if line.split()[:1] == ["3"]][0]
     assert float(row[1]) > 0 and row[2].endswith("s")  # output tokens/s, TTFT p50
+
+
+@pytest.mark.slow
+def test_bench_serve_builds_and_serves_a_random_model_whose_every_id_decodes(tmp_path):
+    """--random S: a random model directory with the full 125,696-id vocabulary, built once under
+    ~/.cache/baichuan2/bench (HOME points into tmp_path here), nothing written to the current directory."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    from baichuan2.kernels import cache_dir  # the compiled kernels stay where they are (a compile takes minutes)
+    env = dict(os.environ, HOME=str(home), BAICHUAN_KERNEL_CACHE=cache_dir())
+    done = subprocess.run([PYTHON, os.path.join(REPO, "example", "bench_serve.py"), "--random", "S", "--weights",
+                           "int4", "--clients", "2", "--requests", "1", "--prompt_tokens", "12", "--output_tokens",
+                           "8", "--port", str(free_port())], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "building the random S int4 model directory" in done.stdout and "failed request" not in done.stdout
+    row = [line.split() for line in done.stdout.splitlines() if line.split()[:1] == ["2"]][0]
+    assert float(row[1]) > 0 and int(row[6]) >= 12  # output tokens/s; prompt tokens the server counted
+    assert os.listdir(cwd) == []
+    model_dir = home / ".cache" / "baichuan2" / "bench" / "random-S-int4"
+    with open(model_dir / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["vocab_size"] == 125696 and config["quantization_config"]["bits"] == 4
+    tokenizer = BaichuanTokenizer.from_pretrained(str(model_dir))
+    assert len(tokenizer) == config["vocab_size"]
+    # every id the head can emit has text of its own (SentencePiece directly: the tokenizer's decode per id is ~20x
+    # slower; the served requests above went through it)
+    texts = [tokenizer.sp_model.decode([i]) for i in range(3, config["vocab_size"])]
+    assert all(texts) and len(set(texts)) == len(texts)
+    assert [tokenizer.decode([i]) for i in (0, 1, 2)] == ["<unk>", "<s>", "</s>"]
+    code, _, err = call_script(os.path.join(REPO, "example", "bench_serve.py"), [
+        "--model_dir", str(model_dir), "--weights", "int8"])
+    assert code == 2 and "--weights and --dir go with --random" in err
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ protobuf schema (mindspore.train.node_strategy_pb2) with the layout the recipe i
 tensors as MindSpore's parallel optimizer does and checks that the merge reassembles them. What only a device run
 shows: that MindSpore's real strategy files and slices match these (docs/ASCEND_TRAINING.md)."""
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -19,12 +20,13 @@ from mindspore.train import node_strategy_pb2
 from baichuan2.configuration_baichuan import BaichuanConfig
 from baichuan2.modeling_baichuan import BaichuanForCausalLM
 from baichuan2.training import load_recipe
-from baichuan2.training.checkpoint import (OPTIMIZER_FILE, SHARD_FILE, STRATEGY_FILE, WEIGHTS_FILE, Sharding,
-                                           checkpoint_dirs, checkpoint_root, export_checkpoint, merge_rank_shards,
-                                           rank_strategy_file, restore_checkpoint, shard_names, train_cell_state,
+from baichuan2.training.checkpoint import (OPTIMIZER_FILE, SHARD_FILE, STRATEGY_FILE, WEIGHTS_FILE,
+                                           CheckpointDamaged, Sharding, checkpoint_dirs, checkpoint_root,
+                                           export_checkpoint, merge_rank_shards, rank_strategy_file,
+                                           restore_checkpoint, resume_from_shards, shard_names, train_cell_state,
                                            verify_checkpoint, write_outputs_from_checkpoint)
 from baichuan2.training.recipe import DEFAULT_CONFIG, FinetuneError
-from baichuan2.training.run import RunShape, build_model, build_train_cell, checkpoint_saver
+from baichuan2.training.run import RunShape, build_model, build_train_cell, checkpoint_saver, restore
 from baichuan2.training.schedule import lr_schedule
 from baichuan2.weights_io import load_weights_checked
 from safetensors.numpy import load_file
@@ -229,3 +231,41 @@ def test_plain_data_parallel_never_saves_shards(tmp_path, monkeypatch):
     assert spy.calls == []
     verify_checkpoint(ckpt)
     assert load_file(os.path.join(ckpt, WEIGHTS_FILE)).keys() == whole(model).keys()
+
+
+def test_resume_with_the_same_layout_loads_each_ranks_own_shard(tmp_path, monkeypatch):
+    """The checkpoint keeps every rank's shard with its strategy file and layout; a resume with the same layout
+    loads each rank's own shard (MindSpore's sliced-parameter form), without touching the merged files; another
+    layout or a changed strategy file falls back to the merged files."""
+    recipe, model, cell = tiny_run(tmp_path / "out")
+    output_dir = recipe["output"]["output_dir"]
+    write_rank_strategies(output_dir, model, cell, stages=2)
+    ckpt = save_on_every_rank(recipe, model, cell, SaveSpy(ms.save_checkpoint), stages=2)[0]
+    kept = os.path.join(ckpt, "shards")
+    assert sorted(os.listdir(kept)) == ["layout.json"] + [f"rank_{r}" for r in range(WORLD)]
+    assert sorted(os.listdir(os.path.join(kept, "rank_3"))) == [SHARD_FILE, "strategy.ckpt"]
+    verify_checkpoint(ckpt)  # the manifest covers the shards: a damaged one is caught before any rank loads it
+    with open(os.path.join(kept, "rank_1", SHARD_FILE), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointDamaged, match="shards/rank_1/shard.safetensors: is 100 bytes"):
+        verify_checkpoint(ckpt)
+    os.remove(os.path.join(kept, "rank_1", SHARD_FILE))
+    os.rename(os.path.join(kept, "rank_3", SHARD_FILE), os.path.join(kept, "rank_1", SHARD_FILE))  # whole on CPU
+
+    os.remove(os.path.join(ckpt, WEIGHTS_FILE))  # the shard path must not need the merged files
+    fresh = tiny_run(tmp_path / "other")
+    shape = dataclasses.replace(shape_of(model.config, 1, True, stages=2), resume_from=ckpt)
+    assert restore(shape, fresh[1], fresh[2]) == 2
+    for name, array in whole(model).items():
+        np.testing.assert_array_equal(whole(fresh[1])[name], array)
+        assert fresh[1].parameters_dict()[name].sliced  # MindSpore's compile keeps a sliced parameter as it is
+    np.testing.assert_array_equal(train_cell_state(fresh[2], fresh[1])["adam_v.lm_head.weight"].asnumpy(),
+                                  train_cell_state(cell, model)["adam_v.lm_head.weight"].asnumpy())
+
+    # another layout (dp 4, no pipeline): the shards do not apply
+    other = Sharding.of_run(1, WORLD, 1, {"data_parallel": 4, "model_parallel": 1, "pipeline_stage": 1,
+                                          "micro_batch_num": 1})
+    assert resume_from_shards(ckpt, fresh[1], fresh[2], other, output_dir) is None
+    # this rank's strategy file changed since the save: neither
+    write_strategy(rank_strategy_file(output_dir, 1), 0, {"lm_head.weight": (1000, 64)}, 2)
+    assert resume_from_shards(ckpt, fresh[1], fresh[2], shape.sharding, output_dir) is None

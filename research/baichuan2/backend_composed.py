@@ -5,6 +5,8 @@ Every backend offers the same primitives to the neutral definition in modeling_b
     norm(x, weight, eps, eps_tensor)                 RMSNorm over the last axis, x's shape and dtype
     rope_inputs(cos, sin, num_heads)                 what `heads` takes for RoPE (cos/sin [B, 1, S, D]), once a call
     heads(x, rope)                                   x [B, S, N, D] -> [B, N, S, D], RoPE applied when rope is given
+    gather_rows(table, index)                        the RoPE tables' rows at the positions (axis 0)
+    alibi_shift(slopes, distance)                    slopes [1, N, 1, 1] x (key - query) distance -> float32
     attention_inputs(visible, alibi, scale, dtype, num_heads)
                                                      visibility (bool [B, 1, S, Sk], True = query sees key) and the
                                                      ALiBi term (float32 [B, N, S, Sk] or None) in the form
@@ -15,6 +17,10 @@ Every backend offers the same primitives to the neutral definition in modeling_b
                                                      BaichuanModel.cache_writes) or a paged pool (k, v [rows, N, D],
                                                      B = 1 and S the step's tokens, write = (slot_rows, key_rows):
                                                      BaichuanModel.paged)
+    packed_attention_inputs(visible, seq_ends, scale, dtype, num_heads)
+                                                     packed rows of a RoPE model: the same, given the conversations'
+                                                     cumulative ends [B, W] too (a backend whose kernel takes them)
+    norm_head(x, weight, dtype)                      NormHead in training: x w^T with each row of w L2-normalised
     linear_kernel(config, fmt, count)                at construction: the op projecting `count` weights of one x, or
                                                      None (stock ops: `project`)
 Positions and visibility themselves are computed once, backend-neutrally, by BaichuanModel.position_inputs.
@@ -181,8 +187,25 @@ class ComposedBackend:
         x = x.swapaxes(1, 2)
         return x if rope is None else apply_rotary(x, rope[0], rope[1])
 
+    def gather_rows(self, table, index):
+        return ops.gather(table, index, 0)
+
+    def alibi_shift(self, slopes, distance):
+        return slopes * distance.astype(ms.float32)
+
     def attention_inputs(self, visible, alibi, scale, dtype, num_heads):  # pylint: disable=unused-argument
         return attention_bias(visible, alibi, num_heads)
+
+    def packed_attention_inputs(self, visible, seq_ends, scale, dtype, num_heads):  # pylint: disable=unused-argument
+        return self.attention_inputs(visible, None, scale, dtype, num_heads)  # the mask already holds the ends
+
+    def norm_head(self, x, weight, dtype):
+        """x (w / |w|) computed as (x w) / |w|: the same numbers without the V x H temporaries that dividing the
+        weight keeps for its backward (~3 x V x H x 4 bytes; memory_budget.py counts the [S, V] product this keeps
+        instead). The squares come from the compute-dtype copy the matmul keeps anyway."""
+        wc = weight.astype(dtype)
+        norms = ops.maximum(ops.sqrt((wc * wc).astype(ms.float32).sum(-1)), 1e-12)
+        return linear(x, weight, dtype) * (1.0 / norms).astype(dtype)
 
     def attention(self, q, k, v, cache, write, inputs, scale):
         if cache is not None and len(cache[0].shape) == 3:

@@ -21,7 +21,7 @@ the first disagreement gives the corrected token (see _verify), and greedy outpu
 
 Positions are per sequence (no padding between them, no shared slot); the cache is kv_pool.BlockPool's blocks.
 The model's step cell runs the step (modeling_baichuan.py: PagedStep in stock ops, compiled once for all sizes, or
-PagedStackStep on the whole-stack kernel, inputs padded to powers of two). Host-side bookkeeping only here: no
+PagedStackStep on the whole-stack kernel, inputs padded to a few sizes). Host-side bookkeeping only here: no
 MindSpore op.
 """
 from dataclasses import dataclass
@@ -145,13 +145,24 @@ def _gathered_inputs(ids, positions, owners, out_rows, tables, block_size):
     return (ids[None, :], positions, slot_rows.astype(np.int32), key_rows.astype(np.int32), key_valid, out_rows)
 
 
+def _bucket(n):
+    """n up to 16, then the next of four sizes an octave (20, 24, 28, 32, 40, ...): few shapes to compile, and
+    little padding where it costs most (every padding token goes through every projection: a verify step of 5
+    tokens padded to 8 would do 8 tokens' work)."""
+    if n <= 16:
+        return max(1, int(n))
+    step = 1 << (int(n).bit_length() - 3)
+    return -(-int(n) // step) * step
+
+
 def _stack_inputs(ids, positions, owners, out_rows, tables, block_size):
-    """PagedStackStep's inputs: (input_ids [T], tokens [T, 2], out_rows [R], block_tables [B, MB]), padded to powers
-    of two (its graph is compiled per shape). Each padding token is a sequence of its own at position 0 in the
-    padding block (kv_pool.NULL_BLOCK): its table row is all that block."""
+    """PagedStackStep's inputs: (input_ids [T], tokens [T, 2], out_rows [R], block_tables [B, MB]), tokens and rows
+    padded to _bucket sizes, sequences and blocks to powers of two (its graph is compiled per shape). Each padding
+    token is a sequence of its own at position 0 in the padding block (kv_pool.NULL_BLOCK): its table row is all
+    that block."""
     del block_size  # the tables hold every position's block already
     tokens, sequences = len(ids), tables.shape[0]
-    t_pad = _pow2(tokens)
+    t_pad = _bucket(tokens)
     extra = t_pad - tokens
     b_pad = _pow2(sequences + extra)
     mb_pad = _pow2(tables.shape[1])
@@ -162,7 +173,7 @@ def _stack_inputs(ids, positions, owners, out_rows, tables, block_size):
     pairs[tokens:, 0] = sequences + np.arange(extra)
     padded_tables = np.full((b_pad, mb_pad), NULL_BLOCK, np.int32)
     padded_tables[:sequences, :tables.shape[1]] = tables
-    padded_rows = np.zeros(_pow2(len(out_rows)), np.int32)
+    padded_rows = np.zeros(_bucket(len(out_rows)), np.int32)
     padded_rows[:len(out_rows)] = out_rows
     return padded_ids, pairs, padded_rows, padded_tables
 
@@ -364,9 +375,7 @@ class Engine:
         self.last_step_sequences = len(plan)
         if not plan:
             return []
-        inputs, row_of = self._inputs(plan)
-        logits, self.pools = self.step_cell.step(inputs, self.pools)
-        logits = logits.asnumpy()
+        logits, row_of = self.forward(plan)
         self.steps += 1
         events = []
         for (seq, count), (first, nrows, samples) in zip(plan, row_of):
@@ -382,6 +391,13 @@ class Engine:
             if samples:
                 events.append(self._sample(seq, logits[first + nrows - 1]))
         return events
+
+    def forward(self, plan):
+        """The step cell on a plan ([(sequence, tokens to compute)]; a sequence's draft tokens follow its own):
+        (logits rows as numpy, which rows are whose). Writes the plan's keys / values into the pool, moves nothing."""
+        inputs, row_of = self._inputs(plan)
+        logits, self.pools = self.step_cell.step(inputs, self.pools)
+        return logits.asnumpy(), row_of
 
     def _verify(self, seq, rows):
         """Speculative decoding's verification: row i chooses the token after the last known one plus i draft

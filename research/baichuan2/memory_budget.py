@@ -51,7 +51,7 @@ The rest of the training graph, op by op (modeling_baichuan.py, backend_ascend.p
 - ALiBi (13B): the shift handed to FlashAttentionScore, [B, N, S, S] in the compute dtype, kept for every layer's
   backward; building it takes two float32 [B, N, S, S] temporaries (slope x distance, then / scale).
 - The final norm's input and output (2 x hidden per token), last stage.
-- NormHead: training computes x (w / |w|) as (x w) / |w| (NormHead.construct), so it keeps the product x w,
+- NormHead: training computes x (w / |w|) as (x w) / |w| (the backends' norm_head), so it keeps the product x w,
   [S, V] in the compute dtype, and no V x H tensor beyond the compute-dtype copy counted with the weights. (Dividing
   the weight in float32, as before, kept 3 x V x H x 4 bytes: the float32 weight, the broadcast norms and the
   quotient; normhead_bytes(division=True) gives that figure for comparison.)

@@ -66,7 +66,7 @@ def select_backend(config, name="auto", inference=False):
         return ComposedBackend()
     if name == "ascend":
         from .backend_ascend import AscendBackend
-        return AscendBackend()
+        return AscendBackend(config)
     reason = unavailable_reason(config, whole_stack=name == "cpu-stack")
     if reason:
         raise ValueError(f"backend {name!r} cannot run this model: {reason}; use backend='auto' or 'composed'")
@@ -305,13 +305,14 @@ class BaichuanModel(nn.Cell):
             self.stack_inputs = sum((layer.stack_weights() for layer in self.layers), ())
             self.stack_spec = Tensor([config.group_size or 0, int(self.use_rope)], ms.int32)
 
-    def position_inputs(self, key_mask, query_slots, segment_ids=None):
+    def position_inputs(self, key_mask, query_slots, segment_ids=None, seq_ends=None):
         """key_mask [B, Sk] (1 = real token), query_slots [S] (the key slot of each query).
         Position ids = cumsum(mask) - 1, so left padding does not shift real tokens. A query sees the real keys up to
         its own slot, and always itself (so a padding row is never fully masked: the fused kernel leaves such rows
         undefined). Packed rows (segment_ids [B, S], no cache, so keys = queries): a query sees only keys of its own
         segment (block-diagonal causal mask) and positions restart at 0 in each segment, so RoPE angles and ALiBi
-        distances are those of the conversation alone.
+        distances are those of the conversation alone; their ends seq_ends [B, W] (the segments' source) also go
+        to a RoPE model's backend, whose kernel can take them instead of the mask (backend_ascend's varlen path).
         Returns (rope inputs or None, attention inputs for every layer), in the backend's form."""
         batch, keys = key_mask.shape
         key_positions = ops.maximum(ops.cumsum(key_mask, 1) - 1, 0)  # [B, Sk]
@@ -328,15 +329,18 @@ class BaichuanModel(nn.Cell):
             key_positions = visible.astype(ms.float32).sum(-1).reshape(batch, keys).astype(ms.int32) - 1
             query_positions = key_positions
         if self.use_rope:
-            cos = ops.gather(self.cos_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
-            sin = ops.gather(self.sin_table, query_positions, 0).reshape(batch, 1, seq_len, -1)
+            cos = self.backend.gather_rows(self.cos_table, query_positions).reshape(batch, 1, seq_len, -1)
+            sin = self.backend.gather_rows(self.sin_table, query_positions).reshape(batch, 1, seq_len, -1)
             rope = self.backend.rope_inputs(cos.astype(self.compute_dtype), sin.astype(self.compute_dtype),
                                             self.num_heads)
+            if seq_ends is not None:
+                return rope, self.backend.packed_attention_inputs(visible, seq_ends, self.head_scale,
+                                                                  self.compute_dtype, self.num_heads)
             return rope, self.backend.attention_inputs(visible, None, self.head_scale, self.compute_dtype,
                                                        self.num_heads)
         # ALiBi as slope * (key position - query position): relative, so it stays small in half precision
         distance = key_positions.reshape(batch, 1, 1, keys) - query_positions.reshape(batch, 1, seq_len, 1)
-        alibi = self.slopes * distance.astype(ms.float32)  # [B, N, S, Sk]
+        alibi = self.backend.alibi_shift(self.slopes, distance)  # [B, N, S, Sk]
         return None, self.backend.attention_inputs(visible, alibi, self.head_scale, self.compute_dtype,
                                                    self.num_heads)
 
@@ -391,10 +395,12 @@ class BaichuanModel(nn.Cell):
             new_v += (pools[1],)
         return self.norm(x), new_k, new_v
 
-    def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None):
+    def construct(self, input_ids, attention_mask, k_caches=None, v_caches=None, cache_slot=None, segment_ids=None,
+                  seq_ends=None):
         """Returns (hidden [B, S, H], new k caches, new v caches); the caches are None without a cache.
         segment_ids [B, S] (packed rows, without a cache; see segments_from_ends): which conversation each token
-        belongs to; attention and positions then stay within a conversation."""
+        belongs to; attention and positions then stay within a conversation. seq_ends [B, W]: the ends they come
+        from, for a backend that takes them (see position_inputs)."""
         seq_len = input_ids.shape[1]
         attention_mask = attention_mask.astype(ms.int32)
         if self.whole_stack and k_caches is not None:
@@ -405,7 +411,7 @@ class BaichuanModel(nn.Cell):
             cache_slot = 0 if cache_slot is None else cache_slot
             query_slots = query_slots + cache_slot
             write = self.cache_writes(cache_slot, seq_len, k_caches[0].shape)
-        rope, attn_inputs = self.position_inputs(attention_mask, query_slots, segment_ids)
+        rope, attn_inputs = self.position_inputs(attention_mask, query_slots, segment_ids, seq_ends)
         x = self.embed_tokens(input_ids).astype(self.compute_dtype)
         new_k, new_v = (), ()
         for i in range(len(self.layers)):
@@ -441,6 +447,7 @@ class NormHead(nn.Cell):
             add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
         self.normalized = self.format != "dense"  # whether the stored rows are normalised already
         self.kernel = backend.linear_kernel(config, self.format)
+        self.backend = backend
 
     stored_weights = Linear.stored_weights  # (weight,), or (qweight, scales) for int8 / int4: as a Linear's
 
@@ -461,13 +468,8 @@ class NormHead(nn.Cell):
             y = project(x, self.stored_weights(), self.format, self.group_size, self.in_features, self.kernel)
             return y.astype(self.compute_dtype)
         w = self.weight
-        if self.norm and not self.normalized:
-            # training: x (w / |w|) computed as (x w) / |w|: the same numbers without the V x H temporaries that
-            # dividing the weight keeps for its backward (~3 x V x H x 4 bytes; memory_budget.py counts the [S, V]
-            # product this keeps instead). The squares come from the compute-dtype copy the matmul keeps anyway.
-            wc = w.astype(self.compute_dtype)
-            norms = ops.maximum(ops.sqrt((wc * wc).astype(ms.float32).sum(-1)), 1e-12)
-            return linear(x, w, self.compute_dtype) * (1.0 / norms).astype(self.compute_dtype)
+        if self.norm and not self.normalized:  # training: normalised every call (backend_composed.norm_head)
+            return self.backend.norm_head(x, w, self.compute_dtype)
         if self.kernel is not None:
             return project(x, (w,), "float32", None, self.in_features, self.kernel)
         return linear(x, w, self.compute_dtype)
@@ -529,7 +531,7 @@ class BaichuanForCausalLM(PreTrainedModel):
             attention_mask = ops.ones(input_ids.shape, ms.int32)
         # only the hidden states: unpacking the two None cache outputs too made GRAPH mode warn "Some side effect
         # nodes were eliminated by mistake" (their tuple_getitem nodes, dropped as unused) at every finetune
-        hidden = self.model(input_ids, attention_mask, segment_ids=segment_ids)[0]
+        hidden = self.model(input_ids, attention_mask, segment_ids=segment_ids, seq_ends=seq_ends)[0]
         logits = self.lm_head(hidden).astype(ms.float32)
         if labels is None:
             return logits

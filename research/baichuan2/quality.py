@@ -1,9 +1,10 @@
 """Quantisation quality on real weights: perplexity of a model directory over a text, and llama.cpp's q4_0 / q8_0
 rules simulated on the same weights (weight-only, float activations) for comparison.
 
-- `perplexity(model_dir, ids, chunk)`: exp of the mean next-token loss over consecutive chunks of `chunk` tokens,
-  each scored on its own (no context carried over), as llama.cpp's perplexity tool scores its chunks, except that
-  every token after a chunk's first is scored (llama.cpp scores the second half only).
+- `perplexity(model, ids, chunk, first=0)`: exp of the mean next-token loss over consecutive chunks of `chunk`
+  tokens, each scored on its own (no context carried over), as llama.cpp's perplexity tool scores its chunks,
+  except that every token after a chunk's first is scored (llama.cpp scores the second half only: `first=chunk // 2`
+  does the same, each chunk's first half then serving as context).
 - `q4_0_rule(w)` / `q8_0_rule(w)`: the dequantised weight llama.cpp's q4_0 / q8_0 blocks of 32 hold (facts from
   its ggml-quants.c: q4_0 d = the block's signed extreme / -8, q = min(15, trunc(x / d + 8.5)) - 8, so all 16 levels
   are used; q8_0 d = absmax / 127, q = round(x / d) half away from zero; d stored as float16).
@@ -70,8 +71,9 @@ def simulated_dir(float_dir, out_dir, rule):
         os.replace(path + ".tmp", path)
 
 
-def perplexity(model, ids, chunk):
-    """exp(mean next-token loss) of `model` (a loaded BaichuanForCausalLM) over len(ids) // chunk chunks."""
+def perplexity(model, ids, chunk, first=0):
+    """exp(mean next-token loss) of `model` (a loaded BaichuanForCausalLM) over len(ids) // chunk chunks, scoring
+    in each chunk the tokens after position `first` (0: all but the chunk's first token)."""
     import mindspore as ms  # pylint: disable=import-outside-toplevel
 
     ids = np.asarray(ids, np.int32)
@@ -82,9 +84,9 @@ def perplexity(model, ids, chunk):
     for c in range(chunks):
         piece = ids[c * chunk:(c + 1) * chunk][None]
         logits = model(ms.Tensor(piece), attention_mask=ms.Tensor(np.ones_like(piece))).asnumpy()[0]
-        logits = logits[:-1].astype(np.float64)
+        logits = logits[first:-1].astype(np.float64)
         top = logits.max(axis=1, keepdims=True)
         log_norm = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        total += float((log_norm - logits[np.arange(chunk - 1), piece[0, 1:]]).sum())
-        count += chunk - 1
+        total += float((log_norm - logits[np.arange(chunk - 1 - first), piece[0, first + 1:]]).sum())
+        count += chunk - 1 - first
     return float(np.exp(total / count))

@@ -54,8 +54,8 @@ def random_array(param, rng, block_rows=8192):
 
 
 def build_random_model(fields, weights, compute_dtype="float32", seed=0, group_size=DEFAULT_GROUP_SIZE,
-                       backend="auto"):
-    """BaichuanForCausalLM of the Baichuan2-7B preset with the config fields `fields` (its shape: hidden_size,
+                       backend="auto", preset="baichuan2_7b"):
+    """BaichuanForCausalLM of `preset` with the config fields `fields` (its shape: hidden_size,
     num_hidden_layers, ...), random weights stored in format `weights`, built for inference on `backend`
     (modeling_baichuan.select_backend)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -65,7 +65,7 @@ def build_random_model(fields, weights, compute_dtype="float32", seed=0, group_s
     from .configuration_baichuan import BaichuanConfig  # pylint: disable=import-outside-toplevel
     from .modeling_baichuan import BaichuanForCausalLM  # pylint: disable=import-outside-toplevel
 
-    config = BaichuanConfig.from_preset("baichuan2_7b", compute_dtype=compute_dtype, **fields,
+    config = BaichuanConfig.from_preset(preset, compute_dtype=compute_dtype, **fields,
                                         **stored_format_fields(weights, group_size))
     with no_init_parameters():
         model = BaichuanForCausalLM(config, backend=backend, inference=True)

@@ -175,7 +175,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str]] = Field(min_length=1)
+    prompt: Union[str, List[str], List[int], List[List[int]]] = Field(min_length=1)  # text or token ids
     logprobs: Optional[int] = Field(default=None, ge=0, le=5)  # the legacy API's: the top N per token
     echo: bool = False  # the prompt's text (and with logprobs its tokens' logprobs) before the completion
 
@@ -540,14 +540,23 @@ def create_app(source, tokenizer=None, model_name=None, max_batch=8, api_key=Non
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        check_chars(max(len(p) for p in prompts), "prompt")
+        one = isinstance(req.prompt, str) or isinstance(req.prompt[0], int)
+        prompts = [req.prompt] if one else req.prompt  # each a text, or token ids (lm-eval sends those)
+        check_chars(max(len(p) if isinstance(p, str) else 0 for p in prompts), "prompt")
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream=true", param="echo")
-        encoded = [await tokenized(lambda text: list(tokenizer.encode(text)), p) for p in prompts]
+        encoded = []
+        for p in prompts:
+            if not isinstance(p, str):
+                bad = next((t for t in p if not 0 <= t < config.vocab_size), None)
+                if bad is not None:
+                    raise APIError(400, f"prompt token id {bad} is outside the vocabulary (0 to "
+                                        f"{config.vocab_size - 1})", param="prompt")
+            encoded.append(list(p) if not isinstance(p, str) else
+                           await tokenized(lambda text: list(tokenizer.encode(text)), p))
         jobs = [job for ids in encoded for job in make_jobs(
             req, ids, chat=False, logprobs=req.logprobs, prompt_logprobs=req.echo and req.logprobs is not None)]
-        texts = [p for p in prompts for _ in range(req.n)]
+        texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts for _ in range(req.n)]
 
         def chunk(request_id, index, text, finish_reason, entries, first):
             del first

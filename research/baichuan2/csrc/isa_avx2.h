@@ -40,6 +40,11 @@ KI I dot_us2(I a, I b, I c, I d) {
   return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(a, b), _mm256_maddubs_epi16(c, d)),
                            _mm256_set1_epi16(1));
 }
+// adjacent int16 / int32 pairs of a and b summed, per 128-bit lane [a's | b's]: small-batch decode packs two steps'
+// dots into one vector with them, so that one conversion, permute and FMA serve both (gemv_qm_block)
+constexpr bool kHadd = true;
+KI I hadd16(I a, I b) { return _mm256_hadd_epi16(a, b); }
+KI I hadd32(I a, I b) { return _mm256_hadd_epi32(a, b); }
 KI I lo_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0xF)); }
 KI I hi_nibbles(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0xF)); }
 // Prefill's integer primitives: acc + a . b per 4 bytes; int16 pair sums and their widening (the two halves of

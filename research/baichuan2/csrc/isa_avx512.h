@@ -47,6 +47,9 @@ KI I dot_us2(I a, I b, I c, I d) {
   return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(a, b), _mm512_maddubs_epi16(c, d)),
                            _mm512_set1_epi16(1));
 }
+constexpr bool kHadd = false;  // no 512-bit phadd: small-batch decode takes its steps one at a time
+KI I hadd16(I a, I) { return a; }
+KI I hadd32(I a, I) { return a; }
 KI I lo_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0xF)); }
 KI I hi_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0xF)); }
 constexpr bool kDotAcc = false;

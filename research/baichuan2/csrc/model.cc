@@ -5,13 +5,13 @@
 // docs/WEIGHT_FORMATS.md; the formats, paths and group sizes are listed once, in tables.h):
 //   float32 [N, K] | bfloat16 [N, K] | int8 [N, K] + float16 scales [N, ceil(K/group)]
 //   | int4 uint8 [N, ceil(K/32)*16] (q4_0-style blocks of 32, stored q + 8) + float16 scales [N, ceil(K/group)]
-// M <= 4 (decode.inc): matrix-vector, R rows of W at a time against all M rows of x, so each weight byte is read
-//   once and the loop streams W at memory speed. int8 / int4: x is quantised once per call to int8 per 32-element
-//   chunk (scale absmax / 127, so |x - x_q| <= scale / 2) and each chunk is an integer dot product (VNNI vpdpbusd,
-//   else maddubs + madd: unsigned x signed bytes, so int8 weights go in as |w| against x_q with w's sign, int4 as
-//   their stored q + 8 with 8 s sum(x_q) taken off at the end), scaled by weight scale x activation scale in
+// M <= 4, int8 / int4 M <= 6 (decode.inc): matrix-vector, R rows of W at a time against all M rows of x, so each weight
+//   byte is read once and the loop streams W at memory speed. int8 / int4: x is quantised once per call to int8 per
+//   32-element chunk (scale absmax / 127, so |x - x_q| <= scale / 2) and each chunk is an integer dot product (VNNI
+//   vpdpbusd, else maddubs + madd: unsigned x signed bytes, so int8 weights go in as |w| against x_q with w's sign,
+//   int4 as their stored q + 8 with 8 s sum(x_q) taken off at the end), scaled by weight scale x activation scale in
 //   float32. bfloat16 with AVX512-BF16: x rounded to bfloat16 once per call and vdpbf16ps (|x - x_bf16| <= 2^-8 |x|).
-// M > 4 (prefill.inc): float32 / bfloat16: a tile of W converted to float32 once and reused by every row of x (x
+// Larger M (prefill.inc): float32 / bfloat16: a tile of W converted to float32 once and reused by every row of x (x
 //   repacked so that an 8 (6 on AVX2) x 2-vector register block of y is updated per k); int8 / int4: x quantised
 //   as for decode and integer dots against tiles of W rows interleaved 4 bytes at a time (see gemm_q).
 // Besides the projections: CachedStack (stack.h), a whole cached step (prefill or decode) through every decoder

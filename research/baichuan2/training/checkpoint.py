@@ -16,7 +16,10 @@ to checkpoints/.tmp_shards_step_XXXXXX/rank_<r>/, and rank 0 merges them with Mi
 (mindspore.parallel.merge_pipeline_strategys over the ranks' strategy files, which MindSpore writes at compile time
 to <output_dir>/strategy/rank_<r>.ckpt, then mindspore.parallel.transform_checkpoints to an unsharded layout) into
 the same directory, with the same names and formats, as an unsharded run, plus the merged strategy.ckpt it came
-from; the rank shards are deleted once merged (save_rank_shard, merge_rank_shards).
+from (save_rank_shard, merge_rank_shards). The rank shards stay in the checkpoint, each beside a copy of its rank's
+strategy file, with the layout they were cut by (shards/rank_<r>/, shards/layout.json, all in the manifest): a
+resume with the same layout loads each rank's own shard (resume_from_shards), no merge needed; the merged files
+serve export, the final model/ and a resume with another layout.
 
 Verification (verify_checkpoint): every file listed in manifest.json has its recorded size and sha256. Checkpoints
 written before manifests existed (no "manifest" key in trainer_state.json) are verified by reading them: the JSON
@@ -44,6 +47,9 @@ SHARD_FILE = "shard.safetensors"  # one rank's slices of the weights and optimiz
 STRATEGY_FILE = "strategy.ckpt"  # MindSpore's parallel strategy (protobuf) a sharded checkpoint was merged with
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 SHARD_TIMEOUT_S = 1800  # how long rank 0 waits for another rank's shard or strategy file
+SHARDS_DIR = "shards"  # in a sharded run's checkpoint: rank_<r>/{shard.safetensors, strategy.ckpt}, layout.json
+RANK_STRATEGY = "strategy.ckpt"  # beside a rank's shard: the strategy file its slices were cut by
+LAYOUT_FILE = "layout.json"  # the run's world size and parallel settings the shards were cut for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +59,18 @@ class Sharding:
     rank: int
     world_size: int = 1
     stage_leaders: tuple = (0,)
+    parallel: str = "{}"  # the run's checked parallel settings as sorted JSON: what cuts the parameters
 
     @classmethod
-    def of_run(cls, rank, world_size, pipeline_stages):
+    def of_run(cls, rank, world_size, pipeline_stages, parallel=None):
         """MindSpore puts ranks [s * n, (s + 1) * n) on stage s, n = world_size / pipeline_stages."""
         per_stage = world_size // max(1, pipeline_stages)
-        return cls(rank, world_size, tuple(range(0, world_size, per_stage)))
+        return cls(rank, world_size, tuple(range(0, world_size, per_stage)), json.dumps(parallel or {},
+                                                                                       sort_keys=True))
+
+    def layout(self):
+        """What layout.json records: a resume loads rank shards only when its own layout is the same."""
+        return {"world_size": self.world_size, "parallel": json.loads(self.parallel)}
 
 
 def strategy_dir(output_dir):
@@ -117,9 +129,12 @@ def _file_record(path):
 
 
 def write_manifest(directory):
-    """manifest.json: size and sha256 of every other file in `directory` (read back from disk after writing)."""
-    files = {name: _file_record(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-             if name != MANIFEST_FILE and os.path.isfile(os.path.join(directory, name))}
+    """manifest.json: size and sha256 of every other file under `directory`, subdirectories included (a sharded
+    checkpoint's shards/), by relative path (read back from disk after writing)."""
+    names = []
+    for root, _, found in os.walk(directory):
+        names += [os.path.relpath(os.path.join(root, n), directory).replace(os.sep, "/") for n in found]
+    files = {name: _file_record(os.path.join(directory, name)) for name in sorted(names) if name != MANIFEST_FILE}
     with open(os.path.join(directory, MANIFEST_FILE), "w", encoding="utf-8") as f:
         json.dump({"format": 1, "files": files}, f, indent=2)
 
@@ -254,6 +269,7 @@ def save_checkpoint(output_dir, model, train_cell, state, keep, sharding=None):
         with atomic_dir(final) as tmp:
             if shards:
                 merge_rank_shards(model, train_cell, shards, output_dir, sharding, tmp)
+                keep_rank_shards(shards, output_dir, sharding, tmp)
             else:
                 save_weights(model, tmp)
                 _debug_pause_between_files(output_dir, state["step"])
@@ -383,6 +399,74 @@ def merge_rank_shards(model, train_cell, shards, output_dir, sharding, directory
         tensors = {name: adapter.read(name) for name in adapter.keys()}
         os.remove(target)
         save_adapter(model, target, tensors=tensors)
+
+
+def keep_rank_shards(shards, output_dir, sharding, directory):
+    """Rank 0, after the merge: every rank's shard moved into the checkpoint as shards/rank_<r>/shard.safetensors,
+    with a copy of that rank's strategy file (written at its compile) and layout.json, for resume_from_shards."""
+    kept = os.path.join(directory, SHARDS_DIR)
+    os.makedirs(kept)
+    for rank in range(sharding.world_size):
+        strategy = rank_strategy_file(output_dir, rank)
+        _wait_for(strategy, SHARD_TIMEOUT_S)
+        target = os.path.join(kept, f"rank_{rank}")
+        os.rename(os.path.join(shards, f"rank_{rank}"), target)
+        shutil.copyfile(strategy, os.path.join(target, RANK_STRATEGY))
+    with open(os.path.join(kept, LAYOUT_FILE), "w", encoding="utf-8") as f:
+        json.dump(sharding.layout(), f, indent=2)
+
+
+def _same_strategy(saved, current):
+    """Whether two strategy files (ParallelStrategyMap protobuf) hold the same layouts."""
+    from mindspore.train import node_strategy_pb2  # pylint: disable=import-outside-toplevel
+    maps = []
+    for path in (saved, current):
+        strategy = node_strategy_pb2.ParallelStrategyMap()
+        with open(path, "rb") as f:
+            strategy.ParseFromString(f.read())
+        maps.append(strategy)
+    return maps[0] == maps[1]
+
+
+def resume_from_shards(checkpoint, model, train_cell, sharding, output_dir):
+    """Every rank of a sharded run: loads its own shard of `checkpoint` (no merge) when the checkpoint was cut by
+    this run's layout; returns trainer_state.json, or None when it cannot (no shards, another world size or
+    parallel settings, or a strategy file that differs from this rank's current one): then resume from the merged
+    files (restore_checkpoint).
+
+    The slices go in as MindSpore's own compile-time slicing leaves them (mindspore.parallel._utils
+    _slice_parameter): set_data(slice, slice_shape=True) and `sliced` set, so the compile keeps them instead of
+    cutting the (here absent) whole tensor. Call before the train graph compiles. The strategy check compares the
+    rank's saved strategy with its file under <output_dir>/strategy when one is there (the previous run's);
+    whether this run's compile writes the same is for the first resumed save to show (docs/ASCEND_TRAINING.md)."""
+    # pylint: disable=import-outside-toplevel
+    from mindspore import Tensor
+    from baichuan2.safetensors_io import SafetensorsFile
+    kept = os.path.join(checkpoint, SHARDS_DIR)
+    if not os.path.isfile(os.path.join(kept, LAYOUT_FILE)):
+        return None
+    with open(os.path.join(kept, LAYOUT_FILE), encoding="utf-8") as f:
+        if json.load(f) != sharding.layout():
+            return None
+    mine = os.path.join(kept, f"rank_{sharding.rank}")
+    current = rank_strategy_file(output_dir, sharding.rank)
+    if os.path.isfile(current) and not _same_strategy(os.path.join(mine, RANK_STRATEGY), current):
+        return None
+    shard = SafetensorsFile(os.path.join(mine, SHARD_FILE))
+    params = {p.name: p for p in train_cell.get_parameters() if p.name in shard_names(model, train_cell)}
+    if set(shard.keys()) != set(params):
+        raise FinetuneError(f"{mine}/{SHARD_FILE} does not hold this run's parameters: missing "
+                            f"{sorted(set(params) - set(shard.keys()))[:5]}, unexpected "
+                            f"{sorted(set(shard.keys()) - set(params))[:5]}; resume from another checkpoint")
+    for name, param in params.items():
+        piece = tuple(shard.shape(name))
+        whole = tuple(param.shape)
+        if len(piece) != len(whole) or any(w % p for w, p in zip(whole, piece)):
+            raise FinetuneError(f"{mine}/{SHARD_FILE}: {name} has shape {piece}, not a slice of {whole}")
+        param.set_data(Tensor(shard.read(name)).astype(param.dtype), True)
+        param.sliced = True
+    with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _wait_for(path, timeout):

@@ -188,6 +188,8 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     - pipeline_stage > 1: layer i goes to stage i // (layers / stages); the embedding to stage 0, the final norm and
       lm_head to the last stage. The caller must wrap the loss network in `nn.PipelineCell(net, micro_batch_num)`
       (mindspore.parallel.nn.Pipeline in 2.7) before the train step.
+    - the fused backend's own primitives (AscendBackend.shard, backend_ascend.py): FlashAttentionScore over batch
+      and heads, the RoPE table gather, the ALiBi shift and the NormHead's normalisation;
     - recompute per layer (apply_recompute).
 
     The train step in semi-auto (training/step.py with framework_reduces, built by run.build_train_cell): the
@@ -203,6 +205,8 @@ def apply_ascend_parallel(model, parallel, recompute):  # pragma: no cover - Asc
     set_ascend_parallel_context(p)
     dp, mp = p["data_parallel"], p["model_parallel"]
     lm = model
+    if hasattr(lm.backend, "shard"):  # the fused backend: attention, its input builders and the NormHead's ops
+        lm.backend.shard(dp, mp)
     if mp > 1:
         def split(cell, x_strategy, weight_strategy):
             cell.shard(in_strategy=(x_strategy,), parameter_plan={cell.weight.name: weight_strategy})

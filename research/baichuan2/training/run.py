@@ -10,8 +10,8 @@ from ..runtime import setup_training
 from .parallel import ParallelRecipeError, needs_semi_auto
 from .parallel import validate as validate_parallel
 from .checkpoint import (Sharding, checkpoint_dirs, checkpoint_to_resume, rank_strategy_file,
-                         remove_partial_checkpoints, restore_checkpoint, save_checkpoint, write_adapter_dir,
-                         write_model_dir, write_outputs_from_checkpoint)
+                         remove_partial_checkpoints, restore_checkpoint, resume_from_shards, save_checkpoint,
+                         write_adapter_dir, write_model_dir, write_outputs_from_checkpoint)
 from .plan import PACKED_COLUMN, build_dataset, dataset_columns, inspect_dataset, rank_sample_plan
 from .recipe import FinetuneError, dataset_hint, model_config, model_dir_config
 from .schedule import lr_schedule
@@ -41,7 +41,8 @@ class RunShape:
         (None: whole)."""
         if not self.semi_auto:
             return None
-        return Sharding.of_run(self.rank, self.world_size, self.parallel["pipeline_stage"] if self.parallel else 1)
+        return Sharding.of_run(self.rank, self.world_size, self.parallel["pipeline_stage"] if self.parallel else 1,
+                               self.parallel)
 
     @property
     def micro_batches(self):
@@ -272,13 +273,15 @@ def build_model(recipe, shape):
 
 
 def training_backend(recipe, shape):
-    """"auto", or on Ascend with unpacked rows (no padding, no segments: every call causal over whole rows) the
-    fused backend's sparse causal attention (backend_ascend.py); packed rows keep the dense block-diagonal mask."""
+    """"auto" off Ascend; on Ascend the fused backend (backend_ascend.py): with unpacked rows (no padding, no
+    segments: every call causal over whole rows) its sparse causal attention; with packed rows it takes the
+    conversation ends (varlen attention for RoPE models, the dense block-diagonal mask for ALiBi ones)."""
     path = recipe["data"]["train_dataset"]
-    if shape.device != "Ascend" or not (path and os.path.isfile(path)) or PACKED_COLUMN in dataset_columns(path):
+    if shape.device != "Ascend":
         return "auto"
     from baichuan2.backend_ascend import AscendBackend  # pylint: disable=import-outside-toplevel
-    return AscendBackend(causal_rows=True)
+    unpacked = bool(path and os.path.isfile(path)) and PACKED_COLUMN not in dataset_columns(path)
+    return AscendBackend(shape.config, causal_rows=unpacked)
 
 
 def build_train_cell(model, tcfg, lrs, shape):
@@ -319,7 +322,12 @@ def restore(shape, model, train_cell):
     if not shape.resume_from:
         return 0
     try:
-        state = restore_checkpoint(shape.resume_from, model, train_cell)
+        state = None
+        if shape.sharding is not None:  # the same layout: each rank its own shard, no merge
+            output_dir = os.path.dirname(os.path.dirname(shape.resume_from))  # <output_dir>/checkpoints/step_X
+            state = resume_from_shards(shape.resume_from, model, train_cell, shape.sharding, output_dir)
+        if state is None:
+            state = restore_checkpoint(shape.resume_from, model, train_cell)
     except ValueError as e:
         raise FinetuneError(f"cannot resume from {shape.resume_from}: {e}") from e
     if state["global_batch"] != shape.global_batch or state["num_samples"] != shape.num_samples:
