@@ -61,8 +61,7 @@ CONFIGS = {
               vocab_size=125696, max_position_embeddings=1024, model_max_length=1024),
     "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                vocab_size=125696, max_position_embeddings=4096, model_max_length=4096),
-    "13B": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13696,
-                vocab_size=125696, model_max_length=4096),
+    "13B": dict(model_max_length=4096),  # the preset's shape
 }
 PRESETS = {"13B": "baichuan2_13b"}  # ALiBi; the others are Baichuan2-7B's architecture (RoPE)
 GIB = 1024 ** 3

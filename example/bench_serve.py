@@ -45,12 +45,11 @@ BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "baichuan2", "benc
 RANDOM_WEIGHTS = ("int4", "int8", "bfloat16", "float32")
 RANDOM_VOCAB = 125696  # every --random shape keeps Baichuan2's vocabulary size (the 7B preset's)
 # --random shapes: config fields over the Baichuan2-7B preset (configuration_baichuan.PRESETS)
-RANDOM_SHAPES = {
-    "7B": {},
-    "13B": dict(family="baichuan2_13b", hidden_size=5120, intermediate_size=13696, num_hidden_layers=40,
-                num_attention_heads=40, position_encoding="alibi", max_position_embeddings=None),
-    "S": dict(family="baichuan2_7b", hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-              num_attention_heads=4, max_position_embeddings=1024, model_max_length=1024),
+RANDOM_SHAPES = {  # shape name: (preset, fields over it)
+    "7B": ("baichuan2_7b", {}),
+    "13B": ("baichuan2_13b", {}),
+    "S": ("baichuan2_7b", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=1024, model_max_length=1024)),
 }
 
 
@@ -119,7 +118,8 @@ def build_random_dir(shape, weights, directory, tokenizer_dir):
     from baichuan2.model_dir import write_servable_dir  # pylint: disable=import-outside-toplevel
     from baichuan2.random_model import build_random_model  # pylint: disable=import-outside-toplevel
     rt = runtime.setup_inference("CPU", mode="pynative", prog="bench_serve.py")
-    model = build_random_model(RANDOM_SHAPES[shape], weights, rt.compute_dtype)
+    preset, fields = RANDOM_SHAPES[shape]
+    model = build_random_model(fields, weights, rt.compute_dtype, preset=preset)
     if model.config.vocab_size != RANDOM_VOCAB:  # the tokenizer was made for RANDOM_VOCAB ids
         raise ValueError(f"the {shape} model has {model.config.vocab_size} ids, its tokenizer {RANDOM_VOCAB}")
     write_servable_dir(directory, model.config, model=model, tokenizer_dir=tokenizer_dir)
