@@ -51,7 +51,7 @@ import sys
 import time
 
 from baichuan2 import runtime
-from baichuan2.kernels import FORMATS as WEIGHTS
+from baichuan2.random_model import WEIGHT_FORMATS as WEIGHTS
 from baichuan2.random_model import build_random_model
 
 CONFIGS = {
@@ -270,7 +270,8 @@ def bench(name, weights, args, rt):
     best = min(_seconds(lambda: prefill.step(ids, mask, *model.empty_caches(1, length))[0].asnumpy())
                for _ in range(2))
     row["prefill"] = length / best
-    row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernel_probes.peak_gops(weights)
+    row["prefill_fraction"] = prefill_ops(config, length) / best / 1e9 / kernel_probes.peak_gops(
+        "int4" if weights == "int4_asym" else weights)  # the minimums add no integer work
 
     # Batch 1 against the roofline: before each of ROUNDS decode runs the kernels' read loop streams this model's
     # own weights once (the bytes a step reads, where they lie in memory). On a shared virtual machine the read

@@ -42,7 +42,7 @@ from baichuan2.synthetic_vocab import sentencepiece_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "baichuan2", "bench")
-RANDOM_WEIGHTS = ("int4", "int8", "bfloat16", "float32")
+RANDOM_WEIGHTS = ("int4", "int4_asym", "int8", "bfloat16", "float32")
 RANDOM_VOCAB = 125696  # every --random shape keeps Baichuan2's vocabulary size (the 7B preset's)
 # --random shapes: config fields over the Baichuan2-7B preset (configuration_baichuan.PRESETS)
 RANDOM_SHAPES = {  # shape name: (preset, fields over it)

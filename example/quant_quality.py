@@ -11,10 +11,12 @@ temporary directory (removed at the end) and scored over `--chunks` chunks of `-
 (tokenised with the model's own tokenizer), each chunk on its own.
 
 Rows printed (`--formats` picks them; float32 always comes first, as the reference):
-  bfloat16, int8, int4              our stored formats as convert_weight.py writes them (int8 / int4 group 32,
-                                    the "search" scale method), run by the model as it loads them (the CPU kernels
-                                    also round the activations to int8 per 32 inputs)
-  int8-absmax, int4-absmax          the same with the first scale rule (absmax / qmax; older directories)
+  bfloat16, int8, int4, int4_asym  our stored formats as convert_weight.py writes them (int8 / int4 / int4_asym
+                                    group 32, the "search" scale method; int4_asym: a minimum per group as well),
+                                    run by the model as it loads them (the CPU kernels also round the activations
+                                    to int8 per 32 inputs)
+  int8-absmax, int4-absmax          the same with the plain scale rule (absmax / qmax; older directories)
+  int4_asym-minmax                  int4_asym with the plain rule (scale (max - min) / 15, minimum = min: q4_1's)
   q8_0-rule, q4_0-rule              llama.cpp's rules on the same tensors, weight-only, float32 activations
 Columns: perplexity, and its increase over float32 in percent. --score second_half counts only the second half of
 each chunk (its first half as context), as llama-perplexity does; the default, all, counts every token after the
@@ -23,8 +25,8 @@ chunk's first.
 --llama_cpp BIN_DIR (the bin directory scripts/build_llama_cpp.sh prints; MODEL must then be a .gguf file) adds
 llama.cpp's own perplexity, by llama-perplexity, on the same text and chunks (-c CHUNK --chunks N), for a float32
 GGUF of the same values our float32 holds (baichuan2.llama_cpp.float_gguf) and for its `llama-quantize --pure`
-q8_0 and q4_0 (every tensor, the embedding too, as our int8 / int4 and the rule rows). Rows llama.cpp-f32,
-llama.cpp-q8_0, llama.cpp-q4_0; their increase is over llama.cpp-f32. What differs from our rows: llama-perplexity
+q8_0, q4_0 and q4_1 (every tensor, the embedding too, as our int8 / int4 / int4_asym and the rule rows). Rows
+llama.cpp-f32, llama.cpp-q8_0, llama.cpp-q4_0, llama.cpp-q4_1; their increase is over llama.cpp-f32. What differs from our rows: llama-perplexity
 counts only the second half of each chunk (the first half is context; a BOS replaces the first token where the
 vocabulary adds one) where ours count every token after the first unless --score second_half; its q4_0 / q8_0 also
 round the activations (to q8_0 blocks of 32), as our int8 / int4 kernels do (int8 per 32).
@@ -37,8 +39,9 @@ import time
 
 from baichuan2 import runtime
 
-FORMATS = ("bfloat16", "int8", "int4", "int8-absmax", "int4-absmax", "q8_0-rule", "q4_0-rule")
-DEFAULT_FORMATS = ("int8", "int4", "q8_0-rule", "q4_0-rule")
+FORMATS = ("bfloat16", "int8", "int4", "int4_asym", "int8-absmax", "int4-absmax", "int4_asym-minmax", "q8_0-rule",
+           "q4_0-rule")
+DEFAULT_FORMATS = ("int8", "int4", "int4_asym", "q8_0-rule", "q4_0-rule")
 
 
 def parse_args(argv=None):
@@ -80,8 +83,8 @@ def build(fmt, source, float_dir, work):
     elif fmt == "bfloat16":
         convert(source, out, dtype="bfloat16", show_progress=False)
     else:
-        bits, _, method = fmt.partition("-")
-        convert(source, out, quantize=bits, scale_method=method or "search", show_progress=False)
+        quantize, _, method = fmt.partition("-")
+        convert(source, out, quantize=quantize, scale_method=method or "search", show_progress=False)
     return out
 
 
@@ -149,7 +152,7 @@ def llama_cpp_rows(args, chunks, work):
     try:
         f32 = os.path.join(work, "model-f32.gguf")
         llama_cpp.float_gguf(args.model, f32)
-        for qtype in ("f32", "q8_0", "q4_0"):
+        for qtype in ("f32", "q8_0", "q4_0", "q4_1"):
             start = time.time()
             model = f32
             if qtype != "f32":

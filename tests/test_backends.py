@@ -14,7 +14,7 @@ from mindspore import Tensor
 import ascend_emulators as emu
 from baichuan2 import backend_cpu, kernels
 from baichuan2.modeling_baichuan import BACKENDS
-from baichuan2.random_model import build_random_model
+from baichuan2.random_model import WEIGHT_FORMATS, build_random_model
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352, vocab_size=300,
              max_position_embeddings=128, model_max_length=128)
@@ -112,7 +112,7 @@ def random_model(weights, backend, encoding="rope"):
     return build_random_model(dict(SHAPE, position_encoding=encoding), weights, backend=backend)
 
 
-@pytest.mark.parametrize("weights", kernels.FORMATS)
+@pytest.mark.parametrize("weights", WEIGHT_FORMATS)
 def test_cpu_kernels_match_composed_in_every_format(weights, graph):
     """Every projection and the lm_head through the kernels (q/k/v and gate/up in one call each) gives the composed
     backend's logits for a 12-token forward (the prefill path). float32 / bfloat16 where x is not rounded: float32
@@ -157,7 +157,7 @@ def cached_decode_logits(model, steps=4):
 # Every format with RoPE (the op binds each format's weights), ALiBi once (positions do not depend on the format).
 # float32 + RoPE in the quick tier, the rest (~8 s each: two models compiled) in the slow one.
 CACHED_STACK_CASES = [("float32", "rope")] + [pytest.param(w, e, marks=pytest.mark.slow) for w, e in
-                                              [(w, "rope") for w in kernels.FORMATS[1:]] + [("float32", "alibi")]]
+                                              [(w, "rope") for w in WEIGHT_FORMATS[1:]] + [("float32", "alibi")]]
 
 
 @pytest.mark.parametrize("weights,encoding", CACHED_STACK_CASES)
@@ -173,7 +173,8 @@ def test_cpu_stack_matches_cpu_kernels(weights, encoding, graph):
     fused = random_model(weights, "cpu-stack", encoding)
     assert fused.caches_in_place() and fused.head_stack_op is not None
     layers = fused.config.num_hidden_layers
-    assert len(fused.model.stack_inputs) == layers * (2 + 7 * (2 if weights.startswith("int") else 1))
+    per_weight = 3 if weights == "int4_asym" else 2 if weights.startswith("int") else 1
+    assert len(fused.model.stack_inputs) == layers * (2 + 7 * per_weight)
     split = random_model(weights, "cpu-kernels", encoding)
     assert not split.caches_in_place()
     got, got_k = cached_decode_logits(fused)

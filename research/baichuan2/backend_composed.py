@@ -113,8 +113,9 @@ def linear(x, weight, dtype):
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
-def dequantize(qweight, scales, bits, group_size, in_features):
-    """Stock-op dequantisation of int8 / packed int4 rows -> float32 [rows, in_features] (see quantization.py)."""
+def dequantize(qweight, scales, bits, group_size, in_features, mins=None):
+    """Stock-op dequantisation of int8 / packed int4 rows -> float32 [rows, in_features] (see quantization.py; int4
+    with `mins`: w = scale (q + 8) + min)."""
     rows = qweight.shape[0]
     if bits == 4:  # byte 16b + j holds element 32b + j (low nibble) and 32b + j + 16 (high nibble), each q + 8
         packed = qweight.reshape(rows, -1, 16)
@@ -127,19 +128,25 @@ def dequantize(qweight, scales, bits, group_size, in_features):
     if q.shape[1] < width:
         q = ops.concat((q, ops.zeros((rows, width - q.shape[1]), ms.float32)), 1)
     q = q.reshape(rows, groups, group_size)
-    w = (q * expand(scales.astype(ms.float32).reshape(rows, groups, 1), q)).reshape(rows, width)
+    if mins is None:
+        w = q * expand(scales.astype(ms.float32).reshape(rows, groups, 1), q)
+    else:
+        w = (q + 8.0) * expand(scales.astype(ms.float32).reshape(rows, groups, 1), q) + \
+            expand(mins.astype(ms.float32).reshape(rows, groups, 1), q)
+    w = w.reshape(rows, width)
     return w if width == in_features else w[:, :in_features]
 
 
 def _float_weight(weights, fmt, group_size, in_features):
     if fmt == "bfloat16":
         return weights[0].astype(ms.float32)
-    return dequantize(weights[0], weights[1], 8 if fmt == "int8" else 4, group_size, in_features)
+    return dequantize(weights[0], weights[1], 8 if fmt == "int8" else 4, group_size, in_features,
+                      weights[2] if len(weights) > 2 else None)
 
 
 def project(x, weights, fmt, group_size, in_features, kernel=None):
     """x W^T for a stored-format weight: `weights` is (weight,) for bfloat16 (and float32 with a kernel),
-    (qweight, scales) for int8 / int4. Float32 out [..., out_features]. `kernel` (a backend's linear_kernel)
+    (qweight, scales[, mins]) for int8 / int4. Float32 out [..., out_features]. `kernel` (a backend's linear_kernel)
     computes straight from the stored weights; without it the weight is dequantised by stock ops, a chunk of rows
     at a time so that a large output layer (lm_head: 125696 rows) never holds a whole float32 copy."""
     x2d = x.reshape(-1, in_features).astype(ms.float32)

@@ -54,7 +54,7 @@ class CpuKernelBackend(ComposedBackend):
             if config.param_dtype != "float32" or config.compute_dtype != "float32":
                 return None
             return linear_op("float32", None, count)
-        return linear_op(fmt, config.group_size, count)
+        return linear_op(fmt, config.group_size, count, mins=config.asymmetric and fmt == "int4")
 
     def norm(self, x, weight, eps, eps_tensor):
         if x.dtype == ms.float32 and weight.dtype == ms.float32:

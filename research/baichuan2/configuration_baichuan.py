@@ -136,13 +136,17 @@ class BaichuanConfig(PretrainedConfig):
             raise ValueError(f"torch_dtype must be one of {_DTYPES}, got {self.torch_dtype!r}")
         quant = self.quantization_config
         if quant is not None:
-            if quant.get("quant_method") != "rtn" or quant.get("bits") not in (8, 4) or not quant.get("sym", True):
+            sym = quant.get("sym", True)
+            if quant.get("quant_method") != "rtn" or quant.get("bits") not in (8, 4) or sym not in (True, False) \
+                    or (not sym and quant["bits"] != 4):
                 raise ValueError("quantization_config must be {'quant_method': 'rtn', 'bits': 8 or 4, "
-                                 "'group_size': N, 'sym': true} (as convert_weight.py --quantize writes it), "
-                                 f"got {quant!r}")
-            if quant.get("scale_method", "absmax") not in ("search", "absmax"):
-                raise ValueError("quantization_config scale_method must be 'search' or 'absmax' (absent: absmax, "
-                                 f"as directories written before it say nothing), got {quant['scale_method']!r}")
+                                 "'group_size': N, 'sym': true (or false with 4 bits)} (as convert_weight.py "
+                                 f"--quantize writes it), got {quant!r}")
+            methods = ("search", "absmax") if sym else ("search", "minmax")
+            if quant.get("scale_method", "absmax" if sym else None) not in methods:
+                raise ValueError(f"quantization_config scale_method must be one of {methods} with sym {sym} "
+                                 f"(absent with sym true: absmax, as directories written before it say nothing), "
+                                 f"got {quant.get('scale_method')!r}")
             group = quant.get("group_size")
             if not isinstance(group, int) or group <= 0 or (quant["bits"] == 4 and group % 32):
                 raise ValueError(f"quantization_config group_size must be a positive integer (a multiple of 32 for "
@@ -155,6 +159,11 @@ class BaichuanConfig(PretrainedConfig):
         if quant is not None:
             return f"int{quant['bits']}" if module == "linear" or quant.get(module, True) else "bfloat16"
         return "bfloat16" if self.torch_dtype == "bfloat16" else "dense"
+
+    @property
+    def asymmetric(self):
+        """Whether int4 weights carry a float16 minimum per group beside the scale (quantization_config sym false)."""
+        return self.quantization_config is not None and not self.quantization_config.get("sym", True)
 
     @property
     def group_size(self):

@@ -16,8 +16,9 @@ a temporary directory and renamed at the end, so a failed run leaves nothing at 
 
 Weight formats (config.json says which; layouts in quantization.py): float32 (the default and the reference;
 bfloat16 sources are widened exactly), --dtype bfloat16 (the published weights as they are, no float32 detour),
---quantize int8|int4 [--group_size 32] (weight-only, round-to-nearest, symmetric per-group float16 scales chosen by
---scale_method, an error-minimising search by default; every projection, the embedding and lm_head are quantised,
+--quantize int8|int4|int4_asym [--group_size 32] (weight-only, round-to-nearest, per-group float16 scales chosen by
+--scale_method, an error-minimising search by default; int4_asym adds a float16 minimum per group, as llama.cpp's
+q4_1, symmetric otherwise; every projection, the embedding and lm_head are quantised,
 tensors that are not projections follow --dtype). A checkpoint with tied embeddings (tie_word_embeddings, no
 lm_head needed) gets the embedding written out as its lm_head. Baichuan2's
 NormHead rows are stored already L2-normalised in bfloat16 and quantised directories (normalised in float32, then
@@ -58,7 +59,7 @@ from baichuan2.configuration_baichuan import BaichuanConfig, to_hf_config  # noq
 from baichuan2.model_dir import atomic_dir, write_generation_config, write_model_card  # noqa: E402
 from baichuan2.model_dir import write_servable_dir  # noqa: E402
 from baichuan2.quantization import DEFAULT_GROUP_SIZE, bf16_bits, check_group_size, from_bf16_bits  # noqa: E402
-from baichuan2.quantization import SCALE_METHODS, check_scale_method  # noqa: E402
+from baichuan2.quantization import ASYMMETRIC_METHODS, SCALE_METHODS, check_scale_method  # noqa: E402
 from baichuan2.quantization import l2_normalize_rows, quantize as quantize_rows  # noqa: E402
 from baichuan2.safetensors_io import SafetensorsFile, SafetensorsWriter, save_tensors  # noqa: E402
 
@@ -189,7 +190,8 @@ def _cast(array, dtype):
 VARIANTS = ("auto", "chat", "base")
 REVERSE_LAYOUTS = ("baichuan", "llama")  # --reverse --to
 DTYPES = ("keep", "float32", "float16", "bfloat16")
-QUANTIZE = ("int8", "int4")
+QUANTIZE = ("int8", "int4", "int4_asym")  # int4_asym: a float16 minimum per group beside the scale (as q4_1)
+METHODS = tuple(dict.fromkeys(SCALE_METHODS + ASYMMETRIC_METHODS))
 _NUMPY = {"F32": np.float32, "F16": np.float16}
 
 
@@ -223,12 +225,13 @@ class _OutputFormat:
             raise ConversionError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         self.dtype, self.bits, self.group_size, self.config = dtype, None, group_size, config
         self.scale_method = scale_method
+        self.symmetric = quantize != "int4_asym"
         self.tied = config.tie_word_embeddings  # as the source says (describe() unties the output's config)
         if quantize:
             self.bits = 8 if quantize == "int8" else 4
             try:
                 check_group_size(self.bits, group_size)
-                check_scale_method(scale_method)
+                check_scale_method(scale_method, self.symmetric)
             except ValueError as exc:
                 raise ConversionError(f"--group_size / --scale_method: {exc}") from exc
 
@@ -250,7 +253,8 @@ class _OutputFormat:
             from baichuan2.quantization import qweight_shape, scales_shape  # pylint: disable=import-outside-toplevel
             prefix = name[:-len(".weight")]
             return [(prefix + ".qweight", "I8" if self.bits == 8 else "U8", qweight_shape(*shape, self.bits)),
-                    (prefix + ".scales", "F16", scales_shape(*shape, self.group_size))]
+                    (prefix + ".scales", "F16", scales_shape(*shape, self.group_size))] + \
+                ([] if self.symmetric else [(prefix + ".mins", "F16", scales_shape(*shape, self.group_size))])
         return [(name, self.float_dtype(stored), shape)]
 
     def write(self, writer, name, source, source_name, start, stop):
@@ -259,7 +263,7 @@ class _OutputFormat:
         quantized, normalized = self.quantized(name, shape), self.normalized(name)
         out = self.float_dtype(stored)
         step = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
-        scales = []
+        scales, mins = [], []
         for first in range(start, stop, step):
             block = source.read_rows(source_name, first, min(stop, first + step))
             if stored == out and not quantized and not normalized:
@@ -269,20 +273,22 @@ class _OutputFormat:
             if normalized:
                 block = l2_normalize_rows(block)
             if quantized:
-                qweight, block_scales = quantize_rows(block, self.bits, self.group_size, self.scale_method)
+                qweight, *block_scales = quantize_rows(block, self.bits, self.group_size, self.scale_method,
+                                                       symmetric=self.symmetric)
                 writer.write(qweight)
-                scales.append(block_scales)
+                scales.append(block_scales[0])
+                mins.extend(block_scales[1:])
             else:
                 writer.write(bf16_bits(block) if out == "BF16" else block.astype(_NUMPY[out]))
-        if quantized:
-            writer.write(np.concatenate(scales) if scales else np.zeros((0,), np.float16))
+        for parts in ([scales] + ([mins] if not self.symmetric else [])) if quantized else ():
+            writer.write(np.concatenate(parts) if parts else np.zeros((0,), np.float16))
 
     def describe(self, config):
         """Sets the config fields that tell the model how its weights are stored."""
         config.torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(self.dtype, "float32")
         config.tie_word_embeddings = False  # a tied source's head is written out as lm_head (_forward_shard)
         config.quantization_config = None if self.bits is None else {
-            "quant_method": "rtn", "bits": self.bits, "group_size": self.group_size, "sym": True,
+            "quant_method": "rtn", "bits": self.bits, "group_size": self.group_size, "sym": self.symmetric,
             "scale_method": self.scale_method, "embed_tokens": True, "lm_head": True}
 
 
@@ -497,12 +503,13 @@ def main(argv=None):
     parser.add_argument("--dtype", default="keep", choices=DTYPES,
                         help="weight dtype to write (keep: as the source, bfloat16 sources widened to float32)")
     parser.add_argument("--quantize", choices=QUANTIZE, default=None,
-                        help="weight-only round-to-nearest quantisation of projections, embedding and lm_head")
+                        help="weight-only round-to-nearest quantisation of projections, embedding and lm_head "
+                             "(int4_asym: 4 bits with a minimum per group beside the scale; 0.5 bit a weight more)")
     parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="input elements sharing one scale with --quantize (int4: a multiple of 32)")
-    parser.add_argument("--scale_method", choices=SCALE_METHODS, default=SCALE_METHODS[0],
-                        help="--quantize's per-group scales: search (least squared error, the default) or absmax "
-                             "(absmax / qmax, the first rule)")
+    parser.add_argument("--scale_method", choices=METHODS, default=SCALE_METHODS[0],
+                        help="--quantize's per-group scales: search (least squared error, the default); the plain "
+                             "rules absmax (absmax / qmax; int8, int4) and minmax (int4_asym)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_path")
     parser.add_argument("--variant", default="auto", choices=VARIANTS,
                         help="Baichuan2 Chat or Base defaults (auto: chat when the source's generation_config.json "

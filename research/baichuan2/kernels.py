@@ -226,11 +226,12 @@ def symbol(fmt, group_size=None, weights=1):
     return f"LinearInt{fmt[3:]}G{group_size}{suffix}"
 
 
-def linear_op(fmt, group_size=None, weights=1):
+def linear_op(fmt, group_size=None, weights=1, mins=False):
     """The projection op for weights in `fmt` ("float32", "bfloat16", "int8", "int4"; `group_size` for the last two),
     or None when the kernels cannot run here (no compiler, not x86-64, no AVX2, BAICHUAN_KERNELS=0) or the group
     size has no kernel (GROUP_SIZES): the caller then uses stock MindSpore ops.
         float32 / bfloat16:  op(x, weight)          int8 / int4:  op(x, qweight, scales)
+        int4 with `mins` (asymmetric groups):      op(x, qweight, scales, mins)
     x float32 [M, K] -> float32 [M, N], called in a Cell's construct (GRAPH or PyNative mode).
     `weights` = 2 or 3: one call projects the same x with that many weights of the same format and K (q/k/v,
     gate/up), op(x, w1, w2[, w3]) or op(x, q1, s1, q2, s2[, q3, s3]) -> a tuple of outputs, in one thread region
@@ -240,7 +241,9 @@ def linear_op(fmt, group_size=None, weights=1):
     name = symbol(fmt, group_size, weights)
     if name is None:
         return None
-    per = 2 if fmt.startswith("int") else 1
+    if mins and fmt != "int4":
+        raise ValueError(f"only int4 has minimums (asymmetric groups), not {fmt!r}")
+    per = (3 if mins else 2) if fmt.startswith("int") else 1
     if weights == 1:
         return _custom_op(name, lambda x, w, *scales: [x[0], w[0]])
     return _custom_op(name, lambda x, *ws: tuple([x[0], w[0]] for w in ws[::per]), outputs=weights)
@@ -287,7 +290,7 @@ def cached_stack_op(head_tensors=0):
     csrc/stack.h for the layout). `per_layer`: each layer's ln1, ln2, then q, k, v, o, gate, up, down,
     each (weight,) or (qweight, scales), one format for all. y: the hidden states [B * S, H]; with `head_tensors`
     1 or 2 the lm_head's weight (or qweight, scales) comes last and y is the logits [B, V] of each sequence's last
-    new token. None when the kernels cannot run."""
+    new token (int4 asymmetric: qweight, scales, mins, everywhere). None when the kernels cannot run."""
     if head_tensors:
         return _custom_op("CachedStackLogits", lambda x, norm, eps, spec, mask, *rest: [mask[0],
                                                                                       rest[-head_tensors][0]])
@@ -302,8 +305,8 @@ def paged_stack_op(head_tensors):
     head_dim] in float32, bfloat16 or int8 (with float32 scales [layers, blocks, heads, block size]) written in
     place; y float32 [R, V] the logits of the rows out_rows int32 [R] names. `head_tensors`: 1 or 2, the lm_head's
     (weight,) or (qweight, scales). None when the kernels cannot run."""
-    if head_tensors not in (1, 2):
-        raise ValueError(f"paged_stack_op takes the lm_head as 1 or 2 tensors, not {head_tensors!r}")
+    if head_tensors not in (1, 2, 3):
+        raise ValueError(f"paged_stack_op takes the lm_head as 1, 2 or 3 tensors, not {head_tensors!r}")
     return _custom_op("PagedStackLogits", lambda x, norm, eps, spec, tokens, out_rows, *rest: [
         out_rows[0], rest[-head_tensors][0]])
 

@@ -101,8 +101,9 @@ def normal_weight(shape, config):
 # A module's weight format comes from config.weight_format(module): "dense" (param_dtype, trainable; the reference),
 # "bfloat16", "int8" or "int4" (inference only; layouts in quantization.py and docs/WEIGHT_FORMATS.md). Weights stay
 # in that format in memory; a backend's kernel projects from it directly, stock ops dequantise per call.
-def add_stored_weights(cell, out_features, in_features, fmt, group_size):
-    """Creates the (uninitialised) parameters of a bf16 / int8 / int4 weight on `cell`; returns their tuple."""
+def add_stored_weights(cell, out_features, in_features, fmt, group_size, asymmetric=False):
+    """Creates the (uninitialised) parameters of a bf16 / int8 / int4 weight on `cell` (int4 `asymmetric`: with
+    float16 `mins` beside the scales); returns their tuple."""
     if fmt == "bfloat16":
         cell.weight = Parameter(initializer("zeros", [out_features, in_features], ms.bfloat16), name="weight",
                                 requires_grad=False)
@@ -112,13 +113,17 @@ def add_stored_weights(cell, out_features, in_features, fmt, group_size):
                                          ms.int8 if bits == 8 else ms.uint8), name="qweight", requires_grad=False)
     cell.scales = Parameter(initializer("zeros", list(scales_shape(out_features, in_features, group_size)),
                                         ms.float16), name="scales", requires_grad=False)
-    return (cell.qweight, cell.scales)
+    if not asymmetric:
+        return (cell.qweight, cell.scales)
+    cell.mins = Parameter(initializer("zeros", list(scales_shape(out_features, in_features, group_size)),
+                                      ms.float16), name="mins", requires_grad=False)
+    return (cell.qweight, cell.scales, cell.mins)
 
 
 class Linear(nn.Cell):
     """Bias-free projection; weight [out, in] so checkpoints map one to one. Dense (trainable) or a stored format:
-    then `weight` is bfloat16, or `qweight` + `scales` hold int8 / int4. `kernel`: the backend's op for it, or None
-    (stock ops)."""
+    then `weight` is bfloat16, or `qweight` + `scales` (+ `mins`: int4 asymmetric) hold int8 / int4. `kernel`: the
+    backend's op for it, or None (stock ops)."""
 
     def __init__(self, in_features, out_features, config, backend, module="linear"):
         super().__init__()
@@ -126,14 +131,18 @@ class Linear(nn.Cell):
         self.in_features = in_features
         self.format = config.weight_format(module)
         self.group_size = config.group_size
+        self.asymmetric = config.asymmetric and self.format == "int4"
         if self.format == "dense":
             self.weight = normal_weight([out_features, in_features], config)
         else:
-            add_stored_weights(self, out_features, in_features, self.format, self.group_size)
+            add_stored_weights(self, out_features, in_features, self.format, self.group_size,
+                               config.asymmetric)
         self.kernel = backend.linear_kernel(config, self.format)
 
     def stored_weights(self):
-        return (self.qweight, self.scales) if self.format in ("int8", "int4") else (self.weight,)
+        if self.format not in ("int8", "int4"):
+            return (self.weight,)
+        return (self.qweight, self.scales, self.mins) if self.asymmetric else (self.qweight, self.scales)
 
     def construct(self, x):
         if self.format == "dense" and self.kernel is None:
@@ -164,6 +173,7 @@ class Embedding(nn.Cell):
         self.hidden_size = config.hidden_size
         self.format = config.weight_format("embed_tokens")
         self.group_size = config.group_size
+        self.asymmetric = config.asymmetric and self.format == "int4"
         shape = [config.vocab_size, config.hidden_size]
         if self.format == "dense":
             self.weight = normal_weight(shape, config)
@@ -171,7 +181,8 @@ class Embedding(nn.Cell):
             self.weight = Parameter(initializer("zeros", shape, ms.uint16), name="weight", requires_grad=False)
             self.bf16_table = Tensor(BF16_TO_F32)
         else:
-            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
+            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size,
+                               config.asymmetric)
 
     def construct(self, input_ids):
         if self.format == "dense":
@@ -181,7 +192,8 @@ class Embedding(nn.Cell):
             rows = ops.gather(self.bf16_table, ops.gather(self.weight, ids, 0).astype(ms.int32), 0)
         else:
             rows = dequantize(ops.gather(self.qweight, ids, 0), ops.gather(self.scales, ids, 0),
-                              8 if self.format == "int8" else 4, self.group_size, self.hidden_size)
+                              8 if self.format == "int8" else 4, self.group_size, self.hidden_size,
+                              ops.gather(self.mins, ids, 0) if self.asymmetric else None)
         return rows.reshape(input_ids.shape + (self.hidden_size,))
 
 
@@ -441,15 +453,17 @@ class NormHead(nn.Cell):
         self.in_features = config.hidden_size
         self.format = config.weight_format("lm_head")
         self.group_size = config.group_size
+        self.asymmetric = config.asymmetric and self.format == "int4"
         if self.format == "dense":
             self.weight = normal_weight([config.vocab_size, config.hidden_size], config)
         else:
-            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size)
+            add_stored_weights(self, config.vocab_size, config.hidden_size, self.format, self.group_size,
+                               config.asymmetric)
         self.normalized = self.format != "dense"  # whether the stored rows are normalised already
         self.kernel = backend.linear_kernel(config, self.format)
         self.backend = backend
 
-    stored_weights = Linear.stored_weights  # (weight,), or (qweight, scales) for int8 / int4: as a Linear's
+    stored_weights = Linear.stored_weights  # (weight,), or (qweight, scales[, mins]) for int8 / int4: as a Linear's
 
     @staticmethod
     def l2_normalize(w):

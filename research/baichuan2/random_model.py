@@ -1,5 +1,5 @@
-"""A BaichuanForCausalLM with random weights, built directly in a stored weight format (float32, bfloat16, int8 or
-int4): for benchmarks (example/bench_generate.py) and tests of the kernels, where only the shapes and the format
+"""A BaichuanForCausalLM with random weights, built directly in a stored weight format (float32, bfloat16, int8,
+int4 or int4_asym): for benchmarks (example/bench_generate.py) and tests of the kernels, where only the shapes and the format
 matter.
 
 The parameters are created uninitialised (MindSpore's `no_init_parameters`, as `from_pretrained` does) and each is
@@ -10,23 +10,27 @@ size.
 from .kernels import FORMATS
 from .quantization import DEFAULT_GROUP_SIZE
 
+WEIGHT_FORMATS = FORMATS + ("int4_asym",)  # the kernels' formats; int4_asym: int4 with a minimum per group
+
 
 def stored_format_fields(weights, group_size=DEFAULT_GROUP_SIZE):
     """The config fields that declare weights stored in format `weights` (as convert_weight.py writes them)."""
-    if weights not in FORMATS:
-        raise ValueError(f"weight format must be one of {FORMATS}, got {weights!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {weights!r}")
     if weights == "bfloat16":
         return {"torch_dtype": "bfloat16"}
-    if weights in ("int8", "int4"):
-        return {"quantization_config": {"quant_method": "rtn", "bits": int(weights[3:]), "group_size": group_size,
-                                        "sym": True}}
+    if weights in ("int8", "int4", "int4_asym"):
+        return {"quantization_config": {"quant_method": "rtn", "bits": 8 if weights == "int8" else 4,
+                                        "group_size": group_size, "sym": weights != "int4_asym",
+                                        "scale_method": "search"}}
     return {}
 
 
 def random_array(param, rng, block_rows=8192):
     """Random values in `param`'s stored dtype and shape, made block by block (no float32 copy of a big tensor):
     float32 ~ N(0, 0.02) (norm weights 1); bfloat16 bit patterns of +-[2^-8, 2^-4); int8 q in [-127, 127];
-    int4 packed bytes (any value is valid); float16 scales that give the dequantised weights ~0.02 magnitude."""
+    int4 packed bytes (any value is valid); float16 scales that give the dequantised weights ~0.02 magnitude (and
+    int4_asym's minimums, -8 times such a scale)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     shape = tuple(param.shape)
@@ -49,7 +53,8 @@ def random_array(param, rng, block_rows=8192):
     if param.dtype == ms.uint8:
         return rng.integers(0, 256, shape, dtype=np.uint8)
     if param.dtype == ms.float16:  # int8 q ~ 73 rms, int4 q ~ 4.6: either way weights of ~0.02 are fine
-        return (rng.random(shape, dtype=np.float32) * 2e-3 + 1e-4).astype(np.float16)
+        values = rng.random(shape, dtype=np.float32) * 2e-3 + 1e-4
+        return (values * (-8.0 if param.name.endswith("mins") else 1.0)).astype(np.float16)
     raise TypeError(f"no random fill for parameter {param.name} of dtype {param.dtype}")
 
 

@@ -51,14 +51,18 @@ struct AotCall {
   }
 };
 
-// A projection's weight: `weight` alone (float32, bfloat16) or with its float16 `scales` (int8, int4).
+// A projection's weight: `weight` alone (float32, bfloat16), with its float16 `scales` (int8, int4), or with
+// scales and float16 `mins` (int4 asymmetric).
 struct WeightArgs {
-  Arg weight, scales;
-  // The call's tensors from `at` on (1 or 2 of them, by the format); returns the index after them.
-  int bind(const AotCall &call, int at, bool quant) {
+  Arg weight, scales, mins;
+  bool has_mins = false;
+  // The call's `tensors` (1, 2 or 3) from `at` on; returns the index after them.
+  int bind(const AotCall &call, int at, int tensors) {
     weight = call[at];
-    if (quant) scales = call[at + 1];
-    return at + (quant ? 2 : 1);
+    if (tensors > 1) scales = call[at + 1];
+    has_mins = tensors > 2;
+    if (has_mins) mins = call[at + 2];
+    return at + tensors;
   }
 };
 
@@ -70,6 +74,7 @@ Status bind_weight(Fmt fmt, int64_t group, const WeightArgs &w, int64_t N, int64
   if (quant && (group <= 0 || group % kChunk != 0)) return kBadValue;
   p->w = w.weight.data;
   p->s = quant ? w.scales.as<const uint16_t>() : nullptr;
+  p->mn = w.has_mins ? w.mins.as<const uint16_t>() : nullptr;
   p->N = N < 0 ? w.weight.dim(0) : N;
   p->K = K;
   p->group = group;
@@ -77,6 +82,7 @@ Status bind_weight(Fmt fmt, int64_t group, const WeightArgs &w, int64_t N, int64
   p->G = quant ? ceil_div(K, group) : 0;
   if (w.weight.dim(0) != p->N || p->row_units != (fmt == kI4 ? ceil_div(K, kChunk) * 16 : K)) return kShape;
   if (quant && (!w.scales.is("float16") || !w.scales.dims({p->N, p->G}))) return kBadValue;
+  if (w.has_mins && (fmt != kI4 || !w.mins.is("float16") || !w.mins.dims({p->N, p->G}))) return kBadValue;
   return kOk;
 }
 

@@ -57,6 +57,7 @@ struct Problem {
   const float *x;       // [M, K]
   const void *w;        // format-specific, [N, ...]
   const uint16_t *s;    // float16 scales [N, G] or nullptr
+  const uint16_t *mn;   // int4 asymmetric: float16 minimums [N, G] (w = s (q + 8) + mn), else nullptr
   float *y;             // [M, N]
   int64_t M, N, K, G, group, row_units;  // row_units: elements of the weight type per row of W
 };

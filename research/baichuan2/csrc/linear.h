@@ -5,18 +5,19 @@
 
 namespace {
 
-// x float32 [M, K]; nw weights of one format (weight, or qweight + scales), each [N_i, ...]; then the nw outputs
-// float32 [M, N_i].
+// x float32 [M, K]; nw weights of one format (weight; qweight + scales; int4 asymmetric: qweight + scales + mins),
+// each [N_i, ...]; then the nw outputs float32 [M, N_i].
 struct LinearArgs {
   Arg x;
   WeightArgs w[3];
   Arg y[3];
 
-  bool bind(const AotCall &call, int nw, bool quant) {
-    if (call.count != 1 + (quant ? 2 : 1) * nw + nw) return false;
+  bool bind(const AotCall &call, int nw, Fmt fmt) {
+    const int tensors = !quantised(fmt) ? 1 : (fmt == kI4 && call.count == 1 + 4 * nw) ? 3 : 2;
+    if (call.count != 1 + tensors * nw + nw) return false;
     x = call[0];
     int at = 1;
-    for (int i = 0; i < nw; ++i) at = w[i].bind(call, at, quant);
+    for (int i = 0; i < nw; ++i) at = w[i].bind(call, at, tensors);
     for (int i = 0; i < nw; ++i) y[i] = call[at++];
     return true;
   }
@@ -24,7 +25,7 @@ struct LinearArgs {
 
 Status linear(Fmt fmt, int64_t group, int nw, const AotCall &call) {
   LinearArgs a;
-  if (!a.bind(call, nw, quantised(fmt))) return kArgCount;
+  if (!a.bind(call, nw, fmt)) return kArgCount;
   for (int i = 0; i < call.count; ++i)
     if (call[i].ndim != 2) return kRank;
   if (!a.x.is("float32")) return kDtype;

@@ -19,7 +19,8 @@ struct LayerArgs {
 };
 
 // A stack op's weights: after its `fixed` leading inputs, each layer's ln1, ln2 and 7 projections, then (with_head)
-// the lm_head's, then the one output; all layers in one format, read from the first layer's q weight's dtype.
+// the lm_head's, then the one output; all layers in one format, read from the first layer's q weight's dtype (int4
+// asymmetric: a float16 tensor, the mins, follows the q weight's scales).
 struct StackWeights {
   std::vector<LayerArgs> layers;
   WeightArgs head;  // with_head: the lm_head's (any format; the layers' group size)
@@ -29,22 +30,24 @@ struct StackWeights {
   Status bind(const AotCall &call, int fixed, bool with_head) {
     if (call.count < fixed + 2 + kLayerWeights + 1 + with_head) return kArgCount;
     const bool head_scaled = with_head && call[call.count - 2].is("float16");
-    const int head_at = call.count - 1 - (with_head ? (head_scaled ? 2 : 1) : 0);
+    const bool head_mins = head_scaled && call[call.count - 3].is("float16");
+    const int head_tensors = with_head ? (head_mins ? 3 : head_scaled ? 2 : 1) : 0;
+    const int head_at = call.count - 1 - head_tensors;
     const int f = format_of(call[fixed + 2]), hf = with_head ? format_of(call[head_at]) : -1;
     if (f < 0 || (with_head && (hf < 0 || head_scaled != quantised(hf)))) return kDtype;
     fmt = static_cast<Fmt>(f);
     head_fmt = with_head ? static_cast<Fmt>(hf) : fmt;
-    const bool quant = quantised(fmt);
-    const int per_layer = 2 + (quant ? 2 : 1) * kLayerWeights;
+    const bool mins = fmt == kI4 && call[fixed + 4].is("float16");
+    const int tensors = !quantised(fmt) ? 1 : mins ? 3 : 2, per_layer = 2 + tensors * kLayerWeights;
     if ((head_at - fixed) % per_layer != 0) return kArgCount;
     int at = fixed;
     layers.resize((head_at - fixed) / per_layer);
     for (LayerArgs &layer : layers) {
       layer.ln1 = call[at++];
       layer.ln2 = call[at++];
-      for (WeightArgs &w : layer.proj) at = w.bind(call, at, quant);
+      for (WeightArgs &w : layer.proj) at = w.bind(call, at, tensors);
     }
-    if (with_head) head.bind(call, head_at, head_scaled);
+    if (with_head) head.bind(call, head_at, head_tensors);
     return kOk;
   }
 
