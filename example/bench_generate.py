@@ -35,7 +35,7 @@ step reads (weights and caches) and the peak RSS:
 row's logits; interleaved, medians); with --copy_model M --copy_text FILE also the end-to-end greedy tokens/s with
 and without it on a trained model (a model directory or a Llama GGUF such as SmolLM2's, converted to each --weights
 format) for a prompt that repeats a passage of FILE and one that shares nothing with its answer, whether the tokens
-are identical (exit status 1 if not), the acceptance and the tokens a step:
+are identical (exit status 1 if not), the acceptance, the tokens a step and the step costs the engine learnt:
     python example/bench_generate.py --speculative ngram --configs 7B --weights int8 int4
     python example/bench_generate.py --speculative ngram --configs --copy_model SmolLM2.gguf --copy_text LICENSE
 The machine may be shared: re-measure on a quiet one before quoting numbers. Compilation is excluded (one warm-up
@@ -93,11 +93,14 @@ def parse_args(argv=None):
     spec.add_argument("--copy_model", help="a trained model (model directory or Llama GGUF) for the end-to-end run")
     spec.add_argument("--copy_text", help="UTF-8 text whose first paragraphs the copying prompt repeats")
     spec.add_argument("--num_speculative_tokens", type=int, default=4, help="end-to-end: most tokens drafted a step")
+    spec.add_argument("--spec_rounds", type=int, default=SPEC_ROUNDS,
+                      help=f"end-to-end: runs of each prompt with and without, alternating (best taken; default "
+                           f"{SPEC_ROUNDS})")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "WEIGHTS"), help=argparse.SUPPRESS)
     runtime.add_device_argument(parser)
     args = parser.parse_args(argv)
-    if args.prefill_tokens < 1 or args.new_tokens < 2:
-        parser.error("--prefill_tokens must be >= 1 and --new_tokens >= 2")
+    if args.prefill_tokens < 1 or args.new_tokens < 2 or args.spec_rounds < 1:
+        parser.error("--prefill_tokens and --spec_rounds must be >= 1 and --new_tokens >= 2")
     if args.depths and (args.speculative or min(args.depths) < 0 or args.depth_batch < 1):
         parser.error("--depths takes token counts >= 0 and --depth_batch >= 1, without --speculative")
     if bool(args.copy_model) != bool(args.copy_text) or (args.copy_model and not args.speculative):
@@ -382,7 +385,7 @@ def load_copy_model(path, weights, work):
 
 def copy_bench(weights, args):
     """End-to-end greedy generation on a trained model, with and without prompt lookup, per prompt of
-    copy_prompts: best tokens/s of SPEC_ROUNDS alternating runs each, whether the tokens are identical, the
+    copy_prompts: best tokens/s of --spec_rounds alternating runs each, whether the tokens are identical, the
     acceptance (accepted / drafted) and new tokens per step."""
     import tempfile  # pylint: disable=import-outside-toplevel
     from baichuan2.generation import Generator  # pylint: disable=import-outside-toplevel
@@ -399,7 +402,7 @@ def copy_bench(weights, args):
             engine = generator.engine_for([ids], args.new_tokens)
             generator.generate([ids], max_new_tokens=4, eos_token_id=())  # compiles the prefill and decode shapes
             best, outputs, counts = {}, {}, {}
-            for _ in range(SPEC_ROUNDS):
+            for _ in range(args.spec_rounds):
                 for k in (0, args.num_speculative_tokens):
                     before = (engine.steps, engine.draft_tokens, engine.accepted_tokens)
                     start = time.perf_counter()
@@ -412,15 +415,17 @@ def copy_bench(weights, args):
                                  zip((engine.steps, engine.draft_tokens, engine.accepted_tokens), before)]
             k = args.num_speculative_tokens
             steps, drafted, accepted = counts[k]
+            costs = [engine.step_costs.cost(n) for n in range(1, k + 2)]  # what the engine's draft policy learnt
             rows.append({"weights": weights, "prompt": name, "prompt_tokens": len(ids), "new_tokens": len(outputs[k]),
                          "plain": best[0], "speculative": best[k], "identical": outputs[0] == outputs[k],
                          "drafted": drafted, "accepted": accepted,
-                         "per_step": len(outputs[k]) / max(1, steps - 1)})  # the first step is the prefill
+                         "per_step": len(outputs[k]) / max(1, steps - 1),  # the first step is the prefill
+                         "step_ms": [None if c is None else 1e3 * c for c in costs]})
     return rows
 
 
-def print_copy_rows(rows, k):
-    print(f"\nend-to-end, greedy, prompt lookup K <= {k} against none (best of {SPEC_ROUNDS} alternating runs):")
+def print_copy_rows(rows, k, rounds):
+    print(f"\nend-to-end, greedy, prompt lookup K <= {k} against none (best of {rounds} alternating runs):")
     print("weights | prompt | prompt tokens | new tokens | plain tok/s | speculative tok/s | speed-up | identical | "
           "accepted / drafted | tokens a step", flush=True)
     for r in rows:
@@ -428,6 +433,10 @@ def print_copy_rows(rows, k):
               f"{r['speculative']:.2f} | {r['speculative'] / r['plain']:.2f}x | {'yes' if r['identical'] else 'NO'} | "
               f"{r['accepted']} / {r['drafted']} ({r['accepted'] / max(1, r['drafted']):.0%}) | "
               f"{r['per_step']:.2f}", flush=True)
+    print("step costs the engine learnt (its draft policy's table; ms for a step of 1 .. K + 1 tokens):")
+    for r in rows:
+        print(f"{r['weights']} | {r['prompt']} | "
+              + " | ".join("-" if ms is None else f"{ms:.1f}" for ms in r["step_ms"]), flush=True)
 
 
 def run_worker(args):
@@ -451,7 +460,8 @@ def child_argv(args, name, weights):
         argv += ["--depths", *map(str, args.depths), "--depth_batch", str(args.depth_batch),
                  "--kv_cache_dtype", args.kv_cache_dtype]
     if args.speculative:
-        argv += ["--speculative", args.speculative, "--num_speculative_tokens", str(args.num_speculative_tokens)]
+        argv += ["--speculative", args.speculative, "--num_speculative_tokens", str(args.num_speculative_tokens),
+                 "--spec_rounds", str(args.spec_rounds)]
         if args.copy_model:
             argv += ["--copy_model", args.copy_model, "--copy_text", args.copy_text]
     return argv + (["--threads", str(args.threads)] if args.threads else [])
@@ -503,7 +513,7 @@ def main(argv=None):
                 print(f"copy model {weights}: failed (exit status {proc.returncode}; its messages are above)")
                 failed = True
             copy_rows += rows
-        print_copy_rows(copy_rows, args.num_speculative_tokens)
+        print_copy_rows(copy_rows, args.num_speculative_tokens, args.spec_rounds)
         failed = failed or not all(r["identical"] for r in copy_rows)
     return 1 if failed else 0
 

@@ -18,14 +18,19 @@ depend on what else runs.
 Speculative decoding (options.prompt_lookup_num_tokens = K): a decoding sequence also carries up to K tokens
 drafted from its own text (lookup_draft), verified in the same step; the tokens the model agrees with are kept,
 the first disagreement gives the corrected token (see _verify), and greedy output is the output without it.
+How many of its drafted tokens a step verifies (0..K) is DraftPolicy's choice: the number that maximises the step's
+expected tokens per second, from what steps of each size cost here (StepCosts, learnt from the engine's own steps)
+and how often each sequence's drafts were accepted; a draft that does not pay is not verified (an occasional one-token
+probe notices a sequence that starts repeating itself). The policy only chooses how many: the output is the same.
 
 Positions are per sequence (no padding between them, no shared slot); the cache is kv_pool.BlockPool's blocks.
 The model's step cell runs the step (modeling_baichuan.py: PagedStep in stock ops, compiled once for all sizes, or
 PagedStackStep on the whole-stack kernel, inputs padded to a few sizes). Host-side bookkeeping only here: no
 MindSpore op.
 """
+import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 from mindspore import Tensor
@@ -36,6 +41,8 @@ from .sampling import GenerationOptions, RowSampler, log_softmax, stop_ids
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_STEP_TOKENS = 256  # tokens a step computes at most (vLLM's max_num_batched_tokens)
 DEFAULT_MAX_SEQS = 16
+LOOKUP_NGRAM = 3  # prompt lookup matches the text's last 3, else 2, else 1 tokens
+MAX_DRAFT = 64  # the most prompt_lookup_num_tokens allows (sampling.GenerationOptions)
 
 
 KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # (int8's scales: 4 bytes per row)
@@ -102,7 +109,14 @@ class Sequence:
         self.prompt_logprobs = [] if prompt_logprobs else None  # [(token, logprob)] for prompt tokens 1 ..
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
         self.draft: List[int] = []  # speculative tokens this step verifies (prompt lookup)
-        self.draft_limit = options.prompt_lookup_num_tokens  # adapts to the acceptance (see Engine._draft)
+        self.draft_ngram = 0  # the length of the n-gram match that gave the draft (lookup_match)
+        # DraftPolicy's record of this sequence: per match length and draft position, how often a draft token there
+        # was accepted when reached (a moving average), and the probing state (steps a lookup found a draft that was
+        # not verified)
+        self.acceptance = {n: [DraftPolicy.PRIOR] * options.prompt_lookup_num_tokens
+                           for n in range(1, LOOKUP_NGRAM + 1)}
+        self.unverified_steps = 0
+        self.probe_wait = DraftPolicy.PROBE_FIRST
 
     @property
     def finished(self):
@@ -114,18 +128,145 @@ class Sequence:
         return self.computed < self.prompt_len
 
 
-def lookup_draft(tokens, max_tokens, max_ngram=3):
-    """Prompt-lookup drafting: the tokens that followed the latest earlier occurrence of the text's last n tokens
-    (n = max_ngram down to 1), at most max_tokens of them; [] when nothing repeats."""
+def lookup_match(tokens, max_tokens, max_ngram=LOOKUP_NGRAM):
+    """Prompt-lookup drafting: (the tokens that followed the latest earlier occurrence of the text's last n tokens,
+    n = max_ngram down to 1, at most max_tokens of them; n); ([], 0) when nothing repeats."""
     if max_tokens <= 0:
-        return []
+        return [], 0
     length = len(tokens)
     for n in range(min(max_ngram, length - 1), 0, -1):
         tail = tokens[length - n:]
         for start in range(length - n - 1, -1, -1):  # the latest match first
             if tokens[start:start + n] == tail:
-                return list(tokens[start + n:start + n + max_tokens])
-    return []
+                return list(tokens[start + n:start + n + max_tokens]), n
+    return [], 0
+
+
+def lookup_draft(tokens, max_tokens, max_ngram=LOOKUP_NGRAM):
+    """lookup_match's draft alone."""
+    return lookup_match(tokens, max_tokens, max_ngram)[0]
+
+
+class StepCosts:
+    """What a decoding step of n tokens costs here, in seconds: per _bucket(n) (the size the step is padded to), a
+    moving average of the engine's step wall times that follows a faster step at once (half way) and a slower one
+    slowly (a tenth of the way, counting at most twice the estimate), so it tracks a low quantile: other work on the
+    machine only ever adds time, and a size measured while it was busy (then no longer drafted, so not measured again)
+    would otherwise keep that time. The first step of a size is not counted (it compiles the size's graph). A size not
+    measured costs what the sizes around it say (linear between two measured ones); above the largest measured, that
+    one's cost (optimistic: a larger draft is tried, and so measured). `table` {n: seconds} with learn=False fixes
+    the costs (tests)."""
+
+    FASTER, SLOWER = 0.5, 0.1  # how far a faster / slower step moves its size's estimate
+
+    def __init__(self, table=None, learn=True):
+        self.seconds: Dict[int, float] = {_bucket(n): float(t) for n, t in (table or {}).items()}
+        self.learn = learn
+        self.seen = set(self.seconds)
+
+    def record(self, tokens, seconds):
+        key = _bucket(tokens)
+        if not self.learn:
+            return
+        if key not in self.seen:
+            self.seen.add(key)
+            return
+        old = self.seconds.get(key)
+        if old is None:
+            self.seconds[key] = seconds
+        elif seconds < old:
+            self.seconds[key] = old + self.FASTER * (seconds - old)
+        else:
+            self.seconds[key] = old + self.SLOWER * (min(seconds, 2 * old) - old)
+
+    def cost(self, tokens):
+        """The estimated seconds of a step of `tokens` tokens; None when no size at or below it is measured."""
+        key = _bucket(tokens)
+        if key in self.seconds:
+            return self.seconds[key]
+        below = [n for n in self.seconds if n < key]
+        if not below:
+            return None
+        low = max(below)
+        above = [n for n in self.seconds if n > key]
+        if not above:
+            return self.seconds[low]
+        high = min(above)
+        return self.seconds[low] + (self.seconds[high] - self.seconds[low]) * (key - low) / (high - low)
+
+
+def expected_accepted(acceptance, k):
+    """The expected number of a k-token draft's tokens accepted, acceptance[i] being the chance that position i is
+    accepted when every position before it was."""
+    total, reach = 0.0, 1.0
+    for rate in acceptance[:k]:
+        reach *= rate
+        total += reach
+    return total
+
+
+class DraftPolicy:
+    """Speculative decoding's K, per sequence and step. The step's decoding sequences give one token each; verifying
+    k drafted tokens of a sequence adds k rows, which make the step cost StepCosts.cost(rows), and
+    expected_accepted(k) tokens, from the sequence's acceptance for drafts of this match length (lookup_match's n: a
+    3-token match is worth more than a 1-token one, and a text that copies again finds 3-token matches again at once).
+    Sequence by sequence, the k (0 .. what the lookup found) that maximises the step's expected tokens per second is
+    taken; k = 0 when no draft pays. A sequence whose lookups found drafts that were not verified for probe_wait steps
+    verifies a 1-token draft (a probe: its acceptance is measured again); a rejected probe doubles the wait (up to
+    PROBE_MOST), an accepted one resets it. Until a step of at most this many tokens is measured, nothing is drafted
+    (the plain step is measured first). A new sequence starts from the acceptance of all sequences' drafts so far
+    (`shared`: the same averages, a slower weight), PRIOR before any. Deterministic given the costs."""
+
+    PRIOR = 0.5  # the first sequence's acceptance at every position
+    WEIGHT, SHARED_WEIGHT = 0.3, 0.1  # of a new outcome in a position's moving average (a sequence's; all's)
+    PROBE_FIRST, PROBE_MOST = 8, 64  # steps between probes
+
+    def __init__(self, costs):
+        self.costs = costs
+        self.shared = {n: [self.PRIOR] * MAX_DRAFT for n in range(1, LOOKUP_NGRAM + 1)}
+
+    def start(self, seq):
+        """A new sequence's acceptance: what drafts have been worth so far."""
+        seq.acceptance = {n: rates[:len(seq.acceptance[n])] for n, rates in self.shared.items()}
+
+    def choose(self, seqs, drafts):
+        """How many tokens of each sequence's draft (lookup_match's, for its seq.draft_ngram) the step verifies."""
+        rows = len(seqs)
+        base = self.costs.cost(rows)
+        if base is None:
+            return [0] * rows
+        tokens, chosen = float(rows), []
+        for seq, draft in zip(seqs, drafts):
+            best, best_rate, best_gain = 0, tokens / base, 0.0
+            for k in range(1, len(draft) + 1):
+                gain = expected_accepted(seq.acceptance[seq.draft_ngram], k)
+                rate = (tokens + gain) / self.costs.cost(rows + k)
+                if rate > best_rate:
+                    best, best_rate, best_gain = k, rate, gain
+            if draft and not best:
+                seq.unverified_steps += 1
+                if seq.unverified_steps >= seq.probe_wait:
+                    best, best_gain = 1, expected_accepted(seq.acceptance[seq.draft_ngram], 1)
+            if best:
+                seq.unverified_steps = 0
+            chosen.append(best)
+            rows += best
+            tokens += best_gain
+        return chosen
+
+    def learn(self, seq, drafted, accepted):
+        """Updates a sequence's acceptance after a verify step: positions before `accepted` were accepted, the one at
+        it (if drafted) rejected, later ones not reached. A fully accepted draft also raises the next position's
+        estimate by half a step (else a position the policy never drafts would keep its estimate forever)."""
+        for rates, weight in ((seq.acceptance[seq.draft_ngram], self.WEIGHT),
+                              (self.shared[seq.draft_ngram], self.SHARED_WEIGHT)):
+            for i in range(min(drafted, accepted + 1)):
+                outcome = 1.0 if i < accepted else 0.0
+                rates[i] += weight * (outcome - rates[i])
+            if accepted == drafted < len(seq.acceptance[seq.draft_ngram]):
+                rates[drafted] += weight / 2 * (1.0 - rates[drafted])
+        if drafted == 1:  # a probe, or a 1-token draft: the probing wait follows its outcome
+            seq.probe_wait = self.PROBE_FIRST if accepted else min(self.PROBE_MOST, 2 * seq.probe_wait)
 
 
 def _pow2(n):
@@ -206,7 +347,8 @@ class Engine:
     """Continuous batching for one model (see the module docstring). Not thread-safe: one thread drives it."""
 
     def __init__(self, model, num_blocks, block_size=DEFAULT_BLOCK_SIZE, max_step_tokens=DEFAULT_STEP_TOKENS,
-                 max_seqs=DEFAULT_MAX_SEQS, prefix_cache=True, kv_cache_dtype="auto"):
+                 max_seqs=DEFAULT_MAX_SEQS, prefix_cache=True, kv_cache_dtype="auto", step_costs=None,
+                 clock=time.perf_counter):
         if max_step_tokens < max_seqs:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must be >= max_seqs ({max_seqs}): every running "
                              f"sequence decodes a token each step")
@@ -231,6 +373,9 @@ class Engine:
         self.accepted_tokens = 0  # of which the model agreed with
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hit_tokens = 0  # of which found
+        self.step_costs = step_costs or StepCosts()  # learnt from the decoding steps' wall times (clock())
+        self.draft_policy = DraftPolicy(self.step_costs)
+        self.clock = clock
 
     # ------------------------------------------------------------------ requests
     def check_fits(self, prompt_len, max_new_tokens):
@@ -257,6 +402,7 @@ class Engine:
         seq = Sequence(self.next_id, prompt, options, stop_ids(options, self.config.eos_token_id),
                        self.config.vocab_size, self.block_size, len(prompt) + options.max_new_tokens, prompt_logprobs)
         self.next_id += 1
+        self.draft_policy.start(seq)
         self.waiting.append(seq)
         return seq
 
@@ -309,8 +455,12 @@ class Engine:
         plan, budget = [], self.max_step_tokens
         reading = [seq for seq in self.running if seq.prefilling]
         decoding = [seq for seq in self.running if not seq.prefilling]
-        for seq in decoding:  # a token each, and drafts (prompt lookup) from an equal share of what is left
-            seq.draft = self._draft(seq, (self.max_step_tokens - len(decoding)) // len(decoding))
+        # a token each, and drafts (prompt lookup) from an equal share of what is left, as many as pay (DraftPolicy)
+        drafts = [self._draft(seq, (self.max_step_tokens - len(decoding)) // len(decoding)) for seq in decoding]
+        if any(drafts):
+            drafts = [d[:k] for d, k in zip(drafts, self.draft_policy.choose(decoding, drafts))]
+        for seq, draft in zip(decoding, drafts):
+            seq.draft = draft
             plan.append((seq, 1 + len(seq.draft)))
             budget -= 1 + len(seq.draft)
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
@@ -328,13 +478,14 @@ class Engine:
         return plan
 
     def _draft(self, seq, room):
-        """Up to the sequence's current draft limit of prompt-lookup tokens, within what it may still generate,
-        the context, its block reservation and the step's budget `room`."""
+        """Up to K prompt-lookup tokens, within what the sequence may still generate, the context, its block
+        reservation and the step's budget `room` (DraftPolicy then chooses how many of them the step verifies)."""
         if not seq.options.prompt_lookup_num_tokens or room <= 0:
             return []
         left = min(seq.options.max_new_tokens - len(seq.output) - 1, self.config.max_context - len(seq.tokens) - 1,
-                   seq.reserved * self.block_size - len(seq.tokens) - 1, room, seq.draft_limit)
-        return lookup_draft(seq.tokens, left)
+                   seq.reserved * self.block_size - len(seq.tokens) - 1, room, seq.options.prompt_lookup_num_tokens)
+        draft, seq.draft_ngram = lookup_match(seq.tokens, left)
+        return draft
 
     # ------------------------------------------------------------------ the step
     def _inputs(self, plan):
@@ -371,10 +522,12 @@ class Engine:
 
     def step(self):
         """Runs one step; returns the StepEvents of this step (new tokens, ends)."""
+        start = self.clock()
         plan = self.schedule()
         self.last_step_sequences = len(plan)
         if not plan:
             return []
+        decoding = all(not seq.prefilling for seq, _ in plan)  # the steps StepCosts learns from
         logits, row_of = self.forward(plan)
         self.steps += 1
         events = []
@@ -390,6 +543,8 @@ class Engine:
             self._register_full_blocks(seq)
             if samples:
                 events.append(self._sample(seq, logits[first + nrows - 1]))
+        if decoding:
+            self.step_costs.record(sum(count for _, count in plan), self.clock() - start)
         return events
 
     def forward(self, plan):
@@ -418,10 +573,8 @@ class Engine:
             seq.computed += 1  # the draft token's row is the accepted token's
         self.draft_tokens += len(draft)
         self.accepted_tokens += accepted
-        # adapt: grow after a full acceptance, shrink to what was accepted (at least 1) otherwise
-        limit = seq.options.prompt_lookup_num_tokens
-        seq.draft_limit = min(limit, seq.draft_limit + 1) if accepted == len(draft) else max(1, accepted)
         if not seq.finished:
+            self.draft_policy.learn(seq, len(draft), accepted)
             self._register_full_blocks(seq)
         return events
 
