@@ -330,6 +330,27 @@ def test_sequences_sharing_prefix_blocks(pool_dtype, pynative):
     assert (k[mask] != before.values(0)[mask]).any(axis=-1).all()
 
 
+DEEP_STEP = ((0, 99, 1), (1, 29, 3))  # a decode over 100 positions; a 3-token chunk over 30 to 32
+
+
+@pytest.mark.parametrize("pool_dtype", list(POOLS))
+def test_deep_queries_match_reference(pool_dtype, pynative):
+    """Queries over 100 and 30-32 positions in blocks of 16 (attention's 8-key groups over several blocks, a partial
+    group at the end, prefetches clamped at the last position): the reference's logits, ALiBi (no RoPE table limit)."""
+    rng = np.random.default_rng(5)
+    model = Model("float32", rng)
+    cos, sin, slopes = tables_and_inputs(rng)
+    tokens = tokens_for(DEEP_STEP)
+    tables, blocks = tables_for(DEEP_STEP, 16, rng)
+    before = Pool(pool_dtype, blocks, 16, rng)
+    x = rng.standard_normal((len(tokens), H)).astype(np.float32)
+    out_rows = np.array([0, 2, 3], np.int32)
+    got = run_op(model, x, tokens, out_rows, tables, before.tensors(), "alibi", cos, sin, slopes)
+    want = reference(model, x, tokens, out_rows, tables, before.copy(), "alibi", cos, sin, slopes)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= LOGIT_BOUND[pool_dtype], f"{pool_dtype}: logit error {err:.3g}"
+
+
 @pytest.mark.parametrize("weights,pool_dtype", [("float32", "float32"), ("int8", "int8"), ("int4", "bfloat16")])
 def test_every_isa_path_matches_reference(weights, pool_dtype, forced_isa, pynative):
     """(c) Each instruction-set path (its projections and attention loop) gives the reference's step."""

@@ -45,9 +45,10 @@ struct CacheRows {
 
 // One head's rows of one sequence in a block pool of element type T (float, bfloat16 bits, int8): position l is
 // pool row at[l] (block * N * bs + row in the block; paged_stack.h computes them once a call), at element at[l] D
-// of k / v, which point at this head's rows of the layer's block 0. float rows are read where they are; the others
-// are widened into kbuf / vbuf (D floats each, the caller's per thread), int8 times the row's scale (ks / vs, at
-// at[l] the same way).
+// of k / v, which point at this head's rows of the layer's block 0; int8 rows have a scale each (ks / vs, at at[l]
+// the same way). attend_query's paged overload (attention.inc) reads every format where it is and keeps q and its
+// output in kbuf / vbuf (D floats each, the caller's per thread); key() / value() below serve the generic loop
+// (D not a multiple of 2W): float rows where they are, the others widened into kbuf / vbuf.
 template <class T>
 struct PoolRows {
   const T *k, *v;

@@ -26,6 +26,21 @@ KI F ld_bf16(const uint16_t *p) {
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
+KI F ld_i8(const int8_t *p) {  // W int8 to float32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+}
+// 2W bfloat16 as two float vectors: lane i of *even = p[2i], of *odd = p[2i + 1] (one load, no widening shuffle)
+KI void ld_bf16_pairs(const uint16_t *p, F *even, F *odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+  *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+// The sums of 8 vectors a[0..7] to out[0..7]: one reduction for 8 keys' dot products (paged attention)
+KI void hsum8(const F *a, float *out) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // [0-3 lo | 0-3 hi]
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));  // [4-7 lo | 4-7 hi]
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
 // Integer decode primitives: I = one vector of bytes (32 = one chunk here); lane i of a dot sums bytes 4i..4i+3.
 using I = __m256i;
 constexpr bool kBF16Dot = false;

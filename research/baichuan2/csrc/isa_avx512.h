@@ -20,6 +20,22 @@ KI F ld_bf16(const uint16_t *p) {
   __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
+KI F ld_i8(const int8_t *p) {  // W int8 to float32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+}
+KI void ld_bf16_pairs(const uint16_t *p, F *even, F *odd) {  // as AVX2's
+  const __m512i v = _mm512_loadu_si512(p);
+  *even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  *odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+KI __m256 half_sum(F v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); }
+KI void hsum8(const F *a, float *out) {  // as AVX2's, each vector folded to 8 lanes first
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(half_sum(a[0]), half_sum(a[1])),
+                                   _mm256_hadd_ps(half_sum(a[2]), half_sum(a[3])));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(half_sum(a[4]), half_sum(a[5])),
+                                   _mm256_hadd_ps(half_sum(a[6]), half_sum(a[7])));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
 using I = __m512i;  // 64 bytes = two chunks: lanes 0-7 chunk c, lanes 8-15 chunk c + 1
 constexpr bool kBF16Dot = false;
 KI I dot_us(I a, I b) { return _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)); }
