@@ -26,10 +26,11 @@ chunk's first.
 llama.cpp's own perplexity, by llama-perplexity, on the same text and chunks (-c CHUNK --chunks N), for a float32
 GGUF of the same values our float32 holds (baichuan2.llama_cpp.float_gguf) and for its `llama-quantize --pure`
 q8_0, q4_0 and q4_1 (every tensor, the embedding too, as our int8 / int4 / int4_asym and the rule rows). Rows
-llama.cpp-f32, llama.cpp-q8_0, llama.cpp-q4_0, llama.cpp-q4_1; their increase is over llama.cpp-f32. What differs from our rows: llama-perplexity
-counts only the second half of each chunk (the first half is context; a BOS replaces the first token where the
-vocabulary adds one) where ours count every token after the first unless --score second_half; its q4_0 / q8_0 also
-round the activations (to q8_0 blocks of 32), as our int8 / int4 kernels do (int8 per 32).
+llama.cpp-f32, llama.cpp-q8_0, llama.cpp-q4_0, llama.cpp-q4_1; their increase is over llama.cpp-f32. What differs
+from our rows: llama-perplexity counts only the second half of each chunk (the first half is context; a BOS
+replaces the first token where the vocabulary adds one) where ours count every token after the first unless
+--score second_half; its q4_0 / q8_0 / q4_1 also round the activations (to q8_0 blocks of 32), as our int8 / int4
+kernels do (int8 per 32).
 """
 import argparse
 import os

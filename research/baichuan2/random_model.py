@@ -1,6 +1,6 @@
 """A BaichuanForCausalLM with random weights, built directly in a stored weight format (float32, bfloat16, int8,
-int4 or int4_asym): for benchmarks (example/bench_generate.py) and tests of the kernels, where only the shapes and the format
-matter.
+int4 or int4_asym): for benchmarks (example/bench_generate.py) and tests of the kernels, where only the shapes and
+the format matter.
 
 The parameters are created uninitialised (MindSpore's `no_init_parameters`, as `from_pretrained` does) and each is
 filled in its stored dtype, block by block: no float32 copy of a bfloat16 / int8 / int4 model ever exists, so a

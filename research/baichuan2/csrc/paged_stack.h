@@ -20,8 +20,8 @@
 //   y         float32 [R, V]: the logits of the out_rows tokens
 // bfloat16 rows are rounded to nearest even when written. Attention reads the rows in their stored format where
 // they are (PoolRows, attention.h; attention.inc's paged attend_query: widened in registers 8 keys at a time, never
-// a copy of a sequence's cache), so a new token's own key is the stored one too. RoPE at the token's position; ALiBi adds
-// slope_n (p_key - p_query). Threads: the projections over the T rows, attention over (sequence, head).
+// a copy of a sequence's cache), so a new token's own key is the stored one too. RoPE at the token's position; ALiBi
+// adds slope_n (p_key - p_query). Threads: the projections over the T rows, attention over (sequence, head).
 // Bad shapes, a sequence index, position or block id out of range, a sequence's tokens not one run of consecutive
 // positions, a position past the RoPE tables: a Status, before anything is written.
 #pragma once
