@@ -36,13 +36,12 @@ import numpy as np
 from mindspore import Tensor
 
 from .kv_pool import NULL_BLOCK, BlockPool, blocks_for, prefix_hashes
-from .sampling import GenerationOptions, RowSampler, log_softmax, stop_ids
+from .sampling import MAX_LOOKUP_TOKENS, GenerationOptions, RowSampler, log_softmax, stop_ids
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_STEP_TOKENS = 256  # tokens a step computes at most (vLLM's max_num_batched_tokens)
 DEFAULT_MAX_SEQS = 16
 LOOKUP_NGRAM = 3  # prompt lookup matches the text's last 3, else 2, else 1 tokens
-MAX_DRAFT = 64  # the most prompt_lookup_num_tokens allows (sampling.GenerationOptions)
 
 
 KV_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # (int8's scales: 4 bytes per row)
@@ -223,7 +222,7 @@ class DraftPolicy:
 
     def __init__(self, costs):
         self.costs = costs
-        self.shared = {n: [self.PRIOR] * MAX_DRAFT for n in range(1, LOOKUP_NGRAM + 1)}
+        self.shared = {n: [self.PRIOR] * MAX_LOOKUP_TOKENS for n in range(1, LOOKUP_NGRAM + 1)}
 
     def start(self, seq):
         """A new sequence's acceptance: what drafts have been worth so far."""

@@ -16,6 +16,8 @@ import numpy as np
 
 from .generation_settings import NEUTRAL, check
 
+MAX_LOOKUP_TOKENS = 64  # the most prompt_lookup_num_tokens a request may ask for
+
 
 @dataclass
 class GenerationOptions:
@@ -49,8 +51,9 @@ class GenerationOptions:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if not 0 <= self.prompt_lookup_num_tokens <= 64:
-            raise ValueError(f"prompt_lookup_num_tokens must be in [0, 64], got {self.prompt_lookup_num_tokens}")
+        if not 0 <= self.prompt_lookup_num_tokens <= MAX_LOOKUP_TOKENS:
+            raise ValueError(f"prompt_lookup_num_tokens must be in [0, {MAX_LOOKUP_TOKENS}], got "
+                             f"{self.prompt_lookup_num_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         return self
